@@ -1,0 +1,64 @@
+# Moat: `make demo` runs Moat on a local control plane; `make test` runs every test.
+# `make help` lists every target.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+CLUSTER := e2e/cluster.sh
+CARGO ?= cargo
+# Loads KUBECONFIG and the paths of the pinned tools for the local control plane.
+CLUSTER_ENV = eval "$$($(CLUSTER) env)"
+
+##@ General
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make <target>\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-16s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+.PHONY: deps
+deps: ## Install the Debian packages and tools the tests need (idempotent).
+	@bash e2e/deps.sh
+
+##@ Local control plane
+
+.PHONY: cluster-build
+cluster-build: ## Build (or find cached) the pinned Kubernetes, etcd, kwok and helm binaries.
+	@$(CLUSTER) build
+
+.PHONY: cluster-up
+cluster-up: ## Start the local control plane (or find it running); prints `export KUBECONFIG=...`.
+	@$(CLUSTER) up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane and remove its state.
+	@$(CLUSTER) down
+
+##@ Development
+
+.PHONY: build
+build: ## Build the moat binary.
+	$(CARGO) build --bin moat
+
+.PHONY: fmt
+fmt: ## Format the Rust code.
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## cargo fmt --check and clippy with warnings denied.
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+##@ Testing
+
+.PHONY: test
+test: deps lint test-unit test-e2e ## Run every test: lint, unit, integration and e2e (starts the local control plane).
+
+.PHONY: test-unit
+test-unit: ## Unit and integration tests (no cluster needed).
+	$(CARGO) test --workspace --exclude moat-e2e
+
+.PHONY: test-e2e
+test-e2e: cluster-up ## End-to-end tests against the local control plane, then its lifecycle test.
+	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4
+	@bash e2e/lifecycle-test.sh

@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# Moat's local Kubernetes control plane: pinned upstream components, built from their published Go
+# modules, cached outside the repository, run as processes on loopback by kwokctl (binary runtime).
+#
+#   e2e/cluster.sh build   build (or find in the cache) every pinned binary
+#   e2e/cluster.sh up      build, then start the cluster or find it running; prints `export KUBECONFIG=...`
+#   e2e/cluster.sh down    stop the cluster and remove its state; leaves no process behind
+#   e2e/cluster.sh status  say whether the cluster runs
+#   e2e/cluster.sh env     print the variables (binaries, kubeconfig, etcd endpoint) tests use
+#
+# Environment: MOAT_CACHE (default ~/.cache/moat), MOAT_CLUSTER (default moat), MOAT_NODES (default 3).
+set -euo pipefail
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+CACHE=${MOAT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/moat}
+CLUSTER=${MOAT_CLUSTER:-moat}
+NODES=${MOAT_NODES:-3}
+
+# Pinned versions. Kubernetes and etcd come from the go.mod files beside this script.
+K8S_VERSION=$(sed -n 's/^require k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$E2E_DIR/k8s/go.mod")
+ETCD_VERSION=$(sed -n 's/^\tgo.etcd.io\/etcd\/server\/v3 \(v[0-9.]*\)$/\1/p' "$E2E_DIR/etcd/go.mod")
+KWOK_VERSION=v0.8.0
+HELM_VERSION=v4.3.1
+
+BIN=$CACHE/bin
+# The version is stamped into the binaries (kubectl and kwokctl read it); bump RECIPE when the
+# build flags change so caches built the old way are not reused.
+RECIPE=r2
+K8S_BIN=$BIN/kubernetes-$K8S_VERSION-$RECIPE
+ETCD_BIN=$BIN/etcd-$ETCD_VERSION
+KWOK_BIN=$BIN/kwok-$KWOK_VERSION
+HELM_BIN=$BIN/helm-$HELM_VERSION
+LOGS=$CACHE/logs
+export KWOK_WORKDIR=$CACHE/kwok
+CLUSTER_DIR=$KWOK_WORKDIR/clusters/$CLUSTER
+KUBECONFIG_PATH=$CLUSTER_DIR/kubeconfig.yaml
+STATE=$CACHE/state/$CLUSTER
+
+say() { printf 'cluster: %s\n' "$*" >&2; }
+die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
+
+for v in K8S_VERSION ETCD_VERSION; do
+  [ -n "${!v}" ] || die "could not read $v from $E2E_DIR/*/go.mod"
+done
+command -v go >/dev/null || die "Go is required to build the pinned components (install golang)"
+
+# build_into NAME DEST CMD...: run a build into a temporary directory and move it into the cache
+# only when it succeeded, so an interrupted build never leaves a half-filled cache entry.
+build_into() {
+  local name=$1 dest=$2; shift 2
+  local tmp=$dest.partial.$$ log=$LOGS/build-$name.log
+  rm -rf "$dest".partial.*
+  mkdir -p "$tmp" "$LOGS"
+  say "building $name (log: $log)"
+  if ! (cd "$E2E_DIR" && "$@") >"$log" 2>&1; then
+    rm -rf "$tmp"
+    tail -n 20 "$log" >&2 || true
+    die "building $name failed: command '$*' (full log: $log)"
+  fi
+}
+
+have() { # have DIR BINARY...: all present and executable
+  local dir=$1; shift
+  for b in "$@"; do [ -x "$dir/$b" ] || return 1; done
+}
+
+build() {
+  local start=$SECONDS built=0
+  export GOFLAGS="${GOFLAGS:-} -trimpath" CGO_ENABLED=0
+  if ! have "$K8S_BIN" kube-apiserver kube-controller-manager kube-scheduler kubectl; then
+    local minor pkg ldflags="-s -w"
+    minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+    for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+      ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+    done
+    build_into kubernetes-$K8S_VERSION "$K8S_BIN" bash -c "cd k8s && go build -ldflags='$ldflags' -o '$K8S_BIN.partial.$$/' \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+      k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl"
+    rm -rf "$K8S_BIN"; mv "$K8S_BIN.partial.$$" "$K8S_BIN"; built=1
+  fi
+  if ! have "$ETCD_BIN" etcd etcdctl; then
+    build_into etcd-$ETCD_VERSION "$ETCD_BIN" bash -c "cd etcd && go build -ldflags='-s -w' -o '$ETCD_BIN.partial.$$/etcd' go.etcd.io/etcd/server/v3 \
+      && go build -ldflags='-s -w' -o '$ETCD_BIN.partial.$$/etcdctl' go.etcd.io/etcd/etcdctl/v3"
+    rm -rf "$ETCD_BIN"; mv "$ETCD_BIN.partial.$$" "$ETCD_BIN"; built=1
+  fi
+  if ! have "$KWOK_BIN" kwok kwokctl; then
+    build_into kwok-$KWOK_VERSION "$KWOK_BIN" env GOBIN="$KWOK_BIN.partial.$$" \
+      go install -ldflags='-s -w' sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION sigs.k8s.io/kwok/cmd/kwokctl@$KWOK_VERSION
+    rm -rf "$KWOK_BIN"; mv "$KWOK_BIN.partial.$$" "$KWOK_BIN"; built=1
+  fi
+  if ! have "$HELM_BIN" helm; then
+    build_into helm-$HELM_VERSION "$HELM_BIN" env GOBIN="$HELM_BIN.partial.$$" \
+      go install -ldflags='-s -w' helm.sh/helm/v4/cmd/helm@$HELM_VERSION
+    rm -rf "$HELM_BIN"; mv "$HELM_BIN.partial.$$" "$HELM_BIN"; built=1
+  fi
+  if [ $built -eq 1 ]; then
+    say "cold build of the pinned components took $((SECONDS - start))s"
+  fi
+}
+
+kwokctl() { "$KWOK_BIN/kwokctl" --name "$CLUSTER" "$@"; }
+kubectl() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+running() {
+  [ -f "$KUBECONFIG_PATH" ] && kubectl get --raw /readyz >/dev/null 2>&1
+}
+
+write_configs() {
+  mkdir -p "$STATE"
+  chmod 700 "$STATE"
+  # Secrets are encrypted at rest with secretbox (XSalsa20-Poly1305); a fresh key per cluster.
+  if [ ! -s "$STATE/encryption.yaml" ]; then
+    umask 077
+    cat >"$STATE/encryption.yaml" <<EOF
+apiVersion: apiserver.config.k8s.io/v1
+kind: EncryptionConfiguration
+resources:
+  - resources: [secrets]
+    providers:
+      - secretbox:
+          keys:
+            - name: key1
+              secret: $(head -c 32 /dev/urandom | base64 -w0)
+      - identity: {}
+EOF
+  fi
+  # Audit: metadata for every request (never request bodies, so no Secret value reaches the log).
+  cat >"$STATE/audit-policy.yaml" <<'EOF'
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+  - level: Metadata
+EOF
+}
+
+up() {
+  build
+  if running; then
+    say "cluster '$CLUSTER' is already running"
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    return 0
+  fi
+  if [ -d "$CLUSTER_DIR" ]; then
+    say "found a stale cluster '$CLUSTER' (not answering): removing it"
+    down
+  fi
+  write_configs
+  mkdir -p "$LOGS"
+  local start=$SECONDS log=$LOGS/kwokctl-create.log
+  say "starting cluster '$CLUSTER' (kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
+  if ! kwokctl create cluster --runtime binary --secure-port=true \
+      --kube-authorization=true --kube-admission=true \
+      --kube-audit-policy "$STATE/audit-policy.yaml" \
+      --kube-apiserver-binary "$K8S_BIN/kube-apiserver" \
+      --kube-controller-manager-binary "$K8S_BIN/kube-controller-manager" \
+      --kube-scheduler-binary "$K8S_BIN/kube-scheduler" \
+      --kwok-controller-binary "$KWOK_BIN/kwok" \
+      --etcd-binary "$ETCD_BIN/etcd" \
+      --extra-args "kube-apiserver=encryption-provider-config=$STATE/encryption.yaml" \
+      --kubeconfig "$STATE/user-kubeconfig.yaml" \
+      --wait 2m --timeout 3m >"$log" 2>&1; then
+    tail -n 30 "$log" >&2 || true
+    report_component_logs
+    down >/dev/null 2>&1 || true
+    die "kwokctl create cluster failed (log: $log; component logs: $CLUSTER_DIR/logs)"
+  fi
+  if ! kwokctl scale node --replicas "$NODES" >>"$log" 2>&1; then
+    tail -n 20 "$log" >&2 || true
+    die "creating $NODES kwok nodes failed (log: $log)"
+  fi
+  local deadline=$((SECONDS + 120))
+  until [ "$(kubectl get nodes --no-headers 2>/dev/null | grep -c ' Ready ')" -ge "$NODES" ]; do
+    [ $SECONDS -lt $deadline ] || die "kwok nodes did not become Ready within 120s (log: $CLUSTER_DIR/logs/kwok-controller.log)"
+    sleep 1
+  done
+  until kubectl get serviceaccount default -n default >/dev/null 2>&1; do
+    [ $SECONDS -lt $deadline ] || die "the default ServiceAccount never appeared (log: $CLUSTER_DIR/logs/kube-controller-manager.log)"
+    sleep 1
+  done
+  say "cluster '$CLUSTER' is up with $NODES kwok nodes in $((SECONDS - start))s"
+  echo "export KUBECONFIG=$KUBECONFIG_PATH"
+}
+
+report_component_logs() {
+  local f
+  for f in "$CLUSTER_DIR"/logs/*.log; do
+    [ -f "$f" ] || continue
+    if grep -qiE 'error|fatal|address already in use' "$f"; then
+      say "from $f:"
+      grep -iE 'error|fatal|address already in use' "$f" | tail -n 5 >&2
+    fi
+  done
+}
+
+down() {
+  if [ -x "$KWOK_BIN/kwokctl" ] && [ -d "$CLUSTER_DIR" ]; then
+    kwokctl delete cluster >"$LOGS/kwokctl-delete.log" 2>&1 || say "kwokctl delete cluster reported an error (log: $LOGS/kwokctl-delete.log)"
+  fi
+  # Whatever kwokctl could not stop (a half-created cluster): every process started from this
+  # cluster's directory or our cached binaries with this cluster's state.
+  local pids
+  pids=$(pgrep -f "$CLUSTER_DIR/" || true)
+  if [ -n "$pids" ]; then
+    say "stopping leftover processes: $pids"
+    kill $pids 2>/dev/null || true
+    sleep 1
+    kill -9 $(pgrep -f "$CLUSTER_DIR/" || true) 2>/dev/null || true
+  fi
+  rm -rf "$CLUSTER_DIR" "$STATE"
+  say "cluster '$CLUSTER' is down"
+}
+
+etcd_endpoint() {
+  # kwokctl records the etcd address it gave the apiserver in the cluster's configuration.
+  grep -o -- '--etcd-servers=[^"[:space:]]*' "$CLUSTER_DIR/kwok.yaml" | head -n1 | cut -d= -f2
+}
+
+case ${1:-} in
+  build) build ;;
+  up) up ;;
+  down) down ;;
+  status) if running; then echo "running: export KUBECONFIG=$KUBECONFIG_PATH"; else echo "not running"; exit 1; fi ;;
+  env)
+    echo "export KUBECONFIG=$KUBECONFIG_PATH"
+    echo "export MOAT_KUBECTL=$K8S_BIN/kubectl"
+    echo "export MOAT_HELM=$HELM_BIN/helm"
+    echo "export MOAT_ETCDCTL=$ETCD_BIN/etcdctl"
+    echo "export MOAT_ETCD_ENDPOINT=$(etcd_endpoint 2>/dev/null || true)"
+    echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
+    echo "export MOAT_CLUSTER_DIR=$CLUSTER_DIR"
+    echo "export PATH=$K8S_BIN:$HELM_BIN:$ETCD_BIN:$KWOK_BIN:\$PATH"
+    ;;
+  *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+esac

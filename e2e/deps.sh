@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what `make test` and `make demo` need and a fresh Debian machine may lack. Idempotent:
+# only missing packages are installed. Go and Rust (rustup) are expected on the machine.
+set -euo pipefail
+
+PACKAGES=(procps openssl ca-certificates)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+for tool in go cargo rustfmt cargo-clippy; do
+  command -v "$tool" >/dev/null || { echo "deps: error: $tool is required but not installed" >&2; exit 1; }
+done

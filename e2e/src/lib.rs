@@ -1,0 +1,245 @@
+//! Helpers for tests that run against Moat's local control plane (`make cluster-up`).
+//!
+//! Every test gets its own temporary namespace, labelled with [`E2E_LABEL`] and with the test's
+//! name under [`TEST_LABEL`]. After the test body finishes (or panics) every namespace carrying
+//! that test's label is deleted by label selector, which also sweeps what an interrupted earlier
+//! run of the same test left behind.
+//!
+//! The cluster is found through `KUBECONFIG`; `make test` exports it from `e2e/cluster.sh env`.
+
+use std::{future::Future, panic::AssertUnwindSafe, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use futures::FutureExt;
+use k8s_openapi::api::{
+    authentication::v1::{TokenRequest, TokenRequestSpec},
+    core::v1::{Namespace, ServiceAccount},
+};
+use kube::{
+    Api, Client, Config, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+    config::AuthInfo,
+};
+use serde_json::json;
+
+/// Label on every namespace an e2e test creates.
+pub const E2E_LABEL: &str = "moat.dev/e2e";
+/// Label carrying the name of the test that owns a namespace.
+pub const TEST_LABEL: &str = "moat.dev/e2e-test";
+
+/// A connection to the local control plane and the namespace a test owns.
+#[derive(Clone)]
+pub struct TestEnv {
+    /// Client authenticated as the cluster administrator (kubeconfig from `KUBECONFIG`).
+    pub client: Client,
+    /// The test's own namespace.
+    pub namespace: String,
+}
+
+impl TestEnv {
+    /// A typed API in the test's namespace.
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+        <K as kube::Resource>::DynamicType: Default,
+    {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+}
+
+/// Options for the namespace a test gets.
+#[derive(Default, Clone)]
+pub struct NamespaceOptions {
+    /// Extra labels, for example `pod-security.kubernetes.io/enforce: restricted`.
+    pub labels: Vec<(String, String)>,
+}
+
+impl NamespaceOptions {
+    /// A namespace that enforces the Pod Security "restricted" profile.
+    pub fn restricted() -> Self {
+        Self {
+            labels: vec![
+                (
+                    "pod-security.kubernetes.io/enforce".into(),
+                    "restricted".into(),
+                ),
+                (
+                    "pod-security.kubernetes.io/enforce-version".into(),
+                    "latest".into(),
+                ),
+            ],
+        }
+    }
+}
+
+/// Connects to the cluster named by `KUBECONFIG`, failing with advice when none is running.
+pub async fn client() -> Result<Client> {
+    let config = Config::infer()
+        .await
+        .context("no cluster: run `make cluster-up` and export the KUBECONFIG it prints")?;
+    Client::try_from(config).context("building a client for the local control plane")
+}
+
+/// Runs `test` in a fresh namespace whose name starts with `test_name`, then deletes every
+/// namespace labelled with this test's name, whether the test passed or panicked.
+pub async fn with_namespace<F, Fut>(test_name: &str, opts: NamespaceOptions, test: F)
+where
+    F: FnOnce(TestEnv) -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    let client = client().await.expect("connect to the local control plane");
+    let label_value = sanitize(test_name);
+    let env = create_namespace(&client, &label_value, &opts)
+        .await
+        .expect("create the test namespace");
+    let outcome = AssertUnwindSafe(test(env.clone())).catch_unwind().await;
+    cleanup(&client, &label_value).await;
+    match outcome {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => panic!("test {test_name} failed in namespace {}: {e:?}", env.namespace),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}
+
+fn sanitize(name: &str) -> String {
+    let s: String = name
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    s.trim_matches('-').chars().take(40).collect()
+}
+
+async fn create_namespace(
+    client: &Client,
+    label_value: &str,
+    opts: &NamespaceOptions,
+) -> Result<TestEnv> {
+    let mut labels = serde_json::Map::new();
+    labels.insert(E2E_LABEL.into(), json!("true"));
+    labels.insert(TEST_LABEL.into(), json!(label_value));
+    for (k, v) in &opts.labels {
+        labels.insert(k.clone(), json!(v));
+    }
+    let ns: Namespace = serde_json::from_value(json!({
+        "metadata": { "generateName": format!("{}-", label_value.chars().take(40).collect::<String>()), "labels": labels }
+    }))?;
+    let created = Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .context("creating the test namespace")?;
+    let namespace = created.name_any();
+    // The ServiceAccount admission plugin rejects pods until the namespace's default
+    // ServiceAccount exists; wait for kube-controller-manager to create it.
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    wait_for(Duration::from_secs(30), "the default ServiceAccount", || async {
+        Ok(sas.get_opt("default").await?.is_some())
+    })
+    .await?;
+    Ok(TestEnv {
+        client: client.clone(),
+        namespace,
+    })
+}
+
+async fn cleanup(client: &Client, label_value: &str) {
+    // Namespaces do not support deletecollection: list by label selector, delete each.
+    let api = Api::<Namespace>::all(client.clone());
+    let selector = format!("{E2E_LABEL}=true,{TEST_LABEL}={label_value}");
+    let namespaces = match api.list(&ListParams::default().labels(&selector)).await {
+        Ok(list) => list.items,
+        Err(e) => {
+            eprintln!("warning: listing namespaces {selector} for cleanup: {e}");
+            return;
+        }
+    };
+    for ns in namespaces {
+        if let Err(e) = api.delete(&ns.name_any(), &DeleteParams::background()).await {
+            eprintln!("warning: deleting namespace {}: {e}", ns.name_any());
+        }
+    }
+}
+
+/// Polls `check` every 200 ms until it returns true, failing after `timeout` with `what`.
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match check().await {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            match last_err {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:?}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Requests a short-lived token for a ServiceAccount through the TokenRequest API.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    service_account: &str,
+) -> Result<String> {
+    let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let issued = sas
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .with_context(|| format!("TokenRequest for {namespace}/{service_account}"))?;
+    match issued.status.and_then(|s| s.token) {
+        Some(token) if !token.is_empty() => Ok(token),
+        _ => bail!("TokenRequest for {namespace}/{service_account} returned no token"),
+    }
+}
+
+/// A kube `Config` for the same cluster that authenticates with a bearer token only.
+pub async fn config_with_token(token: String) -> Result<Config> {
+    let mut config = Config::infer().await?;
+    config.auth_info = AuthInfo {
+        token: Some(token.into()),
+        ..Default::default()
+    };
+    Ok(config)
+}
+
+/// A client for the same cluster that authenticates as a ServiceAccount (via TokenRequest).
+pub async fn client_as_service_account(
+    admin: &Client,
+    namespace: &str,
+    service_account: &str,
+) -> Result<Client> {
+    let token = service_account_token(admin, namespace, service_account).await?;
+    Ok(Client::try_from(config_with_token(token).await?)?)
+}
+
+/// The path of a tool the cluster script exported (`MOAT_KUBECTL`, `MOAT_ETCDCTL`, ...).
+pub fn tool(var: &str) -> Result<String> {
+    std::env::var(var)
+        .with_context(|| format!("{var} is not set: run the e2e tests through `make test-e2e`"))
+}
+
+/// Names of the objects in a list, sorted, for readable assertions.
+pub fn names<K: ResourceExt>(items: &[K]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(|o| o.name_any()).collect();
+    v.sort();
+    v
+}
