@@ -1,0 +1,126 @@
+//! Condition types and reasons, following kstatus so Argo CD, Flux and `kubectl wait` read them.
+//!
+//! - `Ready`: `True` when every replica runs the current spec and is ready.
+//! - `Reconciling`: abnormal-true; `True` while Moat converges the children or a rollout
+//!   progresses.
+//! - `Stalled`: abnormal-true; `True` when Moat cannot make progress without a change by the
+//!   user (an invalid spec) or the rollout failed (progress deadline exceeded).
+//!
+//! Detail goes into reasons, messages and status fields, never into new condition types.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+/// Condition type: the workload serves the current spec.
+pub const READY: &str = "Ready";
+/// Condition type: work is in progress.
+pub const RECONCILING: &str = "Reconciling";
+/// Condition type: no progress is possible without a change.
+pub const STALLED: &str = "Stalled";
+
+/// Reasons used in conditions and Events.
+pub mod reason {
+    /// Every replica runs the current spec and is ready.
+    pub const ROLLOUT_COMPLETE: &str = "RolloutComplete";
+    /// The Deployment is rolling out the current spec.
+    pub const ROLLING_OUT: &str = "RollingOut";
+    /// The Deployment exceeded its progress deadline.
+    pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
+    /// The spec cannot be turned into a workload; the message says what to change.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Moat is applying the generated objects.
+    pub const APPLYING: &str = "Applying";
+    /// Applying the generated objects failed; Moat retries with backoff.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Nothing is wrong.
+    pub const AS_EXPECTED: &str = "AsExpected";
+}
+
+/// Sets `new` in `conditions`, keeping `lastTransitionTime` when the status did not change.
+pub fn set(conditions: &mut Vec<Condition>, new: Condition) {
+    match conditions.iter_mut().find(|c| c.type_ == new.type_) {
+        Some(existing) => {
+            let last_transition_time = if existing.status == new.status {
+                existing.last_transition_time.clone()
+            } else {
+                new.last_transition_time.clone()
+            };
+            *existing = Condition {
+                last_transition_time,
+                ..new
+            };
+        }
+        None => conditions.push(new),
+    }
+}
+
+/// Builds a condition.
+pub fn new(
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+    now: Time,
+) -> Condition {
+    Condition {
+        type_: type_.to_string(),
+        status: if status { "True" } else { "False" }.to_string(),
+        reason: reason.to_string(),
+        message: message.into(),
+        observed_generation: generation,
+        last_transition_time: now,
+    }
+}
+
+/// Whether the condition `type_` is present with status `True`.
+pub fn is_true(conditions: &[Condition], type_: &str) -> bool {
+    conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+/// Conditions equal apart from `lastTransitionTime` (so an unchanged status is not rewritten).
+pub fn same_ignoring_time(a: &[Condition], b: &[Condition]) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|x| {
+            b.iter().any(|y| {
+                x.type_ == y.type_
+                    && x.status == y.status
+                    && x.reason == y.reason
+                    && x.message == y.message
+                    && x.observed_generation == y.observed_generation
+            })
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Time {
+        Time(Timestamp::from_second(secs).expect("valid"))
+    }
+
+    #[test]
+    fn transition_time_survives_unchanged_status() {
+        let mut cs = vec![];
+        set(&mut cs, new(READY, false, "A", "m", Some(1), at(10)));
+        set(&mut cs, new(READY, false, "B", "m2", Some(2), at(20)));
+        assert_eq!(cs.len(), 1);
+        assert_eq!(cs[0].last_transition_time, at(10));
+        assert_eq!(cs[0].reason, "B");
+        set(&mut cs, new(READY, true, "C", "", Some(2), at(30)));
+        assert_eq!(cs[0].last_transition_time, at(30));
+        assert!(is_true(&cs, READY));
+    }
+
+    #[test]
+    fn comparison_ignores_only_time() {
+        let a = vec![new(READY, true, "A", "m", Some(1), at(1))];
+        let b = vec![new(READY, true, "A", "m", Some(1), at(2))];
+        let c = vec![new(READY, true, "A", "other", Some(1), at(1))];
+        assert!(same_ignoring_time(&a, &b));
+        assert!(!same_ignoring_time(&a, &c));
+    }
+}

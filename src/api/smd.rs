@@ -1,0 +1,389 @@
+//! `SecureModelDeployment`: a model server that Moat turns into a hardened workload.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Regular expression for an image reference: `[registry[:port]/]repository[:tag][@sha256:<hex>]`
+/// (the grammar of the distribution reference library, lower-case repository paths).
+pub const IMAGE_REFERENCE_PATTERN: &str = r"^((([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(\.([a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(:[0-9]+)?/)?[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*(/[a-z0-9]+((\.|_|__|-+)[a-z0-9]+)*)*(:[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(@sha256:[a-f0-9]{64})?$";
+
+/// Regular expression for an environment variable name Moat accepts (a C identifier).
+pub const ENV_NAME_PATTERN: &str = r"^[A-Za-z_][A-Za-z0-9_]*$";
+
+/// Prefix of the environment variables Moat injects itself; users may not set them.
+pub const RESERVED_ENV_PREFIX: &str = "MOAT_";
+
+/// Longest SecureModelDeployment name: children are named `<name>-<suffix>` and the Service name
+/// must stay a DNS-1035 label.
+pub const MAX_NAME_LENGTH: usize = 50;
+
+/// Regular expression for a DNS-1123 label (namespace names).
+pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
+
+/// A model server that Moat runs as a hardened workload: a dedicated ServiceAccount without API
+/// access, pods that pass Pod Security "restricted", default-deny NetworkPolicies, a ClusterIP
+/// Service and a PodDisruptionBudget. Moat repairs any change made to what it generated.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "moat.dev",
+    version = "v1alpha1",
+    kind = "SecureModelDeployment",
+    namespaced,
+    shortname = "smd",
+    category = "moat",
+    status = "SecureModelDeploymentStatus",
+    derive = "PartialEq",
+    doc = "A model server that Moat runs as a hardened workload and keeps that way.",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every replica runs the current spec and is ready"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.image", description = "Image in the pod template"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = Rule::new("size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most 50 characters, because Moat names the Service after it")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SecureModelDeploymentSpec {
+    /// Number of model server pods. Defaults to 2; with 2 or more Moat adds a
+    /// PodDisruptionBudget so voluntary disruptions keep at least one pod serving.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+
+    /// The model server container.
+    pub server: ServerSpec,
+
+    /// Who may call the model and what the model may call. Everything else is denied by
+    /// NetworkPolicy.
+    #[serde(default)]
+    pub access: AccessSpec,
+}
+
+fn default_replicas() -> i32 {
+    2
+}
+
+/// The model server container. Moat adds the hardened security context itself; it cannot be
+/// weakened from here.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// Container image of the model server: `registry/repository:tag` or
+    /// `registry/repository@sha256:<digest>`.
+    #[x_kube(validation = Rule::new(format!("self.matches('{}')", IMAGE_REFERENCE_PATTERN.replace('\\', "\\\\"))).message("image must be a valid image reference such as registry.example.com/team/server:v1 or ...@sha256:<64 hex digits>"))]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// Entrypoint override. Passed to the container runtime as an argument vector, never to a
+    /// shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32), inner(length(max = 4096)))]
+    pub command: Option<Vec<String>>,
+
+    /// Arguments to the model server. Passed as an argument vector, never to a shell.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 128), inner(length(max = 4096)))]
+    pub args: Vec<String>,
+
+    /// Environment variables of the model server, each a literal value or a reference to a
+    /// key of a Secret or ConfigMap in the same namespace. Names are unique; names starting with
+    /// `MOAT_` are reserved for what Moat injects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub env: Vec<EnvVar>,
+
+    /// TCP port the model server listens on inside the pod. The pods run without capabilities,
+    /// so ports below 1024 are not allowed.
+    #[schemars(range(min = 1024, max = 65535))]
+    pub port: i32,
+
+    /// Compute resources. Limits for cpu and memory are required.
+    pub resources: Resources,
+
+    /// How Kubernetes decides a pod is ready to serve. Without it, a TCP connection to `port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_probe: Option<Probe>,
+}
+
+/// An environment variable of the model server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.value) != has(self.valueFrom)").message("set exactly one of value and valueFrom"))]
+pub struct EnvVar {
+    /// Name of the variable: a C identifier not starting with `MOAT_`.
+    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_]*$')").message("env name must be a C identifier: letters, digits and '_', not starting with a digit"))]
+    #[x_kube(validation = Rule::new("!self.startsWith('MOAT_')").message("env names starting with MOAT_ are reserved for variables Moat injects"))]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: String,
+
+    /// Literal value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub value: Option<String>,
+
+    /// Value taken from a key of a Secret or ConfigMap in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value_from: Option<EnvVarSource>,
+}
+
+/// Where an environment variable's value comes from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.secretKeyRef) != has(self.configMapKeyRef)").message("set exactly one of secretKeyRef and configMapKeyRef"))]
+pub struct EnvVarSource {
+    /// A key of a Secret in the SecureModelDeployment's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_key_ref: Option<KeyRef>,
+    /// A key of a ConfigMap in the SecureModelDeployment's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_key_ref: Option<KeyRef>,
+}
+
+/// A key of an object in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyRef {
+    /// Name of the Secret or ConfigMap.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("name must be a DNS-1123 subdomain"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key within it.
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("key may contain only letters, digits, '-', '_' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+/// Compute resources of the model server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.requests) || !has(self.requests.cpu) || quantity(self.requests.cpu).compareTo(quantity(self.limits.cpu)) <= 0").message("resources.requests.cpu must not exceed resources.limits.cpu"))]
+#[x_kube(validation = Rule::new("!has(self.requests) || !has(self.requests.memory) || quantity(self.requests.memory).compareTo(quantity(self.limits.memory)) <= 0").message("resources.requests.memory must not exceed resources.limits.memory"))]
+pub struct Resources {
+    /// Upper bounds; both cpu and memory are required.
+    pub limits: ResourceLimits,
+    /// What the scheduler reserves. Each defaults to the limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests: Option<ResourceRequests>,
+}
+
+/// Resource limits (Kubernetes quantities such as `500m`, `4`, `16Gi`).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceLimits {
+    /// CPU limit, for example `4` or `1500m`.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("cpu must be a positive quantity such as 500m or 4"))]
+    #[schemars(length(max = 64))]
+    pub cpu: String,
+    /// Memory limit, for example `16Gi`.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("memory must be a positive quantity such as 512Mi or 16Gi"))]
+    #[schemars(length(max = 64))]
+    pub memory: String,
+}
+
+/// Resource requests (Kubernetes quantities).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceRequests {
+    /// CPU request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("cpu must be a positive quantity such as 500m or 4"))]
+    #[schemars(length(max = 64))]
+    pub cpu: Option<String>,
+    /// Memory request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("memory must be a positive quantity such as 512Mi or 16Gi"))]
+    #[schemars(length(max = 64))]
+    pub memory: Option<String>,
+}
+
+/// A readiness probe against the serving port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Probe {
+    /// Probe with an HTTP GET; without it, a TCP connection to the serving port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_get: Option<HttpGetProbe>,
+    /// Seconds after the container starts before the first probe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub initial_delay_seconds: Option<i32>,
+    /// Seconds between probes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 300))]
+    pub period_seconds: Option<i32>,
+    /// Seconds after which a probe times out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 300))]
+    pub timeout_seconds: Option<i32>,
+    /// Consecutive failures before the pod is marked not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub failure_threshold: Option<i32>,
+}
+
+/// An HTTP GET against the serving port.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpGetProbe {
+    /// Path to request, starting with `/`.
+    #[x_kube(validation = Rule::new("self.startsWith('/')").message("httpGet.path must start with '/'"))]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+    /// `HTTP` or `HTTPS`. Defaults to `HTTP`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<ProbeScheme>,
+}
+
+/// Scheme of an HTTP probe.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ProbeScheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTPS (the certificate is not verified by the kubelet).
+    Https,
+}
+
+/// Network access of the model pods. Without entries, nothing may call the model and the model
+/// may call nothing but cluster DNS.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AccessSpec {
+    /// Pods allowed to call the model on its serving port.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub clients: Vec<ClientRule>,
+    /// Destinations the model may call, besides cluster DNS.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub egress: Vec<EgressRule>,
+}
+
+/// Pods allowed to call the model: pods in `namespace`, optionally only those matching
+/// `podSelector`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientRule {
+    /// Namespace of the client pods.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("namespace must be a DNS-1123 label"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: String,
+    /// Labels the client pods must carry (all of them). Without it, every pod in the namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub pod_selector: Option<BTreeMap<String, String>>,
+}
+
+/// A destination the model may call.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.cidr) != has(self.namespace)").message("set exactly one of cidr and namespace"))]
+#[x_kube(validation = Rule::new("!has(self.podSelector) || has(self.namespace)").message("podSelector requires namespace"))]
+pub struct EgressRule {
+    /// An IP block outside the cluster, for example `10.20.0.0/16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isCIDR(self)").message("cidr must be an IPv4 or IPv6 CIDR such as 10.20.0.0/16"))]
+    #[schemars(length(max = 64))]
+    pub cidr: Option<String>,
+    /// A namespace in the cluster whose pods the model may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("namespace must be a DNS-1123 label"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+    /// With `namespace`: only pods carrying these labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 16))]
+    pub pod_selector: Option<BTreeMap<String, String>>,
+    /// Destination ports. At least one: Moat never opens every port.
+    #[schemars(length(min = 1, max = 16), inner(range(min = 1, max = 65535)))]
+    pub ports: Vec<i32>,
+    /// Transport protocol of the ports. Defaults to TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+}
+
+/// Transport protocol.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// The Kubernetes spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+        }
+    }
+}
+
+/// Observed state, written only by Moat. Follows kstatus: `observedGeneration` and the
+/// conditions `Ready`, `Reconciling` and `Stalled`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct SecureModelDeploymentStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` (every replica runs the current spec and is ready), `Reconciling` (Moat is
+    /// converging the children or the rollout is progressing) and `Stalled` (Moat cannot make
+    /// progress without a change, for example an invalid spec). Abnormal-true for the last two.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Pods of the model Deployment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<i32>,
+
+    /// Pods of the model Deployment that are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+
+    /// Pods that run the current pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_replicas: Option<i32>,
+
+    /// The image reference in the pod template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+
+    /// Changes to generated objects made by someone else and reverted by Moat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftStatus>,
+}
+
+/// Drift repairs of one SecureModelDeployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftStatus {
+    /// How many times Moat reverted a change to, or recreated, one of the generated objects.
+    pub repairs: i64,
+    /// The most recent repair.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_repair: Option<DriftRepair>,
+}
+
+/// One drift repair.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftRepair {
+    /// Kind of the repaired object.
+    pub kind: String,
+    /// Name of the repaired object.
+    pub name: String,
+    /// What had changed, for example `deleted`, `changed spec.template.spec.containers` or
+    /// `fields added by kubectl-edit: spec.template.spec.hostNetwork`.
+    pub change: String,
+    /// When Moat repaired it.
+    pub at: Time,
+}

@@ -1,0 +1,256 @@
+//! Reading, applying, repairing and pruning the children of one SecureModelDeployment.
+//!
+//! Steady state costs no write: a child is written only when the live object lacks something
+//! Moat wants ([`drift::differences`]) or carries fields another manager added
+//! ([`drift::foreign_fields`]). Added fields are first moved into Moat's managed-fields entry, so
+//! the forced apply that follows removes them.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+    runtime::events::EventType,
+};
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::json;
+use tracing::info;
+
+use super::{Context, Error, FIELD_MANAGER, child_selector, drift, publish};
+use crate::{api::SecureModelDeployment, render::with_type};
+
+/// A change by someone else that Moat reverted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Repair {
+    /// Kind of the object.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// What had changed.
+    pub change: String,
+    /// When it was repaired.
+    pub at: Time,
+}
+
+/// Applies the children of one SecureModelDeployment, kind by kind.
+pub(super) struct Applier<'a> {
+    ctx: &'a Context,
+    smd: &'a SecureModelDeployment,
+    namespace: &'a str,
+    name: &'a str,
+    converged_before: bool,
+    repairs: Vec<Repair>,
+    notes: Vec<(EventType, &'static str, String)>,
+}
+
+enum Outcome {
+    Unchanged,
+    Created,
+    Updated(String),
+    Repaired(String),
+}
+
+impl<'a> Applier<'a> {
+    pub(super) fn new(
+        ctx: &'a Context,
+        smd: &'a SecureModelDeployment,
+        namespace: &'a str,
+        name: &'a str,
+        converged_before: bool,
+    ) -> Self {
+        Self {
+            ctx,
+            smd,
+            namespace,
+            name,
+            converged_before,
+            repairs: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    /// Makes the live objects of kind `K` exactly `desired`: creates, repairs and updates them,
+    /// and deletes the ones of this SecureModelDeployment that are no longer desired. Returns the
+    /// live objects after the writes.
+    pub(super) async fn ensure<K>(&mut self, desired: Vec<K>) -> Result<Vec<K>, Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + Serialize
+            + DeserializeOwned,
+    {
+        let kind = kind::<K>();
+        let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
+        let uid = self.smd.uid();
+        let live = api
+            .list(&ListParams::default().labels(&child_selector(self.name)))
+            .await
+            .map_err(|source| Error::Read { kind, source })?
+            .items;
+        let ours = |o: &K| {
+            o.owner_references()
+                .iter()
+                .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
+        };
+
+        let mut result = Vec::with_capacity(desired.len());
+        let desired_names: BTreeSet<String> = desired.iter().map(|d| d.name_any()).collect();
+        for want in desired {
+            let name = want.name_any();
+            let current = match live.iter().find(|o| o.name_any() == name) {
+                Some(o) => Some(o.clone()),
+                // Not found by label: absent, or its labels were changed.
+                None => api
+                    .get_opt(&name)
+                    .await
+                    .map_err(|source| Error::Read { kind, source })?,
+            };
+            if let Some(current) = &current {
+                if !ours(current) {
+                    return Err(Error::Conflict { kind, name });
+                }
+            }
+            let (obj, outcome) = self.ensure_one(&api, want, current).await?;
+            match outcome {
+                Outcome::Unchanged => {}
+                Outcome::Created => {
+                    self.notes.push((EventType::Normal, "Created", format!("Created {kind} {name}")))
+                }
+                Outcome::Updated(what) => self.notes.push((
+                    EventType::Normal,
+                    "Updated",
+                    format!("Updated {kind} {name}: {what}"),
+                )),
+                Outcome::Repaired(change) => {
+                    self.ctx.metrics.drift_repaired(kind);
+                    info!(kind, name = %name, change = %change, "drift repaired");
+                    self.notes.push((
+                        EventType::Warning,
+                        "DriftRepaired",
+                        format!("Reverted a change to {kind} {name} made outside Moat: {change}"),
+                    ));
+                    self.repairs.push(Repair {
+                        kind: kind.into(),
+                        name: name.clone(),
+                        change,
+                        at: Time(Timestamp::now()),
+                    });
+                }
+            }
+            result.push(obj);
+        }
+
+        for stale in live.iter().filter(|o| ours(o) && !desired_names.contains(&o.name_any())) {
+            let name = stale.name_any();
+            self.ctx.metrics.api_write(kind, "delete");
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(source) => return Err(Error::Prune { kind, name, source }),
+            }
+            self.notes.push((
+                EventType::Normal,
+                "Deleted",
+                format!("Deleted {kind} {name}, no longer needed"),
+            ));
+        }
+        Ok(result)
+    }
+
+    async fn ensure_one<K>(&self, api: &Api<K>, want: K, current: Option<K>) -> Result<(K, Outcome), Error>
+    where
+        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+            + Clone
+            + std::fmt::Debug
+            + Serialize
+            + DeserializeOwned,
+    {
+        let kind = kind::<K>();
+        let name = want.name_any();
+        let body = with_type(&want);
+        let outcome = match &current {
+            None if self.converged_before => Outcome::Repaired("deleted".into()),
+            None => Outcome::Created,
+            Some(live) => {
+                if live.meta().deletion_timestamp.is_some() {
+                    // Being deleted; it is recreated when the deletion completes (watch event).
+                    return Ok((live.clone(), Outcome::Unchanged));
+                }
+                let live_json = serde_json::to_value(live)
+                    .map_err(|source| Error::Serialize { kind, source })?;
+                let mut differences = drift::differences(&body, &live_json);
+                differences.retain(|p| p != "apiVersion" && p != "kind");
+                let managed = live.meta().managed_fields.clone().unwrap_or_default();
+                let foreign = drift::foreign_fields(&managed, FIELD_MANAGER);
+                if differences.is_empty() && foreign.is_empty() {
+                    return Ok((live.clone(), Outcome::Unchanged));
+                }
+                if !foreign.is_empty() {
+                    // Move the fields others added into Moat's entry so the apply removes them.
+                    let managed_fields = drift::transfer(&managed, &foreign, FIELD_MANAGER);
+                    let patch = json!({"metadata": {
+                        "resourceVersion": live.resource_version(),
+                        "managedFields": managed_fields,
+                    }});
+                    self.ctx.metrics.api_write(kind, "patch-managed-fields");
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                        .await
+                        .map_err(|source| Error::TakeOver { kind, name: name.clone(), source })?;
+                }
+                let mut what: Vec<String> = differences.iter().map(|p| format!("{p} changed")).collect();
+                for f in &foreign {
+                    what.push(format!(
+                        "fields added by {}: {}",
+                        f.manager,
+                        drift::paths(&f.fields).join(", ")
+                    ));
+                }
+                let what = summarize(&what);
+                if self.converged_before {
+                    Outcome::Repaired(what)
+                } else {
+                    Outcome::Updated(what)
+                }
+            }
+        };
+        self.ctx.metrics.api_write(kind, "apply");
+        let applied = api
+            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+            .await
+            .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+        Ok((applied, outcome))
+    }
+
+    /// Publishes the Events collected while applying and returns the drift repairs.
+    pub(super) async fn finish(self) -> Vec<Repair> {
+        for (type_, reason, note) in self.notes {
+            publish(self.ctx, self.smd, type_, reason, note).await;
+        }
+        self.repairs
+    }
+}
+
+fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
+    // Kinds of the k8s-openapi types are static strings; map them to static labels.
+    match K::kind(&()).as_ref() {
+        "ServiceAccount" => "ServiceAccount",
+        "NetworkPolicy" => "NetworkPolicy",
+        "Service" => "Service",
+        "PodDisruptionBudget" => "PodDisruptionBudget",
+        "Deployment" => "Deployment",
+        "Secret" => "Secret",
+        _ => "Object",
+    }
+}
+
+/// At most five items, then a count, so Events and status stay short.
+fn summarize(items: &[String]) -> String {
+    const MAX: usize = 5;
+    if items.len() <= MAX {
+        items.join("; ")
+    } else {
+        format!("{}; and {} more", items[..MAX].join("; "), items.len() - MAX)
+    }
+}

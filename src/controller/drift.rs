@@ -1,0 +1,338 @@
+//! Pure drift detection: does a live object carry what Moat wants, and did anyone else add
+//! fields to it? Server-side apply with `force` restores the fields Moat owns but leaves fields
+//! added by another field manager in place, so both questions are needed.
+
+use serde_json::{Map, Value};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+
+/// Paths at which `live` does not carry what `desired` says. Extra fields in `live` (server
+/// defaults) are ignored here; a desired zero value (`false`, `0`, `""`, empty) matches an
+/// absent field because the API server omits those. Lists must have the same length.
+pub fn differences(desired: &Value, live: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    diff_into(desired, live, "", &mut out);
+    out
+}
+
+fn diff_into(desired: &Value, live: &Value, path: &str, out: &mut Vec<String>) {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => {
+            for (key, dv) in d {
+                let child = join(path, key);
+                match l.get(key) {
+                    Some(lv) => diff_into(dv, lv, &child, out),
+                    None if is_zero(dv) => {}
+                    None => out.push(child),
+                }
+            }
+        }
+        (Value::Array(d), Value::Array(l)) => {
+            if d.len() != l.len() {
+                out.push(path.to_string());
+                return;
+            }
+            for (i, (dv, lv)) in d.iter().zip(l).enumerate() {
+                diff_into(dv, lv, &format!("{path}[{i}]"), out);
+            }
+        }
+        (Value::Number(d), Value::Number(l)) => {
+            if d.as_f64() != l.as_f64() {
+                out.push(path.to_string());
+            }
+        }
+        (Value::String(d), Value::String(l)) => {
+            if d != l && !(is_quantity_path(path) && crate::quantity::same(d, l)) {
+                out.push(path.to_string());
+            }
+        }
+        (d, Value::Null) if is_zero(d) => {}
+        (d, l) => {
+            if d != l {
+                out.push(path.to_string());
+            }
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn is_zero(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        Value::String(s) => s.is_empty(),
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+    }
+}
+
+/// Quantities are canonicalised by the API server (`1000m` is stored as `1`).
+fn is_quantity_path(path: &str) -> bool {
+    path.contains(".resources.") || path.ends_with("sizeLimit")
+}
+
+/// Fields owned by a field manager other than Moat's apply, that Moat does not own too.
+/// Annotations, finalizers and status belong to others by design (controllers record revisions
+/// there) and are not drift.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ForeignFields {
+    /// Index of the managedFields entry.
+    pub index: usize,
+    /// Its manager, for the Event.
+    pub manager: String,
+    /// The foreign-only part of its field set, in managedFields (FieldsV1) notation.
+    pub fields: Value,
+}
+
+/// Managed-fields entries that own fields Moat must take back.
+pub fn foreign_fields(entries: &[ManagedFieldsEntry], field_manager: &str) -> Vec<ForeignFields> {
+    let ours = entries
+        .iter()
+        .filter(|e| is_ours(e, field_manager))
+        .filter_map(|e| e.fields_v1.as_ref().map(|f| f.0.clone()))
+        .fold(Value::Object(Map::new()), |acc, f| union(&acc, &f));
+    entries
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| !is_ours(e, field_manager) && e.subresource.as_deref().unwrap_or("").is_empty())
+        .filter_map(|(index, e)| {
+            let fields = scope(&e.fields_v1.as_ref()?.0);
+            let only = subtract(&fields, &ours);
+            (!is_empty_set(&only)).then(|| ForeignFields {
+                index,
+                manager: e.manager.clone().unwrap_or_else(|| "unknown".into()),
+                fields: only,
+            })
+        })
+        .collect()
+}
+
+fn is_ours(e: &ManagedFieldsEntry, field_manager: &str) -> bool {
+    e.manager.as_deref() == Some(field_manager) && e.operation.as_deref() == Some("Apply")
+}
+
+/// The part of a field set that drift detection looks at: everything but status, annotations,
+/// finalizers and the bookkeeping fields of metadata.
+fn scope(fields: &Value) -> Value {
+    let mut out = fields.clone();
+    if let Value::Object(map) = &mut out {
+        map.remove("f:status");
+        if let Some(Value::Object(meta)) = map.get_mut("f:metadata") {
+            meta.remove("f:annotations");
+            meta.remove("f:finalizers");
+            meta.remove("f:resourceVersion");
+            if meta.is_empty() {
+                map.remove("f:metadata");
+            }
+        }
+    }
+    out
+}
+
+fn is_empty_set(v: &Value) -> bool {
+    matches!(v, Value::Object(m) if m.is_empty())
+}
+
+/// `a` without what `b` also owns. A field set is a trie: `{}` under a key owns that key; the
+/// `"."` key owns a list element itself.
+pub fn subtract(a: &Value, b: &Value) -> Value {
+    let (Value::Object(am), Value::Object(bm)) = (a, b) else {
+        return a.clone();
+    };
+    let mut out = Map::new();
+    for (k, av) in am {
+        match bm.get(k) {
+            None => {
+                out.insert(k.clone(), av.clone());
+            }
+            Some(bv) => {
+                let rest = subtract(av, bv);
+                if !is_empty_set(&rest) {
+                    out.insert(k.clone(), rest);
+                }
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+/// Every field owned in `a` or `b`.
+pub fn union(a: &Value, b: &Value) -> Value {
+    match (a, b) {
+        (Value::Object(am), Value::Object(bm)) => {
+            let mut out = am.clone();
+            for (k, bv) in bm {
+                let merged = match out.get(k) {
+                    Some(av) => union(av, bv),
+                    None => bv.clone(),
+                };
+                out.insert(k.clone(), merged);
+            }
+            Value::Object(out)
+        }
+        (_, b) => b.clone(),
+    }
+}
+
+/// Readable paths of a field set, for Events and status (`spec.template.spec.hostNetwork`).
+pub fn paths(fields: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    collect_paths(fields, "", &mut out);
+    out
+}
+
+fn collect_paths(fields: &Value, prefix: &str, out: &mut Vec<String>) {
+    let Value::Object(map) = fields else { return };
+    let leaves_here = map.is_empty() || map.contains_key(".");
+    if leaves_here && !prefix.is_empty() {
+        out.push(prefix.to_string());
+    }
+    for (k, v) in map {
+        if k == "." {
+            continue;
+        }
+        let name = match k.split_once(':') {
+            Some(("f", field)) => join(prefix, field),
+            Some(("k", key)) => format!("{prefix}[{key}]"),
+            Some(("v", value)) => format!("{prefix}[{value}]"),
+            Some(("i", index)) => format!("{prefix}[{index}]"),
+            _ => join(prefix, k),
+        };
+        collect_paths(v, &name, out);
+    }
+}
+
+/// The managedFields list after Moat takes over the foreign-only fields: they move into Moat's
+/// apply entry (so the next apply, which omits them, removes them) and out of the foreign entries.
+pub fn transfer(
+    entries: &[ManagedFieldsEntry],
+    foreign: &[ForeignFields],
+    field_manager: &str,
+) -> Vec<ManagedFieldsEntry> {
+    let taken = foreign
+        .iter()
+        .fold(Value::Object(Map::new()), |acc, f| union(&acc, &f.fields));
+    let mut out: Vec<ManagedFieldsEntry> = Vec::with_capacity(entries.len());
+    let mut ours_seen = false;
+    for (i, e) in entries.iter().enumerate() {
+        let mut e = e.clone();
+        if is_ours(&e, field_manager) && !ours_seen {
+            ours_seen = true;
+            let current = e.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or(Value::Object(Map::new()));
+            e.fields_v1 = Some(FieldsV1(union(&current, &taken)));
+        } else if let Some(f) = foreign.iter().find(|f| f.index == i) {
+            let current = e.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or(Value::Object(Map::new()));
+            let rest = subtract(&current, &f.fields);
+            if is_empty_set(&rest) {
+                continue;
+            }
+            e.fields_v1 = Some(FieldsV1(rest));
+        }
+        out.push(e);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn entry(manager: &str, operation: &str, fields: Value) -> ManagedFieldsEntry {
+        ManagedFieldsEntry {
+            manager: Some(manager.into()),
+            operation: Some(operation.into()),
+            api_version: Some("apps/v1".into()),
+            fields_type: Some("FieldsV1".into()),
+            fields_v1: Some(FieldsV1(fields)),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn defaults_in_live_are_not_differences() {
+        let desired = json!({"spec": {"replicas": 2, "template": {"spec": {"containers": [{"name": "a", "image": "x"}]}}}});
+        let live = json!({"spec": {"replicas": 2, "progressDeadlineSeconds": 600, "template": {"spec": {"dnsPolicy": "ClusterFirst", "containers": [{"name": "a", "image": "x", "imagePullPolicy": "IfNotPresent"}]}}}});
+        assert!(differences(&desired, &live).is_empty());
+    }
+
+    #[test]
+    fn changed_removed_and_added_list_items_are_differences() {
+        let desired = json!({"spec": {"replicas": 2, "containers": [{"name": "a", "image": "x"}]}});
+        let changed = json!({"spec": {"replicas": 3, "containers": [{"name": "a", "image": "y"}]}});
+        assert_eq!(differences(&desired, &changed), vec!["spec.containers[0].image", "spec.replicas"]);
+        let removed = json!({"spec": {"containers": [{"name": "a", "image": "x"}]}});
+        assert_eq!(differences(&desired, &removed), vec!["spec.replicas"]);
+        let added = json!({"spec": {"replicas": 2, "containers": [{"name": "a", "image": "x"}, {"name": "b"}]}});
+        assert_eq!(differences(&desired, &added), vec!["spec.containers"]);
+    }
+
+    #[test]
+    fn zero_values_match_absent_fields_and_quantities_match_by_value() {
+        let desired = json!({"automount": false, "spec": {"resources": {"limits": {"cpu": "1000m"}}}});
+        let live = json!({"spec": {"resources": {"limits": {"cpu": "1"}}}});
+        assert!(differences(&desired, &live).is_empty());
+        let live_true = json!({"automount": true, "spec": {"resources": {"limits": {"cpu": "2"}}}});
+        assert_eq!(differences(&desired, &live_true).len(), 2);
+    }
+
+    #[test]
+    fn foreign_additions_are_found_and_shared_fields_are_not() {
+        let ours = json!({"f:spec": {"f:template": {"f:spec": {"f:containers": {"k:{\"name\":\"server\"}": {".": {}, "f:image": {}}}}}}});
+        let foreign = json!({
+            "f:metadata": {"f:annotations": {"f:note": {}}},
+            "f:spec": {"f:template": {"f:spec": {
+                "f:hostNetwork": {},
+                "f:containers": {"k:{\"name\":\"server\"}": {"f:image": {}}}
+            }}}
+        });
+        let status = json!({"f:status": {"f:replicas": {}}});
+        let entries = vec![
+            entry("moat", "Apply", ours),
+            entry("kubectl-edit", "Update", foreign),
+            entry("kube-controller-manager", "Update", status),
+        ];
+        let found = foreign_fields(&entries, "moat");
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].manager, "kubectl-edit");
+        assert_eq!(paths(&found[0].fields), vec!["spec.template.spec.hostNetwork"]);
+
+        let moved = transfer(&entries, &found, "moat");
+        assert_eq!(moved.len(), 3);
+        let ours_after = &moved[0].fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default();
+        assert!(ours_after.pointer("/f:spec/f:template/f:spec/f:hostNetwork").is_some());
+        let theirs_after = &moved[1].fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default();
+        assert!(theirs_after.pointer("/f:spec/f:template/f:spec/f:hostNetwork").is_none());
+        assert!(theirs_after.pointer("/f:metadata/f:annotations/f:note").is_some());
+        assert!(foreign_fields(&moved, "moat").is_empty());
+    }
+
+    #[test]
+    fn entries_left_empty_by_a_transfer_are_dropped() {
+        let entries = vec![
+            entry("moat", "Apply", json!({"f:spec": {"f:a": {}}})),
+            entry("other", "Update", json!({"f:spec": {"f:b": {}}})),
+        ];
+        let found = foreign_fields(&entries, "moat");
+        let moved = transfer(&entries, &found, "moat");
+        assert_eq!(moved.len(), 1);
+    }
+
+    #[test]
+    fn added_labels_and_owner_references_are_foreign() {
+        let entries = vec![
+            entry("moat", "Apply", json!({"f:metadata": {"f:labels": {"f:a": {}}}})),
+            entry("intruder", "Update", json!({"f:metadata": {"f:labels": {"f:b": {}}}})),
+        ];
+        let found = foreign_fields(&entries, "moat");
+        assert_eq!(paths(&found[0].fields), vec!["metadata.labels.b"]);
+    }
+}

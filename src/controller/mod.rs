@@ -1,0 +1,354 @@
+//! The imperative shell: watches SecureModelDeployments and every kind they own, and for each
+//! one reads the live children, renders the desired ones (pure), applies them in a stated order
+//! with server-side apply, repairs drift, prunes what is no longer desired and reports status.
+
+mod apply;
+pub mod drift;
+pub mod status;
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
+    },
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::{
+    api::{SecureModelDeployment, SecureModelDeploymentStatus, conditions},
+    render::{self, Children, DEPLOYMENT_LABEL, Facts, MANAGED_BY, RenderError},
+    telemetry::metrics::Metrics,
+};
+
+pub use apply::Repair;
+
+/// The one field manager Moat applies with.
+pub const FIELD_MANAGER: &str = "moat";
+
+/// Operator settings that are not part of any object.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Namespace to watch; `None` watches all namespaces.
+    pub namespace: Option<String>,
+    /// Requeue interval for a converged object (a periodic resync).
+    pub resync_period: Duration,
+    /// Facts rendering depends on.
+    pub facts: Facts,
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// Client for every API call.
+    pub client: Client,
+    /// Operator settings.
+    pub settings: Settings,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// Publishes Kubernetes Events.
+    pub recorder: Recorder,
+    /// Consecutive failures per object, for backoff.
+    failures: Mutex<HashMap<ObjectRef<SecureModelDeployment>, u32>>,
+}
+
+impl Context {
+    /// A new context.
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
+        let reporter = Reporter {
+            controller: "moat".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// What can go wrong in one reconcile. Each step has its own variant carrying its source.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The spec cannot be rendered; the user must change it. Reported as `Stalled`.
+    #[error("invalid spec: {0}")]
+    Invalid(#[source] RenderError),
+    /// An object with a child's name exists and is not controlled by this SecureModelDeployment.
+    #[error(
+        "{kind} {name} already exists and is not managed by this SecureModelDeployment; delete or rename it"
+    )]
+    Conflict {
+        /// Kind of the object in the way.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// Reading the live children failed.
+    #[error("reading {kind} objects: {source}")]
+    Read {
+        /// Kind being read.
+        kind: &'static str,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Applying a child failed.
+    #[error("applying {kind} {name}: {source}")]
+    Apply {
+        /// Kind being applied.
+        kind: &'static str,
+        /// Name of the child.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Taking over fields another manager added failed.
+    #[error("taking back fields of {kind} {name}: {source}")]
+    TakeOver {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Deleting a child that is no longer desired failed.
+    #[error("deleting {kind} {name}: {source}")]
+    Prune {
+        /// Kind.
+        kind: &'static str,
+        /// Name.
+        name: String,
+        /// Cause.
+        source: kube::Error,
+    },
+    /// Writing the status failed.
+    #[error("updating status: {0}")]
+    Status(#[source] kube::Error),
+    /// A child could not be serialized (a bug).
+    #[error("serializing {kind}: {source}")]
+    Serialize {
+        /// Kind.
+        kind: &'static str,
+        /// Cause.
+        source: serde_json::Error,
+    },
+}
+
+impl Error {
+    /// Short, bounded label for the errors metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Invalid(_) => "invalid_spec",
+            Error::Conflict { .. } => "conflict",
+            Error::Read { .. } => "read",
+            Error::Apply { .. } => "apply",
+            Error::TakeOver { .. } => "take_over",
+            Error::Prune { .. } => "prune",
+            Error::Status(_) => "status",
+            Error::Serialize { .. } => "serialize",
+        }
+    }
+
+    /// Whether retrying cannot help until the user changes something.
+    pub fn needs_user_action(&self) -> bool {
+        matches!(self, Error::Invalid(_) | Error::Conflict { .. })
+    }
+}
+
+/// Runs the controller until a shutdown signal arrives.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let ns = ctx.settings.namespace.clone();
+    let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
+    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    info!(namespace = ns.as_deref().unwrap_or("<all>"), "starting the SecureModelDeployment controller");
+    Controller::new(smds, watcher::Config::default().any_semantic())
+        .owns(api::<ServiceAccount>(&client, ns.as_deref()), children.clone())
+        .owns(api::<NetworkPolicy>(&client, ns.as_deref()), children.clone())
+        .owns(api::<Service>(&client, ns.as_deref()), children.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns.as_deref()), children.clone())
+        .owns(api::<Deployment>(&client, ns.as_deref()), children)
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    info!("controller stopped");
+}
+
+fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// One reconcile of one SecureModelDeployment.
+pub async fn reconcile(smd: Arc<SecureModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    if smd.meta().deletion_timestamp.is_some() {
+        // Children carry a controller ownerReference; the garbage collector removes them.
+        return Ok(Action::await_change());
+    }
+    let result = converge(&smd, &ctx).await;
+    let key = ObjectRef::from_obj(&*smd);
+    match &result {
+        Ok(_) => {
+            ctx.failures.lock().await.remove(&key);
+        }
+        Err(e) => {
+            ctx.metrics.reconcile_failed(e.metric_label());
+            if e.needs_user_action() {
+                // Reported as Stalled; wait for the user to change the spec.
+                report_stalled(&smd, &ctx, e).await?;
+                ctx.failures.lock().await.remove(&key);
+                return Ok(Action::await_change());
+            }
+            report_retrying(&smd, &ctx, e).await;
+        }
+    }
+    result
+}
+
+async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, Error> {
+    let children = render::render(smd, &ctx.settings.facts).map_err(Error::Invalid)?;
+    let namespace = smd.namespace().unwrap_or_default();
+    let name = smd.name_any();
+    // A change to children of a generation Moat already converged was made by someone else.
+    let converged_before = smd.status.as_ref().and_then(|s| s.observed_generation)
+        == smd.metadata.generation;
+    let mut applier = apply::Applier::new(ctx, smd, &namespace, &name, converged_before);
+
+    // The order matters: the pods must never run before their identity and their network
+    // isolation exist. Destructured without `..` so a new child kind cannot be skipped.
+    let Children {
+        service_account,
+        network_policies,
+        service,
+        pod_disruption_budget,
+        deployment,
+    } = children;
+    applier.ensure(vec![service_account]).await?;
+    applier.ensure(network_policies).await?;
+    applier.ensure(vec![service]).await?;
+    applier.ensure(pod_disruption_budget.into_iter().collect()).await?;
+    let deployments = applier.ensure(vec![deployment]).await?;
+    let repairs = applier.finish().await;
+
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    let new_status = status::converged(smd, deployments.first(), &repairs, now);
+    write_status(smd, ctx, new_status).await?;
+    Ok(Action::requeue(ctx.settings.resync_period))
+}
+
+/// Writes the status if it differs from the current one (ignoring transition times).
+async fn write_status(
+    smd: &SecureModelDeployment,
+    ctx: &Context,
+    new: SecureModelDeploymentStatus,
+) -> Result<(), Error> {
+    if smd.status.as_ref().is_some_and(|old| status::same(old, &new)) {
+        return Ok(());
+    }
+    let api: Api<SecureModelDeployment> =
+        Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
+    let patch = serde_json::json!({"status": new});
+    ctx.metrics.api_write("SecureModelDeployment", "patch-status");
+    api.patch_status(&smd.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::Status)?;
+    Ok(())
+}
+
+async fn report_stalled(smd: &SecureModelDeployment, ctx: &Context, e: &Error) -> Result<(), Error> {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    let new = status::stalled(smd, e, now);
+    let changed = !smd.status.as_ref().is_some_and(|old| status::same(old, &new));
+    write_status(smd, ctx, new).await?;
+    if changed {
+        publish(ctx, smd, EventType::Warning, status_reason(e), e.to_string()).await;
+    }
+    Ok(())
+}
+
+async fn report_retrying(smd: &SecureModelDeployment, ctx: &Context, e: &Error) {
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
+    let new = status::retrying(smd, e, now);
+    if let Err(err) = write_status(smd, ctx, new).await {
+        warn!(error = %err, "could not report the failure in status");
+    }
+}
+
+fn status_reason(e: &Error) -> &'static str {
+    match e {
+        Error::Conflict { .. } => "Conflict",
+        _ => conditions::reason::INVALID_SPEC,
+    }
+}
+
+/// Publishes an Event about `smd`; failures are logged, never fatal.
+pub(crate) async fn publish(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    ctx.metrics.api_write("Event", "create");
+    if let Err(e) = ctx.recorder.publish(&event, &smd.object_ref(&())).await {
+        warn!(error = %e, "could not publish an Event");
+    }
+}
+
+/// Retries with exponential backoff per object: 1s, 2s, 4s ... capped at 5 minutes.
+fn error_policy(smd: Arc<SecureModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = ObjectRef::from_obj(&*smd);
+    let attempts = ctx
+        .failures
+        .try_lock()
+        .map(|mut f| {
+            let n = f.entry(key).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        })
+        .unwrap_or(1);
+    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1)).min(Duration::from_secs(300));
+    warn!(name = %smd.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// The label selector matching every child of the SecureModelDeployment `name`.
+pub fn child_selector(name: &str) -> String {
+    format!("{DEPLOYMENT_LABEL}={name}")
+}

@@ -1,0 +1,150 @@
+//! Pure status computation: from the SecureModelDeployment, its live Deployment and what the
+//! reconcile did, to the kstatus conditions Argo CD, Flux and `kubectl wait` read.
+
+use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time};
+
+use super::{Error, Repair};
+use crate::api::{
+    DriftRepair, DriftStatus, SecureModelDeployment, SecureModelDeploymentStatus,
+    conditions::{self, READY, RECONCILING, STALLED, reason},
+};
+
+/// Where a Deployment's rollout stands.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rollout {
+    /// Every replica runs the current template and is available.
+    Complete,
+    /// Still rolling out; the message says how far.
+    Progressing(String),
+    /// The Deployment controller gave up (progress deadline exceeded).
+    Failed(String),
+}
+
+/// The rollout state of `deploy`, with the rules of `kubectl rollout status`.
+pub fn rollout(deploy: &Deployment) -> Rollout {
+    let generation = deploy.metadata.generation.unwrap_or(0);
+    let want = deploy.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let Some(st) = deploy.status.as_ref() else {
+        return Rollout::Progressing("waiting for the Deployment controller".into());
+    };
+    if let Some(failed) = st.conditions.iter().flatten().find(|c| {
+        c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    }) {
+        return Rollout::Failed(failed.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()));
+    }
+    if st.observed_generation.unwrap_or(0) < generation {
+        return Rollout::Progressing("waiting for the Deployment controller to observe the new spec".into());
+    }
+    let updated = st.updated_replicas.unwrap_or(0);
+    let replicas = st.replicas.unwrap_or(0);
+    let available = st.available_replicas.unwrap_or(0);
+    let ready = st.ready_replicas.unwrap_or(0);
+    if updated < want {
+        Rollout::Progressing(format!("{updated} of {want} replicas run the current spec"))
+    } else if replicas > updated {
+        Rollout::Progressing(format!("{} old replicas are pending termination", replicas - updated))
+    } else if available < updated || ready < want {
+        Rollout::Progressing(format!("{ready} of {want} replicas are ready"))
+    } else {
+        Rollout::Complete
+    }
+}
+
+/// Status after a successful reconcile.
+pub fn converged(
+    smd: &SecureModelDeployment,
+    deploy: Option<&Deployment>,
+    repairs: &[Repair],
+    now: Time,
+) -> SecureModelDeploymentStatus {
+    let generation = smd.metadata.generation;
+    let mut st = smd.status.clone().unwrap_or_default();
+    st.observed_generation = generation;
+    st.image = Some(smd.spec.server.image.clone());
+    let ds = deploy.and_then(|d| d.status.as_ref());
+    st.replicas = Some(ds.and_then(|s| s.replicas).unwrap_or(0));
+    st.ready_replicas = Some(ds.and_then(|s| s.ready_replicas).unwrap_or(0));
+    st.updated_replicas = Some(ds.and_then(|s| s.updated_replicas).unwrap_or(0));
+    let state = deploy.map(rollout).unwrap_or(Rollout::Progressing("creating the Deployment".into()));
+    let (ready, reconciling, stalled) = match &state {
+        Rollout::Complete => (
+            (true, reason::ROLLOUT_COMPLETE, format!("{} of {} replicas ready", st.ready_replicas.unwrap_or(0), smd.spec.replicas)),
+            (false, reason::AS_EXPECTED, String::new()),
+            (false, reason::AS_EXPECTED, String::new()),
+        ),
+        Rollout::Progressing(msg) => (
+            (false, reason::ROLLING_OUT, msg.clone()),
+            (true, reason::ROLLING_OUT, msg.clone()),
+            (false, reason::AS_EXPECTED, String::new()),
+        ),
+        Rollout::Failed(msg) => (
+            (false, reason::PROGRESS_DEADLINE_EXCEEDED, msg.clone()),
+            (false, reason::PROGRESS_DEADLINE_EXCEEDED, String::new()),
+            (true, reason::PROGRESS_DEADLINE_EXCEEDED, msg.clone()),
+        ),
+    };
+    for (type_, (status, why, message)) in [(READY, ready), (RECONCILING, reconciling), (STALLED, stalled)] {
+        conditions::set(&mut st.conditions, conditions::new(type_, status, why, message, generation, now.clone()));
+    }
+    if let Some(last) = repairs.last() {
+        let previous = st.drift.as_ref().map(|d| d.repairs).unwrap_or(0);
+        st.drift = Some(DriftStatus {
+            repairs: previous + repairs.len() as i64,
+            last_repair: Some(DriftRepair {
+                kind: last.kind.clone(),
+                name: last.name.clone(),
+                change: last.change.clone(),
+                at: last.at.clone(),
+            }),
+        });
+    }
+    st
+}
+
+/// Status when the spec cannot be turned into a workload: Stalled, not Ready, with the reason.
+pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModelDeploymentStatus {
+    let generation = smd.metadata.generation;
+    let mut st = smd.status.clone().unwrap_or_default();
+    st.observed_generation = generation;
+    let why = match e {
+        Error::Conflict { .. } => "Conflict",
+        _ => reason::INVALID_SPEC,
+    };
+    let message = e.to_string();
+    for (type_, status, message) in [
+        (READY, false, message.clone()),
+        (RECONCILING, false, String::new()),
+        (STALLED, true, message.clone()),
+    ] {
+        conditions::set(&mut st.conditions, conditions::new(type_, status, why, message, generation, now.clone()));
+    }
+    st
+}
+
+/// Status while a transient failure is retried: Reconciling with the error; Ready unchanged.
+pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModelDeploymentStatus {
+    let generation = smd.metadata.generation;
+    let mut st = smd.status.clone().unwrap_or_default();
+    conditions::set(
+        &mut st.conditions,
+        conditions::new(RECONCILING, true, reason::APPLY_FAILED, format!("{e}; retrying"), generation, now.clone()),
+    );
+    if !st.conditions.iter().any(|c| c.type_ == READY) {
+        conditions::set(
+            &mut st.conditions,
+            conditions::new(READY, false, reason::APPLYING, "applying the generated objects", generation, now),
+        );
+    }
+    st
+}
+
+/// Whether two statuses say the same (condition transition times and repair times aside).
+pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) -> bool {
+    a.observed_generation == b.observed_generation
+        && a.replicas == b.replicas
+        && a.ready_replicas == b.ready_replicas
+        && a.updated_replicas == b.updated_replicas
+        && a.image == b.image
+        && a.drift == b.drift
+        && conditions::same_ignoring_time(&a.conditions, &b.conditions)
+}

@@ -1,0 +1,133 @@
+//! The `moat` command line: parses flags and calls into the library.
+
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use kube::Client;
+
+use moat::{
+    api::{self, SecureModelDeployment},
+    controller::{self, Context, Settings},
+    render::{self, Facts},
+    telemetry::{self, LogFormat, metrics::Metrics, server},
+};
+
+/// Moat: secure model serving on Kubernetes.
+#[derive(Parser)]
+#[command(name = "moat", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator (out of cluster: the current KUBECONFIG; in cluster: its ServiceAccount).
+    Operator(OperatorArgs),
+    /// Print the CustomResourceDefinitions as YAML.
+    Crd,
+    /// Print the objects Moat would create for a SecureModelDeployment, without a cluster.
+    Render {
+        /// File with one SecureModelDeployment (YAML or JSON); `-` reads standard input.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct OperatorArgs {
+    /// Watch only this namespace (default: all namespaces).
+    #[arg(long, env = "MOAT_NAMESPACE")]
+    namespace: Option<String>,
+    /// Address of the /metrics, /healthz and /readyz endpoints.
+    #[arg(long, env = "MOAT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Seconds between periodic re-reconciles of a converged object.
+    #[arg(long, env = "MOAT_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "MOAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level or filter directive (for example `info` or `moat=debug,kube=info`).
+    #[arg(long, env = "MOAT_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+    /// Namespace of the cluster DNS pods (the only destination allowed by default).
+    #[arg(long, env = "MOAT_DNS_NAMESPACE", default_value = "kube-system")]
+    dns_namespace: String,
+    /// Label `key=value` of the cluster DNS pods.
+    #[arg(long, env = "MOAT_DNS_POD_LABEL", default_value = "k8s-app=kube-dns")]
+    dns_pod_label: String,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Crd => print_crds(),
+        Command::Render { file } => render_file(&file),
+        Command::Operator(args) => run_operator(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("moat: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_crds() -> Result<()> {
+    print!("{}", api::crds_yaml()?);
+    Ok(())
+}
+
+fn render_file(file: &PathBuf) -> Result<()> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    let mut smd: SecureModelDeployment =
+        serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a SecureModelDeployment", file.display()))?;
+    if smd.metadata.namespace.is_none() {
+        smd.metadata.namespace = Some("default".into());
+    }
+    let children = render::render(&smd, &Facts::default())?;
+    print!("{}", render::to_yaml(&children)?);
+    Ok(())
+}
+
+fn run_operator(args: OperatorArgs) -> Result<()> {
+    telemetry::init_logging(args.log_format, &args.log_level);
+    let (key, value) = args
+        .dns_pod_label
+        .split_once('=')
+        .context("--dns-pod-label must be key=value")?;
+    let settings = Settings {
+        namespace: args.namespace,
+        resync_period: Duration::from_secs(args.resync_seconds.max(1)),
+        facts: Facts {
+            dns_namespace: args.dns_namespace,
+            dns_pod_labels: [(key.to_string(), value.to_string())].into(),
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let client = Client::try_default()
+            .await
+            .context("connecting to Kubernetes (KUBECONFIG or in-cluster ServiceAccount)")?;
+        let metrics = Arc::new(Metrics::default());
+        let health = server::Health::new(metrics.clone());
+        let endpoints = tokio::spawn(server::serve(args.metrics_addr, health.clone()));
+        let ctx = Arc::new(Context::new(client, settings, metrics));
+        health.set_ready(true);
+        tokio::select! {
+            () = controller::run(ctx) => Ok(()),
+            res = endpoints => match res {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("serving endpoints on {}", args.metrics_addr))),
+                Err(e) => Err(anyhow::Error::new(e)),
+            },
+        }
+    })
+}

@@ -1,0 +1,151 @@
+//! The model server Deployment. The pod template passes Pod Security "restricted": non-root
+//! (UID/GID 10001), read-only root filesystem with a size-limited writable `/tmp`, all
+//! capabilities dropped, no privilege escalation, seccomp RuntimeDefault, no host namespaces or
+//! hostPath, no service links, no API token. Rolling updates never drop below the ready count.
+
+use serde_json::{Value, json};
+
+use k8s_openapi::api::apps::v1::Deployment;
+
+use super::{Ctx, RUN_AS_ID, RenderError, SERVING_PORT_NAME, TMP_SIZE_LIMIT, typed};
+use crate::api::{Probe, ProbeScheme};
+
+pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
+    let server = &ctx.smd.spec.server;
+    let selector = ctx.selector();
+
+    let mut container = serde_json::Map::new();
+    container.insert("name".into(), json!("server"));
+    container.insert("image".into(), json!(server.image));
+    if let Some(command) = &server.command {
+        container.insert("command".into(), json!(command));
+    }
+    if !server.args.is_empty() {
+        container.insert("args".into(), json!(server.args));
+    }
+    if !server.env.is_empty() {
+        container.insert("env".into(), json!(server.env));
+    }
+    container.insert(
+        "ports".into(),
+        json!([{"name": SERVING_PORT_NAME, "containerPort": server.port, "protocol": "TCP"}]),
+    );
+    let limits = &server.resources.limits;
+    let requests = server.resources.requests.clone().unwrap_or(crate::api::ResourceRequests {
+        cpu: None,
+        memory: None,
+    });
+    container.insert(
+        "resources".into(),
+        json!({
+            "limits": {"cpu": limits.cpu, "memory": limits.memory},
+            "requests": {
+                "cpu": requests.cpu.as_ref().unwrap_or(&limits.cpu),
+                "memory": requests.memory.as_ref().unwrap_or(&limits.memory),
+            },
+        }),
+    );
+    container.insert(
+        "readinessProbe".into(),
+        readiness_probe(server.readiness_probe.as_ref()),
+    );
+    container.insert(
+        "securityContext".into(),
+        json!({
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "runAsUser": RUN_AS_ID,
+            "runAsGroup": RUN_AS_ID,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }),
+    );
+    container.insert(
+        "volumeMounts".into(),
+        json!([{"name": "tmp", "mountPath": "/tmp"}]),
+    );
+
+    typed(
+        "Deployment",
+        json!({
+            "metadata": ctx.meta(ctx.name.clone()),
+            "spec": {
+                "replicas": ctx.smd.spec.replicas,
+                "revisionHistoryLimit": 5,
+                "selector": {"matchLabels": selector},
+                "strategy": {
+                    "type": "RollingUpdate",
+                    // Never fewer ready pods than requested during a rollout.
+                    "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
+                },
+                "template": {
+                    "metadata": {"labels": ctx.labels()},
+                    "spec": {
+                        "serviceAccountName": ctx.name,
+                        "automountServiceAccountToken": false,
+                        "enableServiceLinks": false,
+                        "securityContext": {
+                            "runAsNonRoot": true,
+                            "runAsUser": RUN_AS_ID,
+                            "runAsGroup": RUN_AS_ID,
+                            "fsGroup": RUN_AS_ID,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [Value::Object(container)],
+                        "volumes": [
+                            {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+                        ],
+                        "topologySpreadConstraints": [
+                            {
+                                "maxSkew": 1,
+                                "topologyKey": "kubernetes.io/hostname",
+                                "whenUnsatisfiable": "ScheduleAnyway",
+                                "labelSelector": {"matchLabels": selector},
+                            },
+                            {
+                                "maxSkew": 1,
+                                "topologyKey": "topology.kubernetes.io/zone",
+                                "whenUnsatisfiable": "ScheduleAnyway",
+                                "labelSelector": {"matchLabels": selector},
+                            },
+                        ],
+                    },
+                },
+            },
+        }),
+    )
+}
+
+fn readiness_probe(probe: Option<&Probe>) -> Value {
+    let default = Probe::default();
+    let probe = probe.unwrap_or(&default);
+    let mut out = serde_json::Map::new();
+    match &probe.http_get {
+        Some(http) => {
+            let scheme = match http.scheme.unwrap_or(ProbeScheme::Http) {
+                ProbeScheme::Http => "HTTP",
+                ProbeScheme::Https => "HTTPS",
+            };
+            out.insert(
+                "httpGet".into(),
+                json!({"path": http.path, "port": SERVING_PORT_NAME, "scheme": scheme}),
+            );
+        }
+        None => {
+            out.insert("tcpSocket".into(), json!({"port": SERVING_PORT_NAME}));
+        }
+    }
+    for (key, value) in [
+        ("initialDelaySeconds", probe.initial_delay_seconds),
+        ("periodSeconds", probe.period_seconds),
+        ("timeoutSeconds", probe.timeout_seconds),
+        ("failureThreshold", probe.failure_threshold),
+    ] {
+        if let Some(v) = value {
+            out.insert(key.into(), json!(v));
+        }
+    }
+    Value::Object(out)
+}

@@ -1,0 +1,205 @@
+//! Pure rendering: `(SecureModelDeployment, Facts) -> Children`. No client, no clock, no
+//! randomness: the same input always produces byte-identical children, so `moat render` output
+//! is stable for review and GitOps diffs, and the operator applies exactly what it shows.
+
+mod deployment;
+mod network_policy;
+mod pdb;
+mod service;
+mod service_account;
+pub mod validate;
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
+    },
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference},
+};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+
+use crate::api::SecureModelDeployment;
+
+pub use validate::{ValidationError, validate};
+
+/// Label carrying the name of the SecureModelDeployment a child belongs to; also the pod selector.
+pub const DEPLOYMENT_LABEL: &str = "moat.dev/deployment";
+/// `app.kubernetes.io/managed-by` value on every child.
+pub const MANAGED_BY: &str = "moat";
+/// UID and GID the model server runs as.
+pub const RUN_AS_ID: i64 = 10001;
+/// Size limit of the writable `/tmp` volume.
+pub const TMP_SIZE_LIMIT: &str = "256Mi";
+/// Name of the serving port in the pod and the Service.
+pub const SERVING_PORT_NAME: &str = "serving";
+
+/// Facts about the cluster and the operator's configuration that rendering depends on.
+/// The reconciler reads them; rendering never does I/O.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Facts {
+    /// Namespace of the cluster DNS pods.
+    pub dns_namespace: String,
+    /// Labels of the cluster DNS pods.
+    pub dns_pod_labels: BTreeMap<String, String>,
+}
+
+impl Default for Facts {
+    fn default() -> Self {
+        Self {
+            dns_namespace: "kube-system".into(),
+            dns_pod_labels: BTreeMap::from([("k8s-app".into(), "kube-dns".into())]),
+        }
+    }
+}
+
+/// Every object Moat generates for one SecureModelDeployment. The reconciler destructures this
+/// without `..`, so a new child kind cannot be silently skipped when applying.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Children {
+    /// Dedicated identity without an API token or RBAC.
+    pub service_account: ServiceAccount,
+    /// Default deny, then what `spec.access` allows.
+    pub network_policies: Vec<NetworkPolicy>,
+    /// ClusterIP Service for the serving port.
+    pub service: Service,
+    /// Present when `replicas >= 2`.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+    /// The model server pods.
+    pub deployment: Deployment,
+}
+
+/// Why a SecureModelDeployment cannot be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    /// The spec fails a rule the schema could not express (or the CRD was installed without it).
+    #[error("{}", format_errors(.0))]
+    Invalid(Vec<ValidationError>),
+    /// The object has no namespace (only namespaced objects can be rendered).
+    #[error("the SecureModelDeployment has no namespace; set metadata.namespace")]
+    MissingNamespace,
+    /// A generated object does not deserialize into its Kubernetes type (a bug in Moat).
+    #[error("internal error building {kind}: {source}")]
+    Build {
+        /// Kind being built.
+        kind: &'static str,
+        /// What went wrong.
+        source: serde_json::Error,
+    },
+}
+
+fn format_errors(errors: &[ValidationError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Renders every child of `smd`.
+pub fn render(smd: &SecureModelDeployment, facts: &Facts) -> Result<Children, RenderError> {
+    validate(&smd.spec, &smd.name_any()).map_err(RenderError::Invalid)?;
+    let ctx = Ctx::new(smd)?;
+    Ok(Children {
+        service_account: service_account::render(&ctx)?,
+        network_policies: network_policy::render(&ctx, facts)?,
+        service: service::render(&ctx)?,
+        pod_disruption_budget: pdb::render(&ctx)?,
+        deployment: deployment::render(&ctx)?,
+    })
+}
+
+/// What every child renderer needs.
+pub(crate) struct Ctx<'a> {
+    pub smd: &'a SecureModelDeployment,
+    pub name: String,
+    pub namespace: String,
+    owner: Option<OwnerReference>,
+}
+
+impl<'a> Ctx<'a> {
+    fn new(smd: &'a SecureModelDeployment) -> Result<Self, RenderError> {
+        Ok(Self {
+            smd,
+            name: smd.name_any(),
+            namespace: smd.namespace().ok_or(RenderError::MissingNamespace)?,
+            owner: smd.controller_owner_ref(&()),
+        })
+    }
+
+    /// Labels on every child.
+    pub fn labels(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("app.kubernetes.io/name".into(), "moat-model".into()),
+            ("app.kubernetes.io/instance".into(), self.name.clone()),
+            ("app.kubernetes.io/managed-by".into(), MANAGED_BY.into()),
+            (DEPLOYMENT_LABEL.into(), self.name.clone()),
+        ])
+    }
+
+    /// The labels that select the model pods.
+    pub fn selector(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([(DEPLOYMENT_LABEL.into(), self.name.clone())])
+    }
+
+    /// Metadata of a child named `name`: labels and the controller ownerReference (absent when
+    /// rendering offline an object that has no UID yet).
+    pub fn meta(&self, name: String) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels()),
+            owner_references: self.owner.clone().map(|o| vec![o]),
+            ..ObjectMeta::default()
+        }
+    }
+}
+
+/// Deserializes a JSON body into a typed object, naming the kind on failure.
+pub(crate) fn typed<T: serde::de::DeserializeOwned>(
+    kind: &'static str,
+    value: serde_json::Value,
+) -> Result<T, RenderError> {
+    serde_json::from_value(value).map_err(|source| RenderError::Build { kind, source })
+}
+
+/// The children as a multi-document YAML stream (what `moat render` prints).
+pub fn to_yaml(children: &Children) -> Result<String, serde_yaml::Error> {
+    let Children {
+        service_account,
+        network_policies,
+        service,
+        pod_disruption_budget,
+        deployment,
+    } = children;
+    let mut docs = vec![serde_yaml::to_string(&with_type(service_account))?];
+    for np in network_policies {
+        docs.push(serde_yaml::to_string(&with_type(np))?);
+    }
+    docs.push(serde_yaml::to_string(&with_type(service))?);
+    if let Some(pdb) = pod_disruption_budget {
+        docs.push(serde_yaml::to_string(&with_type(pdb))?);
+    }
+    docs.push(serde_yaml::to_string(&with_type(deployment))?);
+    Ok(docs
+        .into_iter()
+        .map(|d| format!("---\n{d}"))
+        .collect::<String>())
+}
+
+/// An object as JSON with `apiVersion` and `kind` set.
+pub fn with_type<K>(obj: &K) -> serde_json::Value
+where
+    K: Resource<DynamicType = ()> + Serialize,
+{
+    let mut v = serde_json::to_value(obj).unwrap_or(serde_json::Value::Null);
+    if let Some(map) = v.as_object_mut() {
+        map.insert("apiVersion".into(), K::api_version(&()).into());
+        map.insert("kind".into(), K::kind(&()).into());
+    }
+    v
+}

@@ -1,0 +1,113 @@
+//! Prometheus metrics of the operator (prometheus-client).
+
+use std::time::Instant;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+/// Labels of per-reason error counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// Error kind (`Error::metric_label`).
+    pub reason: String,
+}
+
+/// Labels of per-kind counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// Kubernetes kind.
+    pub kind: String,
+}
+
+/// Labels of API write counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabels {
+    /// Kubernetes kind.
+    pub kind: String,
+    /// What was written: apply, delete, patch-status, patch-managed-fields, create.
+    pub verb: String,
+}
+
+/// Every metric the operator exports.
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    errors: Family<ErrorLabels, Counter>,
+    duration: Histogram,
+    drift_repairs: Family<KindLabels, Counter>,
+    api_writes: Family<WriteLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("moat");
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let drift_repairs = Family::<KindLabels, Counter>::default();
+        let api_writes = Family::<WriteLabels, Counter>::default();
+        registry.register("reconcile", "Reconciles of SecureModelDeployments", reconciles.clone());
+        registry.register("reconcile_errors", "Failed reconciles by reason", errors.clone());
+        registry.register("reconcile_duration_seconds", "Duration of a reconcile", duration.clone());
+        registry.register("drift_repairs", "Changes made outside Moat that Moat reverted, by kind", drift_repairs.clone());
+        registry.register("api_writes", "Write calls to the Kubernetes API, by kind and verb", api_writes.clone());
+        Self { registry, reconciles, errors, duration, drift_repairs, api_writes }
+    }
+}
+
+/// Observes a reconcile's duration when dropped.
+pub struct ReconcileTimer<'a> {
+    start: Instant,
+    histogram: &'a Histogram,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// Counts a reconcile and times it until the returned guard is dropped.
+    pub fn reconcile_started(&self) -> ReconcileTimer<'_> {
+        self.reconciles.inc();
+        ReconcileTimer { start: Instant::now(), histogram: &self.duration }
+    }
+
+    /// Counts a failed reconcile.
+    pub fn reconcile_failed(&self, reason: &str) {
+        self.errors.get_or_create(&ErrorLabels { reason: reason.into() }).inc();
+    }
+
+    /// Counts a drift repair of `kind`.
+    pub fn drift_repaired(&self, kind: &str) {
+        self.drift_repairs.get_or_create(&KindLabels { kind: kind.into() }).inc();
+    }
+
+    /// Counts an API write.
+    pub fn api_write(&self, kind: &str, verb: &str) {
+        self.api_writes.get_or_create(&WriteLabels { kind: kind.into(), verb: verb.into() }).inc();
+    }
+
+    /// Total API writes so far (for tests and benchmarks).
+    pub fn api_writes_total(&self) -> u64 {
+        let mut text = String::new();
+        if encode(&mut text, &self.registry).is_err() {
+            return 0;
+        }
+        text.lines()
+            .filter(|l| l.starts_with("moat_api_writes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}

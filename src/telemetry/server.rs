@@ -1,0 +1,63 @@
+//! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (liveness) and `/readyz` (readiness).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+
+use super::metrics::Metrics;
+
+/// State shared with the endpoints.
+#[derive(Clone)]
+pub struct Health {
+    metrics: Arc<Metrics>,
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// New endpoint state; not ready until [`Health::set_ready`].
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self { metrics, ready: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Marks the operator ready (or not).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+}
+
+/// Serves the endpoints on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(health);
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    axum::serve(listener, app).await
+}
+
+async fn metrics(State(h): State<Health>) -> impl IntoResponse {
+    match h.metrics.encode() {
+        Ok(text) => (
+            StatusCode::OK,
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn readyz(State(h): State<Health>) -> impl IntoResponse {
+    if h.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    }
+}
