@@ -4,7 +4,6 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Du
 
 use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
-use kube::Client;
 
 use moat::{
     api::{self, SecureModelDeployment},
@@ -87,8 +86,8 @@ fn render_file(file: &PathBuf) -> Result<()> {
     } else {
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
     };
-    let mut smd: SecureModelDeployment =
-        serde_yaml::from_str(&text).with_context(|| format!("parsing {} as a SecureModelDeployment", file.display()))?;
+    let mut smd: SecureModelDeployment = serde_yaml::from_str(&text)
+        .with_context(|| format!("parsing {} as a SecureModelDeployment", file.display()))?;
     if smd.metadata.namespace.is_none() {
         smd.metadata.namespace = Some("default".into());
     }
@@ -111,9 +110,11 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             dns_pod_labels: [(key.to_string(), value.to_string())].into(),
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
-        let client = Client::try_default()
+        let client = controller::client()
             .await
             .context("connecting to Kubernetes (KUBECONFIG or in-cluster ServiceAccount)")?;
         let metrics = Arc::new(Metrics::default());

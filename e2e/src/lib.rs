@@ -99,7 +99,10 @@ where
     cleanup(&client, &label_value).await;
     match outcome {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => panic!("test {test_name} failed in namespace {}: {e:?}", env.namespace),
+        Ok(Err(e)) => panic!(
+            "test {test_name} failed in namespace {}: {e:?}",
+            env.namespace
+        ),
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
@@ -135,9 +138,11 @@ async fn create_namespace(
     // The ServiceAccount admission plugin rejects pods until the namespace's default
     // ServiceAccount exists; wait for kube-controller-manager to create it.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    wait_for(Duration::from_secs(30), "the default ServiceAccount", || async {
-        Ok(sas.get_opt("default").await?.is_some())
-    })
+    wait_for(
+        Duration::from_secs(30),
+        "the default ServiceAccount",
+        || async { Ok(sas.get_opt("default").await?.is_some()) },
+    )
     .await?;
     Ok(TestEnv {
         client: client.clone(),
@@ -157,14 +162,31 @@ async fn cleanup(client: &Client, label_value: &str) {
         }
     };
     for ns in namespaces {
-        if let Err(e) = api.delete(&ns.name_any(), &DeleteParams::background()).await {
+        if let Err(e) = api
+            .delete(&ns.name_any(), &DeleteParams::background())
+            .await
+        {
             eprintln!("warning: deleting namespace {}: {e}", ns.name_any());
         }
     }
 }
 
 /// Polls `check` every 200 ms until it returns true, failing after `timeout` with `what`.
-pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, mut check: F) -> Result<()>
+pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    wait_for_every(Duration::from_millis(200), timeout, what, check).await
+}
+
+/// Polls `check` every `interval` until it returns true, failing after `timeout` with `what`.
+pub async fn wait_for_every<F, Fut>(
+    interval: Duration,
+    timeout: Duration,
+    what: &str,
+    mut check: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool>>,
@@ -179,11 +201,13 @@ where
         }
         if tokio::time::Instant::now() >= deadline {
             match last_err {
-                Some(e) => bail!("timed out after {timeout:?} waiting for {what}; last error: {e:?}"),
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:?}")
+                }
                 None => bail!("timed out after {timeout:?} waiting for {what}"),
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(interval).await;
     }
 }
 
@@ -242,4 +266,76 @@ pub fn names<K: ResourceExt>(items: &[K]) -> Vec<String> {
     let mut v: Vec<String> = items.iter().map(|o| o.name_any()).collect();
     v.sort();
     v
+}
+
+/// Installs (server-side applies) Moat's CRDs and waits until they are established.
+pub async fn install_crds(client: &Client) -> Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use kube::api::{Patch, PatchParams};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in moat::api::crds() {
+        let name = crd.name_any();
+        crds.patch(
+            &name,
+            &PatchParams::apply("moat-e2e").force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
+        wait_for(
+            Duration::from_secs(30),
+            "the CRD to be established",
+            || async {
+                let c = crds.get(&name).await?;
+                Ok(c.status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True"))
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A Moat operator running in this test process, watching only one namespace. It runs the same
+/// library code as `moat operator`; aborting it is what a crash or a pod restart does.
+pub struct Operator {
+    /// The operator's metrics (API writes, drift repairs, reconciles).
+    pub metrics: std::sync::Arc<moat::telemetry::metrics::Metrics>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Operator {
+    /// Starts an operator for `namespace` with the given resync period.
+    pub async fn start(namespace: &str, resync: Duration) -> Result<Self> {
+        let config = Config::infer().await?;
+        let client = moat::controller::client_from(config)?;
+        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
+        let settings = moat::controller::Settings {
+            namespace: Some(namespace.to_string()),
+            resync_period: resync,
+            facts: moat::render::Facts::default(),
+        };
+        let ctx = std::sync::Arc::new(moat::controller::Context::new(
+            client,
+            settings,
+            metrics.clone(),
+        ));
+        let task = tokio::spawn(moat::controller::run(ctx));
+        Ok(Self { metrics, task })
+    }
+
+    /// Stops the operator abruptly, as a crash would.
+    pub async fn kill(mut self) {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

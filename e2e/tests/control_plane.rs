@@ -15,7 +15,9 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
 };
-use moat_e2e::{NamespaceOptions, TestEnv, client_as_service_account, tool, wait_for, with_namespace};
+use moat_e2e::{
+    NamespaceOptions, TestEnv, client_as_service_account, tool, wait_for, with_namespace,
+};
 use serde_json::json;
 
 fn restricted_container() -> serde_json::Value {
@@ -49,130 +51,160 @@ fn is_ready(pod: &Pod) -> bool {
 
 #[tokio::test]
 async fn deployment_rolls_out_on_kwok_nodes_and_is_garbage_collected() {
-    with_namespace("deployment-rollout", NamespaceOptions::restricted(), |env| async move {
-        let deploys = env.api::<Deployment>();
-        let deploy: Deployment = serde_json::from_value(json!({
-            "metadata": {"name": "web"},
-            "spec": {
-                "replicas": 2,
-                "selector": {"matchLabels": {"app": "web"}},
-                "template": {
-                    "metadata": {"labels": {"app": "web"}},
-                    "spec": {"containers": [restricted_container()]}
+    with_namespace(
+        "deployment-rollout",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let deploys = env.api::<Deployment>();
+            let deploy: Deployment = serde_json::from_value(json!({
+                "metadata": {"name": "web"},
+                "spec": {
+                    "replicas": 2,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "web"}},
+                        "spec": {"containers": [restricted_container()]}
+                    }
                 }
+            }))?;
+            deploys.create(&PostParams::default(), &deploy).await?;
+
+            wait_for(Duration::from_secs(60), "2 Ready pods", || async {
+                let pods = pods_with(&env, "app=web").await?;
+                Ok(pods.len() == 2 && pods.iter().all(is_ready))
+            })
+            .await?;
+
+            // Every pod was scheduled by the real scheduler onto a kwok node.
+            let nodes: Api<Node> = Api::all(env.client.clone());
+            for pod in pods_with(&env, "app=web").await? {
+                let node_name = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.clone())
+                    .context("pod was not scheduled")?;
+                let node = nodes.get(&node_name).await?;
+                let annotations = node.metadata.annotations.unwrap_or_default();
+                ensure!(
+                    annotations.get("kwok.x-k8s.io/node").map(String::as_str) == Some("fake"),
+                    "pod landed on {node_name}, which is not a kwok node"
+                );
             }
-        }))?;
-        deploys.create(&PostParams::default(), &deploy).await?;
+            wait_for(
+                Duration::from_secs(30),
+                "the Deployment to report 2 available",
+                || async {
+                    let d = deploys.get("web").await?;
+                    Ok(d.status.and_then(|s| s.available_replicas) == Some(2))
+                },
+            )
+            .await?;
 
-        wait_for(Duration::from_secs(60), "2 Ready pods", || async {
-            let pods = pods_with(&env, "app=web").await?;
-            Ok(pods.len() == 2 && pods.iter().all(is_ready))
-        })
-        .await?;
-
-        // Every pod was scheduled by the real scheduler onto a kwok node.
-        let nodes: Api<Node> = Api::all(env.client.clone());
-        for pod in pods_with(&env, "app=web").await? {
-            let node_name = pod
-                .spec
-                .as_ref()
-                .and_then(|s| s.node_name.clone())
-                .context("pod was not scheduled")?;
-            let node = nodes.get(&node_name).await?;
-            let annotations = node.metadata.annotations.unwrap_or_default();
+            let rs = env.api::<ReplicaSet>();
             ensure!(
-                annotations.get("kwok.x-k8s.io/node").map(String::as_str) == Some("fake"),
-                "pod landed on {node_name}, which is not a kwok node"
+                !rs.list(&ListParams::default()).await?.items.is_empty(),
+                "no ReplicaSet was created"
             );
-        }
-        wait_for(Duration::from_secs(30), "the Deployment to report 2 available", || async {
-            let d = deploys.get("web").await?;
-            Ok(d.status.and_then(|s| s.available_replicas) == Some(2))
-        })
-        .await?;
 
-        let rs = env.api::<ReplicaSet>();
-        ensure!(!rs.list(&ListParams::default()).await?.items.is_empty(), "no ReplicaSet was created");
-
-        // Deleting the Deployment lets the garbage collector remove its ReplicaSet and pods.
-        deploys.delete("web", &DeleteParams::background()).await?;
-        wait_for(Duration::from_secs(60), "ReplicaSets and pods to be garbage-collected", || async {
-            let sets = rs.list(&ListParams::default()).await?.items;
-            let pods = pods_with(&env, "app=web").await?;
-            Ok(sets.is_empty() && pods.is_empty())
-        })
-        .await
-    })
+            // Deleting the Deployment lets the garbage collector remove its ReplicaSet and pods.
+            deploys.delete("web", &DeleteParams::background()).await?;
+            wait_for(
+                Duration::from_secs(60),
+                "ReplicaSets and pods to be garbage-collected",
+                || async {
+                    let sets = rs.list(&ListParams::default()).await?.items;
+                    let pods = pods_with(&env, "app=web").await?;
+                    Ok(sets.is_empty() && pods.is_empty())
+                },
+            )
+            .await
+        },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn pod_security_restricted_rejects_privileged_and_admits_compliant_pods() {
-    with_namespace("pod-security", NamespaceOptions::restricted(), |env| async move {
-        let pods = env.api::<Pod>();
-        let privileged: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "privileged"},
-            "spec": {"containers": [{
-                "name": "app",
-                "image": "registry.k8s.io/pause:3.10",
-                "securityContext": {"privileged": true}
-            }]}
-        }))?;
-        let err = pods
-            .create(&PostParams::default(), &privileged)
-            .await
-            .expect_err("a privileged pod must be rejected in a restricted namespace");
-        let message = err.to_string();
-        ensure!(
-            message.contains("violates PodSecurity \"restricted:latest\"")
-                && message.contains("privileged"),
-            "unexpected rejection: {message}"
-        );
+    with_namespace(
+        "pod-security",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let pods = env.api::<Pod>();
+            let privileged: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "privileged"},
+                "spec": {"containers": [{
+                    "name": "app",
+                    "image": "registry.k8s.io/pause:3.10",
+                    "securityContext": {"privileged": true}
+                }]}
+            }))?;
+            let err = pods
+                .create(&PostParams::default(), &privileged)
+                .await
+                .expect_err("a privileged pod must be rejected in a restricted namespace");
+            let message = err.to_string();
+            ensure!(
+                message.contains("violates PodSecurity \"restricted:latest\"")
+                    && message.contains("privileged"),
+                "unexpected rejection: {message}"
+            );
 
-        let compliant: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "compliant"},
-            "spec": {"containers": [restricted_container()]}
-        }))?;
-        pods.create(&PostParams::default(), &compliant)
-            .await
-            .context("a compliant pod must be admitted")?;
-        Ok(())
-    })
+            let compliant: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "compliant"},
+                "spec": {"containers": [restricted_container()]}
+            }))?;
+            pods.create(&PostParams::default(), &compliant)
+                .await
+                .context("a compliant pod must be admitted")?;
+            Ok(())
+        },
+    )
     .await;
 }
 
 #[tokio::test]
 async fn secrets_are_encrypted_at_rest_in_etcd() {
-    with_namespace("encryption-at-rest", NamespaceOptions::default(), |env| async move {
-        let plaintext = format!("moat-plaintext-{}", std::process::id());
-        let secret: Secret = serde_json::from_value(json!({
-            "metadata": {"name": "weights-key"},
-            "stringData": {"identity": plaintext}
-        }))?;
-        env.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    with_namespace(
+        "encryption-at-rest",
+        NamespaceOptions::default(),
+        |env| async move {
+            let plaintext = format!("moat-plaintext-{}", std::process::id());
+            let secret: Secret = serde_json::from_value(json!({
+                "metadata": {"name": "weights-key"},
+                "stringData": {"identity": plaintext}
+            }))?;
+            env.api::<Secret>()
+                .create(&PostParams::default(), &secret)
+                .await?;
 
-        let etcdctl = tool("MOAT_ETCDCTL")?;
-        let endpoint = tool("MOAT_ETCD_ENDPOINT")?;
-        let key = format!("/registry/secrets/{}/weights-key", env.namespace);
-        let out = tokio::process::Command::new(&etcdctl)
-            .args(["--endpoints", &endpoint, "get", &key, "--print-value-only"])
-            .output()
-            .await
-            .with_context(|| format!("running {etcdctl}"))?;
-        ensure!(out.status.success(), "etcdctl failed: {}", String::from_utf8_lossy(&out.stderr));
-        let raw = out.stdout;
-        ensure!(!raw.is_empty(), "no value stored in etcd under {key}");
-        ensure!(
-            raw.starts_with(b"k8s:enc:secretbox:v1:"),
-            "the stored Secret is not encrypted: {:?}",
-            String::from_utf8_lossy(&raw[..raw.len().min(40)])
-        );
-        ensure!(
-            !raw.windows(plaintext.len()).any(|w| w == plaintext.as_bytes()),
-            "the plaintext value is visible in etcd"
-        );
-        Ok(())
-    })
+            let etcdctl = tool("MOAT_ETCDCTL")?;
+            let endpoint = tool("MOAT_ETCD_ENDPOINT")?;
+            let key = format!("/registry/secrets/{}/weights-key", env.namespace);
+            let out = tokio::process::Command::new(&etcdctl)
+                .args(["--endpoints", &endpoint, "get", &key, "--print-value-only"])
+                .output()
+                .await
+                .with_context(|| format!("running {etcdctl}"))?;
+            ensure!(
+                out.status.success(),
+                "etcdctl failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let raw = out.stdout;
+            ensure!(!raw.is_empty(), "no value stored in etcd under {key}");
+            ensure!(
+                raw.starts_with(b"k8s:enc:secretbox:v1:"),
+                "the stored Secret is not encrypted: {:?}",
+                String::from_utf8_lossy(&raw[..raw.len().min(40)])
+            );
+            ensure!(
+                !raw.windows(plaintext.len())
+                    .any(|w| w == plaintext.as_bytes()),
+                "the plaintext value is visible in etcd"
+            );
+            Ok(())
+        },
+    )
     .await;
 }
 
@@ -259,13 +291,17 @@ async fn test_namespaces_are_labelled_and_cleaned_up() {
     })
     .await;
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client);
-    wait_for(Duration::from_secs(60), "the test namespace to be deleted", || async {
-        Ok(match namespaces.get_opt(&seen).await? {
-            None => true,
-            // Terminating counts: deletion was requested by label selector.
-            Some(ns) => ns.metadata.deletion_timestamp.is_some(),
-        })
-    })
+    wait_for(
+        Duration::from_secs(60),
+        "the test namespace to be deleted",
+        || async {
+            Ok(match namespaces.get_opt(&seen).await? {
+                None => true,
+                // Terminating counts: deletion was requested by label selector.
+                Some(ns) => ns.metadata.deletion_timestamp.is_some(),
+            })
+        },
+    )
     .await
     .expect("namespace cleaned up");
 }

@@ -7,7 +7,10 @@
 
 use std::collections::BTreeSet;
 
-use k8s_openapi::{NamespaceResourceScope, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+use k8s_openapi::{
+    NamespaceResourceScope, api::core::v1::ObjectReference,
+    apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp,
+};
 use kube::{
     Api, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams},
@@ -38,10 +41,9 @@ pub(super) struct Applier<'a> {
     ctx: &'a Context,
     smd: &'a SecureModelDeployment,
     namespace: &'a str,
-    name: &'a str,
     converged_before: bool,
     repairs: Vec<Repair>,
-    notes: Vec<(EventType, &'static str, String)>,
+    notes: Vec<(EventType, &'static str, String, ObjectReference)>,
 }
 
 enum Outcome {
@@ -56,14 +58,12 @@ impl<'a> Applier<'a> {
         ctx: &'a Context,
         smd: &'a SecureModelDeployment,
         namespace: &'a str,
-        name: &'a str,
         converged_before: bool,
     ) -> Self {
         Self {
             ctx,
             smd,
             namespace,
-            name,
             converged_before,
             repairs: Vec::new(),
             notes: Vec::new(),
@@ -71,9 +71,9 @@ impl<'a> Applier<'a> {
     }
 
     /// Makes the live objects of kind `K` exactly `desired`: creates, repairs and updates them,
-    /// and deletes the ones of this SecureModelDeployment that are no longer desired. Returns the
-    /// live objects after the writes.
-    pub(super) async fn ensure<K>(&mut self, desired: Vec<K>) -> Result<Vec<K>, Error>
+    /// and deletes the ones of this SecureModelDeployment that are no longer desired. `live` is
+    /// what [`list`] returned. Returns the live objects after the writes.
+    pub(super) async fn ensure<K>(&mut self, desired: Vec<K>, live: Vec<K>) -> Result<Vec<K>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -84,11 +84,6 @@ impl<'a> Applier<'a> {
         let kind = kind::<K>();
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
         let uid = self.smd.uid();
-        let live = api
-            .list(&ListParams::default().labels(&child_selector(self.name)))
-            .await
-            .map_err(|source| Error::Read { kind, source })?
-            .items;
         let ours = |o: &K| {
             o.owner_references()
                 .iter()
@@ -113,15 +108,20 @@ impl<'a> Applier<'a> {
                 }
             }
             let (obj, outcome) = self.ensure_one(&api, want, current).await?;
+            let related = obj.object_ref(&());
             match outcome {
                 Outcome::Unchanged => {}
-                Outcome::Created => {
-                    self.notes.push((EventType::Normal, "Created", format!("Created {kind} {name}")))
-                }
+                Outcome::Created => self.notes.push((
+                    EventType::Normal,
+                    "Created",
+                    format!("Created {kind} {name}"),
+                    related,
+                )),
                 Outcome::Updated(what) => self.notes.push((
                     EventType::Normal,
                     "Updated",
                     format!("Updated {kind} {name}: {what}"),
+                    related,
                 )),
                 Outcome::Repaired(change) => {
                     self.ctx.metrics.drift_repaired(kind);
@@ -130,6 +130,7 @@ impl<'a> Applier<'a> {
                         EventType::Warning,
                         "DriftRepaired",
                         format!("Reverted a change to {kind} {name} made outside Moat: {change}"),
+                        related,
                     ));
                     self.repairs.push(Repair {
                         kind: kind.into(),
@@ -142,7 +143,10 @@ impl<'a> Applier<'a> {
             result.push(obj);
         }
 
-        for stale in live.iter().filter(|o| ours(o) && !desired_names.contains(&o.name_any())) {
+        for stale in live
+            .iter()
+            .filter(|o| ours(o) && !desired_names.contains(&o.name_any()))
+        {
             let name = stale.name_any();
             self.ctx.metrics.api_write(kind, "delete");
             match api.delete(&name, &DeleteParams::background()).await {
@@ -154,12 +158,18 @@ impl<'a> Applier<'a> {
                 EventType::Normal,
                 "Deleted",
                 format!("Deleted {kind} {name}, no longer needed"),
+                stale.object_ref(&()),
             ));
         }
         Ok(result)
     }
 
-    async fn ensure_one<K>(&self, api: &Api<K>, want: K, current: Option<K>) -> Result<(K, Outcome), Error>
+    async fn ensure_one<K>(
+        &self,
+        api: &Api<K>,
+        want: K,
+        current: Option<K>,
+    ) -> Result<(K, Outcome), Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -197,9 +207,14 @@ impl<'a> Applier<'a> {
                     self.ctx.metrics.api_write(kind, "patch-managed-fields");
                     api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
                         .await
-                        .map_err(|source| Error::TakeOver { kind, name: name.clone(), source })?;
+                        .map_err(|source| Error::TakeOver {
+                            kind,
+                            name: name.clone(),
+                            source,
+                        })?;
                 }
-                let mut what: Vec<String> = differences.iter().map(|p| format!("{p} changed")).collect();
+                let mut what: Vec<String> =
+                    differences.iter().map(|p| format!("{p} changed")).collect();
                 for f in &foreign {
                     what.push(format!(
                         "fields added by {}: {}",
@@ -217,19 +232,67 @@ impl<'a> Applier<'a> {
         };
         self.ctx.metrics.api_write(kind, "apply");
         let applied = api
-            .patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body))
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
             .await
-            .map_err(|source| Error::Apply { kind, name: name.clone(), source })?;
+            .map_err(|source| Error::Apply {
+                kind,
+                name: name.clone(),
+                source,
+            })?;
         Ok((applied, outcome))
     }
 
-    /// Publishes the Events collected while applying and returns the drift repairs.
-    pub(super) async fn finish(self) -> Vec<Repair> {
-        for (type_, reason, note) in self.notes {
-            publish(self.ctx, self.smd, type_, reason, note).await;
+    /// Publishes the Events collected while applying, in the background so the next reconcile
+    /// does not wait for them, and returns the drift repairs.
+    pub(super) fn finish(self) -> Vec<Repair> {
+        if !self.notes.is_empty() {
+            let recorder = self.ctx.recorder.clone();
+            let metrics = self.ctx.metrics.clone();
+            let regarding = self.smd.object_ref(&());
+            tokio::spawn(async move {
+                for (type_, reason, note, related) in self.notes {
+                    publish(
+                        &recorder,
+                        &metrics,
+                        &regarding,
+                        type_,
+                        reason,
+                        note,
+                        Some(related),
+                    )
+                    .await;
+                }
+            });
         }
         self.repairs
     }
+}
+
+/// The children of kind `K` of the SecureModelDeployment `name` (by label).
+pub(super) async fn list<K>(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<Vec<K>, Error>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + DeserializeOwned,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    Ok(api
+        .list(&ListParams::default().labels(&child_selector(name)))
+        .await
+        .map_err(|source| Error::Read {
+            kind: kind::<K>(),
+            source,
+        })?
+        .items)
 }
 
 fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
@@ -251,6 +314,10 @@ fn summarize(items: &[String]) -> String {
     if items.len() <= MAX {
         items.join("; ")
     } else {
-        format!("{}; and {} more", items[..MAX].join("; "), items.len() - MAX)
+        format!(
+            "{}; and {} more",
+            items[..MAX].join("; "),
+            items.len() - MAX
+        )
     }
 }

@@ -102,7 +102,9 @@ pub fn foreign_fields(entries: &[ManagedFieldsEntry], field_manager: &str) -> Ve
     entries
         .iter()
         .enumerate()
-        .filter(|(_, e)| !is_ours(e, field_manager) && e.subresource.as_deref().unwrap_or("").is_empty())
+        .filter(|(_, e)| {
+            !is_ours(e, field_manager) && e.subresource.as_deref().unwrap_or("").is_empty()
+        })
         .filter_map(|(index, e)| {
             let fields = scope(&e.fields_v1.as_ref()?.0);
             let only = subtract(&fields, &ours);
@@ -226,10 +228,18 @@ pub fn transfer(
         let mut e = e.clone();
         if is_ours(&e, field_manager) && !ours_seen {
             ours_seen = true;
-            let current = e.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or(Value::Object(Map::new()));
+            let current = e
+                .fields_v1
+                .as_ref()
+                .map(|f| f.0.clone())
+                .unwrap_or(Value::Object(Map::new()));
             e.fields_v1 = Some(FieldsV1(union(&current, &taken)));
         } else if let Some(f) = foreign.iter().find(|f| f.index == i) {
-            let current = e.fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or(Value::Object(Map::new()));
+            let current = e
+                .fields_v1
+                .as_ref()
+                .map(|f| f.0.clone())
+                .unwrap_or(Value::Object(Map::new()));
             let rest = subtract(&current, &f.fields);
             if is_empty_set(&rest) {
                 continue;
@@ -268,7 +278,10 @@ mod tests {
     fn changed_removed_and_added_list_items_are_differences() {
         let desired = json!({"spec": {"replicas": 2, "containers": [{"name": "a", "image": "x"}]}});
         let changed = json!({"spec": {"replicas": 3, "containers": [{"name": "a", "image": "y"}]}});
-        assert_eq!(differences(&desired, &changed), vec!["spec.containers[0].image", "spec.replicas"]);
+        assert_eq!(
+            differences(&desired, &changed),
+            vec!["spec.containers[0].image", "spec.replicas"]
+        );
         let removed = json!({"spec": {"containers": [{"name": "a", "image": "x"}]}});
         assert_eq!(differences(&desired, &removed), vec!["spec.replicas"]);
         let added = json!({"spec": {"replicas": 2, "containers": [{"name": "a", "image": "x"}, {"name": "b"}]}});
@@ -277,7 +290,8 @@ mod tests {
 
     #[test]
     fn zero_values_match_absent_fields_and_quantities_match_by_value() {
-        let desired = json!({"automount": false, "spec": {"resources": {"limits": {"cpu": "1000m"}}}});
+        let desired =
+            json!({"automount": false, "spec": {"resources": {"limits": {"cpu": "1000m"}}}});
         let live = json!({"spec": {"resources": {"limits": {"cpu": "1"}}}});
         assert!(differences(&desired, &live).is_empty());
         let live_true = json!({"automount": true, "spec": {"resources": {"limits": {"cpu": "2"}}}});
@@ -303,15 +317,38 @@ mod tests {
         let found = foreign_fields(&entries, "moat");
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].manager, "kubectl-edit");
-        assert_eq!(paths(&found[0].fields), vec!["spec.template.spec.hostNetwork"]);
+        assert_eq!(
+            paths(&found[0].fields),
+            vec!["spec.template.spec.hostNetwork"]
+        );
 
         let moved = transfer(&entries, &found, "moat");
         assert_eq!(moved.len(), 3);
-        let ours_after = &moved[0].fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default();
-        assert!(ours_after.pointer("/f:spec/f:template/f:spec/f:hostNetwork").is_some());
-        let theirs_after = &moved[1].fields_v1.as_ref().map(|f| f.0.clone()).unwrap_or_default();
-        assert!(theirs_after.pointer("/f:spec/f:template/f:spec/f:hostNetwork").is_none());
-        assert!(theirs_after.pointer("/f:metadata/f:annotations/f:note").is_some());
+        let ours_after = &moved[0]
+            .fields_v1
+            .as_ref()
+            .map(|f| f.0.clone())
+            .unwrap_or_default();
+        assert!(
+            ours_after
+                .pointer("/f:spec/f:template/f:spec/f:hostNetwork")
+                .is_some()
+        );
+        let theirs_after = &moved[1]
+            .fields_v1
+            .as_ref()
+            .map(|f| f.0.clone())
+            .unwrap_or_default();
+        assert!(
+            theirs_after
+                .pointer("/f:spec/f:template/f:spec/f:hostNetwork")
+                .is_none()
+        );
+        assert!(
+            theirs_after
+                .pointer("/f:metadata/f:annotations/f:note")
+                .is_some()
+        );
         assert!(foreign_fields(&moved, "moat").is_empty());
     }
 
@@ -329,8 +366,16 @@ mod tests {
     #[test]
     fn added_labels_and_owner_references_are_foreign() {
         let entries = vec![
-            entry("moat", "Apply", json!({"f:metadata": {"f:labels": {"f:a": {}}}})),
-            entry("intruder", "Update", json!({"f:metadata": {"f:labels": {"f:b": {}}}})),
+            entry(
+                "moat",
+                "Apply",
+                json!({"f:metadata": {"f:labels": {"f:a": {}}}}),
+            ),
+            entry(
+                "intruder",
+                "Update",
+                json!({"f:metadata": {"f:labels": {"f:b": {}}}}),
+            ),
         ];
         let found = foreign_fields(&entries, "moat");
         assert_eq!(paths(&found[0].fields), vec!["metadata.labels.b"]);

@@ -173,18 +173,52 @@ impl Error {
     }
 }
 
+/// The User-Agent of Moat's API requests (audit logs attribute writes to it).
+pub const USER_AGENT: &str = concat!("moat-operator/", env!("CARGO_PKG_VERSION"));
+
+/// A client for the operator: the inferred configuration (KUBECONFIG out of cluster, the
+/// ServiceAccount in cluster) with Moat's User-Agent.
+pub async fn client() -> Result<Client, kube::Error> {
+    let config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    client_from(config)
+}
+
+/// A client from `config` with Moat's User-Agent.
+pub fn client_from(mut config: kube::Config) -> Result<Client, kube::Error> {
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    Client::try_from(config)
+}
+
 /// Runs the controller until a shutdown signal arrives.
 pub async fn run(ctx: Arc<Context>) {
     let client = ctx.client.clone();
     let ns = ctx.settings.namespace.clone();
     let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
-    let children = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    info!(namespace = ns.as_deref().unwrap_or("<all>"), "starting the SecureModelDeployment controller");
+    let children =
+        watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    info!(
+        namespace = ns.as_deref().unwrap_or("<all>"),
+        "starting the SecureModelDeployment controller"
+    );
     Controller::new(smds, watcher::Config::default().any_semantic())
-        .owns(api::<ServiceAccount>(&client, ns.as_deref()), children.clone())
-        .owns(api::<NetworkPolicy>(&client, ns.as_deref()), children.clone())
+        .owns(
+            api::<ServiceAccount>(&client, ns.as_deref()),
+            children.clone(),
+        )
+        .owns(
+            api::<NetworkPolicy>(&client, ns.as_deref()),
+            children.clone(),
+        )
         .owns(api::<Service>(&client, ns.as_deref()), children.clone())
-        .owns(api::<PodDisruptionBudget>(&client, ns.as_deref()), children.clone())
+        .owns(
+            api::<PodDisruptionBudget>(&client, ns.as_deref()),
+            children.clone(),
+        )
         .owns(api::<Deployment>(&client, ns.as_deref()), children)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
@@ -208,7 +242,10 @@ where
 }
 
 /// One reconcile of one SecureModelDeployment.
-pub async fn reconcile(smd: Arc<SecureModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    smd: Arc<SecureModelDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started();
     if smd.meta().deletion_timestamp.is_some() {
         // Children carry a controller ownerReference; the garbage collector removes them.
@@ -239,9 +276,9 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     let namespace = smd.namespace().unwrap_or_default();
     let name = smd.name_any();
     // A change to children of a generation Moat already converged was made by someone else.
-    let converged_before = smd.status.as_ref().and_then(|s| s.observed_generation)
-        == smd.metadata.generation;
-    let mut applier = apply::Applier::new(ctx, smd, &namespace, &name, converged_before);
+    let converged_before =
+        smd.status.as_ref().and_then(|s| s.observed_generation) == smd.metadata.generation;
+    let mut applier = apply::Applier::new(ctx, smd, &namespace, converged_before);
 
     // The order matters: the pods must never run before their identity and their network
     // isolation exist. Destructured without `..` so a new child kind cannot be skipped.
@@ -252,45 +289,102 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
         pod_disruption_budget,
         deployment,
     } = children;
-    applier.ensure(vec![service_account]).await?;
-    applier.ensure(network_policies).await?;
-    applier.ensure(vec![service]).await?;
-    applier.ensure(pod_disruption_budget.into_iter().collect()).await?;
-    let deployments = applier.ensure(vec![deployment]).await?;
-    let repairs = applier.finish().await;
+    let c = &ctx.client;
+    let (live_sa, live_np, live_svc, live_pdb, live_deploy) = futures::try_join!(
+        apply::list::<ServiceAccount>(c, &namespace, &name),
+        apply::list::<NetworkPolicy>(c, &namespace, &name),
+        apply::list::<Service>(c, &namespace, &name),
+        apply::list::<PodDisruptionBudget>(c, &namespace, &name),
+        apply::list::<Deployment>(c, &namespace, &name),
+    )?;
+    applier.ensure(vec![service_account], live_sa).await?;
+    applier.ensure(network_policies, live_np).await?;
+    applier.ensure(vec![service], live_svc).await?;
+    applier
+        .ensure(pod_disruption_budget.into_iter().collect(), live_pdb)
+        .await?;
+    let deployments = applier.ensure(vec![deployment], live_deploy).await?;
+    let repairs = applier.finish();
 
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
-    let new_status = status::converged(smd, deployments.first(), &repairs, now);
-    write_status(smd, ctx, new_status).await?;
+    let mut new_status = status::converged(smd, deployments.first(), now);
+    if !repairs.is_empty() {
+        let api: Api<SecureModelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
+        let fresh = api.get_status(&name).await.map_err(Error::Status)?;
+        new_status.drift = status::drift(
+            fresh.status.as_ref().and_then(|s| s.drift.as_ref()),
+            &repairs,
+        );
+    }
+    write_status(smd, ctx, new_status, !repairs.is_empty()).await?;
     Ok(Action::requeue(ctx.settings.resync_period))
 }
 
 /// Writes the status if it differs from the current one (ignoring transition times).
+///
+/// `status.drift` is written only when `with_drift` (this reconcile repaired something): the
+/// cached object may carry an older count, which must never overwrite a newer one.
 async fn write_status(
     smd: &SecureModelDeployment,
     ctx: &Context,
-    new: SecureModelDeploymentStatus,
+    mut new: SecureModelDeploymentStatus,
+    with_drift: bool,
 ) -> Result<(), Error> {
-    if smd.status.as_ref().is_some_and(|old| status::same(old, &new)) {
+    if !with_drift {
+        new.drift = smd.status.as_ref().and_then(|s| s.drift.clone());
+    }
+    if smd
+        .status
+        .as_ref()
+        .is_some_and(|old| status::same(old, &new))
+    {
         return Ok(());
     }
     let api: Api<SecureModelDeployment> =
         Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
-    let patch = serde_json::json!({"status": new});
-    ctx.metrics.api_write("SecureModelDeployment", "patch-status");
-    api.patch_status(&smd.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::Status)?;
+    let mut patch = serde_json::json!({"status": new});
+    if !with_drift {
+        if let Some(status) = patch.get_mut("status").and_then(|s| s.as_object_mut()) {
+            status.remove("drift");
+        }
+    }
+    ctx.metrics
+        .api_write("SecureModelDeployment", "patch-status");
+    api.patch_status(
+        &smd.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map_err(Error::Status)?;
     Ok(())
 }
 
-async fn report_stalled(smd: &SecureModelDeployment, ctx: &Context, e: &Error) -> Result<(), Error> {
+async fn report_stalled(
+    smd: &SecureModelDeployment,
+    ctx: &Context,
+    e: &Error,
+) -> Result<(), Error> {
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
     let new = status::stalled(smd, e, now);
-    let changed = !smd.status.as_ref().is_some_and(|old| status::same(old, &new));
-    write_status(smd, ctx, new).await?;
+    let changed = !smd
+        .status
+        .as_ref()
+        .is_some_and(|old| status::same(old, &new));
+    write_status(smd, ctx, new, false).await?;
     if changed {
-        publish(ctx, smd, EventType::Warning, status_reason(e), e.to_string()).await;
+        let regarding = smd.object_ref(&());
+        let reason = status_reason(e);
+        publish(
+            &ctx.recorder,
+            &ctx.metrics,
+            &regarding,
+            EventType::Warning,
+            reason,
+            e.to_string(),
+            None,
+        )
+        .await;
     }
     Ok(())
 }
@@ -298,7 +392,7 @@ async fn report_stalled(smd: &SecureModelDeployment, ctx: &Context, e: &Error) -
 async fn report_retrying(smd: &SecureModelDeployment, ctx: &Context, e: &Error) {
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
     let new = status::retrying(smd, e, now);
-    if let Err(err) = write_status(smd, ctx, new).await {
+    if let Err(err) = write_status(smd, ctx, new, false).await {
         warn!(error = %err, "could not report the failure in status");
     }
 }
@@ -310,23 +404,25 @@ fn status_reason(e: &Error) -> &'static str {
     }
 }
 
-/// Publishes an Event about `smd`; failures are logged, never fatal.
+/// Publishes an Event about `regarding`; failures are logged, never fatal.
 pub(crate) async fn publish(
-    ctx: &Context,
-    smd: &SecureModelDeployment,
+    recorder: &Recorder,
+    metrics: &Metrics,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,
     reason: &str,
     note: String,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
 ) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(note),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
-    ctx.metrics.api_write("Event", "create");
-    if let Err(e) = ctx.recorder.publish(&event, &smd.object_ref(&())).await {
+    metrics.api_write("Event", "create");
+    if let Err(e) = recorder.publish(&event, regarding).await {
         warn!(error = %e, "could not publish an Event");
     }
 }
@@ -343,7 +439,8 @@ fn error_policy(smd: Arc<SecureModelDeployment>, error: &Error, ctx: Arc<Context
             *n
         })
         .unwrap_or(1);
-    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1)).min(Duration::from_secs(300));
+    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1))
+        .min(Duration::from_secs(300));
     warn!(name = %smd.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }

@@ -30,10 +30,17 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
     if let Some(failed) = st.conditions.iter().flatten().find(|c| {
         c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     }) {
-        return Rollout::Failed(failed.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()));
+        return Rollout::Failed(
+            failed
+                .message
+                .clone()
+                .unwrap_or_else(|| "progress deadline exceeded".into()),
+        );
     }
     if st.observed_generation.unwrap_or(0) < generation {
-        return Rollout::Progressing("waiting for the Deployment controller to observe the new spec".into());
+        return Rollout::Progressing(
+            "waiting for the Deployment controller to observe the new spec".into(),
+        );
     }
     let updated = st.updated_replicas.unwrap_or(0);
     let replicas = st.replicas.unwrap_or(0);
@@ -42,7 +49,10 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
     if updated < want {
         Rollout::Progressing(format!("{updated} of {want} replicas run the current spec"))
     } else if replicas > updated {
-        Rollout::Progressing(format!("{} old replicas are pending termination", replicas - updated))
+        Rollout::Progressing(format!(
+            "{} old replicas are pending termination",
+            replicas - updated
+        ))
     } else if available < updated || ready < want {
         Rollout::Progressing(format!("{ready} of {want} replicas are ready"))
     } else {
@@ -50,11 +60,25 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
     }
 }
 
-/// Status after a successful reconcile.
+/// Drift status after `repairs`, counted on top of `previous` (read fresh from the API server,
+/// because the cached object may not show the previous reconcile's count yet).
+pub fn drift(previous: Option<&DriftStatus>, repairs: &[Repair]) -> Option<DriftStatus> {
+    let last = repairs.last()?;
+    Some(DriftStatus {
+        repairs: previous.map(|d| d.repairs).unwrap_or(0) + repairs.len() as i64,
+        last_repair: Some(DriftRepair {
+            kind: last.kind.clone(),
+            name: last.name.clone(),
+            change: last.change.clone(),
+            at: last.at.clone(),
+        }),
+    })
+}
+
+/// Status after a successful reconcile. `drift` is left as it is; see [`drift`].
 pub fn converged(
     smd: &SecureModelDeployment,
     deploy: Option<&Deployment>,
-    repairs: &[Repair],
     now: Time,
 ) -> SecureModelDeploymentStatus {
     let generation = smd.metadata.generation;
@@ -65,10 +89,20 @@ pub fn converged(
     st.replicas = Some(ds.and_then(|s| s.replicas).unwrap_or(0));
     st.ready_replicas = Some(ds.and_then(|s| s.ready_replicas).unwrap_or(0));
     st.updated_replicas = Some(ds.and_then(|s| s.updated_replicas).unwrap_or(0));
-    let state = deploy.map(rollout).unwrap_or(Rollout::Progressing("creating the Deployment".into()));
+    let state = deploy
+        .map(rollout)
+        .unwrap_or(Rollout::Progressing("creating the Deployment".into()));
     let (ready, reconciling, stalled) = match &state {
         Rollout::Complete => (
-            (true, reason::ROLLOUT_COMPLETE, format!("{} of {} replicas ready", st.ready_replicas.unwrap_or(0), smd.spec.replicas)),
+            (
+                true,
+                reason::ROLLOUT_COMPLETE,
+                format!(
+                    "{} of {} replicas ready",
+                    st.ready_replicas.unwrap_or(0),
+                    smd.spec.replicas
+                ),
+            ),
             (false, reason::AS_EXPECTED, String::new()),
             (false, reason::AS_EXPECTED, String::new()),
         ),
@@ -83,20 +117,15 @@ pub fn converged(
             (true, reason::PROGRESS_DEADLINE_EXCEEDED, msg.clone()),
         ),
     };
-    for (type_, (status, why, message)) in [(READY, ready), (RECONCILING, reconciling), (STALLED, stalled)] {
-        conditions::set(&mut st.conditions, conditions::new(type_, status, why, message, generation, now.clone()));
-    }
-    if let Some(last) = repairs.last() {
-        let previous = st.drift.as_ref().map(|d| d.repairs).unwrap_or(0);
-        st.drift = Some(DriftStatus {
-            repairs: previous + repairs.len() as i64,
-            last_repair: Some(DriftRepair {
-                kind: last.kind.clone(),
-                name: last.name.clone(),
-                change: last.change.clone(),
-                at: last.at.clone(),
-            }),
-        });
+    for (type_, (status, why, message)) in [
+        (READY, ready),
+        (RECONCILING, reconciling),
+        (STALLED, stalled),
+    ] {
+        conditions::set(
+            &mut st.conditions,
+            conditions::new(type_, status, why, message, generation, now.clone()),
+        );
     }
     st
 }
@@ -116,7 +145,10 @@ pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModel
         (RECONCILING, false, String::new()),
         (STALLED, true, message.clone()),
     ] {
-        conditions::set(&mut st.conditions, conditions::new(type_, status, why, message, generation, now.clone()));
+        conditions::set(
+            &mut st.conditions,
+            conditions::new(type_, status, why, message, generation, now.clone()),
+        );
     }
     st
 }
@@ -127,12 +159,26 @@ pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureMode
     let mut st = smd.status.clone().unwrap_or_default();
     conditions::set(
         &mut st.conditions,
-        conditions::new(RECONCILING, true, reason::APPLY_FAILED, format!("{e}; retrying"), generation, now.clone()),
+        conditions::new(
+            RECONCILING,
+            true,
+            reason::APPLY_FAILED,
+            format!("{e}; retrying"),
+            generation,
+            now.clone(),
+        ),
     );
     if !st.conditions.iter().any(|c| c.type_ == READY) {
         conditions::set(
             &mut st.conditions,
-            conditions::new(READY, false, reason::APPLYING, "applying the generated objects", generation, now),
+            conditions::new(
+                READY,
+                false,
+                reason::APPLYING,
+                "applying the generated objects",
+                generation,
+                now,
+            ),
         );
     }
     st

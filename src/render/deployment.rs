@@ -31,10 +31,14 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
         json!([{"name": SERVING_PORT_NAME, "containerPort": server.port, "protocol": "TCP"}]),
     );
     let limits = &server.resources.limits;
-    let requests = server.resources.requests.clone().unwrap_or(crate::api::ResourceRequests {
-        cpu: None,
-        memory: None,
-    });
+    let requests = server
+        .resources
+        .requests
+        .clone()
+        .unwrap_or(crate::api::ResourceRequests {
+            cpu: None,
+            memory: None,
+        });
     container.insert(
         "resources".into(),
         json!({

@@ -54,7 +54,10 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     if server.image.len() > 512 || !IMAGE.is_match(&server.image) {
         err(
             "spec.server.image".into(),
-            format!("{:?} is not an image reference such as registry.example.com/team/server:v1", server.image),
+            format!(
+                "{:?} is not an image reference such as registry.example.com/team/server:v1",
+                server.image
+            ),
         );
     }
     if !(1024..=65535).contains(&server.port) {
@@ -67,20 +70,38 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     for (i, env) in server.env.iter().enumerate() {
         let field = format!("spec.server.env[{i}]");
         if !ENV_NAME.is_match(&env.name) {
-            err(format!("{field}.name"), format!("{:?} is not a valid variable name (letters, digits, '_')", env.name));
+            err(
+                format!("{field}.name"),
+                format!(
+                    "{:?} is not a valid variable name (letters, digits, '_')",
+                    env.name
+                ),
+            );
         }
         if env.name.starts_with(RESERVED_ENV_PREFIX) {
-            err(format!("{field}.name"), format!("names starting with {RESERVED_ENV_PREFIX} are reserved for Moat"));
+            err(
+                format!("{field}.name"),
+                format!("names starting with {RESERVED_ENV_PREFIX} are reserved for Moat"),
+            );
         }
         if !seen.insert(env.name.as_str()) {
-            err(format!("{field}.name"), format!("{:?} is set more than once", env.name));
+            err(
+                format!("{field}.name"),
+                format!("{:?} is set more than once", env.name),
+            );
         }
         match (&env.value, &env.value_from) {
-            (Some(_), Some(_)) | (None, None) => {
-                err(field.clone(), "set exactly one of value and valueFrom".into())
-            }
-            (None, Some(from)) if from.secret_key_ref.is_some() == from.config_map_key_ref.is_some() => {
-                err(format!("{field}.valueFrom"), "set exactly one of secretKeyRef and configMapKeyRef".into())
+            (Some(_), Some(_)) | (None, None) => err(
+                field.clone(),
+                "set exactly one of value and valueFrom".into(),
+            ),
+            (None, Some(from))
+                if from.secret_key_ref.is_some() == from.config_map_key_ref.is_some() =>
+            {
+                err(
+                    format!("{field}.valueFrom"),
+                    "set exactly one of secretKeyRef and configMapKeyRef".into(),
+                )
             }
             _ => {}
         }
@@ -89,7 +110,11 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     let requests = server.resources.requests.as_ref();
     for (what, limit, request) in [
         ("cpu", &limits.cpu, requests.and_then(|r| r.cpu.as_ref())),
-        ("memory", &limits.memory, requests.and_then(|r| r.memory.as_ref())),
+        (
+            "memory",
+            &limits.memory,
+            requests.and_then(|r| r.memory.as_ref()),
+        ),
     ] {
         let limit_value = quantity::parse(limit);
         match limit_value {
@@ -115,7 +140,10 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     }
     for (i, client) in spec.access.clients.iter().enumerate() {
         if !DNS_LABEL.is_match(&client.namespace) || client.namespace.len() > 63 {
-            err(format!("spec.access.clients[{i}].namespace"), "must be a namespace name".into());
+            err(
+                format!("spec.access.clients[{i}].namespace"),
+                "must be a namespace name".into(),
+            );
         }
     }
     for (i, rule) in spec.access.egress.iter().enumerate() {
@@ -127,28 +155,47 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
                     format!("{cidr} allows every address; list the networks the model needs"),
                 ),
                 Some(_) => {}
-                None => err(format!("{field}.cidr"), format!("{cidr:?} is not a CIDR such as 10.20.0.0/16")),
+                None => err(
+                    format!("{field}.cidr"),
+                    format!("{cidr:?} is not a CIDR such as 10.20.0.0/16"),
+                ),
             },
             (None, Some(ns)) => {
                 if !DNS_LABEL.is_match(ns) || ns.len() > 63 {
-                    err(format!("{field}.namespace"), "must be a namespace name".into());
+                    err(
+                        format!("{field}.namespace"),
+                        "must be a namespace name".into(),
+                    );
                 }
             }
-            _ => err(field.clone(), "set exactly one of cidr and namespace".into()),
+            _ => err(
+                field.clone(),
+                "set exactly one of cidr and namespace".into(),
+            ),
         }
         if rule.pod_selector.is_some() && rule.namespace.is_none() {
             err(format!("{field}.podSelector"), "requires namespace".into());
         }
         if rule.ports.is_empty() {
-            err(format!("{field}.ports"), "list at least one port; Moat never opens every port".into());
+            err(
+                format!("{field}.ports"),
+                "list at least one port; Moat never opens every port".into(),
+            );
         }
         for (j, port) in rule.ports.iter().enumerate() {
             if !(1..=65535).contains(port) {
-                err(format!("{field}.ports[{j}]"), "must be between 1 and 65535".into());
+                err(
+                    format!("{field}.ports[{j}]"),
+                    "must be between 1 and 65535".into(),
+                );
             }
         }
     }
-    if errors.is_empty() { Ok(()) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// The prefix length of a CIDR, or `None` when it is not one.

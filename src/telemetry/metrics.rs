@@ -46,15 +46,44 @@ impl Default for Metrics {
         let mut registry = Registry::with_prefix("moat");
         let reconciles = Counter::default();
         let errors = Family::<ErrorLabels, Counter>::default();
-        let duration = Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        let duration = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+        ]);
         let drift_repairs = Family::<KindLabels, Counter>::default();
         let api_writes = Family::<WriteLabels, Counter>::default();
-        registry.register("reconcile", "Reconciles of SecureModelDeployments", reconciles.clone());
-        registry.register("reconcile_errors", "Failed reconciles by reason", errors.clone());
-        registry.register("reconcile_duration_seconds", "Duration of a reconcile", duration.clone());
-        registry.register("drift_repairs", "Changes made outside Moat that Moat reverted, by kind", drift_repairs.clone());
-        registry.register("api_writes", "Write calls to the Kubernetes API, by kind and verb", api_writes.clone());
-        Self { registry, reconciles, errors, duration, drift_repairs, api_writes }
+        registry.register(
+            "reconcile",
+            "Reconciles of SecureModelDeployments",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles by reason",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of a reconcile",
+            duration.clone(),
+        );
+        registry.register(
+            "drift_repairs",
+            "Changes made outside Moat that Moat reverted, by kind",
+            drift_repairs.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Write calls to the Kubernetes API, by kind and verb",
+            api_writes.clone(),
+        );
+        Self {
+            registry,
+            reconciles,
+            errors,
+            duration,
+            drift_repairs,
+            api_writes,
+        }
     }
 }
 
@@ -74,22 +103,36 @@ impl Metrics {
     /// Counts a reconcile and times it until the returned guard is dropped.
     pub fn reconcile_started(&self) -> ReconcileTimer<'_> {
         self.reconciles.inc();
-        ReconcileTimer { start: Instant::now(), histogram: &self.duration }
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: &self.duration,
+        }
     }
 
     /// Counts a failed reconcile.
     pub fn reconcile_failed(&self, reason: &str) {
-        self.errors.get_or_create(&ErrorLabels { reason: reason.into() }).inc();
+        self.errors
+            .get_or_create(&ErrorLabels {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     /// Counts a drift repair of `kind`.
     pub fn drift_repaired(&self, kind: &str) {
-        self.drift_repairs.get_or_create(&KindLabels { kind: kind.into() }).inc();
+        self.drift_repairs
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
     }
 
     /// Counts an API write.
     pub fn api_write(&self, kind: &str, verb: &str) {
-        self.api_writes.get_or_create(&WriteLabels { kind: kind.into(), verb: verb.into() }).inc();
+        self.api_writes
+            .get_or_create(&WriteLabels {
+                kind: kind.into(),
+                verb: verb.into(),
+            })
+            .inc();
     }
 
     /// Total API writes so far (for tests and benchmarks).

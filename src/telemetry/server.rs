@@ -22,7 +22,10 @@ pub struct Health {
 impl Health {
     /// New endpoint state; not ready until [`Health::set_ready`].
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { metrics, ready: Arc::new(AtomicBool::new(false)) }
+        Self {
+            metrics,
+            ready: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// Marks the operator ready (or not).
@@ -46,7 +49,10 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     match h.metrics.encode() {
         Ok(text) => (
             StatusCode::OK,
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             text,
         )
             .into_response(),

@@ -1,0 +1,708 @@
+//! The operator core against the real control plane: SecureModelDeployments become hardened
+//! workloads in namespaces that enforce Pod Security "restricted", invalid specs are rejected by
+//! the API server, drift of every kind is repaired, deletion cleans up, restarts lose nothing and
+//! a converged object costs no writes.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::{
+    apps::v1::{Deployment, ReplicaSet},
+    core::v1::{Pod, Service, ServiceAccount},
+    networking::v1::NetworkPolicy,
+    policy::v1::PodDisruptionBudget,
+};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
+};
+use moat::api::SecureModelDeployment;
+use moat_e2e::{
+    NamespaceOptions, Operator, TestEnv, install_crds, wait_for, wait_for_every, with_namespace,
+};
+use serde_json::{Value, json};
+
+const NAME: &str = "scorer";
+
+fn smd(name: &str, replicas: i32) -> Value {
+    json!({
+        "apiVersion": "moat.dev/v1alpha1",
+        "kind": "SecureModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": replicas,
+            "server": {
+                "image": "registry.example.com/serving/model-server:v1",
+                "args": ["--port", "8000"],
+                "env": [{"name": "LOG_LEVEL", "value": "info"}],
+                "port": 8000,
+                "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "250m"}},
+                "readinessProbe": {"httpGet": {"path": "/health"}}
+            },
+            "access": {
+                "clients": [{"namespace": "payments", "podSelector": {"app": "checkout"}}],
+                "egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]
+            }
+        }
+    })
+}
+
+async fn create_smd(env: &TestEnv, body: Value) -> Result<SecureModelDeployment> {
+    let smd: SecureModelDeployment = serde_json::from_value(body)?;
+    Ok(env
+        .api::<SecureModelDeployment>()
+        .create(&PostParams::default(), &smd)
+        .await?)
+}
+
+async fn wait_ready(env: &TestEnv, name: &str, timeout: Duration) -> Result<SecureModelDeployment> {
+    let api = env.api::<SecureModelDeployment>();
+    wait_for(timeout, "the SecureModelDeployment to be Ready", || async {
+        let s = api.get(name).await?;
+        let st = s.status.clone().unwrap_or_default();
+        Ok(moat::api::conditions::is_true(&st.conditions, "Ready")
+            && st.observed_generation == s.metadata.generation)
+    })
+    .await?;
+    Ok(api.get(name).await?)
+}
+
+async fn setup(env: &TestEnv, resync: Duration) -> Result<Operator> {
+    install_crds(&env.client).await?;
+    Operator::start(&env.namespace, resync).await
+}
+
+fn selector(name: &str) -> ListParams {
+    ListParams::default().labels(&format!("moat.dev/deployment={name}"))
+}
+
+async fn count<K>(env: &TestEnv, name: &str) -> Result<usize>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    Ok(env.api::<K>().list(&selector(name)).await?.items.len())
+}
+
+#[tokio::test]
+async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
+    with_namespace(
+        "operator-ready",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let _op = setup(&env, Duration::from_secs(300)).await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            let ready = wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            let st = ready.status.context("status")?;
+            ensure!(
+                st.ready_replicas == Some(2),
+                "readyReplicas {:?}",
+                st.ready_replicas
+            );
+            ensure!(st.observed_generation == ready.metadata.generation);
+
+            // Every child exists, labelled and controlled by the SecureModelDeployment.
+            let uid = ready.metadata.uid.clone().context("uid")?;
+            let sa = env.api::<ServiceAccount>().get(NAME).await?;
+            ensure!(sa.automount_service_account_token == Some(false));
+            for (kind, owners) in [
+                ("ServiceAccount", sa.owner_references().to_vec()),
+                (
+                    "Deployment",
+                    env.api::<Deployment>()
+                        .get(NAME)
+                        .await?
+                        .owner_references()
+                        .to_vec(),
+                ),
+                (
+                    "Service",
+                    env.api::<Service>()
+                        .get(NAME)
+                        .await?
+                        .owner_references()
+                        .to_vec(),
+                ),
+                (
+                    "PodDisruptionBudget",
+                    env.api::<PodDisruptionBudget>()
+                        .get(NAME)
+                        .await?
+                        .owner_references()
+                        .to_vec(),
+                ),
+            ] {
+                ensure!(
+                    owners
+                        .iter()
+                        .any(|o| o.uid == uid && o.controller == Some(true)),
+                    "{kind} is not controlled by the SecureModelDeployment"
+                );
+            }
+            ensure!(
+                count::<NetworkPolicy>(&env, NAME).await? == 2,
+                "expected 2 NetworkPolicies"
+            );
+
+            // The pods were admitted under "restricted" and run on kwok nodes.
+            let pods = env.api::<Pod>().list(&selector(NAME)).await?.items;
+            ensure!(pods.len() == 2, "expected 2 pods, found {}", pods.len());
+            for pod in &pods {
+                let spec = pod.spec.as_ref().context("pod spec")?;
+                ensure!(
+                    spec.node_name
+                        .as_deref()
+                        .is_some_and(|n| n.starts_with("node-")),
+                    "pod not scheduled on a kwok node"
+                );
+                ensure!(spec.automount_service_account_token == Some(false));
+                ensure!(spec.service_account_name.as_deref() == Some(NAME));
+            }
+
+            // What Moat did is recorded as Events on the SecureModelDeployment.
+            let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
+            let created = events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("Created"))
+                .count();
+            ensure!(
+                created >= 5,
+                "expected Created events for every child, found {created}"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_specs_are_rejected_by_the_api_server_with_clear_messages() {
+    with_namespace("operator-invalid", NamespaceOptions::default(), |env| async move {
+        install_crds(&env.client).await?;
+        let ar = ApiResource::erase::<SecureModelDeployment>(&());
+        let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), &env.namespace, &ar);
+        type Mutate = fn(&mut Value);
+        let cases: Vec<(&str, Mutate, &str)> = vec![
+            ("replicas 0", |v| v["spec"]["replicas"] = json!(0), "spec.replicas"),
+            ("replicas 101", |v| v["spec"]["replicas"] = json!(101), "spec.replicas"),
+            ("privileged port", |v| v["spec"]["server"]["port"] = json!(80), "spec.server.port"),
+            ("port out of range", |v| v["spec"]["server"]["port"] = json!(70000), "spec.server.port"),
+            ("bad image", |v| v["spec"]["server"]["image"] = json!("Registry/UPPER case!"), "image must be a valid image reference"),
+            ("bad env name", |v| v["spec"]["server"]["env"] = json!([{"name": "1BAD", "value": "x"}]), "env name must be a C identifier"),
+            ("reserved env name", |v| v["spec"]["server"]["env"] = json!([{"name": "MOAT_TLS", "value": "x"}]), "reserved for variables Moat injects"),
+            ("env value and valueFrom", |v| v["spec"]["server"]["env"] = json!([{"name": "A", "value": "x", "valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]), "set exactly one of value and valueFrom"),
+            ("duplicate env", |v| v["spec"]["server"]["env"] = json!([{"name": "A", "value": "x"}, {"name": "A", "value": "y"}]), "Duplicate value"),
+            ("bad cpu quantity", |v| v["spec"]["server"]["resources"]["limits"]["cpu"] = json!("lots"), "cpu must be a positive quantity"),
+            ("request above limit", |v| v["spec"]["server"]["resources"]["requests"] = json!({"memory": "2Gi"}), "requests.memory must not exceed"),
+            ("missing limits", |v| v["spec"]["server"]["resources"] = json!({}), "spec.server.resources.limits: Required value"),
+            ("bad cidr", |v| v["spec"]["access"]["egress"] = json!([{"cidr": "300.1.1.1/8", "ports": [443]}]), "cidr must be an IPv4 or IPv6 CIDR"),
+            ("cidr and namespace", |v| v["spec"]["access"]["egress"] = json!([{"cidr": "10.0.0.0/8", "namespace": "x", "ports": [443]}]), "set exactly one of cidr and namespace"),
+            ("egress without ports", |v| v["spec"]["access"]["egress"] = json!([{"cidr": "10.0.0.0/8", "ports": []}]), "spec.access.egress[0].ports"),
+            ("bad client namespace", |v| v["spec"]["access"]["clients"] = json!([{"namespace": "Not_A_Namespace"}]), "namespace must be a DNS-1123 label"),
+            ("name too long", |v| v["metadata"]["name"] = json!("a".repeat(51)), "metadata.name must be a DNS-1035 label"),
+        ];
+        for (case, mutate, expected) in cases {
+            let mut body = smd("invalid", 2);
+            mutate(&mut body);
+            let obj: DynamicObject = serde_json::from_value(body)?;
+            match api.create(&PostParams::default(), &obj).await {
+                Ok(_) => bail!("case {case:?}: the API server accepted an invalid spec"),
+                Err(kube::Error::Api(s)) => {
+                    ensure!(s.code == 422, "case {case:?}: expected 422, got {}: {}", s.code, s.message);
+                    ensure!(s.message.contains(expected), "case {case:?}: message {:?} lacks {expected:?}", s.message);
+                    eprintln!("rejected {case}: {}", s.message);
+                }
+                Err(e) => bail!("case {case:?}: unexpected error {e}"),
+            }
+        }
+        Ok(())
+    })
+    .await;
+}
+
+/// One kind of drift: a change someone else makes, and how to tell it was reverted.
+struct Scenario {
+    name: &'static str,
+    change: fn(TestEnv) -> futures::future::BoxFuture<'static, Result<()>>,
+    repaired: fn(TestEnv) -> futures::future::BoxFuture<'static, Result<bool>>,
+}
+
+fn pp() -> PatchParams {
+    PatchParams::default()
+}
+
+async fn deployment(env: &TestEnv) -> Result<Deployment> {
+    Ok(env.api::<Deployment>().get(NAME).await?)
+}
+
+fn pod_spec(d: &Deployment) -> k8s_openapi::api::core::v1::PodSpec {
+    d.spec
+        .clone()
+        .and_then(|s| s.template.spec)
+        .unwrap_or_default()
+}
+
+fn scenarios() -> Vec<Scenario> {
+    use futures::FutureExt;
+    vec![
+        Scenario {
+            name: "image changed",
+            change: |env| {
+                async move {
+                let p = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil.example.com/miner:latest"}]}}}});
+                env.api::<Deployment>().patch(NAME, &pp(), &Patch::Strategic(p)).await?;
+                Ok(())
+            }.boxed()
+            },
+            repaired: |env| {
+                async move {
+                    Ok(pod_spec(&deployment(&env).await?).containers[0]
+                        .image
+                        .as_deref()
+                        == Some("registry.example.com/serving/model-server:v1"))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "securityContext removed",
+            change: |env| {
+                async move {
+                let p = json!([{"op": "remove", "path": "/spec/template/spec/containers/0/securityContext"}]);
+                env.api::<Deployment>().patch(NAME, &pp(), &Patch::<Value>::Json(serde_json::from_value(p)?)).await?;
+                Ok(())
+            }.boxed()
+            },
+            repaired: |env| {
+                async move {
+                    let sc = pod_spec(&deployment(&env).await?).containers[0]
+                        .security_context
+                        .clone()
+                        .unwrap_or_default();
+                    Ok(sc.read_only_root_filesystem == Some(true)
+                        && sc.allow_privilege_escalation == Some(false))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "privileged container added",
+            change: |env| {
+                async move {
+                let p = json!({"spec": {"template": {"spec": {"containers": [{"name": "sidecar", "image": "evil.example.com/miner:latest", "securityContext": {"privileged": true}}]}}}});
+                env.api::<Deployment>().patch(NAME, &pp(), &Patch::Strategic(p)).await?;
+                Ok(())
+            }.boxed()
+            },
+            repaired: |env| {
+                async move { Ok(pod_spec(&deployment(&env).await?).containers.len() == 1) }.boxed()
+            },
+        },
+        Scenario {
+            name: "hostPath volume added",
+            change: |env| {
+                async move {
+                let p = json!({"spec": {"template": {"spec": {"volumes": [{"name": "host", "hostPath": {"path": "/"}}]}}}});
+                env.api::<Deployment>().patch(NAME, &pp(), &Patch::Strategic(p)).await?;
+                Ok(())
+            }.boxed()
+            },
+            repaired: |env| {
+                async move {
+                    Ok(pod_spec(&deployment(&env).await?)
+                        .volumes
+                        .unwrap_or_default()
+                        .iter()
+                        .all(|v| v.host_path.is_none()))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "hostNetwork turned on",
+            change: |env| {
+                async move {
+                    let p = json!({"spec": {"template": {"spec": {"hostNetwork": true}}}});
+                    env.api::<Deployment>()
+                        .patch(NAME, &pp(), &Patch::Merge(p))
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+            repaired: |env| {
+                async move { Ok(pod_spec(&deployment(&env).await?).host_network != Some(true)) }
+                    .boxed()
+            },
+        },
+        Scenario {
+            name: "replicas scaled",
+            change: |env| {
+                async move {
+                    env.api::<Deployment>()
+                        .patch(NAME, &pp(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+            repaired: |env| {
+                async move { Ok(deployment(&env).await?.spec.and_then(|s| s.replicas) == Some(2)) }
+                    .boxed()
+            },
+        },
+        Scenario {
+            name: "NetworkPolicy deleted",
+            change: |env| {
+                async move {
+                    env.api::<NetworkPolicy>()
+                        .delete(&format!("{NAME}-deny-all"), &DeleteParams::default())
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+            repaired: |env| {
+                async move {
+                    Ok(env
+                        .api::<NetworkPolicy>()
+                        .get_opt(&format!("{NAME}-deny-all"))
+                        .await?
+                        .is_some_and(|n| n.metadata.deletion_timestamp.is_none()))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "NetworkPolicy rule added",
+            change: |env| {
+                async move {
+                let p = json!([{"op": "add", "path": "/spec/ingress/-", "value": {"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}}]);
+                env.api::<NetworkPolicy>().patch(&format!("{NAME}-allow"), &pp(), &Patch::<Value>::Json(serde_json::from_value(p)?)).await?;
+                Ok(())
+            }.boxed()
+            },
+            repaired: |env| {
+                async move {
+                    let np = env
+                        .api::<NetworkPolicy>()
+                        .get(&format!("{NAME}-allow"))
+                        .await?;
+                    Ok(np.spec.and_then(|s| s.ingress).map(|i| i.len()) == Some(1))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "policy selector label added",
+            change: |env| {
+                async move {
+                    let p =
+                        json!({"spec": {"podSelector": {"matchLabels": {"nothing": "matches"}}}});
+                    env.api::<NetworkPolicy>()
+                        .patch(&format!("{NAME}-deny-all"), &pp(), &Patch::Merge(p))
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+            repaired: |env| {
+                async move {
+                    let np = env
+                        .api::<NetworkPolicy>()
+                        .get(&format!("{NAME}-deny-all"))
+                        .await?;
+                    let labels = np
+                        .spec
+                        .and_then(|s| s.pod_selector)
+                        .and_then(|s| s.match_labels)
+                        .unwrap_or_default();
+                    Ok(labels.len() == 1
+                        && labels.get("moat.dev/deployment").map(String::as_str) == Some(NAME))
+                }
+                .boxed()
+            },
+        },
+        Scenario {
+            name: "ServiceAccount token automount turned on",
+            change: |env| {
+                async move {
+                    env.api::<ServiceAccount>()
+                        .patch(
+                            NAME,
+                            &pp(),
+                            &Patch::Merge(json!({"automountServiceAccountToken": true})),
+                        )
+                        .await?;
+                    Ok(())
+                }
+                .boxed()
+            },
+            repaired: |env| {
+                async move {
+                    Ok(env
+                        .api::<ServiceAccount>()
+                        .get(NAME)
+                        .await?
+                        .automount_service_account_token
+                        == Some(false))
+                }
+                .boxed()
+            },
+        },
+    ]
+}
+
+#[tokio::test]
+async fn every_kind_of_drift_is_repaired() {
+    with_namespace(
+        "operator-drift",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let op = setup(&env, Duration::from_secs(300)).await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            let all = scenarios();
+            for s in &all {
+                if std::env::var("MOAT_DRIFT_SETTLE").is_ok() {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                let start = Instant::now();
+                (s.change)(env.clone())
+                    .await
+                    .with_context(|| format!("making the change {:?}", s.name))?;
+                let repaired = s.repaired;
+                let e = env.clone();
+                wait_for_every(
+                    Duration::from_millis(10),
+                    Duration::from_secs(10),
+                    s.name,
+                    move || repaired(e.clone()),
+                )
+                .await
+                .with_context(|| format!("drift {:?} was not repaired", s.name))?;
+                eprintln!(
+                    "drift repair latency: {:<42} {:>6.0} ms",
+                    s.name,
+                    start.elapsed().as_secs_f64() * 1000.0
+                );
+            }
+            eprintln!(
+                "{}",
+                op.metrics
+                    .encode()?
+                    .lines()
+                    .filter(|l| l.contains("duration"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            // Recorded: status, metric and Events.
+            let n = all.len() as i64;
+            wait_for(
+                Duration::from_secs(10),
+                "status.drift to count every repair",
+                || async {
+                    let s = env.api::<SecureModelDeployment>().get(NAME).await?;
+                    Ok(s.status
+                        .and_then(|s| s.drift)
+                        .is_some_and(|d| d.repairs >= n))
+                },
+            )
+            .await?;
+            let metrics = op.metrics.encode()?;
+            for kind in ["Deployment", "NetworkPolicy", "ServiceAccount"] {
+                ensure!(
+                    metrics.contains(&format!("moat_drift_repairs_total{{kind=\"{kind}\"}}")),
+                    "no drift metric for {kind}"
+                );
+            }
+            let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
+            let drift_events: Vec<_> = events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .filter(|e| e.reason.as_deref() == Some("DriftRepaired"))
+                .collect();
+            ensure!(!drift_events.is_empty(), "no DriftRepaired events");
+            ensure!(
+                drift_events.iter().any(|e| e
+                    .note
+                    .as_deref()
+                    .is_some_and(|n| n.contains("NetworkPolicy scorer-deny-all"))),
+                "no event names the NetworkPolicy"
+            );
+            // Repairs end in a Ready workload again.
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn deleting_the_smd_removes_every_child() {
+    with_namespace(
+        "operator-delete",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let _op = setup(&env, Duration::from_secs(300)).await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            env.api::<SecureModelDeployment>()
+                .delete(NAME, &DeleteParams::background())
+                .await?;
+            wait_for(
+                Duration::from_secs(60),
+                "every child to be garbage-collected",
+                || async {
+                    Ok(count::<ServiceAccount>(&env, NAME).await?
+                        + count::<NetworkPolicy>(&env, NAME).await?
+                        + count::<Service>(&env, NAME).await?
+                        + count::<PodDisruptionBudget>(&env, NAME).await?
+                        + count::<Deployment>(&env, NAME).await?
+                        + count::<ReplicaSet>(&env, NAME).await?
+                        + count::<Pod>(&env, NAME).await?
+                        == 0)
+                },
+            )
+            .await
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn restarting_the_operator_midway_loses_and_duplicates_nothing() {
+    with_namespace(
+        "operator-restart",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            install_crds(&env.client).await?;
+            create_smd(&env, smd(NAME, 3)).await?;
+            // First operator: killed as soon as it has created part of the children.
+            let first = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
+            wait_for(Duration::from_secs(30), "the first children", || async {
+                Ok(count::<ServiceAccount>(&env, NAME).await? > 0)
+            })
+            .await?;
+            first.kill().await;
+            let second = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
+            let ready = wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            ensure!(
+                count::<ServiceAccount>(&env, NAME).await? == 1,
+                "ServiceAccounts duplicated"
+            );
+            ensure!(
+                count::<NetworkPolicy>(&env, NAME).await? == 2,
+                "NetworkPolicies duplicated or lost"
+            );
+            ensure!(
+                count::<Service>(&env, NAME).await? == 1,
+                "Services duplicated"
+            );
+            ensure!(
+                count::<PodDisruptionBudget>(&env, NAME).await? == 1,
+                "PDB duplicated"
+            );
+            ensure!(
+                count::<Deployment>(&env, NAME).await? == 1,
+                "Deployments duplicated"
+            );
+            ensure!(
+                count::<ReplicaSet>(&env, NAME).await? == 1,
+                "more than one ReplicaSet: the restart rolled the pods"
+            );
+            ensure!(count::<Pod>(&env, NAME).await? == 3, "expected 3 pods");
+            ensure!(
+                ready.status.and_then(|s| s.drift).is_none(),
+                "a restart must not be counted as drift"
+            );
+            drop(second);
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
+    with_namespace(
+        "operator-quiet",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let op = setup(&env, Duration::from_secs(1)).await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+
+            let audit = moat_e2e::tool("MOAT_AUDIT_LOG")?;
+            let audit_offset = std::fs::metadata(&audit)?.len();
+            let writes_before = op.metrics.api_writes_total();
+            let reconciles_before = reconciles(&op)?;
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            let reconciles_after = reconciles(&op)?;
+            let writes_after = op.metrics.api_writes_total();
+            ensure!(
+                reconciles_after >= reconciles_before + 4,
+                "expected at least 4 resyncs, saw {}",
+                reconciles_after - reconciles_before
+            );
+            ensure!(
+                writes_after == writes_before,
+                "{} writes while converged",
+                writes_after - writes_before
+            );
+
+            // The API server's own audit log agrees: no write by Moat in the namespace.
+            let log = std::fs::read(&audit)?;
+            let mut reads = 0;
+            for line in log[audit_offset as usize..]
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+            {
+                let e: Value = serde_json::from_slice(line)?;
+                if e["objectRef"]["namespace"] != json!(env.namespace)
+                    || !e["userAgent"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("moat-operator/")
+                {
+                    continue;
+                }
+                let verb = e["verb"].as_str().unwrap_or("");
+                ensure!(
+                    matches!(verb, "get" | "list" | "watch"),
+                    "Moat wrote while converged: {verb} {}",
+                    e["requestURI"]
+                );
+                reads += 1;
+            }
+            ensure!(
+                reads > 0,
+                "the audit log shows no request by Moat at all: is the User-Agent set?"
+            );
+            eprintln!(
+                "converged: {} reconciles, 0 writes, {reads} reads in 6 s",
+                reconciles_after - reconciles_before
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+fn reconciles(op: &Operator) -> Result<u64> {
+    let text = op.metrics.encode()?;
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix("moat_reconcile_total ")
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .context("no moat_reconcile_total")
+}
