@@ -102,10 +102,8 @@ impl<'a> Applier<'a> {
                     .await
                     .map_err(|source| Error::Read { kind, source })?,
             };
-            if let Some(current) = &current {
-                if !ours(current) {
-                    return Err(Error::Conflict { kind, name });
-                }
+            if current.as_ref().is_some_and(|c| !ours(c)) {
+                return Err(Error::Conflict { kind, name });
             }
             let (obj, outcome) = self.ensure_one(&api, want, current).await?;
             let related = obj.object_ref(&());

@@ -343,10 +343,11 @@ async fn write_status(
     let api: Api<SecureModelDeployment> =
         Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
     let mut patch = serde_json::json!({"status": new});
-    if !with_drift {
-        if let Some(status) = patch.get_mut("status").and_then(|s| s.as_object_mut()) {
-            status.remove("drift");
-        }
+    if let (false, Some(status)) = (
+        with_drift,
+        patch.get_mut("status").and_then(|s| s.as_object_mut()),
+    ) {
+        status.remove("drift");
     }
     ctx.metrics
         .api_write("SecureModelDeployment", "patch-status");

@@ -194,3 +194,119 @@ pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) ->
         && a.drift == b.drift
         && conditions::same_ignoring_time(&a.conditions, &b.conditions)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::json;
+
+    fn deploy(generation: i64, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(json!({
+            "metadata": {"name": "m", "generation": generation},
+            "spec": {"replicas": 2, "selector": {}, "template": {}},
+            "status": status
+        }))
+        .expect("deployment")
+    }
+
+    fn smd(generation: i64) -> SecureModelDeployment {
+        let mut s: SecureModelDeployment = serde_json::from_value(json!({
+            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
+            "metadata": {"name": "m", "namespace": "n", "generation": generation},
+            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
+        }))
+        .expect("smd");
+        s.status = None;
+        s
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).expect("time"))
+    }
+
+    #[test]
+    fn rollout_states() {
+        let complete = deploy(
+            3,
+            json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}),
+        );
+        assert_eq!(rollout(&complete), Rollout::Complete);
+        let stale = deploy(
+            4,
+            json!({"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}),
+        );
+        assert!(matches!(rollout(&stale), Rollout::Progressing(_)));
+        let surging = deploy(
+            3,
+            json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 2, "readyReplicas": 3, "availableReplicas": 3}),
+        );
+        assert!(matches!(rollout(&surging), Rollout::Progressing(m) if m.contains("old replicas")));
+        let failed = deploy(
+            3,
+            json!({"observedGeneration": 3, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "took too long"}]}),
+        );
+        assert_eq!(rollout(&failed), Rollout::Failed("took too long".into()));
+    }
+
+    #[test]
+    fn kstatus_conditions_follow_the_rollout() {
+        let s = smd(7);
+        let ready = converged(
+            &s,
+            Some(&deploy(
+                1,
+                json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2}),
+            )),
+            now(),
+        );
+        assert_eq!(ready.observed_generation, Some(7));
+        assert!(conditions::is_true(&ready.conditions, READY));
+        assert!(!conditions::is_true(&ready.conditions, RECONCILING));
+        assert!(!conditions::is_true(&ready.conditions, STALLED));
+        let progressing = converged(
+            &s,
+            Some(&deploy(
+                1,
+                json!({"observedGeneration": 1, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 1, "availableReplicas": 1}),
+            )),
+            now(),
+        );
+        assert!(!conditions::is_true(&progressing.conditions, READY));
+        assert!(conditions::is_true(&progressing.conditions, RECONCILING));
+        let failed = converged(
+            &s,
+            Some(&deploy(
+                1,
+                json!({"observedGeneration": 1, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}),
+            )),
+            now(),
+        );
+        assert!(conditions::is_true(&failed.conditions, STALLED));
+        assert!(!conditions::is_true(&failed.conditions, RECONCILING));
+    }
+
+    #[test]
+    fn invalid_specs_are_stalled_and_drift_accumulates() {
+        let s = smd(2);
+        let e = Error::Conflict {
+            kind: "Service",
+            name: "m".into(),
+        };
+        let st = stalled(&s, &e, now());
+        assert!(conditions::is_true(&st.conditions, STALLED));
+        assert!(!conditions::is_true(&st.conditions, READY));
+        assert_eq!(st.observed_generation, Some(2));
+        let r = |n: &str| Repair {
+            kind: "Deployment".into(),
+            name: n.into(),
+            change: "deleted".into(),
+            at: now(),
+        };
+        let first = drift(None, &[r("a")]).expect("drift");
+        let second = drift(Some(&first), &[r("b"), r("c")]).expect("drift");
+        assert_eq!(second.repairs, 3);
+        assert_eq!(second.last_repair.as_ref().expect("last").name, "c");
+        assert!(drift(Some(&second), &[]).is_none());
+    }
+}

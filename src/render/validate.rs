@@ -11,14 +11,16 @@ use crate::api::{
 };
 use crate::quantity;
 
-static IMAGE: LazyLock<Regex> = LazyLock::new(|| regex(IMAGE_REFERENCE_PATTERN));
-static ENV_NAME: LazyLock<Regex> = LazyLock::new(|| regex(ENV_NAME_PATTERN));
-static DNS_LABEL: LazyLock<Regex> = LazyLock::new(|| regex(DNS_LABEL_PATTERN));
-static DNS_1035: LazyLock<Regex> = LazyLock::new(|| regex("^[a-z]([-a-z0-9]*[a-z0-9])?$"));
+static IMAGE: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(IMAGE_REFERENCE_PATTERN).ok());
+static ENV_NAME: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(ENV_NAME_PATTERN).ok());
+static DNS_LABEL: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(DNS_LABEL_PATTERN).ok());
+static DNS_1035: LazyLock<Option<Regex>> =
+    LazyLock::new(|| Regex::new("^[a-z]([-a-z0-9]*[a-z0-9])?$").ok());
 
-fn regex(pattern: &str) -> Regex {
-    // The patterns are constants covered by unit tests; an invalid one matches nothing.
-    Regex::new(pattern).unwrap_or_else(|_| Regex::new("[^\\s\\S]").expect("trivial regex"))
+/// Whether `s` matches; fails closed (no match) if a pattern did not compile, which the unit
+/// test `patterns_compile` rules out.
+fn matches(re: &LazyLock<Option<Regex>>, s: &str) -> bool {
+    re.as_ref().is_some_and(|re| re.is_match(s))
 }
 
 /// One problem with a spec: the field and what to do about it.
@@ -41,7 +43,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     let mut errors = Vec::new();
     let mut err = |field: String, message: String| errors.push(ValidationError { field, message });
 
-    if name.len() > MAX_NAME_LENGTH || !DNS_1035.is_match(name) {
+    if name.len() > MAX_NAME_LENGTH || !matches(&DNS_1035, name) {
         err(
             "metadata.name".into(),
             format!("must be a DNS-1035 label of at most {MAX_NAME_LENGTH} characters"),
@@ -51,7 +53,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
         err("spec.replicas".into(), "must be between 1 and 100".into());
     }
     let server = &spec.server;
-    if server.image.len() > 512 || !IMAGE.is_match(&server.image) {
+    if server.image.len() > 512 || !matches(&IMAGE, &server.image) {
         err(
             "spec.server.image".into(),
             format!(
@@ -69,7 +71,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     let mut seen = BTreeSet::new();
     for (i, env) in server.env.iter().enumerate() {
         let field = format!("spec.server.env[{i}]");
-        if !ENV_NAME.is_match(&env.name) {
+        if !matches(&ENV_NAME, &env.name) {
             err(
                 format!("{field}.name"),
                 format!(
@@ -139,7 +141,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
         }
     }
     for (i, client) in spec.access.clients.iter().enumerate() {
-        if !DNS_LABEL.is_match(&client.namespace) || client.namespace.len() > 63 {
+        if !matches(&DNS_LABEL, &client.namespace) || client.namespace.len() > 63 {
             err(
                 format!("spec.access.clients[{i}].namespace"),
                 "must be a namespace name".into(),
@@ -161,7 +163,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
                 ),
             },
             (None, Some(ns)) => {
-                if !DNS_LABEL.is_match(ns) || ns.len() > 63 {
+                if !matches(&DNS_LABEL, ns) || ns.len() > 63 {
                     err(
                         format!("{field}.namespace"),
                         "must be a namespace name".into(),
@@ -205,4 +207,40 @@ fn parse_cidr(cidr: &str) -> Option<u8> {
     let prefix: u8 = prefix.parse().ok()?;
     let max = if addr.is_ipv4() { 32 } else { 128 };
     (prefix <= max).then_some(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns_compile_and_match_what_they_should() {
+        for re in [&IMAGE, &ENV_NAME, &DNS_LABEL, &DNS_1035] {
+            assert!(re.is_some());
+        }
+        for ok in [
+            "nginx",
+            "nginx:1.27",
+            "registry.example.com:5000/a/b:v1",
+            "r.io/m@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "localhost/x_y__z-w",
+        ] {
+            assert!(matches(&IMAGE, ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "upper/CASE",
+            "a b",
+            "r/m@sha256:short",
+            "-lead/x",
+            "x:tag with space",
+            "a;rm -rf /",
+        ] {
+            assert!(!matches(&IMAGE, bad), "{bad}");
+        }
+        assert_eq!(parse_cidr("10.0.0.0/8"), Some(8));
+        assert_eq!(parse_cidr("::/0"), Some(0));
+        assert_eq!(parse_cidr("10.0.0.0/33"), None);
+        assert_eq!(parse_cidr("nonsense"), None);
+    }
 }

@@ -1,0 +1,117 @@
+//! Golden-file tests of the pure renders: each fixture under `tests/fixtures/` renders exactly
+//! the YAML under `tests/golden/`. Regenerate after an intended change with
+//! `UPDATE_GOLDEN=1 cargo test --test render_golden` and review the diff.
+
+use std::path::Path;
+
+use moat::{
+    api::SecureModelDeployment,
+    render::{Facts, render, to_yaml},
+};
+
+fn check(fixture: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
+    let input = std::fs::read_to_string(dir.join("fixtures").join(format!("{fixture}.yaml")))
+        .expect("fixture");
+    let smd: SecureModelDeployment = serde_yaml::from_str(&input).expect("fixture parses");
+    let first = to_yaml(&render(&smd, &Facts::default()).expect("renders")).expect("yaml");
+    let second = to_yaml(&render(&smd, &Facts::default()).expect("renders")).expect("yaml");
+    assert_eq!(first, second, "rendering is not deterministic");
+    let golden = dir.join("golden").join(format!("{fixture}.yaml"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, &first).expect("write golden");
+    }
+    let expected =
+        std::fs::read_to_string(&golden).expect("golden file (UPDATE_GOLDEN=1 creates it)");
+    assert_eq!(
+        first,
+        expected,
+        "render of {fixture} differs from {}",
+        golden.display()
+    );
+}
+
+#[test]
+fn minimal() {
+    check("minimal");
+}
+
+#[test]
+fn full() {
+    check("full");
+}
+
+#[test]
+fn quickstart_example() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(dir.join("examples/quickstart.yaml")).expect("example");
+    let smd = serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc).ok()?;
+            (v.get("kind")?.as_str()? == "SecureModelDeployment").then_some(v)
+        })
+        .next()
+        .expect("the example contains a SecureModelDeployment");
+    let smd: SecureModelDeployment = serde_yaml::from_value(smd).expect("example parses");
+    let children = render(&smd, &Facts::default()).expect("the example renders");
+    assert_eq!(children.network_policies.len(), 2);
+    assert!(children.pod_disruption_budget.is_some());
+}
+
+use serde::Deserialize;
+
+#[test]
+fn pdb_only_with_two_or_more_replicas() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let mut smd: SecureModelDeployment =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("minimal.yaml")).expect("fixture"))
+            .expect("parses");
+    assert!(
+        render(&smd, &Facts::default())
+            .expect("renders")
+            .pod_disruption_budget
+            .is_none()
+    );
+    smd.spec.replicas = 2;
+    assert!(
+        render(&smd, &Facts::default())
+            .expect("renders")
+            .pod_disruption_budget
+            .is_some()
+    );
+}
+
+#[test]
+fn children_carry_the_labels_and_the_controller_owner_reference() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let smd: SecureModelDeployment =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("full.yaml")).expect("fixture"))
+            .expect("parses");
+    let c = render(&smd, &Facts::default()).expect("renders");
+    let metas = [
+        &c.service_account.metadata,
+        &c.network_policies[0].metadata,
+        &c.network_policies[1].metadata,
+        &c.service.metadata,
+        &c.deployment.metadata,
+        &c.pod_disruption_budget.as_ref().expect("pdb").metadata,
+    ];
+    for m in metas {
+        let labels = m.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str),
+            Some("moat")
+        );
+        assert_eq!(
+            labels.get("moat.dev/deployment").map(String::as_str),
+            Some("fraud-scorer")
+        );
+        let owners = m.owner_references.clone().unwrap_or_default();
+        assert_eq!(owners.len(), 1);
+        assert_eq!(owners[0].controller, Some(true));
+        assert_eq!(owners[0].kind, "SecureModelDeployment");
+        assert_eq!(owners[0].uid, "7d4c7e4a-1f59-4f0e-8f2e-3c5b8a0d9e21");
+    }
+}

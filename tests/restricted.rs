@@ -1,0 +1,381 @@
+//! Property tests of the pure core: every valid spec renders pods that satisfy every rule of the
+//! Pod Security "restricted" profile (and Moat's stricter ones), rendering is deterministic, and
+//! validation never panics on arbitrary input.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use moat::{
+    api::*,
+    render::{Facts, render, validate},
+};
+use proptest::prelude::*;
+
+/// Every rule of the "restricted" profile (pod-security-admission, "latest"), plus Moat's own.
+fn violations(pod: &PodSpec) -> Vec<String> {
+    let mut v = Vec::new();
+    let psc = pod.security_context.clone().unwrap_or_default();
+    if pod.host_network == Some(true) || pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
+        v.push("host namespaces".into());
+    }
+    if pod.host_users == Some(true) {
+        v.push("hostUsers".into());
+    }
+    for vol in pod.volumes.iter().flatten() {
+        let allowed = vol.config_map.is_some()
+            || vol.csi.is_some()
+            || vol.downward_api.is_some()
+            || vol.empty_dir.is_some()
+            || vol.ephemeral.is_some()
+            || vol.persistent_volume_claim.is_some()
+            || vol.projected.is_some()
+            || vol.secret.is_some();
+        if !allowed || vol.host_path.is_some() {
+            v.push(format!("volume {} has a restricted type", vol.name));
+        }
+    }
+    if psc.sysctls.as_ref().is_some_and(|s| !s.is_empty()) {
+        v.push("sysctls".into());
+    }
+    let pod_non_root = psc.run_as_non_root == Some(true);
+    let pod_seccomp = psc.seccomp_profile.as_ref().map(|s| s.type_.clone());
+    if psc.run_as_user == Some(0) {
+        v.push("pod runAsUser 0".into());
+    }
+    for id in [psc.run_as_user, psc.run_as_group, psc.fs_group] {
+        if id.is_none_or(|id| id < 10000) {
+            v.push(format!("pod UID/GID {id:?} below 10000"));
+        }
+    }
+    let containers: Vec<&Container> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .collect();
+    for c in containers {
+        let sc = c.security_context.clone().unwrap_or_default();
+        let n = &c.name;
+        if sc.privileged == Some(true) {
+            v.push(format!("{n}: privileged"));
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            v.push(format!("{n}: allowPrivilegeEscalation != false"));
+        }
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        if !caps.drop.unwrap_or_default().iter().any(|c| c == "ALL") {
+            v.push(format!("{n}: capabilities not dropped"));
+        }
+        if caps
+            .add
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c != "NET_BIND_SERVICE")
+        {
+            v.push(format!("{n}: capabilities added"));
+        }
+        if !(sc.run_as_non_root == Some(true) || (sc.run_as_non_root.is_none() && pod_non_root)) {
+            v.push(format!("{n}: runAsNonRoot"));
+        }
+        if sc.run_as_user == Some(0) {
+            v.push(format!("{n}: runAsUser 0"));
+        }
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|s| s.type_.clone())
+            .or(pod_seccomp.clone());
+        if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+            v.push(format!("{n}: seccomp"));
+        }
+        if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
+            v.push(format!("{n}: procMount"));
+        }
+        if c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.host_port.is_some_and(|h| h != 0))
+        {
+            v.push(format!("{n}: hostPort"));
+        }
+        // Moat's own rules on top of the profile.
+        if sc.read_only_root_filesystem != Some(true) {
+            v.push(format!("{n}: writable root filesystem"));
+        }
+        let limits = c
+            .resources
+            .clone()
+            .unwrap_or_default()
+            .limits
+            .unwrap_or_default();
+        if !limits.contains_key("cpu") || !limits.contains_key("memory") {
+            v.push(format!("{n}: no resource limits"));
+        }
+    }
+    if pod.automount_service_account_token != Some(false) {
+        v.push("API token mounted".into());
+    }
+    if pod.enable_service_links != Some(false) {
+        v.push("service links enabled".into());
+    }
+    v
+}
+
+fn image() -> impl Strategy<Value = String> {
+    (
+        prop::option::of("[a-z][a-z0-9]{0,8}(\\.[a-z]{2,5})?(:[1-9][0-9]{2,4})?"),
+        prop::collection::vec("[a-z0-9]{1,8}([._-][a-z0-9]{1,5})?", 1..3),
+        prop_oneof![
+            "[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,20}".prop_map(|t| format!(":{t}")),
+            "[a-f0-9]{64}".prop_map(|d| format!("@sha256:{d}")),
+        ],
+    )
+        .prop_map(|(registry, path, tail)| {
+            let registry = registry.map(|r| format!("{r}/")).unwrap_or_default();
+            format!("{registry}{}{tail}", path.join("/"))
+        })
+}
+
+fn quantity(units: &'static [&'static str]) -> impl Strategy<Value = (u32, &'static str)> {
+    (1u32..4096, prop::sample::select(units))
+}
+
+fn labels() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
+    prop::option::of(prop::collection::btree_map(
+        "[a-z]{1,8}",
+        "[a-z0-9]{1,8}",
+        0..3,
+    ))
+}
+
+fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
+    let env = prop::collection::btree_map("[A-LN-Z_][A-Z0-9_]{0,12}", "[ -~]{0,20}", 0..6)
+        .prop_map(|m| {
+            m.into_iter()
+                .map(|(name, value)| EnvVar {
+                    name,
+                    value: Some(value),
+                    value_from: None,
+                })
+                .collect::<Vec<_>>()
+        });
+    let clients =
+        prop::collection::vec(("[a-z][a-z0-9-]{0,10}[a-z0-9]", labels()), 0..4).prop_map(|v| {
+            v.into_iter()
+                .map(|(namespace, pod_selector)| ClientRule {
+                    namespace,
+                    pod_selector,
+                })
+                .collect()
+        });
+    let egress = prop::collection::vec(
+        (
+            prop_oneof![
+                (0u8..=255, 0u8..=255, 8u8..=32).prop_map(|(a, b, p)| (
+                    Some(format!("10.{a}.{b}.0/{p}")),
+                    None,
+                    None
+                )),
+                ("[a-z][a-z0-9]{0,10}", labels()).prop_map(|(ns, sel)| (None, Some(ns), sel)),
+            ],
+            prop::collection::vec(1i32..=65535, 1..4),
+            prop::option::of(prop::sample::select(vec![Protocol::Tcp, Protocol::Udp])),
+        ),
+        0..4,
+    )
+    .prop_map(|v| {
+        v.into_iter()
+            .map(
+                |((cidr, namespace, pod_selector), ports, protocol)| EgressRule {
+                    cidr,
+                    namespace,
+                    pod_selector,
+                    ports,
+                    protocol,
+                },
+            )
+            .collect()
+    });
+    (
+        1i32..=100,
+        image(),
+        env,
+        1024i32..=65535,
+        quantity(&["m", "", "k"]),
+        quantity(&["Mi", "Gi", "M", "G"]),
+        prop::option::of(prop::option::of("/[a-z/]{0,20}")),
+        clients,
+        egress,
+    )
+        .prop_map(
+            |(replicas, image, env, port, (cpu, cu), (mem, mu), probe, clients, egress)| {
+                SecureModelDeploymentSpec {
+                    replicas,
+                    server: ServerSpec {
+                        image,
+                        command: None,
+                        args: vec!["--port".into(), port.to_string()],
+                        env,
+                        port,
+                        resources: Resources {
+                            limits: ResourceLimits {
+                                cpu: format!("{cpu}{cu}"),
+                                memory: format!("{mem}{mu}"),
+                            },
+                            requests: None,
+                        },
+                        readiness_probe: probe.map(|path| Probe {
+                            http_get: path.map(|path| HttpGetProbe { path, scheme: None }),
+                            ..Probe::default()
+                        }),
+                    },
+                    access: AccessSpec { clients, egress },
+                }
+            },
+        )
+}
+
+fn smd(spec: SecureModelDeploymentSpec) -> SecureModelDeployment {
+    let mut smd = SecureModelDeployment::new("model", spec);
+    smd.metadata.namespace = Some("ml".into());
+    smd.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    smd
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn every_valid_spec_renders_pods_that_pass_restricted(spec in spec()) {
+        prop_assert_eq!(validate(&spec, "model"), Ok(()));
+        let children = render(&smd(spec.clone()), &Facts::default()).expect("a valid spec renders");
+        let pod = children.deployment.spec.clone().and_then(|s| s.template.spec).expect("pod template");
+        let v = violations(&pod);
+        prop_assert!(v.is_empty(), "violations: {:?}", v);
+        // The pods never run with fewer ready replicas than requested during a rollout.
+        let strategy = children.deployment.spec.and_then(|s| s.strategy).and_then(|s| s.rolling_update).expect("rolling update");
+        prop_assert_eq!(serde_json::to_value(strategy.max_unavailable).expect("json"), serde_json::json!(0));
+        prop_assert_eq!(children.pod_disruption_budget.is_some(), spec.replicas >= 2);
+        // Default deny of both directions always exists.
+        let deny = &children.network_policies[0];
+        let deny_spec = deny.spec.clone().expect("spec");
+        prop_assert!(deny_spec.ingress.is_none() && deny_spec.egress.is_none());
+        prop_assert_eq!(deny_spec.policy_types, Some(vec!["Ingress".to_string(), "Egress".to_string()]));
+    }
+
+    #[test]
+    fn rendering_is_deterministic(spec in spec()) {
+        let a = moat::render::to_yaml(&render(&smd(spec.clone()), &Facts::default()).expect("renders")).expect("yaml");
+        let b = moat::render::to_yaml(&render(&smd(spec), &Facts::default()).expect("renders")).expect("yaml");
+        prop_assert_eq!(a, b);
+    }
+
+    #[test]
+    fn validation_never_panics_and_rejects_bad_fields(
+        image in ".{0,80}", env_name in ".{0,20}", port in any::<i32>(), cpu in ".{0,10}", cidr in ".{0,24}"
+    ) {
+        let mut spec = SecureModelDeploymentSpec {
+            replicas: 2,
+            server: ServerSpec {
+                image: image.clone(),
+                command: None,
+                args: vec![],
+                env: vec![EnvVar { name: env_name.clone(), value: Some("x".into()), value_from: None }],
+                port,
+                resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into() }, requests: None },
+                readiness_probe: None,
+            },
+            access: AccessSpec::default(),
+        };
+        spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
+        let result = validate(&spec, "model");
+        if !(1024..=65535).contains(&port) {
+            let errors = result.clone().expect_err("a bad port is rejected");
+            prop_assert!(errors.iter().any(|e| e.field == "spec.server.port"));
+        }
+        if env_name.is_empty() || env_name.starts_with("MOAT_") {
+            let errors = result.expect_err("a bad env name is rejected");
+            prop_assert!(errors.iter().any(|e| e.field == "spec.server.env[0].name"));
+        }
+    }
+}
+
+#[test]
+fn the_checker_catches_what_restricted_forbids() {
+    // Guard against a checker that accepts everything.
+    let good = render(&smd(spec_example()), &Facts::default()).expect("renders");
+    let mut pod = good
+        .deployment
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod");
+    assert!(violations(&pod).is_empty());
+    pod.host_network = Some(true);
+    pod.containers[0]
+        .security_context
+        .as_mut()
+        .expect("sc")
+        .privileged = Some(true);
+    pod.containers[0]
+        .security_context
+        .as_mut()
+        .expect("sc")
+        .read_only_root_filesystem = Some(false);
+    let v = violations(&pod);
+    assert!(v.iter().any(|s| s.contains("host namespaces")));
+    assert!(v.iter().any(|s| s.contains("privileged")));
+    assert!(v.iter().any(|s| s.contains("writable root")));
+}
+
+fn spec_example() -> SecureModelDeploymentSpec {
+    serde_json::from_value(serde_json::json!({
+        "server": {"image": "r.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}
+    }))
+    .expect("spec")
+}
+
+#[test]
+fn invalid_specs_stall_with_actionable_messages() {
+    let mut s = spec_example();
+    s.server.env = vec![
+        EnvVar {
+            name: "A".into(),
+            value: Some("1".into()),
+            value_from: None,
+        },
+        EnvVar {
+            name: "A".into(),
+            value: Some("2".into()),
+            value_from: None,
+        },
+    ];
+    s.server.resources.requests = Some(ResourceRequests {
+        cpu: Some("2".into()),
+        memory: None,
+    });
+    s.access.egress = vec![EgressRule {
+        cidr: Some("0.0.0.0/0".into()),
+        namespace: None,
+        pod_selector: None,
+        ports: vec![443],
+        protocol: None,
+    }];
+    let errors = validate(&s, "m").expect_err("invalid");
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        text.iter()
+            .any(|e| e == "spec.server.env[1].name: \"A\" is set more than once"),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e == "spec.server.resources.requests.cpu: request 2 exceeds the limit 1"),
+        "{text:?}"
+    );
+    assert!(
+        text.iter()
+            .any(|e| e.starts_with("spec.access.egress[0].cidr: 0.0.0.0/0 allows every address")),
+        "{text:?}"
+    );
+    let err = render(&smd(s), &Facts::default()).expect_err("render refuses");
+    assert!(err.to_string().contains("is set more than once"));
+}
