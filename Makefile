@@ -62,3 +62,27 @@ test-unit: ## Unit and integration tests (no cluster needed).
 test-e2e: cluster-up ## End-to-end tests against the local control plane, then its lifecycle test.
 	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4
 	@bash e2e/lifecycle-test.sh
+
+##@ Demo and benchmarks
+
+.PHONY: demo
+demo: ## Run Moat on the local control plane with examples/quickstart.yaml and show a drift repair.
+	@bash e2e/demo.sh
+
+.PHONY: bench
+bench: cluster-up ## Benchmarks: drift repair latency, convergence of N SMDs; writes docs/benchmarks.md.
+	@$(CLUSTER_ENV); $(CARGO) run --release -p moat-e2e --bin moat-bench -- --output docs/benchmarks.md
+
+##@ Build and deploy
+
+.PHONY: manifests
+manifests: ## Regenerate crds/ from the Rust types.
+	$(CARGO) run --quiet --bin moat -- crd > crds/moat.dev_crds.yaml
+
+.PHONY: install
+install: cluster-up ## Install the CRDs into the cluster of the current KUBECONFIG.
+	@$(CLUSTER_ENV); kubectl apply --server-side --force-conflicts -f crds/
+
+.PHONY: run
+run: install ## Run the operator locally against the local control plane.
+	@$(CLUSTER_ENV); $(CARGO) run --bin moat -- operator --metrics-addr 127.0.0.1:18080

@@ -149,6 +149,8 @@ up() {
   mkdir -p "$LOGS"
   local start=$SECONDS log=$LOGS/kwokctl-create.log
   say "starting cluster '$CLUSTER' (kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
+  # kwokctl v0.8.0 indexes repeated --extra-args by flag position: every component's first flag
+  # must come before any component's second one (as below), or kwokctl panics.
   if ! kwokctl create cluster --runtime binary --secure-port=true \
       --kube-authorization=true --kube-admission=true \
       --kube-audit-policy "$STATE/audit-policy.yaml" \
@@ -158,6 +160,11 @@ up() {
       --kwok-controller-binary "$KWOK_BIN/kwok" \
       --etcd-binary "$ETCD_BIN/etcd" \
       --extra-args "kube-apiserver=encryption-provider-config=$STATE/encryption.yaml" \
+      --extra-args "kube-controller-manager=kube-api-qps=200" \
+      --extra-args "kube-scheduler=kube-api-qps=200" \
+      --extra-args "kube-controller-manager=kube-api-burst=400" \
+      --extra-args "kube-scheduler=kube-api-burst=400" \
+      --extra-args "kube-apiserver=service-cluster-ip-range=10.96.0.0/16" \
       --kubeconfig "$STATE/user-kubeconfig.yaml" \
       --wait 2m --timeout 3m >"$log" 2>&1; then
     tail -n 30 "$log" >&2 || true
@@ -229,6 +236,8 @@ case ${1:-} in
     echo "export MOAT_ETCD_ENDPOINT=$(etcd_endpoint 2>/dev/null || true)"
     echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
     echo "export MOAT_CLUSTER_DIR=$CLUSTER_DIR"
+    echo "export KWOK_WORKDIR=$KWOK_WORKDIR"
+    echo "export MOAT_KWOKCTL=\"$KWOK_BIN/kwokctl --name $CLUSTER\""
     echo "export PATH=$K8S_BIN:$HELM_BIN:$ETCD_BIN:$KWOK_BIN:\$PATH"
     ;;
   *) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;

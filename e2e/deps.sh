@@ -17,6 +17,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-for tool in go cargo rustfmt cargo-clippy; do
+for tool in go cargo; do
   command -v "$tool" >/dev/null || { echo "deps: error: $tool is required but not installed" >&2; exit 1; }
 done
+# rustfmt and clippy come with rustup's default profile; add them where a minimal profile lacks them.
+if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+  command -v rustup >/dev/null || { echo "deps: error: cargo fmt/clippy missing and no rustup to add them" >&2; exit 1; }
+  rustup component add rustfmt clippy
+fi

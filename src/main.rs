@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use moat::{
     api::{self, SecureModelDeployment},
-    controller::{self, Context, Settings},
+    controller::{self, Settings},
     render::{self, Facts},
     telemetry::{self, LogFormat, metrics::Metrics, server},
 };
@@ -120,10 +120,9 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
         let metrics = Arc::new(Metrics::default());
         let health = server::Health::new(metrics.clone());
         let endpoints = tokio::spawn(server::serve(args.metrics_addr, health.clone()));
-        let ctx = Arc::new(Context::new(client, settings, metrics));
         health.set_ready(true);
         tokio::select! {
-            () = controller::run(ctx) => Ok(()),
+            () = controller::run(client, settings, metrics) => Ok(()),
             res = endpoints => match res {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("serving endpoints on {}", args.metrics_addr))),

@@ -318,12 +318,7 @@ impl Operator {
             resync_period: resync,
             facts: moat::render::Facts::default(),
         };
-        let ctx = std::sync::Arc::new(moat::controller::Context::new(
-            client,
-            settings,
-            metrics.clone(),
-        ));
-        let task = tokio::spawn(moat::controller::run(ctx));
+        let task = tokio::spawn(moat::controller::run(client, settings, metrics.clone()));
         Ok(Self { metrics, task })
     }
 

@@ -637,12 +637,13 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
         NamespaceOptions::restricted(),
         |env| async move {
             let op = setup(&env, Duration::from_secs(1)).await?;
+            let audit = moat_e2e::tool("MOAT_AUDIT_LOG")?;
+            let start_offset = std::fs::metadata(&audit)?.len() as usize;
             create_smd(&env, smd(NAME, 2)).await?;
             wait_ready(&env, NAME, Duration::from_secs(60)).await?;
             tokio::time::sleep(Duration::from_secs(2)).await;
 
-            let audit = moat_e2e::tool("MOAT_AUDIT_LOG")?;
-            let audit_offset = std::fs::metadata(&audit)?.len();
+            let audit_offset = std::fs::metadata(&audit)?.len() as usize;
             let writes_before = op.metrics.api_writes_total();
             let reconciles_before = reconciles(&op)?;
             tokio::time::sleep(Duration::from_secs(6)).await;
@@ -659,37 +660,37 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
                 writes_after - writes_before
             );
 
-            // The API server's own audit log agrees: no write by Moat in the namespace.
+            // The API server's own audit log agrees: Moat wrote while converging (so the filter
+            // finds its requests), and not once while converged.
             let log = std::fs::read(&audit)?;
-            let mut reads = 0;
-            for line in log[audit_offset as usize..]
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-            {
-                let e: Value = serde_json::from_slice(line)?;
-                if e["objectRef"]["namespace"] != json!(env.namespace)
-                    || !e["userAgent"]
-                        .as_str()
-                        .unwrap_or("")
-                        .starts_with("moat-operator/")
-                {
-                    continue;
+            let moat_requests = |from: usize, to: usize| -> Result<Vec<(String, String)>> {
+                let mut out = Vec::new();
+                for line in log[from..to].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    let e: Value = serde_json::from_slice(line)?;
+                    let ua = e["userAgent"].as_str().unwrap_or("");
+                    if e["objectRef"]["namespace"] == json!(env.namespace)
+                        && ua.starts_with("moat-operator/")
+                    {
+                        let verb = e["verb"].as_str().unwrap_or("").to_string();
+                        out.push((verb, e["requestURI"].to_string()));
+                    }
                 }
-                let verb = e["verb"].as_str().unwrap_or("");
-                ensure!(
-                    matches!(verb, "get" | "list" | "watch"),
-                    "Moat wrote while converged: {verb} {}",
-                    e["requestURI"]
-                );
-                reads += 1;
-            }
+                Ok(out)
+            };
+            let is_write = |verb: &str| !matches!(verb, "get" | "list" | "watch");
+            let converging = moat_requests(start_offset, audit_offset)?;
             ensure!(
-                reads > 0,
-                "the audit log shows no request by Moat at all: is the User-Agent set?"
+                converging.iter().any(|(v, _)| is_write(v)),
+                "the audit log shows no write by Moat while converging: is the User-Agent set?"
             );
+            let quiet = moat_requests(audit_offset, log.len())?;
+            if let Some((verb, uri)) = quiet.iter().find(|(v, _)| is_write(v)) {
+                bail!("Moat wrote while converged: {verb} {uri}");
+            }
             eprintln!(
-                "converged: {} reconciles, 0 writes, {reads} reads in 6 s",
-                reconciles_after - reconciles_before
+                "converged: {} reconciles, 0 writes and {} reads (children come from the watch cache) in 6 s",
+                reconciles_after - reconciles_before,
+                quiet.len()
             );
             Ok(())
         },
@@ -705,4 +706,113 @@ fn reconciles(op: &Operator) -> Result<u64> {
                 .and_then(|v| v.trim().parse().ok())
         })
         .context("no moat_reconcile_total")
+}
+
+#[tokio::test]
+async fn specs_the_schema_accepts_but_moat_refuses_stall_with_a_reason() {
+    with_namespace(
+        "operator-stalled",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let _op = setup(&env, Duration::from_secs(300)).await?;
+            // 0.0.0.0/0 is a valid CIDR for the schema, but it would open all egress.
+            let mut body = smd(NAME, 2);
+            body["spec"]["access"]["egress"] = json!([{"cidr": "0.0.0.0/0", "ports": [443]}]);
+            create_smd(&env, body).await?;
+            let api = env.api::<SecureModelDeployment>();
+            wait_for(Duration::from_secs(30), "Stalled=True", || async {
+                let st = api.get(NAME).await?.status.unwrap_or_default();
+                Ok(moat::api::conditions::is_true(&st.conditions, "Stalled"))
+            })
+            .await?;
+            let st = api.get(NAME).await?.status.context("status")?;
+            let stalled = st
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Stalled")
+                .context("Stalled")?;
+            ensure!(stalled.reason == "InvalidSpec", "reason {}", stalled.reason);
+            ensure!(
+                stalled
+                    .message
+                    .contains("spec.access.egress[0].cidr: 0.0.0.0/0 allows every address"),
+                "message {:?}",
+                stalled.message
+            );
+            ensure!(!moat::api::conditions::is_true(&st.conditions, "Ready"));
+            ensure!(
+                count::<Deployment>(&env, NAME).await? == 0,
+                "nothing may be deployed from an invalid spec"
+            );
+
+            // Fixing the spec recovers without any other action.
+            let fix =
+                json!({"spec": {"access": {"egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]}}});
+            api.patch(NAME, &PatchParams::default(), &Patch::Merge(fix))
+                .await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken_over() {
+    with_namespace(
+        "operator-prune",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let _op = setup(&env, Duration::from_secs(300)).await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            ensure!(count::<PodDisruptionBudget>(&env, NAME).await? == 1);
+            // One replica needs no PodDisruptionBudget: it is deleted.
+            env.api::<SecureModelDeployment>()
+                .patch(
+                    NAME,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"replicas": 1}})),
+                )
+                .await?;
+            wait_for(
+                Duration::from_secs(30),
+                "the PodDisruptionBudget to be pruned",
+                || async { Ok(count::<PodDisruptionBudget>(&env, NAME).await? == 0) },
+            )
+            .await?;
+            wait_ready(&env, "scorer", Duration::from_secs(60)).await?;
+
+            // A ServiceAccount that someone else owns is never overwritten: the second model stalls.
+            let sa: ServiceAccount =
+                serde_json::from_value(json!({"metadata": {"name": "taken"}}))?;
+            env.api::<ServiceAccount>()
+                .create(&PostParams::default(), &sa)
+                .await?;
+            create_smd(&env, smd("taken", 1)).await?;
+            let api = env.api::<SecureModelDeployment>();
+            wait_for(
+                Duration::from_secs(30),
+                "Stalled=True with reason Conflict",
+                || async {
+                    let st = api.get("taken").await?.status.unwrap_or_default();
+                    Ok(st.conditions.iter().any(|c| {
+                        c.type_ == "Stalled" && c.status == "True" && c.reason == "Conflict"
+                    }))
+                },
+            )
+            .await?;
+            let untouched = env.api::<ServiceAccount>().get("taken").await?;
+            ensure!(
+                untouched.owner_references().is_empty(),
+                "the foreign ServiceAccount was taken over"
+            );
+            ensure!(
+                untouched.automount_service_account_token.is_none(),
+                "the foreign ServiceAccount was modified"
+            );
+            Ok(())
+        },
+    )
+    .await;
 }

@@ -382,7 +382,7 @@ pub struct DriftRepair {
     /// Name of the repaired object.
     pub name: String,
     /// What had changed, for example `deleted`, `changed spec.template.spec.containers` or
-    /// `fields added by kubectl-edit: spec.template.spec.hostNetwork`.
+    /// `fields set by kubectl-edit: spec.template.spec.hostNetwork`.
     pub change: String,
     /// When Moat repaired it.
     pub at: Time,

@@ -13,15 +13,18 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
-    runtime::events::EventType,
+    api::{DeleteParams, Patch, PatchParams},
+    runtime::{events::EventType, reflector::Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, Error, FIELD_MANAGER, child_selector, drift, publish};
-use crate::{api::SecureModelDeployment, render::with_type};
+use super::{Context, Error, FIELD_MANAGER, drift, publish};
+use crate::{
+    api::SecureModelDeployment,
+    render::{DEPLOYMENT_LABEL, with_type},
+};
 
 /// A change by someone else that Moat reverted.
 #[derive(Clone, Debug, PartialEq)]
@@ -72,7 +75,7 @@ impl<'a> Applier<'a> {
 
     /// Makes the live objects of kind `K` exactly `desired`: creates, repairs and updates them,
     /// and deletes the ones of this SecureModelDeployment that are no longer desired. `live` is
-    /// what [`list`] returned. Returns the live objects after the writes.
+    /// what the cache holds. Returns the live objects after the writes.
     pub(super) async fn ensure<K>(&mut self, desired: Vec<K>, live: Vec<K>) -> Result<Vec<K>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
@@ -94,18 +97,34 @@ impl<'a> Applier<'a> {
         let desired_names: BTreeSet<String> = desired.iter().map(|d| d.name_any()).collect();
         for want in desired {
             let name = want.name_any();
-            let current = match live.iter().find(|o| o.name_any() == name) {
-                Some(o) => Some(o.clone()),
-                // Not found by label: absent, or its labels were changed.
-                None => api
-                    .get_opt(&name)
-                    .await
-                    .map_err(|source| Error::Read { kind, source })?,
-            };
+            // Not in the cache: absent, its labels were changed, or the cache lags; the fresh read
+            // below tells.
+            let current = live.iter().find(|o| o.name_any() == name).cloned();
             if current.as_ref().is_some_and(|c| !ours(c)) {
                 return Err(Error::Conflict { kind, name });
             }
-            let (obj, outcome) = self.ensure_one(&api, want, current).await?;
+            let (obj, outcome) = match self
+                .ensure_one(&api, want.clone(), current.clone(), false)
+                .await?
+            {
+                // The cache may lag behind the API server: confirm with a fresh read before writing.
+                None => {
+                    let fresh = api
+                        .get_opt(&name)
+                        .await
+                        .map_err(|source| Error::Read { kind, source })?;
+                    if fresh.as_ref().is_some_and(|c| !ours(c)) {
+                        return Err(Error::Conflict { kind, name });
+                    }
+                    self.ensure_one(&api, want, fresh, true)
+                        .await?
+                        .ok_or_else(|| Error::Conflict {
+                            kind,
+                            name: name.clone(),
+                        })?
+                }
+                Some(done) => done,
+            };
             let related = obj.object_ref(&());
             match outcome {
                 Outcome::Unchanged => {}
@@ -149,7 +168,8 @@ impl<'a> Applier<'a> {
             self.ctx.metrics.api_write(kind, "delete");
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                // Already gone (the cache lagged): nothing to report.
+                Err(kube::Error::Api(s)) if s.code == 404 => continue,
                 Err(source) => return Err(Error::Prune { kind, name, source }),
             }
             self.notes.push((
@@ -162,12 +182,15 @@ impl<'a> Applier<'a> {
         Ok(result)
     }
 
+    /// Compares and, when something is wrong, writes. With `fresh == false` (`current` is from the
+    /// cache) it returns `None` instead of writing, so the caller re-reads and calls again.
     async fn ensure_one<K>(
         &self,
         api: &Api<K>,
         want: K,
         current: Option<K>,
-    ) -> Result<(K, Outcome), Error>
+        fresh: bool,
+    ) -> Result<Option<(K, Outcome)>, Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -179,12 +202,13 @@ impl<'a> Applier<'a> {
         let name = want.name_any();
         let body = with_type(&want);
         let outcome = match &current {
+            None if !fresh => return Ok(None),
             None if self.converged_before => Outcome::Repaired("deleted".into()),
             None => Outcome::Created,
             Some(live) => {
                 if live.meta().deletion_timestamp.is_some() {
                     // Being deleted; it is recreated when the deletion completes (watch event).
-                    return Ok((live.clone(), Outcome::Unchanged));
+                    return Ok(Some((live.clone(), Outcome::Unchanged)));
                 }
                 let live_json = serde_json::to_value(live)
                     .map_err(|source| Error::Serialize { kind, source })?;
@@ -193,7 +217,10 @@ impl<'a> Applier<'a> {
                 let managed = live.meta().managed_fields.clone().unwrap_or_default();
                 let foreign = drift::foreign_fields(&managed, FIELD_MANAGER);
                 if differences.is_empty() && foreign.is_empty() {
-                    return Ok((live.clone(), Outcome::Unchanged));
+                    return Ok(Some((live.clone(), Outcome::Unchanged)));
+                }
+                if !fresh {
+                    return Ok(None);
                 }
                 if !foreign.is_empty() {
                     // Move the fields others added into Moat's entry so the apply removes them.
@@ -215,7 +242,7 @@ impl<'a> Applier<'a> {
                     differences.iter().map(|p| format!("{p} changed")).collect();
                 for f in &foreign {
                     what.push(format!(
-                        "fields added by {}: {}",
+                        "fields set by {}: {}",
                         f.manager,
                         drift::paths(&f.fields).join(", ")
                     ));
@@ -241,7 +268,7 @@ impl<'a> Applier<'a> {
                 name: name.clone(),
                 source,
             })?;
-        Ok((applied, outcome))
+        Ok(Some((applied, outcome)))
     }
 
     /// Publishes the Events collected while applying, in the background so the next reconcile
@@ -270,29 +297,20 @@ impl<'a> Applier<'a> {
     }
 }
 
-/// The children of kind `K` of the SecureModelDeployment `name` (by label).
-pub(super) async fn list<K>(
-    client: &kube::Client,
-    namespace: &str,
-    name: &str,
-) -> Result<Vec<K>, Error>
+/// The cached children of kind `K` of the SecureModelDeployment `name` (by label).
+pub(super) fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Vec<K>
 where
-    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-        + Clone
-        + std::fmt::Debug
-        + DeserializeOwned,
+    K: Resource<DynamicType = ()> + Clone,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), namespace);
-    Ok(api
-        .list(&ListParams::default().labels(&child_selector(name)))
-        .await
-        .map_err(|source| Error::Read {
-            kind: kind::<K>(),
-            source,
-        })?
-        .items)
+    store
+        .state_filter(|o| {
+            o.namespace().as_deref() == Some(namespace)
+                && o.labels().get(DEPLOYMENT_LABEL).map(String::as_str) == Some(name)
+        })
+        .into_iter()
+        .map(|o| (*o).clone())
+        .collect()
 }
-
 fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
     // Kinds of the k8s-openapi types are static strings; map them to static labels.
     match K::kind(&()).as_ref() {
@@ -305,7 +323,6 @@ fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
         _ => "Object",
     }
 }
-
 /// At most five items, then a count, so Events and status stay short.
 fn summarize(items: &[String]) -> String {
     const MAX: usize = 5;

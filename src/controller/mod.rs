@@ -22,10 +22,10 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action,
         events::{Event, EventType, Recorder, Reporter},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef, Store},
         watcher,
     },
 };
@@ -54,10 +54,29 @@ pub struct Settings {
     pub facts: Facts,
 }
 
+/// In-memory caches (reflector stores) of every child kind Moat manages, fed by the same watches
+/// that trigger reconciles. Reads of children come from here; writes are confirmed against a
+/// fresh read first, so a stale cache never causes a wrong write.
+#[derive(Clone)]
+pub struct Caches {
+    /// ServiceAccounts labelled `app.kubernetes.io/managed-by=moat`.
+    pub service_accounts: Store<ServiceAccount>,
+    /// NetworkPolicies labelled as Moat's.
+    pub network_policies: Store<NetworkPolicy>,
+    /// Services labelled as Moat's.
+    pub services: Store<Service>,
+    /// PodDisruptionBudgets labelled as Moat's.
+    pub pod_disruption_budgets: Store<PodDisruptionBudget>,
+    /// Deployments labelled as Moat's.
+    pub deployments: Store<Deployment>,
+}
+
 /// Shared state of the reconciler.
 pub struct Context {
     /// Client for every API call.
     pub client: Client,
+    /// Caches of the children.
+    pub caches: Caches,
     /// Operator settings.
     pub settings: Settings,
     /// Prometheus metrics.
@@ -70,7 +89,7 @@ pub struct Context {
 
 impl Context {
     /// A new context.
-    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>, caches: Caches) -> Self {
         let reporter = Reporter {
             controller: "moat".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -78,6 +97,7 @@ impl Context {
         Self {
             recorder: Recorder::new(client.clone(), reporter),
             client,
+            caches,
             settings,
             metrics,
             failures: Mutex::new(HashMap::new()),
@@ -194,34 +214,86 @@ pub fn client_from(mut config: kube::Config) -> Result<Client, kube::Error> {
     Client::try_from(config)
 }
 
-/// Runs the controller until a shutdown signal arrives.
-pub async fn run(ctx: Arc<Context>) {
-    let client = ctx.client.clone();
-    let ns = ctx.settings.namespace.clone();
-    let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
-    let children =
+/// A reflector for one child kind: its store, and the stream of changes that triggers reconciles
+/// (deletions included).
+fn reflect<K>(
+    client: &Client,
+    ns: Option<&str>,
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let config =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    let stream = watcher(api::<K>(client, ns), config)
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    (store, stream)
+}
+
+/// Runs the controller until a shutdown signal arrives. The caches of the children are filled
+/// before the first reconcile.
+pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+    let ns = settings.namespace.clone();
+    let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
+    let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
+    let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
+    let (svc_store, svc_stream) = reflect::<Service>(&client, ns.as_deref());
+    let (pdb_store, pdb_stream) = reflect::<PodDisruptionBudget>(&client, ns.as_deref());
+    let (deploy_store, deploy_stream) = reflect::<Deployment>(&client, ns.as_deref());
+    let caches = Caches {
+        service_accounts: sa_store,
+        network_policies: np_store,
+        services: svc_store,
+        pod_disruption_budgets: pdb_store,
+        deployments: deploy_store,
+    };
+    let ctx = Arc::new(Context::new(client, settings, metrics, caches.clone()));
     info!(
         namespace = ns.as_deref().unwrap_or("<all>"),
         "starting the SecureModelDeployment controller"
     );
-    Controller::new(smds, watcher::Config::default().any_semantic())
-        .owns(
-            api::<ServiceAccount>(&client, ns.as_deref()),
-            children.clone(),
+    let controller = Controller::new(smds, watcher::Config::default().any_semantic())
+        .owns_stream(sa_stream)
+        .owns_stream(np_stream)
+        .owns_stream(svc_stream)
+        .owns_stream(pdb_stream)
+        .owns_stream(deploy_stream)
+        .shutdown_on_signal();
+    // The owned streams are polled by the controller; reconciles wait until the caches are full.
+    let ready = async move {
+        let _ = futures::join!(
+            caches.service_accounts.wait_until_ready(),
+            caches.network_policies.wait_until_ready(),
+            caches.services.wait_until_ready(),
+            caches.pod_disruption_budgets.wait_until_ready(),
+            caches.deployments.wait_until_ready(),
+        );
+    };
+    let ready = futures::future::FutureExt::shared(ready);
+    controller
+        .run(
+            move |smd, ctx| {
+                let ready = ready.clone();
+                async move {
+                    ready.await;
+                    reconcile(smd, ctx).await
+                }
+            },
+            error_policy,
+            ctx,
         )
-        .owns(
-            api::<NetworkPolicy>(&client, ns.as_deref()),
-            children.clone(),
-        )
-        .owns(api::<Service>(&client, ns.as_deref()), children.clone())
-        .owns(
-            api::<PodDisruptionBudget>(&client, ns.as_deref()),
-            children.clone(),
-        )
-        .owns(api::<Deployment>(&client, ns.as_deref()), children)
-        .shutdown_on_signal()
-        .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");
@@ -289,21 +361,19 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
         pod_disruption_budget,
         deployment,
     } = children;
-    let c = &ctx.client;
-    let (live_sa, live_np, live_svc, live_pdb, live_deploy) = futures::try_join!(
-        apply::list::<ServiceAccount>(c, &namespace, &name),
-        apply::list::<NetworkPolicy>(c, &namespace, &name),
-        apply::list::<Service>(c, &namespace, &name),
-        apply::list::<PodDisruptionBudget>(c, &namespace, &name),
-        apply::list::<Deployment>(c, &namespace, &name),
-    )?;
-    applier.ensure(vec![service_account], live_sa).await?;
-    applier.ensure(network_policies, live_np).await?;
-    applier.ensure(vec![service], live_svc).await?;
+    let c = &ctx.caches;
+    let live = apply::cached(&c.service_accounts, &namespace, &name);
+    applier.ensure(vec![service_account], live).await?;
+    let live = apply::cached(&c.network_policies, &namespace, &name);
+    applier.ensure(network_policies, live).await?;
+    let live = apply::cached(&c.services, &namespace, &name);
+    applier.ensure(vec![service], live).await?;
+    let live = apply::cached(&c.pod_disruption_budgets, &namespace, &name);
     applier
-        .ensure(pod_disruption_budget.into_iter().collect(), live_pdb)
+        .ensure(pod_disruption_budget.into_iter().collect(), live)
         .await?;
-    let deployments = applier.ensure(vec![deployment], live_deploy).await?;
+    let live = apply::cached(&c.deployments, &namespace, &name);
+    let deployments = applier.ensure(vec![deployment], live).await?;
     let repairs = applier.finish();
 
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
