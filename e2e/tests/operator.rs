@@ -161,19 +161,30 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
                 ensure!(spec.service_account_name.as_deref() == Some(NAME));
             }
 
-            // What Moat did is recorded as Events on the SecureModelDeployment.
+            // What Moat did is recorded as an Event on the SecureModelDeployment, naming every child.
             let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
-            let created = events
+            let notes: Vec<String> = events
                 .list(&ListParams::default())
                 .await?
                 .items
                 .into_iter()
                 .filter(|e| e.reason.as_deref() == Some("Created"))
-                .count();
-            ensure!(
-                created >= 5,
-                "expected Created events for every child, found {created}"
-            );
+                .filter_map(|e| e.note)
+                .collect();
+            let all = notes.join("; ");
+            for child in [
+                "ServiceAccount scorer",
+                "NetworkPolicy scorer-deny-all",
+                "NetworkPolicy scorer-allow",
+                "Service scorer",
+                "PodDisruptionBudget scorer",
+                "Deployment scorer",
+            ] {
+                ensure!(
+                    all.contains(&format!("Created {child}")),
+                    "no Created event names {child}: {all:?}"
+                );
+            }
             Ok(())
         },
     )

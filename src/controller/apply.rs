@@ -274,20 +274,15 @@ impl<'a> Applier<'a> {
     /// Publishes the Events collected while applying, in the background so the next reconcile
     /// does not wait for them, and returns the drift repairs.
     pub(super) fn finish(self) -> Vec<Repair> {
-        if !self.notes.is_empty() {
+        let events = group_notes(self.notes);
+        if !events.is_empty() {
             let recorder = self.ctx.recorder.clone();
             let metrics = self.ctx.metrics.clone();
             let regarding = self.smd.object_ref(&());
             tokio::spawn(async move {
-                for (type_, reason, note, related) in self.notes {
+                for (type_, reason, note, related) in events {
                     publish(
-                        &recorder,
-                        &metrics,
-                        &regarding,
-                        type_,
-                        reason,
-                        note,
-                        Some(related),
+                        &recorder, &metrics, &regarding, type_, reason, note, related,
                     )
                     .await;
                 }
@@ -295,6 +290,43 @@ impl<'a> Applier<'a> {
         }
         self.repairs
     }
+}
+
+/// One Event per reason for routine work (`Created`, `Updated`, `Deleted`: every child named in
+/// one note), and one per object for drift repairs (with the object as the related object), so a
+/// new SecureModelDeployment costs one Event write, not one per child.
+fn group_notes(
+    notes: Vec<(EventType, &'static str, String, ObjectReference)>,
+) -> Vec<(EventType, &'static str, String, Option<ObjectReference>)> {
+    const MAX_NOTE: usize = 1000;
+    let mut grouped: Vec<(EventType, &'static str, String, Option<ObjectReference>)> = Vec::new();
+    for (type_, reason, note, related) in notes {
+        if reason == "DriftRepaired" {
+            grouped.push((type_, reason, note, Some(related)));
+            continue;
+        }
+        match grouped
+            .iter_mut()
+            .find(|(_, r, _, rel)| *r == reason && rel.is_none())
+        {
+            Some((_, _, text, _)) => {
+                text.push_str("; ");
+                text.push_str(&note);
+            }
+            None => grouped.push((type_, reason, note, None)),
+        }
+    }
+    for (_, _, text, _) in &mut grouped {
+        if text.len() > MAX_NOTE {
+            let mut cut = MAX_NOTE - 3;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push_str("...");
+        }
+    }
+    grouped
 }
 
 /// The cached children of kind `K` of the SecureModelDeployment `name` (by label).
