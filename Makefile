@@ -8,7 +8,7 @@ SHELL := /bin/bash
 CLUSTER := e2e/cluster.sh
 CARGO ?= cargo
 # Loads KUBECONFIG and the paths of the pinned tools for the local control plane.
-CLUSTER_ENV = eval "$$($(CLUSTER) env)"
+CLUSTER_ENV = cluster_env=$$($(CLUSTER) env) && eval "$$cluster_env"
 
 ##@ General
 
@@ -60,7 +60,7 @@ test-unit: ## Unit and integration tests (no cluster needed).
 
 .PHONY: test-e2e
 test-e2e: cluster-up ## End-to-end tests against the local control plane, then its lifecycle test.
-	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4
+	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
 	@bash e2e/lifecycle-test.sh
 
 ##@ Demo and benchmarks

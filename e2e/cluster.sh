@@ -43,6 +43,9 @@ for v in K8S_VERSION ETCD_VERSION; do
   [ -n "${!v}" ] || die "could not read $v from $E2E_DIR/*/go.mod"
 done
 command -v go >/dev/null || die "Go is required to build the pinned components (install golang)"
+# The go.mod files need Go 1.26; an older toolchain would try to download a newer one.
+go_minor=$(go env GOVERSION | sed -n 's/^go1\.\([0-9]*\).*/\1/p')
+[ "${go_minor:-0}" -ge 26 ] || die "Go >= 1.26 is required to build the pinned components; found $(go env GOVERSION)"
 
 # build_into NAME DEST CMD...: run a build into a temporary directory and move it into the cache
 # only when it succeeded, so an interrupted build never leaves a half-filled cache entry.
@@ -174,19 +177,27 @@ up() {
   fi
   if ! kwokctl scale node --replicas "$NODES" >>"$log" 2>&1; then
     tail -n 20 "$log" >&2 || true
-    die "creating $NODES kwok nodes failed (log: $log)"
+    fail_start "creating $NODES kwok nodes failed (log: $log)"
   fi
   local deadline=$((SECONDS + 120))
   until [ "$(kubectl get nodes --no-headers 2>/dev/null | grep -c ' Ready ')" -ge "$NODES" ]; do
-    [ $SECONDS -lt $deadline ] || die "kwok nodes did not become Ready within 120s (log: $CLUSTER_DIR/logs/kwok-controller.log)"
+    [ $SECONDS -lt $deadline ] || fail_start "kwok nodes did not become Ready within 120s (log: $CLUSTER_DIR/logs/kwok-controller.log)"
     sleep 1
   done
   until kubectl get serviceaccount default -n default >/dev/null 2>&1; do
-    [ $SECONDS -lt $deadline ] || die "the default ServiceAccount never appeared (log: $CLUSTER_DIR/logs/kube-controller-manager.log)"
+    [ $SECONDS -lt $deadline ] || fail_start "the default ServiceAccount never appeared (log: $CLUSTER_DIR/logs/kube-controller-manager.log)"
     sleep 1
   done
   say "cluster '$CLUSTER' is up with $NODES kwok nodes in $((SECONDS - start))s"
   echo "export KUBECONFIG=$KUBECONFIG_PATH"
+}
+
+# A start that failed half-way: report, remove the half-started cluster (so the next `up` does not
+# mistake it for a working one), and stop.
+fail_start() {
+  report_component_logs
+  down >/dev/null 2>&1 || true
+  die "$1"
 }
 
 report_component_logs() {
@@ -207,12 +218,15 @@ down() {
   # Whatever kwokctl could not stop (a half-created cluster): every process started from this
   # cluster's directory or our cached binaries with this cluster's state.
   local pids
-  pids=$(pgrep -f "$CLUSTER_DIR/" || true)
+  # Only the cluster's own components, which kwokctl runs from $CLUSTER_DIR/bin (not, say, a
+  # `tail -f` on one of its logs).
+  local pattern="^$CLUSTER_DIR/bin/"
+  pids=$(pgrep -f "$pattern" || true)
   if [ -n "$pids" ]; then
     say "stopping leftover processes: $pids"
     kill $pids 2>/dev/null || true
     sleep 1
-    kill -9 $(pgrep -f "$CLUSTER_DIR/" || true) 2>/dev/null || true
+    kill -9 $(pgrep -f "$pattern" || true) 2>/dev/null || true
   fi
   rm -rf "$CLUSTER_DIR" "$STATE"
   say "cluster '$CLUSTER' is down"

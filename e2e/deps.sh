@@ -3,7 +3,8 @@
 # only missing packages are installed. Go and Rust (rustup) are expected on the machine.
 set -euo pipefail
 
-PACKAGES=(procps openssl ca-certificates)
+# gcc and libc6-dev: the Rust linker and ring's build script need a C toolchain.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -8,11 +8,17 @@ eval "$(e2e/cluster.sh env)"
 fails=0 passes=0
 pass() { echo "ok: $*"; passes=$((passes + 1)); }
 fail() { echo "FAIL: $*"; fails=$((fails + 1)); }
-alive() { pgrep -f "$MOAT_CLUSTER_DIR/" >/dev/null; }
+alive() { pgrep -f "^$MOAT_CLUSTER_DIR/bin/" >/dev/null; }
+err=$(mktemp)
+trap 'rm -f "$err"' EXIT
 
-e2e/cluster.sh up >/dev/null 2>&1
-first=$(e2e/cluster.sh up 2>/tmp/moat-lifecycle.err)
-if grep -q "already running" /tmp/moat-lifecycle.err && [ "$first" = "export KUBECONFIG=$KUBECONFIG" ]; then
+if ! e2e/cluster.sh up >/dev/null 2>"$err"; then
+  cat "$err"
+  echo "lifecycle: 0 passed, 1 failed"
+  exit 1
+fi
+first=$(e2e/cluster.sh up 2>"$err")
+if grep -q "already running" "$err" && [ "$first" = "export KUBECONFIG=$KUBECONFIG" ]; then
   pass "a second 'up' finds the running cluster and prints the same KUBECONFIG"
 else
   fail "a second 'up' did not report the running cluster (stdout: $first)"

@@ -33,6 +33,10 @@ pub mod reason {
     pub const APPLY_FAILED: &str = "ApplyFailed";
     /// Nothing is wrong.
     pub const AS_EXPECTED: &str = "AsExpected";
+    /// An object with a child's name exists and is not controlled by this SecureModelDeployment.
+    pub const CONFLICT: &str = "Conflict";
+    /// The API server rejected a generated object as invalid.
+    pub const REJECTED: &str = "Rejected";
 }
 
 /// Sets `new` in `conditions`, keeping `lastTransitionTime` when the status did not change.

@@ -13,7 +13,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::{events::EventType, reflector::Store},
 };
 use serde::{Serialize, de::DeserializeOwned};
@@ -97,34 +97,8 @@ impl<'a> Applier<'a> {
         let desired_names: BTreeSet<String> = desired.iter().map(|d| d.name_any()).collect();
         for want in desired {
             let name = want.name_any();
-            // Not in the cache: absent, its labels were changed, or the cache lags; the fresh read
-            // below tells.
-            let current = live.iter().find(|o| o.name_any() == name).cloned();
-            if current.as_ref().is_some_and(|c| !ours(c)) {
-                return Err(Error::Conflict { kind, name });
-            }
-            let (obj, outcome) = match self
-                .ensure_one(&api, want.clone(), current.clone(), false)
-                .await?
-            {
-                // The cache may lag behind the API server: confirm with a fresh read before writing.
-                None => {
-                    let fresh = api
-                        .get_opt(&name)
-                        .await
-                        .map_err(|source| Error::Read { kind, source })?;
-                    if fresh.as_ref().is_some_and(|c| !ours(c)) {
-                        return Err(Error::Conflict { kind, name });
-                    }
-                    self.ensure_one(&api, want, fresh, true)
-                        .await?
-                        .ok_or_else(|| Error::Conflict {
-                            kind,
-                            name: name.clone(),
-                        })?
-                }
-                Some(done) => done,
-            };
+            let cached = live.iter().find(|o| o.name_any() == name && ours(o));
+            let (obj, outcome) = self.ensure_one(&api, want, cached, &ours).await?;
             let related = obj.object_ref(&());
             match outcome {
                 Outcome::Unchanged => {}
@@ -165,11 +139,19 @@ impl<'a> Applier<'a> {
             .filter(|o| ours(o) && !desired_names.contains(&o.name_any()))
         {
             let name = stale.name_any();
+            // The uid precondition keeps a same-named object created since from being deleted.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: stale.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::background()
+            };
             self.ctx.metrics.api_write(kind, "delete");
-            match api.delete(&name, &DeleteParams::background()).await {
+            match api.delete(&name, &params).await {
                 Ok(_) => {}
-                // Already gone (the cache lagged): nothing to report.
-                Err(kube::Error::Api(s)) if s.code == 404 => continue,
+                // Already gone, or replaced (the cache lagged): nothing to report.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => continue,
                 Err(source) => return Err(Error::Prune { kind, name, source }),
             }
             self.notes.push((
@@ -182,15 +164,16 @@ impl<'a> Applier<'a> {
         Ok(result)
     }
 
-    /// Compares and, when something is wrong, writes. With `fresh == false` (`current` is from the
-    /// cache) it returns `None` instead of writing, so the caller re-reads and calls again.
+    /// Leaves a child alone when it is as desired, otherwise writes it. The cached copy serves
+    /// the fast path only: before any write the object is read fresh, so a cache that lags behind
+    /// the API server never causes a wrong write, a false drift count or a false conflict.
     async fn ensure_one<K>(
         &self,
         api: &Api<K>,
         want: K,
-        current: Option<K>,
-        fresh: bool,
-    ) -> Result<Option<(K, Outcome)>, Error>
+        cached: Option<&K>,
+        ours: &impl Fn(&K) -> bool,
+    ) -> Result<(K, Outcome), Error>
     where
         K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
             + Clone
@@ -200,31 +183,33 @@ impl<'a> Applier<'a> {
     {
         let kind = kind::<K>();
         let name = want.name_any();
-        let body = with_type(&want);
+        let body = with_type(&want).map_err(|source| Error::Serialize { kind, source })?;
+        if let Some(c) = cached
+            && assess(&body, c)?.in_sync()
+        {
+            return Ok((c.clone(), Outcome::Unchanged));
+        }
+        let current = api
+            .get_opt(&name)
+            .await
+            .map_err(|source| Error::Read { kind, source })?;
         let outcome = match &current {
-            None if !fresh => return Ok(None),
+            Some(live) if !ours(live) => return Err(Error::Conflict { kind, name }),
             None if self.converged_before => Outcome::Repaired("deleted".into()),
             None => Outcome::Created,
             Some(live) => {
                 if live.meta().deletion_timestamp.is_some() {
                     // Being deleted; it is recreated when the deletion completes (watch event).
-                    return Ok(Some((live.clone(), Outcome::Unchanged)));
+                    return Ok((live.clone(), Outcome::Unchanged));
                 }
-                let live_json = serde_json::to_value(live)
-                    .map_err(|source| Error::Serialize { kind, source })?;
-                let mut differences = drift::differences(&body, &live_json);
-                differences.retain(|p| p != "apiVersion" && p != "kind");
-                let managed = live.meta().managed_fields.clone().unwrap_or_default();
-                let foreign = drift::foreign_fields(&managed, FIELD_MANAGER);
-                if differences.is_empty() && foreign.is_empty() {
-                    return Ok(Some((live.clone(), Outcome::Unchanged)));
+                let found = assess(&body, live)?;
+                if found.in_sync() {
+                    return Ok((live.clone(), Outcome::Unchanged));
                 }
-                if !fresh {
-                    return Ok(None);
-                }
-                if !foreign.is_empty() {
+                if !found.foreign.is_empty() {
                     // Move the fields others added into Moat's entry so the apply removes them.
-                    let managed_fields = drift::transfer(&managed, &foreign, FIELD_MANAGER);
+                    let managed_fields =
+                        drift::transfer(&found.managed, &found.foreign, FIELD_MANAGER);
                     let patch = json!({"metadata": {
                         "resourceVersion": live.resource_version(),
                         "managedFields": managed_fields,
@@ -238,16 +223,7 @@ impl<'a> Applier<'a> {
                             source,
                         })?;
                 }
-                let mut what: Vec<String> =
-                    differences.iter().map(|p| format!("{p} changed")).collect();
-                for f in &foreign {
-                    what.push(format!(
-                        "fields set by {}: {}",
-                        f.manager,
-                        drift::paths(&f.fields).join(", ")
-                    ));
-                }
-                let what = summarize(&what);
+                let what = summarize(&found.describe());
                 if self.converged_before {
                     Outcome::Repaired(what)
                 } else {
@@ -268,7 +244,7 @@ impl<'a> Applier<'a> {
                 name: name.clone(),
                 source,
             })?;
-        Ok(Some((applied, outcome)))
+        Ok((applied, outcome))
     }
 
     /// Publishes the Events collected while applying, in the background so the next reconcile
@@ -343,6 +319,62 @@ where
         .map(|o| (*o).clone())
         .collect()
 }
+/// How a live child differs from the desired one.
+struct Assessment {
+    /// Desired values the live object lacks.
+    differences: Vec<String>,
+    /// Fields other managers own that Moat does not.
+    foreign: Vec<drift::ForeignFields>,
+    /// Fields Moat owns that it no longer wants (an interrupted take-over).
+    stale: Vec<String>,
+    /// The live managedFields.
+    managed: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry>,
+}
+
+impl Assessment {
+    fn in_sync(&self) -> bool {
+        self.differences.is_empty() && self.foreign.is_empty() && self.stale.is_empty()
+    }
+
+    fn describe(&self) -> Vec<String> {
+        let mut what: Vec<String> = self
+            .differences
+            .iter()
+            .map(|p| format!("{p} changed"))
+            .collect();
+        for f in &self.foreign {
+            what.push(format!(
+                "fields set by {}: {}",
+                f.manager,
+                drift::paths(&f.fields).join(", ")
+            ));
+        }
+        if !self.stale.is_empty() {
+            what.push(format!("fields left over: {}", self.stale.join(", ")));
+        }
+        what
+    }
+}
+
+fn assess<K: Resource + Serialize>(
+    body: &serde_json::Value,
+    live: &K,
+) -> Result<Assessment, Error> {
+    let live_json = serde_json::to_value(live).map_err(|source| Error::Serialize {
+        kind: "child",
+        source,
+    })?;
+    let mut differences = drift::differences(body, &live_json);
+    differences.retain(|p| p != "apiVersion" && p != "kind");
+    let managed = live.meta().managed_fields.clone().unwrap_or_default();
+    Ok(Assessment {
+        differences,
+        foreign: drift::foreign_fields(&managed, FIELD_MANAGER),
+        stale: drift::owned_but_not_desired(&managed, FIELD_MANAGER, body),
+        managed,
+    })
+}
+
 fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
     // Kinds of the k8s-openapi types are static strings; map them to static labels.
     match K::kind(&()).as_ref() {
@@ -351,7 +383,6 @@ fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
         "Service" => "Service",
         "PodDisruptionBudget" => "PodDisruptionBudget",
         "Deployment" => "Deployment",
-        "Secret" => "Secret",
         _ => "Object",
     }
 }

@@ -7,8 +7,10 @@ use serde_json::{Map, Value};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
 
 /// Paths at which `live` does not carry what `desired` says. Extra fields in `live` (server
-/// defaults) are ignored here; a desired zero value (`false`, `0`, `""`, empty) matches an
-/// absent field because the API server omits those. Lists must have the same length.
+/// defaults) are ignored here; a desired empty map or list matches an absent field because the
+/// API server omits those. `false`, `0` and `""` must be present: Moat renders them only where
+/// Kubernetes keeps them (pointer fields such as `automountServiceAccountToken: false`), so their
+/// removal is drift. Lists must have the same length.
 pub fn differences(desired: &Value, live: &Value) -> Vec<String> {
     let mut out = Vec::new();
     diff_into(desired, live, "", &mut out);
@@ -66,11 +68,9 @@ fn join(path: &str, key: &str) -> String {
 fn is_zero(v: &Value) -> bool {
     match v {
         Value::Null => true,
-        Value::Bool(b) => !b,
-        Value::Number(n) => n.as_f64() == Some(0.0),
-        Value::String(s) => s.is_empty(),
         Value::Array(a) => a.is_empty(),
         Value::Object(o) => o.is_empty(),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => false,
     }
 }
 
@@ -130,7 +130,6 @@ fn scope(fields: &Value) -> Value {
         if let Some(Value::Object(meta)) = map.get_mut("f:metadata") {
             meta.remove("f:annotations");
             meta.remove("f:finalizers");
-            meta.remove("f:resourceVersion");
             if meta.is_empty() {
                 map.remove("f:metadata");
             }
@@ -181,6 +180,60 @@ pub fn union(a: &Value, b: &Value) -> Value {
             Value::Object(out)
         }
         (_, b) => b.clone(),
+    }
+}
+
+/// Fields Moat's apply entry owns that `desired` no longer contains: left behind when a take-over
+/// (managed-fields patch) succeeded but the apply after it did not. The next apply removes them.
+pub fn owned_but_not_desired(
+    entries: &[ManagedFieldsEntry],
+    field_manager: &str,
+    desired: &Value,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in entries.iter().filter(|e| is_ours(e, field_manager)) {
+        if let Some(f) = &e.fields_v1 {
+            stale_into(&scope(&f.0), desired, "", &mut out);
+        }
+    }
+    out
+}
+
+fn stale_into(fields: &Value, desired: &Value, path: &str, out: &mut Vec<String>) {
+    let Value::Object(map) = fields else { return };
+    for (k, sub) in map {
+        if k == "." {
+            continue;
+        }
+        let (child, name) = match k.split_once(':') {
+            Some(("f", field)) => (desired.get(field), join(path, field)),
+            Some(("k", key)) => {
+                let key: Value = serde_json::from_str(key).unwrap_or(Value::Null);
+                let found = desired.as_array().and_then(|items| {
+                    items.iter().find(|item| {
+                        // Lenient: a key field Moat leaves to the server's default matches.
+                        key.as_object().is_some_and(|kv| {
+                            kv.iter()
+                                .all(|(kk, kv)| item.get(kk).is_none_or(|iv| iv == kv))
+                        })
+                    })
+                });
+                (found, format!("{path}[{key}]"))
+            }
+            Some(("v", value)) => {
+                let value: Value = serde_json::from_str(value).unwrap_or(Value::Null);
+                let found = desired
+                    .as_array()
+                    .and_then(|items| items.iter().find(|i| **i == value));
+                (found, format!("{path}[{value}]"))
+            }
+            // Index keys and anything unknown: not judged.
+            _ => continue,
+        };
+        match child {
+            None => out.push(name),
+            Some(c) => stale_into(sub, c, &name, out),
+        }
     }
 }
 
@@ -289,10 +342,9 @@ mod tests {
     }
 
     #[test]
-    fn zero_values_match_absent_fields_and_quantities_match_by_value() {
-        let desired =
-            json!({"automount": false, "spec": {"resources": {"limits": {"cpu": "1000m"}}}});
-        let live = json!({"spec": {"resources": {"limits": {"cpu": "1"}}}});
+    fn empty_maps_match_absent_fields_and_quantities_match_by_value() {
+        let desired = json!({"selector": {}, "automount": false, "spec": {"resources": {"limits": {"cpu": "1000m"}}}});
+        let live = json!({"automount": false, "spec": {"resources": {"limits": {"cpu": "1"}}}});
         assert!(differences(&desired, &live).is_empty());
         let live_true = json!({"automount": true, "spec": {"resources": {"limits": {"cpu": "2"}}}});
         assert_eq!(differences(&desired, &live_true).len(), 2);
@@ -361,6 +413,42 @@ mod tests {
         let found = foreign_fields(&entries, "moat");
         let moved = transfer(&entries, &found, "moat");
         assert_eq!(moved.len(), 1);
+    }
+
+    #[test]
+    fn a_removed_false_is_drift() {
+        let desired = json!({"automountServiceAccountToken": false, "spec": {"maxUnavailable": 0}});
+        assert_eq!(
+            differences(&desired, &json!({"spec": {}})),
+            vec!["automountServiceAccountToken", "spec.maxUnavailable"]
+        );
+        assert!(
+            differences(&json!({"spec": {"matchLabels": {}}}), &json!({"spec": {}})).is_empty()
+        );
+    }
+
+    #[test]
+    fn fields_moat_owns_but_no_longer_wants_are_found() {
+        let ours = json!({"f:spec": {"f:template": {"f:spec": {
+            "f:hostNetwork": {},
+            "f:containers": {
+                "k:{\"name\":\"server\"}": {".": {}, "f:image": {}},
+                "k:{\"name\":\"sidecar\"}": {".": {}, "f:image": {}}
+            }
+        }}}});
+        let entries = vec![entry("moat", "Apply", ours)];
+        let desired = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "x"}]}}}});
+        let mut stale = owned_but_not_desired(&entries, "moat", &desired);
+        stale.sort();
+        assert_eq!(
+            stale,
+            vec![
+                "spec.template.spec.containers[{\"name\":\"sidecar\"}]",
+                "spec.template.spec.hostNetwork"
+            ]
+        );
+        let desired_all = json!({"spec": {"template": {"spec": {"hostNetwork": true, "containers": [{"name": "server", "image": "x"}, {"name": "sidecar", "image": "y"}]}}}});
+        assert!(owned_but_not_desired(&entries, "moat", &desired_all).is_empty());
     }
 
     #[test]

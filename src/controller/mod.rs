@@ -6,7 +6,11 @@ mod apply;
 pub mod drift;
 pub mod status;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::{
@@ -29,12 +33,11 @@ use kube::{
         watcher,
     },
 };
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::{
     api::{SecureModelDeployment, SecureModelDeploymentStatus, conditions},
-    render::{self, Children, DEPLOYMENT_LABEL, Facts, MANAGED_BY, RenderError},
+    render::{self, Children, Facts, MANAGED_BY, RenderError},
     telemetry::metrics::Metrics,
 };
 
@@ -85,6 +88,15 @@ pub struct Context {
     pub recorder: Recorder,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<SecureModelDeployment>, u32>>,
+}
+
+impl Context {
+    fn forget_failures(&self, key: &ObjectRef<SecureModelDeployment>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
 }
 
 impl Context {
@@ -187,9 +199,26 @@ impl Error {
         }
     }
 
-    /// Whether retrying cannot help until the user changes something.
+    /// Whether retrying cannot help until the user changes something: an invalid spec, a name
+    /// taken by an object Moat does not control, or a child the API server rejects as invalid.
     pub fn needs_user_action(&self) -> bool {
-        matches!(self, Error::Invalid(_) | Error::Conflict { .. })
+        match self {
+            Error::Invalid(_) | Error::Conflict { .. } => true,
+            Error::Apply {
+                source: kube::Error::Api(s),
+                ..
+            } => s.code == 422,
+            _ => false,
+        }
+    }
+
+    /// The condition reason for an error that needs the user.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Conflict { .. } => conditions::reason::CONFLICT,
+            Error::Apply { .. } => conditions::reason::REJECTED,
+            _ => conditions::reason::INVALID_SPEC,
+        }
     }
 }
 
@@ -319,23 +348,26 @@ pub async fn reconcile(
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile_started();
+    let key = ObjectRef::from_obj(&*smd);
     if smd.meta().deletion_timestamp.is_some() {
         // Children carry a controller ownerReference; the garbage collector removes them.
+        ctx.forget_failures(&key);
         return Ok(Action::await_change());
     }
     let result = converge(&smd, &ctx).await;
-    let key = ObjectRef::from_obj(&*smd);
     match &result {
-        Ok(_) => {
-            ctx.failures.lock().await.remove(&key);
-        }
+        Ok(_) => ctx.forget_failures(&key),
         Err(e) => {
             ctx.metrics.reconcile_failed(e.metric_label());
             if e.needs_user_action() {
-                // Reported as Stalled; wait for the user to change the spec.
                 report_stalled(&smd, &ctx, e).await?;
-                ctx.failures.lock().await.remove(&key);
-                return Ok(Action::await_change());
+                ctx.forget_failures(&key);
+                return Ok(match e {
+                    // A conflicting object Moat does not watch may be removed at any time.
+                    Error::Conflict { .. } => Action::requeue(ctx.settings.resync_period),
+                    // Invalid specs wait for the user to change the spec.
+                    _ => Action::await_change(),
+                });
             }
             report_retrying(&smd, &ctx, e).await;
         }
@@ -347,9 +379,12 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     let children = render::render(smd, &ctx.settings.facts).map_err(Error::Invalid)?;
     let namespace = smd.namespace().unwrap_or_default();
     let name = smd.name_any();
-    // A change to children of a generation Moat already converged was made by someone else.
-    let converged_before =
-        smd.status.as_ref().and_then(|s| s.observed_generation) == smd.metadata.generation;
+    // A change to children of a generation Moat already converged (not merely observed while
+    // stalled) was made by someone else.
+    let converged_before = smd.status.as_ref().is_some_and(|s| {
+        s.observed_generation == smd.metadata.generation
+            && !conditions::is_true(&s.conditions, conditions::STALLED)
+    });
     let mut applier = apply::Applier::new(ctx, smd, &namespace, converged_before);
 
     // The order matters: the pods must never run before their identity and their network
@@ -445,7 +480,7 @@ async fn report_stalled(
     write_status(smd, ctx, new, false).await?;
     if changed {
         let regarding = smd.object_ref(&());
-        let reason = status_reason(e);
+        let reason = e.reason();
         publish(
             &ctx.recorder,
             &ctx.metrics,
@@ -465,13 +500,6 @@ async fn report_retrying(smd: &SecureModelDeployment, ctx: &Context, e: &Error) 
     let new = status::retrying(smd, e, now);
     if let Err(err) = write_status(smd, ctx, new, false).await {
         warn!(error = %err, "could not report the failure in status");
-    }
-}
-
-fn status_reason(e: &Error) -> &'static str {
-    match e {
-        Error::Conflict { .. } => "Conflict",
-        _ => conditions::reason::INVALID_SPEC,
     }
 }
 
@@ -498,25 +526,17 @@ pub(crate) async fn publish(
     }
 }
 
-/// Retries with exponential backoff per object: 1s, 2s, 4s ... capped at 5 minutes.
+/// Retries with exponential backoff per object: 1 s, 2 s, 4 s ... capped at 5 minutes.
 fn error_policy(smd: Arc<SecureModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
     let key = ObjectRef::from_obj(&*smd);
-    let attempts = ctx
-        .failures
-        .try_lock()
-        .map(|mut f| {
-            let n = f.entry(key).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        })
-        .unwrap_or(1);
-    let delay = Duration::from_secs(1u64 << attempts.min(8).saturating_sub(1))
+    let attempts = {
+        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = Duration::from_secs(1u64 << attempts.clamp(1, 10).saturating_sub(1))
         .min(Duration::from_secs(300));
     warn!(name = %smd.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
-}
-
-/// The label selector matching every child of the SecureModelDeployment `name`.
-pub fn child_selector(name: &str) -> String {
-    format!("{DEPLOYMENT_LABEL}={name}")
 }

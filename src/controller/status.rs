@@ -27,6 +27,12 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
     let Some(st) = deploy.status.as_ref() else {
         return Rollout::Progressing("waiting for the Deployment controller".into());
     };
+    // Like `kubectl rollout status`: a failure reported for an older template does not count.
+    if st.observed_generation.unwrap_or(0) < generation {
+        return Rollout::Progressing(
+            "waiting for the Deployment controller to observe the new spec".into(),
+        );
+    }
     if let Some(failed) = st.conditions.iter().flatten().find(|c| {
         c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     }) {
@@ -35,11 +41,6 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
                 .message
                 .clone()
                 .unwrap_or_else(|| "progress deadline exceeded".into()),
-        );
-    }
-    if st.observed_generation.unwrap_or(0) < generation {
-        return Rollout::Progressing(
-            "waiting for the Deployment controller to observe the new spec".into(),
         );
     }
     let updated = st.updated_replicas.unwrap_or(0);
@@ -135,10 +136,7 @@ pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModel
     let generation = smd.metadata.generation;
     let mut st = smd.status.clone().unwrap_or_default();
     st.observed_generation = generation;
-    let why = match e {
-        Error::Conflict { .. } => "Conflict",
-        _ => reason::INVALID_SPEC,
-    };
+    let why = e.reason();
     let message = e.to_string();
     for (type_, status, message) in [
         (READY, false, message.clone()),
@@ -164,6 +162,18 @@ pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureMode
             true,
             reason::APPLY_FAILED,
             format!("{e}; retrying"),
+            generation,
+            now.clone(),
+        ),
+    );
+    // Retrying is progress, not a stall; an earlier Stalled=True no longer holds.
+    conditions::set(
+        &mut st.conditions,
+        conditions::new(
+            STALLED,
+            false,
+            reason::AS_EXPECTED,
+            "",
             generation,
             now.clone(),
         ),

@@ -90,6 +90,9 @@ pub enum RenderError {
         /// What went wrong.
         source: serde_json::Error,
     },
+    /// Writing YAML failed.
+    #[error("writing YAML: {0}")]
+    Yaml(#[source] serde_yaml::Error),
 }
 
 fn format_errors(errors: &[ValidationError]) -> String {
@@ -168,7 +171,7 @@ pub(crate) fn typed<T: serde::de::DeserializeOwned>(
 }
 
 /// The children as a multi-document YAML stream (what `moat render` prints).
-pub fn to_yaml(children: &Children) -> Result<String, serde_yaml::Error> {
+pub fn to_yaml(children: &Children) -> Result<String, RenderError> {
     let Children {
         service_account,
         network_policies,
@@ -176,15 +179,15 @@ pub fn to_yaml(children: &Children) -> Result<String, serde_yaml::Error> {
         pod_disruption_budget,
         deployment,
     } = children;
-    let mut docs = vec![serde_yaml::to_string(&with_type(service_account))?];
+    let mut docs = vec![yaml_doc(service_account)?];
     for np in network_policies {
-        docs.push(serde_yaml::to_string(&with_type(np))?);
+        docs.push(yaml_doc(np)?);
     }
-    docs.push(serde_yaml::to_string(&with_type(service))?);
+    docs.push(yaml_doc(service)?);
     if let Some(pdb) = pod_disruption_budget {
-        docs.push(serde_yaml::to_string(&with_type(pdb))?);
+        docs.push(yaml_doc(pdb)?);
     }
-    docs.push(serde_yaml::to_string(&with_type(deployment))?);
+    docs.push(yaml_doc(deployment)?);
     Ok(docs
         .into_iter()
         .map(|d| format!("---\n{d}"))
@@ -192,14 +195,25 @@ pub fn to_yaml(children: &Children) -> Result<String, serde_yaml::Error> {
 }
 
 /// An object as JSON with `apiVersion` and `kind` set.
-pub fn with_type<K>(obj: &K) -> serde_json::Value
+pub fn with_type<K>(obj: &K) -> Result<serde_json::Value, serde_json::Error>
 where
     K: Resource<DynamicType = ()> + Serialize,
 {
-    let mut v = serde_json::to_value(obj).unwrap_or(serde_json::Value::Null);
+    let mut v = serde_json::to_value(obj)?;
     if let Some(map) = v.as_object_mut() {
         map.insert("apiVersion".into(), K::api_version(&()).into());
         map.insert("kind".into(), K::kind(&()).into());
     }
-    v
+    Ok(v)
+}
+
+fn yaml_doc<K>(obj: &K) -> Result<String, RenderError>
+where
+    K: Resource<DynamicType = ()> + Serialize,
+{
+    let value = with_type(obj).map_err(|source| RenderError::Build {
+        kind: "output",
+        source,
+    })?;
+    serde_yaml::to_string(&value).map_err(RenderError::Yaml)
 }

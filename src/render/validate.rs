@@ -17,6 +17,32 @@ static DNS_LABEL: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(DNS_LABE
 static DNS_1035: LazyLock<Option<Regex>> =
     LazyLock::new(|| Regex::new("^[a-z]([-a-z0-9]*[a-z0-9])?$").ok());
 
+static LABEL_KEY: LazyLock<Option<Regex>> = LazyLock::new(|| {
+    Regex::new(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$").ok()
+});
+static LABEL_VALUE: LazyLock<Option<Regex>> =
+    LazyLock::new(|| Regex::new(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$").ok());
+
+/// Problems with a label selector (`key: value` pairs), as the API server would report them.
+fn check_labels(
+    labels: Option<&std::collections::BTreeMap<String, String>>,
+    field: &str,
+    err: &mut impl FnMut(String, String),
+) {
+    for (k, v) in labels.into_iter().flatten() {
+        let name_len = k.rsplit('/').next().map_or(0, str::len);
+        if !matches(&LABEL_KEY, k) || name_len > 63 || k.len() > 317 {
+            err(field.to_string(), format!("{k:?} is not a valid label key"));
+        }
+        if !matches(&LABEL_VALUE, v) || v.len() > 63 {
+            err(
+                format!("{field}.{k}"),
+                format!("{v:?} is not a valid label value"),
+            );
+        }
+    }
+}
+
 /// Whether `s` matches; fails closed (no match) if a pattern did not compile, which the unit
 /// test `patterns_compile` rules out.
 fn matches(re: &LazyLock<Option<Regex>>, s: &str) -> bool {
@@ -147,6 +173,8 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
                 "must be a namespace name".into(),
             );
         }
+        let field = format!("spec.access.clients[{i}].podSelector");
+        check_labels(client.pod_selector.as_ref(), &field, &mut err);
     }
     for (i, rule) in spec.access.egress.iter().enumerate() {
         let field = format!("spec.access.egress[{i}]");
@@ -175,6 +203,11 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
                 "set exactly one of cidr and namespace".into(),
             ),
         }
+        check_labels(
+            rule.pod_selector.as_ref(),
+            &format!("{field}.podSelector"),
+            &mut err,
+        );
         if rule.pod_selector.is_some() && rule.namespace.is_none() {
             err(format!("{field}.podSelector"), "requires namespace".into());
         }
@@ -215,7 +248,14 @@ mod tests {
 
     #[test]
     fn patterns_compile_and_match_what_they_should() {
-        for re in [&IMAGE, &ENV_NAME, &DNS_LABEL, &DNS_1035] {
+        for re in [
+            &IMAGE,
+            &ENV_NAME,
+            &DNS_LABEL,
+            &DNS_1035,
+            &LABEL_KEY,
+            &LABEL_VALUE,
+        ] {
             assert!(re.is_some());
         }
         for ok in [
@@ -238,6 +278,8 @@ mod tests {
         ] {
             assert!(!matches(&IMAGE, bad), "{bad}");
         }
+        assert!(matches(&LABEL_KEY, "app.kubernetes.io/name") && matches(&LABEL_KEY, "app"));
+        assert!(!matches(&LABEL_KEY, "bad key") && !matches(&LABEL_VALUE, "-x"));
         assert_eq!(parse_cidr("10.0.0.0/8"), Some(8));
         assert_eq!(parse_cidr("::/0"), Some(0));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
