@@ -26,6 +26,25 @@ use crate::{
     render::{DEPLOYMENT_LABEL, with_type},
 };
 
+/// What Moat needs of a child kind: a namespaced Kubernetes type it can serialize and read.
+pub(super) trait Child:
+    Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + std::fmt::Debug
+    + Serialize
+    + DeserializeOwned
+{
+}
+
+impl<K> Child for K where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + Serialize
+        + DeserializeOwned
+{
+}
+
 /// A change by someone else that Moat reverted.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Repair {
@@ -76,14 +95,11 @@ impl<'a> Applier<'a> {
     /// Makes the live objects of kind `K` exactly `desired`: creates, repairs and updates them,
     /// and deletes the ones of this SecureModelDeployment that are no longer desired. `live` is
     /// what the cache holds. Returns the live objects after the writes.
-    pub(super) async fn ensure<K>(&mut self, desired: Vec<K>, live: Vec<K>) -> Result<Vec<K>, Error>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + Serialize
-            + DeserializeOwned,
-    {
+    pub(super) async fn ensure<K: Child>(
+        &mut self,
+        desired: Vec<K>,
+        live: Vec<K>,
+    ) -> Result<Vec<K>, Error> {
         let kind = kind::<K>();
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
         let uid = self.smd.uid();
@@ -167,20 +183,13 @@ impl<'a> Applier<'a> {
     /// Leaves a child alone when it is as desired, otherwise writes it. The cached copy serves
     /// the fast path only: before any write the object is read fresh, so a cache that lags behind
     /// the API server never causes a wrong write, a false drift count or a false conflict.
-    async fn ensure_one<K>(
+    async fn ensure_one<K: Child>(
         &self,
         api: &Api<K>,
         want: K,
         cached: Option<&K>,
         ours: &impl Fn(&K) -> bool,
-    ) -> Result<(K, Outcome), Error>
-    where
-        K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
-            + Clone
-            + std::fmt::Debug
-            + Serialize
-            + DeserializeOwned,
-    {
+    ) -> Result<(K, Outcome), Error> {
         let kind = kind::<K>();
         let name = want.name_any();
         let body = with_type(&want).map_err(|source| Error::Serialize { kind, source })?;
