@@ -54,6 +54,18 @@ struct OperatorArgs {
     /// Namespace of the cluster DNS pods (the only destination allowed by default).
     #[arg(long, env = "MOAT_DNS_NAMESPACE", default_value = "kube-system")]
     dns_namespace: String,
+    /// Elect a leader through a Lease so several replicas can run; only the leader reconciles.
+    #[arg(long, env = "MOAT_LEADER_ELECT", default_value_t = false)]
+    leader_elect: bool,
+    /// Name of the leader election Lease.
+    #[arg(long, env = "MOAT_LEASE_NAME", default_value = "moat-operator")]
+    lease_name: String,
+    /// Namespace of the leader election Lease (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Seconds the Lease stays valid without renewal: the longest a failover takes.
+    #[arg(long, env = "MOAT_LEASE_DURATION_SECONDS", default_value_t = 15)]
+    lease_duration_seconds: u64,
     /// Label `key=value` of the cluster DNS pods.
     #[arg(long, env = "MOAT_DNS_POD_LABEL", default_value = "k8s-app=kube-dns")]
     dns_pod_label: String,
@@ -121,11 +133,33 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
         let health = server::Health::new(metrics.clone());
         let endpoints = tokio::spawn(server::serve(args.metrics_addr, health.clone()));
         health.set_ready(true);
+        let work = async move {
+            if !args.leader_elect {
+                controller::run(client, settings, metrics).await;
+                return Ok(());
+            }
+            let identity = std::env::var("POD_NAME")
+                .unwrap_or_else(|_| format!("moat-{}", std::process::id()));
+            let lease = controller::leader::LeaseSettings {
+                name: args.lease_name,
+                namespace: args.lease_namespace,
+                identity,
+                duration_seconds: args.lease_duration_seconds.max(2),
+                grace_seconds: (args.lease_duration_seconds / 3).max(1),
+            };
+            tokio::select! {
+                res = controller::leader::run_elected(client, settings, metrics, lease) => {
+                    res.context("leader election")
+                }
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
+        };
+        let metrics_addr = args.metrics_addr;
         tokio::select! {
-            () = controller::run(client, settings, metrics) => Ok(()),
+            res = work => res,
             res = endpoints => match res {
                 Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("serving endpoints on {}", args.metrics_addr))),
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context(format!("serving endpoints on {metrics_addr}"))),
                 Err(e) => Err(anyhow::Error::new(e)),
             },
         }

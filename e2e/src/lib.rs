@@ -322,6 +322,39 @@ impl Operator {
         Ok(Self { metrics, task })
     }
 
+    /// Starts an operator replica for `namespace` that runs the controller only while it holds
+    /// the Lease `lease` (in the same namespace), as `moat operator --leader-elect` does.
+    pub async fn start_elected(
+        namespace: &str,
+        lease: &str,
+        identity: &str,
+        lease_duration_seconds: u64,
+    ) -> Result<Self> {
+        let config = Config::infer().await?;
+        let client = moat::controller::client_from(config)?;
+        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
+        let settings = moat::controller::Settings {
+            namespace: Some(namespace.to_string()),
+            resync_period: Duration::from_secs(300),
+            facts: moat::render::Facts::default(),
+        };
+        let lease = moat::controller::leader::LeaseSettings {
+            name: lease.to_string(),
+            namespace: namespace.to_string(),
+            identity: identity.to_string(),
+            duration_seconds: lease_duration_seconds,
+            grace_seconds: (lease_duration_seconds / 3).max(1),
+        };
+        let m = metrics.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = moat::controller::leader::run_elected(client, settings, m, lease).await
+            {
+                eprintln!("leader election ended: {e}");
+            }
+        });
+        Ok(Self { metrics, task })
+    }
+
     /// Stops the operator abruptly, as a crash would.
     pub async fn kill(mut self) {
         self.task.abort();

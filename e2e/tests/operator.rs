@@ -827,3 +827,101 @@ async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken
     )
     .await;
 }
+
+#[tokio::test]
+async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over() {
+    with_namespace(
+        "operator-leader",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            install_crds(&env.client).await?;
+            const LEASE_SECONDS: u64 = 6;
+            let a = Operator::start_elected(
+                &env.namespace,
+                "moat-operator",
+                "replica-a",
+                LEASE_SECONDS,
+            )
+            .await?;
+            let b = Operator::start_elected(
+                &env.namespace,
+                "moat-operator",
+                "replica-b",
+                LEASE_SECONDS,
+            )
+            .await?;
+            wait_for(Duration::from_secs(30), "one leader", || async {
+                Ok(a.metrics.is_leader() != b.metrics.is_leader())
+            })
+            .await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            let (leader, follower) = if a.metrics.is_leader() {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            ensure!(
+                leader.metrics.api_writes_total() > 0,
+                "the leader did not write"
+            );
+            ensure!(
+                follower.metrics.api_writes_total() == 0,
+                "the follower wrote"
+            );
+            ensure!(reconciles(&follower)? == 0, "the follower reconciled");
+
+            // The leader dies without releasing the Lease; the follower takes over when it
+            // expires, and repairs drift from then on. The dead leader writes nothing more.
+            let leader_metrics = leader.metrics.clone();
+            leader.kill().await;
+            let writes_at_death = leader_metrics.api_writes_total();
+            let killed = Instant::now();
+            wait_for(
+                Duration::from_secs(3 * LEASE_SECONDS),
+                "the follower to lead",
+                || async { Ok(follower.metrics.is_leader()) },
+            )
+            .await?;
+            let failover = killed.elapsed();
+            env.api::<NetworkPolicy>()
+                .delete(&format!("{NAME}-deny-all"), &DeleteParams::default())
+                .await?;
+            wait_for(
+                Duration::from_secs(10),
+                "the new leader to repair drift",
+                || async {
+                    Ok(env
+                        .api::<NetworkPolicy>()
+                        .get_opt(&format!("{NAME}-deny-all"))
+                        .await?
+                        .is_some_and(|n| n.metadata.deletion_timestamp.is_none()))
+                },
+            )
+            .await?;
+            eprintln!(
+                "leader failover: {:.1} s (lease duration {LEASE_SECONDS} s)",
+                failover.as_secs_f64()
+            );
+            // Within the lease duration, plus the follower's retry interval as margin.
+            ensure!(
+                failover <= Duration::from_secs(LEASE_SECONDS + 3),
+                "failover took {failover:?}, longer than the lease duration"
+            );
+            ensure!(
+                leader_metrics.api_writes_total() == writes_at_death,
+                "the killed leader kept writing"
+            );
+            // Nothing was lost or duplicated across the handover.
+            ensure!(count::<Deployment>(&env, NAME).await? == 1);
+            ensure!(count::<NetworkPolicy>(&env, NAME).await? == 2);
+            ensure!(
+                count::<ReplicaSet>(&env, NAME).await? == 1,
+                "the handover rolled the pods"
+            );
+            wait_ready(&env, NAME, Duration::from_secs(30)).await?;
+            Ok(())
+        },
+    )
+    .await;
+}

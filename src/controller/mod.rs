@@ -4,6 +4,7 @@
 
 mod apply;
 pub mod drift;
+pub mod leader;
 pub mod status;
 
 use std::{

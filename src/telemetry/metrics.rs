@@ -4,7 +4,7 @@ use std::time::Instant;
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -39,6 +39,7 @@ pub struct Metrics {
     duration: Histogram,
     drift_repairs: Family<KindLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
+    leader: Gauge,
 }
 
 impl Default for Metrics {
@@ -76,6 +77,14 @@ impl Default for Metrics {
             "Write calls to the Kubernetes API, by kind and verb",
             api_writes.clone(),
         );
+        // Without leader election every replica leads; run_elected resets it.
+        let leader = Gauge::default();
+        leader.set(1);
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease (or runs without leader election)",
+            leader.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -83,6 +92,7 @@ impl Default for Metrics {
             duration,
             drift_repairs,
             api_writes,
+            leader,
         }
     }
 }
@@ -133,6 +143,16 @@ impl Metrics {
                 verb: verb.into(),
             })
             .inc();
+    }
+
+    /// Records whether this replica leads.
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.set(i64::from(leader));
+    }
+
+    /// Whether this replica leads.
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
     }
 
     /// Total API writes so far (for tests and benchmarks).

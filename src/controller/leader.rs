@@ -1,0 +1,85 @@
+//! High availability: several operator replicas elect a leader through a `coordination.k8s.io`
+//! Lease (kube-lease-manager); only the leader runs the controller, so only the leader writes.
+//! When leadership is lost the controller is stopped at once; a follower takes over once the
+//! Lease expires (within its duration).
+
+use std::sync::Arc;
+
+use kube::Client;
+use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
+use tracing::{info, warn};
+
+use super::{Settings, run};
+use crate::telemetry::metrics::Metrics;
+
+/// Leader election settings.
+#[derive(Clone, Debug)]
+pub struct LeaseSettings {
+    /// Name of the Lease.
+    pub name: String,
+    /// Namespace of the Lease (the operator's own).
+    pub namespace: String,
+    /// This replica's identity in the Lease (its pod name).
+    pub identity: String,
+    /// Seconds a Lease stays valid after its last renewal; a follower takes over after it.
+    pub duration_seconds: u64,
+    /// Seconds before expiry at which the leader renews.
+    pub grace_seconds: u64,
+}
+
+/// Runs the controller whenever this replica holds the Lease, until the process ends.
+pub async fn run_elected(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    lease: LeaseSettings,
+) -> Result<(), LeaseManagerError> {
+    let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
+        .with_namespace(&lease.namespace)
+        .with_identity(&lease.identity)
+        .with_duration(lease.duration_seconds)
+        .with_grace(lease.grace_seconds)
+        .with_field_manager("moat-leader-election")
+        .build()
+        .await?;
+    let (mut leader, _renewer) = manager.watch().await;
+    metrics.set_leader(false);
+    loop {
+        while !*leader.borrow_and_update() {
+            if leader.changed().await.is_err() {
+                return Ok(());
+            }
+        }
+        info!(lease = %lease.name, identity = %lease.identity, "became the leader");
+        metrics.set_leader(true);
+        let controller = AbortOnDrop(tokio::spawn(run(
+            client.clone(),
+            settings.clone(),
+            metrics.clone(),
+        )));
+        let still_leader = loop {
+            if leader.changed().await.is_err() {
+                break false;
+            }
+            if !*leader.borrow_and_update() {
+                break true;
+            }
+        };
+        drop(controller);
+        metrics.set_leader(false);
+        if !still_leader {
+            return Ok(());
+        }
+        warn!(lease = %lease.name, "lost leadership; controller stopped");
+    }
+}
+
+/// Stops the controller when leadership ends, and also when this future itself is dropped (the
+/// process shutting down, or a test killing the replica), so no write happens after it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
