@@ -19,6 +19,7 @@ NODES=${MOAT_NODES:-3}
 # Pinned versions. Kubernetes and etcd come from the go.mod files beside this script.
 K8S_VERSION=$(sed -n 's/^require k8s.io\/kubernetes \(v[0-9.]*\)$/\1/p' "$E2E_DIR/k8s/go.mod")
 ETCD_VERSION=$(sed -n 's/^\tgo.etcd.io\/etcd\/server\/v3 \(v[0-9.]*\)$/\1/p' "$E2E_DIR/etcd/go.mod")
+KSTATUS_VERSION=$(sed -n 's/^\tsigs.k8s.io\/cli-utils \(v[0-9.]*\)$/\1/p' "$E2E_DIR/kstatus/go.mod")
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v4.3.1
 
@@ -30,6 +31,7 @@ K8S_BIN=$BIN/kubernetes-$K8S_VERSION-$RECIPE
 ETCD_BIN=$BIN/etcd-$ETCD_VERSION
 KWOK_BIN=$BIN/kwok-$KWOK_VERSION
 HELM_BIN=$BIN/helm-$HELM_VERSION
+KSTATUS_BIN=$BIN/kstatus-$KSTATUS_VERSION
 LOGS=$CACHE/logs
 export KWOK_WORKDIR=$CACHE/kwok
 CLUSTER_DIR=$KWOK_WORKDIR/clusters/$CLUSTER
@@ -39,7 +41,7 @@ STATE=$CACHE/state/$CLUSTER
 say() { printf 'cluster: %s\n' "$*" >&2; }
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
-for v in K8S_VERSION ETCD_VERSION; do
+for v in K8S_VERSION ETCD_VERSION KSTATUS_VERSION; do
   [ -n "${!v}" ] || die "could not read $v from $E2E_DIR/*/go.mod"
 done
 command -v go >/dev/null || die "Go is required to build the pinned components (install golang)"
@@ -95,6 +97,10 @@ build() {
     build_into helm-$HELM_VERSION "$HELM_BIN" env GOBIN="$HELM_BIN.partial.$$" \
       go install -ldflags='-s -w' helm.sh/helm/v4/cmd/helm@$HELM_VERSION
     rm -rf "$HELM_BIN"; mv "$HELM_BIN.partial.$$" "$HELM_BIN"; built=1
+  fi
+  if ! have "$KSTATUS_BIN" kstatus; then
+    build_into kstatus-$KSTATUS_VERSION "$KSTATUS_BIN" bash -c "cd kstatus && go build -ldflags='-s -w' -o '$KSTATUS_BIN.partial.$$/kstatus' ."
+    rm -rf "$KSTATUS_BIN"; mv "$KSTATUS_BIN.partial.$$" "$KSTATUS_BIN"; built=1
   fi
   if [ $built -eq 1 ]; then
     say "cold build of the pinned components took $((SECONDS - start))s"
@@ -247,6 +253,7 @@ case ${1:-} in
     echo "export MOAT_KUBECTL=$K8S_BIN/kubectl"
     echo "export MOAT_HELM=$HELM_BIN/helm"
     echo "export MOAT_ETCDCTL=$ETCD_BIN/etcdctl"
+    echo "export MOAT_KSTATUS=$KSTATUS_BIN/kstatus"
     echo "export MOAT_ETCD_ENDPOINT=$(etcd_endpoint 2>/dev/null || true)"
     echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
     echo "export MOAT_CLUSTER_DIR=$CLUSTER_DIR"

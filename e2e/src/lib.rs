@@ -367,3 +367,26 @@ impl Drop for Operator {
         self.task.abort();
     }
 }
+
+/// The status `sigs.k8s.io/cli-utils/pkg/kstatus` (the library Flux uses) computes for `obj`:
+/// `(status, message)`, for example `("Current", "Resource is Ready")`.
+pub async fn kstatus(obj: &serde_json::Value) -> Result<(String, String)> {
+    use tokio::io::AsyncWriteExt;
+    let checker = tool("MOAT_KSTATUS")?;
+    let mut child = tokio::process::Command::new(&checker)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("running {checker}"))?;
+    let mut stdin = child.stdin.take().context("kstatus stdin")?;
+    stdin.write_all(&serde_json::to_vec(obj)?).await?;
+    drop(stdin);
+    let out = child.wait_with_output().await?;
+    if !out.status.success() {
+        bail!("kstatus failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
+    let (status, message) = text.split_once('\t').unwrap_or((text.as_str(), ""));
+    Ok((status.to_string(), message.to_string()))
+}

@@ -95,6 +95,9 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
             let _op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             let ready = wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            // The real kstatus library (what Flux uses) judges it Current.
+            let (judged, _) = moat_e2e::kstatus(&serde_json::to_value(&ready)?).await?;
+            ensure!(judged == "Current", "kstatus says {judged}");
             let st = ready.status.context("status")?;
             ensure!(
                 st.ready_replicas == Some(2),
@@ -743,6 +746,12 @@ async fn specs_the_schema_accepts_but_moat_refuses_stall_with_a_reason() {
                 .find(|c| c.type_ == "Stalled")
                 .context("Stalled")?;
             ensure!(stalled.reason == "InvalidSpec", "reason {}", stalled.reason);
+            let stalled_obj = serde_json::to_value(api.get(NAME).await?)?;
+            let (judged, _) = moat_e2e::kstatus(&stalled_obj).await?;
+            ensure!(
+                judged == "Failed",
+                "kstatus says {judged} for a stalled object"
+            );
             ensure!(
                 stalled
                     .message
