@@ -1,5 +1,4 @@
-# Moat's image: a static binary on distroless, non-root. The same binary serves `moat operator`
-# and, in model pods, `moat decrypt` (the init container).
+# Moat's image: a static binary on distroless, non-root, running `moat operator`.
 # docker build -t moat:dev .   (not built in this repository's CI: no container runtime there)
 FROM rust:1.95-alpine AS build
 RUN apk add --no-cache musl-dev
