@@ -78,6 +78,7 @@ bench: cluster-up ## Benchmarks: drift repair latency, convergence of N SMDs; wr
 .PHONY: manifests
 manifests: ## Regenerate crds/ from the Rust types.
 	$(CARGO) run --quiet --bin moat -- crd > crds/moat.dev_crds.yaml
+	cp crds/moat.dev_crds.yaml charts/moat/files/moat.dev_crds.yaml
 
 .PHONY: install
 install: cluster-up ## Install the CRDs into the cluster of the current KUBECONFIG.

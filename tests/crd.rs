@@ -14,6 +14,17 @@ fn checked_in_crds_match_the_rust_types() {
 }
 
 #[test]
+fn the_chart_carries_the_same_crds() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart = std::fs::read_to_string(root.join("charts/moat/files/moat.dev_crds.yaml"))
+        .expect("charts/moat/files/moat.dev_crds.yaml exists");
+    assert!(
+        chart == moat::api::crds_yaml().expect("CRDs serialize"),
+        "the chart's CRDs are out of date: run `make manifests` and commit the result"
+    );
+}
+
+#[test]
 fn every_schema_property_is_documented() {
     // `kubectl explain` shows these descriptions; an undocumented field is a bug.
     let crds = moat::api::crds();

@@ -310,7 +310,15 @@ pub struct Operator {
 impl Operator {
     /// Starts an operator for `namespace` with the given resync period.
     pub async fn start(namespace: &str, resync: Duration) -> Result<Self> {
-        let config = Config::infer().await?;
+        Self::start_with_config(Config::infer().await?, namespace, resync).await
+    }
+
+    /// Starts an operator that authenticates with `config` (for example a ServiceAccount token).
+    pub async fn start_with_config(
+        config: Config,
+        namespace: &str,
+        resync: Duration,
+    ) -> Result<Self> {
         let client = moat::controller::client_from(config)?;
         let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
         let settings = moat::controller::Settings {

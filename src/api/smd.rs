@@ -38,6 +38,7 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     status = "SecureModelDeploymentStatus",
     derive = "PartialEq",
     doc = "A model server that Moat runs as a hardened workload and keeps that way.",
+    annotation("helm.sh/resource-policy", "keep"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every replica runs the current spec and is ready"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
     printcolumn(name = "Image", type_ = "string", json_path = ".status.image", description = "Image in the pod template"),
