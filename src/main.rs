@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the operator (out of cluster: the current KUBECONFIG; in cluster: its ServiceAccount).
-    Operator(OperatorArgs),
+    Operator(Box<OperatorArgs>),
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Print the objects Moat would create for a SecureModelDeployment, without a cluster.
@@ -36,12 +36,22 @@ enum Command {
 
 #[derive(clap::Args)]
 struct OperatorArgs {
-    /// Watch only this namespace (default: all namespaces).
-    #[arg(long, env = "MOAT_NAMESPACE")]
-    namespace: Option<String>,
-    /// Address of the /metrics, /healthz and /readyz endpoints.
+    /// Watch only these namespaces, comma-separated or repeated (default: all namespaces).
+    #[arg(
+        long = "namespaces",
+        alias = "namespace",
+        env = "MOAT_NAMESPACES",
+        value_delimiter = ','
+    )]
+    namespaces: Vec<String>,
+    /// Address of the /metrics endpoint (also /healthz and /readyz unless
+    /// --health-probe-addr is set).
     #[arg(long, env = "MOAT_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
+    /// Address of the /healthz and /readyz endpoints, when they should not share the metrics
+    /// address.
+    #[arg(long, env = "MOAT_HEALTH_PROBE_ADDR")]
+    health_probe_addr: Option<SocketAddr>,
     /// Seconds between periodic re-reconciles of a converged object.
     #[arg(long, env = "MOAT_RESYNC_SECONDS", default_value_t = 300)]
     resync_seconds: u64,
@@ -76,7 +86,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Crd => print_crds(),
         Command::Render { file } => render_file(&file),
-        Command::Operator(args) => run_operator(args),
+        Command::Operator(args) => run_operator(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,8 +124,17 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
         .dns_pod_label
         .split_once('=')
         .context("--dns-pod-label must be key=value")?;
+    let namespaces: Vec<String> = args
+        .namespaces
+        .iter()
+        .map(|ns| ns.trim().to_string())
+        .filter(|ns| !ns.is_empty())
+        .collect();
+    if let Some(bad) = namespaces.iter().find(|ns| !render::is_dns1123_label(ns)) {
+        anyhow::bail!("--namespaces: {bad:?} is not a namespace name (a DNS-1123 label)");
+    }
     let settings = Settings {
-        namespace: args.namespace,
+        namespaces,
         resync_period: Duration::from_secs(args.resync_seconds.max(1)),
         facts: Facts {
             dns_namespace: args.dns_namespace,
@@ -131,7 +150,11 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             .context("connecting to Kubernetes (KUBECONFIG or in-cluster ServiceAccount)")?;
         let metrics = Arc::new(Metrics::default());
         let health = server::Health::new(metrics.clone());
-        let endpoints = tokio::spawn(server::serve(args.metrics_addr, health.clone()));
+        let endpoints = tokio::spawn(server::serve(
+            args.metrics_addr,
+            args.health_probe_addr,
+            health.clone(),
+        ));
         health.set_ready(true);
         let work = async move {
             if !args.leader_elect {

@@ -9,7 +9,7 @@
 
 use std::{future::Future, panic::AssertUnwindSafe, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use futures::FutureExt;
 use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
@@ -34,9 +34,18 @@ pub struct TestEnv {
     pub client: Client,
     /// The test's own namespace.
     pub namespace: String,
+    /// The value of [`TEST_LABEL`] on the test's namespaces (cleanup deletes by it).
+    test_label: String,
 }
 
 impl TestEnv {
+    /// Creates one more namespace for this test, with the same labels, removed with the first.
+    pub async fn another_namespace(&self, opts: &NamespaceOptions) -> Result<String> {
+        Ok(create_namespace(&self.client, &self.test_label, opts)
+            .await?
+            .namespace)
+    }
+
     /// A typed API in the test's namespace.
     pub fn api<K>(&self) -> Api<K>
     where
@@ -147,6 +156,7 @@ async fn create_namespace(
     Ok(TestEnv {
         client: client.clone(),
         namespace,
+        test_label: label_value.to_string(),
     })
 }
 
@@ -319,10 +329,19 @@ impl Operator {
         namespace: &str,
         resync: Duration,
     ) -> Result<Self> {
+        Self::start_watching(config, &[namespace], resync).await
+    }
+
+    /// Starts an operator that watches exactly `namespaces`, as `--namespaces=a,b` does.
+    pub async fn start_watching(
+        config: Config,
+        namespaces: &[&str],
+        resync: Duration,
+    ) -> Result<Self> {
         let client = moat::controller::client_from(config)?;
         let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
         let settings = moat::controller::Settings {
-            namespace: Some(namespace.to_string()),
+            namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             resync_period: resync,
             facts: moat::render::Facts::default(),
         };
@@ -342,7 +361,7 @@ impl Operator {
         let client = moat::controller::client_from(config)?;
         let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
         let settings = moat::controller::Settings {
-            namespace: Some(namespace.to_string()),
+            namespaces: vec![namespace.to_string()],
             resync_period: Duration::from_secs(300),
             facts: moat::render::Facts::default(),
         };
@@ -397,4 +416,65 @@ pub async fn kstatus(obj: &serde_json::Value) -> Result<(String, String)> {
     let text = String::from_utf8_lossy(&out.stdout).trim_end().to_string();
     let (status, message) = text.split_once('\t').unwrap_or((text.as_str(), ""));
     Ok((status.to_string(), message.to_string()))
+}
+
+/// What the Argo CD health check `examples/gitops/argocd/health.lua` says of `obj`, run by a real
+/// Lua interpreter (`MOAT_LUA`, default Debian's `lua5.4`): `(status, message)`, for example
+/// `("Healthy", "…")`.
+pub fn argocd_health(obj: &serde_json::Value) -> Result<(String, String)> {
+    let lua = std::env::var("MOAT_LUA").unwrap_or_else(|_| "lua5.4".into());
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/gitops/argocd/health.lua"
+    );
+    let harness = format!(
+        "obj = {}\nlocal hs = dofile({})\nio.write(hs.status, \"\\t\", hs.message)",
+        to_lua(obj),
+        to_lua(&serde_json::Value::String(script.into()))
+    );
+    let out = std::process::Command::new(&lua)
+        .args(["-e", &harness])
+        .output()
+        .with_context(|| {
+            format!(
+                "running {lua}: install it with `make deps` (Debian package lua5.4) or set MOAT_LUA"
+            )
+        })?;
+    ensure!(
+        out.status.success(),
+        "lua failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (status, message) = text
+        .split_once('\t')
+        .context("the health check printed no status<TAB>message")?;
+    Ok((status.to_string(), message.to_string()))
+}
+
+/// A JSON value as a Lua table constructor.
+fn to_lua(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!(
+            "\"{}\"",
+            s.replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n")
+        ),
+        Value::Array(items) => format!(
+            "{{{}}}",
+            items.iter().map(to_lua).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("[{}] = {}", to_lua(&Value::String(k.clone())), to_lua(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }

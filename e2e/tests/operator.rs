@@ -565,9 +565,20 @@ async fn deleting_the_smd_removes_every_child() {
         "operator-delete",
         NamespaceOptions::restricted(),
         |env| async move {
-            let _op = setup(&env, Duration::from_secs(300)).await?;
+            let op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            // moat_managed_objects counts the model and its children (recounted every 5 s).
+            wait_for(
+                Duration::from_secs(15),
+                "managed objects counted",
+                || async {
+                    Ok(op.metrics.managed("SecureModelDeployment") == 1
+                        && op.metrics.managed("Deployment") == 1
+                        && op.metrics.managed("NetworkPolicy") >= 2)
+                },
+            )
+            .await?;
             env.api::<SecureModelDeployment>()
                 .delete(NAME, &DeleteParams::background())
                 .await?;
@@ -583,6 +594,15 @@ async fn deleting_the_smd_removes_every_child() {
                         + count::<ReplicaSet>(&env, NAME).await?
                         + count::<Pod>(&env, NAME).await?
                         == 0)
+                },
+            )
+            .await?;
+            wait_for(
+                Duration::from_secs(15),
+                "managed objects to drop to zero",
+                || async {
+                    Ok(op.metrics.managed("SecureModelDeployment") == 0
+                        && op.metrics.managed("Deployment") == 0)
                 },
             )
             .await

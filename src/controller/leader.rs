@@ -67,6 +67,7 @@ pub async fn run_elected(
         };
         drop(controller);
         metrics.set_leader(false);
+        metrics.clear_managed();
         if !still_leader {
             return Ok(());
         }

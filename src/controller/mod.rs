@@ -50,8 +50,8 @@ pub const FIELD_MANAGER: &str = "moat";
 /// Operator settings that are not part of any object.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Namespace to watch; `None` watches all namespaces.
-    pub namespace: Option<String>,
+    /// Namespaces to watch; empty watches all namespaces.
+    pub namespaces: Vec<String>,
     /// Requeue interval for a converged object (a periodic resync).
     pub resync_period: Duration,
     /// Facts rendering depends on.
@@ -272,10 +272,27 @@ where
     (store, stream)
 }
 
-/// Runs the controller until a shutdown signal arrives. The caches of the children are filled
+/// Runs the controller until a shutdown signal arrives: one watch over all namespaces, or one
+/// controller per namespace in [`Settings::namespaces`] (each with its own watches and caches, so
+/// the operator needs no cluster-wide list or watch). The caches of the children are filled
 /// before the first reconcile.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
-    let ns = settings.namespace.clone();
+    if settings.namespaces.is_empty() {
+        run_one(client, None, settings, metrics).await;
+        return;
+    }
+    let mut namespaces = settings.namespaces.clone();
+    namespaces.sort();
+    namespaces.dedup();
+    futures::future::join_all(
+        namespaces
+            .into_iter()
+            .map(|ns| run_one(client.clone(), Some(ns), settings.clone(), metrics.clone())),
+    )
+    .await;
+}
+
+async fn run_one(client: Client, ns: Option<String>, settings: Settings, metrics: Arc<Metrics>) {
     let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
     let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
@@ -301,6 +318,12 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
         .owns_stream(pdb_stream)
         .owns_stream(deploy_stream)
         .shutdown_on_signal();
+    let counting = count_managed(
+        controller.store(),
+        caches.clone(),
+        ns.clone().unwrap_or_else(|| "*".into()),
+        ctx.metrics.clone(),
+    );
     // The owned streams are polled by the controller; reconciles wait until the caches are full.
     let ready = async move {
         let _ = futures::join!(
@@ -312,7 +335,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
         );
     };
     let ready = futures::future::FutureExt::shared(ready);
-    controller
+    let work = controller
         .run(
             move |smd, ctx| {
                 let ready = ready.clone();
@@ -328,9 +351,49 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
             if let Err(e) = res {
                 warn!(error = %e, "reconcile failed");
             }
-        })
-        .await;
+        });
+    tokio::select! {
+        () = work => {}
+        () = counting => {}
+    }
     info!("controller stopped");
+}
+
+/// How often `moat_managed_objects` is recounted from the caches.
+const COUNT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold: the
+/// SecureModelDeployments and the children labelled as Moat's. Runs until dropped.
+async fn count_managed(
+    smds: Store<SecureModelDeployment>,
+    caches: Caches,
+    scope: String,
+    metrics: Arc<Metrics>,
+) {
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    loop {
+        metrics.set_managed(
+            &scope,
+            std::collections::BTreeMap::from([
+                ("SecureModelDeployment", count(smds.state().len())),
+                (
+                    "ServiceAccount",
+                    count(caches.service_accounts.state().len()),
+                ),
+                (
+                    "NetworkPolicy",
+                    count(caches.network_policies.state().len()),
+                ),
+                ("Service", count(caches.services.state().len())),
+                (
+                    "PodDisruptionBudget",
+                    count(caches.pod_disruption_budgets.state().len()),
+                ),
+                ("Deployment", count(caches.deployments.state().len())),
+            ]),
+        );
+        tokio::time::sleep(COUNT_INTERVAL).await;
+    }
 }
 
 fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>

@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use crate::api::SecureModelDeployment;
 
-pub use validate::{ValidationError, validate};
+pub use validate::{ValidationError, is_dns1123_label, validate};
 
 /// Label carrying the name of the SecureModelDeployment a child belongs to; also the pod selector.
 pub const DEPLOYMENT_LABEL: &str = "moat.dev/deployment";

@@ -43,6 +43,11 @@ fn check_labels(
     }
 }
 
+/// Whether `s` is a valid namespace name: a DNS-1123 label of at most 63 characters.
+pub fn is_dns1123_label(s: &str) -> bool {
+    s.len() <= 63 && matches(&DNS_LABEL, s)
+}
+
 /// Whether `s` matches; fails closed (no match) if a pattern did not compile, which the unit
 /// test `patterns_compile` rules out.
 fn matches(re: &LazyLock<Option<Regex>>, s: &str) -> bool {

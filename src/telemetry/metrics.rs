@@ -1,6 +1,10 @@
 //! Prometheus metrics of the operator (prometheus-client).
 
-use std::time::Instant;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::Instant,
+};
 
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -40,6 +44,9 @@ pub struct Metrics {
     drift_repairs: Family<KindLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
+    managed: Family<KindLabels, Gauge>,
+    /// What each watch scope (a namespace, or `*` for all) contributes to `managed`.
+    managed_by_scope: Mutex<HashMap<String, BTreeMap<&'static str, i64>>>,
 }
 
 impl Default for Metrics {
@@ -85,6 +92,12 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease (or runs without leader election)",
             leader.clone(),
         );
+        let managed = Family::<KindLabels, Gauge>::default();
+        registry.register(
+            "managed_objects",
+            "Objects this replica manages, by kind: SecureModelDeployments and their children",
+            managed.clone(),
+        );
         Self {
             registry,
             reconciles,
@@ -93,6 +106,8 @@ impl Default for Metrics {
             drift_repairs,
             api_writes,
             leader,
+            managed,
+            managed_by_scope: Mutex::default(),
         }
     }
 }
@@ -145,6 +160,55 @@ impl Metrics {
             .inc();
     }
 
+    /// Records the objects one watch scope (a namespace, or `*` for all) manages, by kind,
+    /// replacing what it recorded before.
+    pub fn set_managed(&self, scope: &str, counts: BTreeMap<&'static str, i64>) {
+        let mut scopes = self
+            .managed_by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let old = scopes.insert(scope.to_string(), counts.clone());
+        self.apply_delta(old.as_ref(), Some(&counts));
+    }
+
+    /// Forgets everything (leadership lost: another replica manages the objects now).
+    pub fn clear_managed(&self) {
+        let mut scopes = self
+            .managed_by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        scopes.clear();
+        self.managed.clear();
+    }
+
+    fn apply_delta(
+        &self,
+        old: Option<&BTreeMap<&'static str, i64>>,
+        new: Option<&BTreeMap<&'static str, i64>>,
+    ) {
+        let mut delta: BTreeMap<&'static str, i64> = BTreeMap::new();
+        for (kind, n) in new.into_iter().flatten() {
+            *delta.entry(kind).or_default() += n;
+        }
+        for (kind, n) in old.into_iter().flatten() {
+            *delta.entry(kind).or_default() -= n;
+        }
+        for (kind, d) in delta {
+            if d != 0 {
+                self.managed
+                    .get_or_create(&KindLabels { kind: kind.into() })
+                    .inc_by(d);
+            }
+        }
+    }
+
+    /// Objects of `kind` this replica manages.
+    pub fn managed(&self, kind: &str) -> i64 {
+        self.managed
+            .get_or_create(&KindLabels { kind: kind.into() })
+            .get()
+    }
+
     /// Records whether this replica leads.
     pub fn set_leader(&self, leader: bool) {
         self.leader.set(i64::from(leader));
@@ -172,5 +236,35 @@ impl Metrics {
         let mut text = String::new();
         encode(&mut text, &self.registry)?;
         Ok(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(smds: i64, deployments: i64) -> BTreeMap<&'static str, i64> {
+        BTreeMap::from([("SecureModelDeployment", smds), ("Deployment", deployments)])
+    }
+
+    #[test]
+    fn managed_objects_sum_over_scopes_and_replace_per_scope() {
+        let m = Metrics::default();
+        m.set_managed("team-a", counts(2, 2));
+        m.set_managed("team-b", counts(3, 3));
+        assert_eq!(m.managed("SecureModelDeployment"), 5);
+        // A recount replaces the scope's numbers; it does not add to them.
+        m.set_managed("team-a", counts(1, 1));
+        assert_eq!(m.managed("SecureModelDeployment"), 4);
+        assert_eq!(m.managed("Deployment"), 4);
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains("moat_managed_objects{kind=\"Deployment\"} 4"),
+            "{text}"
+        );
+        m.clear_managed();
+        assert_eq!(m.managed("Deployment"), 0);
+        m.set_managed("team-a", counts(1, 0));
+        assert_eq!(m.managed("SecureModelDeployment"), 1);
     }
 }

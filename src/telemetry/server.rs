@@ -34,15 +34,35 @@ impl Health {
     }
 }
 
-/// Serves the endpoints on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, health: Health) -> std::io::Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics))
+/// Serves `/metrics` on `metrics_addr` and the probes on `probe_addr` (or also on
+/// `metrics_addr` when it is `None`) until the process ends.
+pub async fn serve(
+    metrics_addr: SocketAddr,
+    probe_addr: Option<SocketAddr>,
+    health: Health,
+) -> std::io::Result<()> {
+    let probes = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .with_state(health.clone());
+    let metrics = Router::new()
+        .route("/metrics", get(metrics))
         .with_state(health);
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    axum::serve(listener, app).await
+    match probe_addr {
+        None => {
+            let listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+            axum::serve(listener, metrics.merge(probes)).await
+        }
+        Some(probe_addr) => {
+            let metrics_listener = tokio::net::TcpListener::bind(metrics_addr).await?;
+            let probe_listener = tokio::net::TcpListener::bind(probe_addr).await?;
+            tokio::try_join!(
+                async { axum::serve(metrics_listener, metrics).await },
+                async { axum::serve(probe_listener, probes).await },
+            )
+            .map(|_| ())
+        }
+    }
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
