@@ -109,18 +109,38 @@ fn chart_lints_strictly_and_its_rbac_is_least_privilege() -> Result<()> {
         granted == needed,
         "ClusterRole differs from what the code needs:\n granted {granted:?}\n needed  {needed:?}"
     );
+
+    // Watching all namespaces binds the rules cluster-wide; watching some binds them in those
+    // namespaces only.
+    let bindings = |docs: &[serde_yaml::Value], kind: &str| -> Vec<String> {
+        docs.iter()
+            .filter(|d| d["kind"] == kind && d["roleRef"]["name"] == "t-moat")
+            .map(|d| {
+                d["metadata"]["namespace"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string()
+            })
+            .collect()
+    };
+    ensure!(bindings(&docs, "ClusterRoleBinding") == [""]);
+    ensure!(bindings(&docs, "RoleBinding").is_empty());
+    let scoped = rendered(&["--set", "watchNamespaces={team-a,team-b}"])?;
+    ensure!(bindings(&scoped, "ClusterRoleBinding").is_empty());
+    ensure!(bindings(&scoped, "RoleBinding") == ["team-a", "team-b"]);
     Ok(())
 }
 
 #[test]
 fn values_that_violate_the_schema_are_rejected_with_a_readable_message() -> Result<()> {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--set", "replicaCount=0"], "/replicaCount"),
         (&["--set", "logging.format=xml"], "/logging/format"),
         (&["--set", "image.digest=latest"], "/image/digest"),
         (&["--set", "metrics.port=80"], "/metrics/port"),
         (&["--set", "unknownKey=1"], "unknownKey"),
         (&["--set", "installCRDs=maybe"], "/installCRDs"),
+        (&["--set", "watchNamespaces={Team_A}"], "/watchNamespaces/0"),
     ];
     for (args, field) in cases {
         let mut all = vec!["template", "t", CHART];
@@ -180,8 +200,15 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         ensure!(c.security_context.as_ref().and_then(|s| s.read_only_root_filesystem) == Some(true));
         ensure!(c.args.clone().unwrap_or_default().iter().any(|a| a == "--leader-elect"), "two replicas must elect a leader");
 
-        ok(helm(&["upgrade", &release, CHART, "-n", ns, "--set", "replicaCount=3", "--force-conflicts"])?, "helm upgrade")?;
+        // Upgrade: a third replica, and watch only two namespaces, so the rules are granted
+        // there alone (RoleBindings instead of the ClusterRoleBinding).
+        let other = env.another_namespace(&NamespaceOptions::restricted()).await?;
+        let watch = format!("watchNamespaces={{{ns},{other}}}");
+        ok(helm(&["upgrade", &release, CHART, "-n", ns, "--set", "replicaCount=3", "--set", &watch, "--force-conflicts"])?, "helm upgrade")?;
         wait_for(Duration::from_secs(60), "3 operator pods", || pods_ready(3)).await?;
+        let d = deploys.get(&name).await?;
+        let args = d.spec.and_then(|s| s.template.spec).map(|s| s.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
+        ensure!(args.contains(&format!("--namespaces={ns},{other}")), "upgrade did not pass the namespaces: {args:?}");
 
         // RBAC: the chart's ServiceAccount sees no wildcard and suffices to reconcile fully.
         let kubectl = tool("MOAT_KUBECTL")?;
@@ -189,20 +216,31 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         let can = Command::new(&kubectl).args(["auth", "can-i", "--list", "--as", &user]).output()?;
         let can = ok(can, "kubectl auth can-i --list")?;
         ensure!(!can.lines().any(|l| l.split_whitespace().any(|w| w == "*" || w == "[*]" || w == "*.*")), "wildcard in:\n{can}");
+        for (namespace, allowed) in [(ns, "yes"), (other.as_str(), "yes"), ("default", "no")] {
+            let out = Command::new(&kubectl).args(["auth", "can-i", "patch", "deployments.apps", "-n", namespace, "--as", &user]).output()?;
+            let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            ensure!(answer == allowed, "can-i patch deployments in {namespace}: {answer}, want {allowed}");
+        }
+        // The operator binary's code, with the chart ServiceAccount's token, watching the two
+        // namespaces as `--namespaces` makes it, reconciles a model in each.
         let token = service_account_token(&env.client, ns, &name).await?;
-        let op = Operator::start_with_config(config_with_token(token).await?, ns, Duration::from_secs(300)).await?;
+        let op = Operator::start_watching(config_with_token(token).await?, &[ns, &other], Duration::from_secs(300)).await?;
         let smd: SecureModelDeployment = serde_json::from_value(json!({
             "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
             "metadata": {"name": "model"},
             "spec": {"server": {"image": "registry.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
         }))?;
         let smds = env.api::<SecureModelDeployment>();
+        let other_smds = kube::Api::<SecureModelDeployment>::namespaced(env.client.clone(), &other);
         smds.create(&PostParams::default(), &smd).await?;
-        wait_for(Duration::from_secs(60), "Ready with the chart's RBAC", || async {
-            let s = smds.get("model").await?;
-            Ok(s.status.is_some_and(|st| moat::api::conditions::is_true(&st.conditions, "Ready")))
-        })
-        .await?;
+        other_smds.create(&PostParams::default(), &smd).await?;
+        for api in [&smds, &other_smds] {
+            wait_for(Duration::from_secs(60), "Ready with the chart's RBAC", || async {
+                let s = api.get("model").await?;
+                Ok(s.status.is_some_and(|st| moat::api::conditions::is_true(&st.conditions, "Ready")))
+            })
+            .await?;
+        }
         let errors = op.metrics.encode()?;
         ensure!(!errors.contains("moat_reconcile_errors_total{"), "errors with the chart's RBAC:\n{errors}");
         drop(op);

@@ -1,5 +1,12 @@
 {{- define "moat.name" -}}moat{{- end -}}
-{{- define "moat.fullname" -}}{{ .Release.Name }}-moat{{- end -}}
+{{- /* The release name when it already says moat (release "moat" gives "moat", not "moat-moat"). */ -}}
+{{- define "moat.fullname" -}}
+{{- if contains "moat" .Release.Name -}}
+{{ .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else -}}
+{{ printf "%s-moat" .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- end -}}
+{{- end -}}
 {{- define "moat.labels" -}}
 app.kubernetes.io/name: moat
 app.kubernetes.io/instance: {{ .Release.Name }}
