@@ -23,6 +23,15 @@ KSTATUS_VERSION=$(sed -n 's/^\tsigs.k8s.io\/cli-utils \(v[0-9.]*\)$/\1/p' "$E2E_
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v4.3.1
 
+# The Argo CD and Flux CRDs the GitOps examples are checked against: taken from the published Go
+# module zips (module version, sha256 of the zip, files inside it).
+GITOPS_MODULES=(
+  "github.com/argoproj/argo-cd/v3 v3.6.1 f7fa21a39dae04e030aea81151ccaca0e7541fcff6cca0dd018671189cdf1de5 manifests/crds/application-crd.yaml"
+  "github.com/fluxcd/source-controller v1.10.1 e4e4e9dedf8842f673b569beeb083d6e852de8af0fd6c399fe10f94ddc798d92 config/crd/bases/source.toolkit.fluxcd.io_gitrepositories.yaml"
+  "github.com/fluxcd/kustomize-controller v1.10.1 8725ec07d6931eb1bb860de3a8544277b4c133a2ecde63166891e4305e173616 config/crd/bases/kustomize.toolkit.fluxcd.io_kustomizations.yaml"
+  "github.com/fluxcd/helm-controller v1.6.4 304f1c62568d8b4e46f04ab6841e9f102c71b8a80d428b778f1cc32ed424aedc config/crd/bases/helm.toolkit.fluxcd.io_helmreleases.yaml"
+)
+
 BIN=$CACHE/bin
 # The version is stamped into the binaries (kubectl and kwokctl read it); bump RECIPE when the
 # build flags change so caches built the old way are not reused.
@@ -32,6 +41,7 @@ ETCD_BIN=$BIN/etcd-$ETCD_VERSION
 KWOK_BIN=$BIN/kwok-$KWOK_VERSION
 HELM_BIN=$BIN/helm-$HELM_VERSION
 KSTATUS_BIN=$BIN/kstatus-$KSTATUS_VERSION
+GITOPS_CRDS=$BIN/gitops-crds-$(printf '%s\n' "${GITOPS_MODULES[@]}" | sha256sum | cut -c1-12)
 LOGS=$CACHE/logs
 export KWOK_WORKDIR=$CACHE/kwok
 CLUSTER_DIR=$KWOK_WORKDIR/clusters/$CLUSTER
@@ -102,9 +112,41 @@ build() {
     build_into kstatus-$KSTATUS_VERSION "$KSTATUS_BIN" bash -c "cd kstatus && go build -ldflags='-s -w' -o '$KSTATUS_BIN.partial.$$/kstatus' ."
     rm -rf "$KSTATUS_BIN"; mv "$KSTATUS_BIN.partial.$$" "$KSTATUS_BIN"; built=1
   fi
+  if [ ! -d "$GITOPS_CRDS" ]; then
+    fetch_gitops_crds; built=1
+  fi
   if [ $built -eq 1 ]; then
     say "cold build of the pinned components took $((SECONDS - start))s"
   fi
+}
+
+# The GOPROXY's first URL (the Go default when unset); the zips are what `go mod download` gets.
+go_proxy() {
+  local p
+  p=$(go env GOPROXY | tr ',|' '\n\n' | grep -E '^https?://' | head -n1)
+  echo "${p:-https://proxy.golang.org}"
+}
+
+fetch_gitops_crds() {
+  local tmp=$GITOPS_CRDS.partial.$$ line module version sum files zip proxy
+  proxy=$(go_proxy)
+  rm -rf "$GITOPS_CRDS".partial.*
+  mkdir -p "$tmp"
+  for line in "${GITOPS_MODULES[@]}"; do
+    read -r module version sum files <<<"$line"
+    zip=$tmp/module.zip
+    say "fetching $module@$version (CRDs for the GitOps examples)"
+    curl -fsSL --retry 3 -o "$zip" "$proxy/$module/@v/$version.zip" \
+      || { rm -rf "$tmp"; die "downloading $proxy/$module/@v/$version.zip failed"; }
+    echo "$sum  $zip" | sha256sum -c --quiet - \
+      || { rm -rf "$tmp"; die "$module@$version: the zip's sha256 is not the pinned $sum"; }
+    for f in $files; do
+      unzip -q -j -o "$zip" "$module@$version/$f" -d "$tmp" \
+        || { rm -rf "$tmp"; die "$module@$version has no $f"; }
+    done
+    rm -f "$zip"
+  done
+  rm -rf "$GITOPS_CRDS"; mv "$tmp" "$GITOPS_CRDS"
 }
 
 kwokctl() { "$KWOK_BIN/kwokctl" --name "$CLUSTER" "$@"; }
@@ -254,6 +296,7 @@ case ${1:-} in
     echo "export MOAT_HELM=$HELM_BIN/helm"
     echo "export MOAT_ETCDCTL=$ETCD_BIN/etcdctl"
     echo "export MOAT_KSTATUS=$KSTATUS_BIN/kstatus"
+    echo "export MOAT_GITOPS_CRDS=$GITOPS_CRDS"
     echo "export MOAT_ETCD_ENDPOINT=$(etcd_endpoint 2>/dev/null || true)"
     echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
     echo "export MOAT_CLUSTER_DIR=$CLUSTER_DIR"

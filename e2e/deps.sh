@@ -5,7 +5,8 @@ set -euo pipefail
 
 # gcc and libc6-dev: the Rust linker and ring's build script need a C toolchain.
 # lua5.4: the Argo CD health check (examples/gitops/argocd/health.lua) is tested with a real Lua.
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4)
+# curl and unzip: the Argo CD and Flux CRDs are fetched from their Go modules (e2e/cluster.sh).
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

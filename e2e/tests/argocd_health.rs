@@ -1,8 +1,7 @@
 //! The Argo CD health check in `examples/gitops/argocd/health.lua`, run by a real Lua interpreter
 //! (Debian's lua5.4, installed by `make deps`) against statuses that Moat's own status code
 //! produces: Healthy, Progressing and Degraded, and unchanged by status fields it does not read.
-
-use std::process::Command;
+//! Needs no cluster; `e2e/tests/gitops.rs` runs the same check on a live status.
 
 use k8s_openapi::{
     api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp,
@@ -14,56 +13,8 @@ use moat::{
 };
 use serde_json::{Value, json};
 
-fn lua() -> String {
-    std::env::var("MOAT_LUA").unwrap_or_else(|_| "lua5.4".into())
-}
-
-/// A JSON value as a Lua table constructor.
-fn to_lua(v: &Value) -> String {
-    match v {
-        Value::Null => "nil".into(),
-        Value::Bool(b) => b.to_string(),
-        Value::Number(n) => n.to_string(),
-        Value::String(s) => format!(
-            "\"{}\"",
-            s.replace('\\', "\\\\")
-                .replace('"', "\\\"")
-                .replace('\n', "\\n")
-        ),
-        Value::Array(items) => format!(
-            "{{{}}}",
-            items.iter().map(to_lua).collect::<Vec<_>>().join(", ")
-        ),
-        Value::Object(map) => format!(
-            "{{{}}}",
-            map.iter()
-                .map(|(k, v)| format!("[{}] = {}", to_lua(&Value::String(k.clone())), to_lua(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-    }
-}
-
 fn health(obj: &Value) -> (String, String) {
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/examples/gitops/argocd/health.lua"
-    );
-    let harness = format!(
-        "obj = {}\nlocal hs = dofile(\"{script}\")\nio.write(hs.status, \"\\t\", hs.message)",
-        to_lua(obj)
-    );
-    let out = Command::new(lua()).args(["-e", &harness]).output().unwrap_or_else(|e| {
-        panic!("running {}: {e}; install it with `make deps` (Debian package lua5.4) or set MOAT_LUA", lua())
-    });
-    assert!(
-        out.status.success(),
-        "lua failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let (status, message) = text.split_once('\t').expect("status<TAB>message");
-    (status.to_string(), message.to_string())
+    moat_e2e::argocd_health(obj).expect("run the Argo CD health check")
 }
 
 fn smd(generation: i64) -> SecureModelDeployment {
