@@ -66,7 +66,7 @@ test-e2e: cluster-up ## End-to-end tests against the local control plane, then i
 ##@ Demo and benchmarks
 
 .PHONY: demo
-demo: ## Run Moat on the local control plane with examples/quickstart.yaml and show a drift repair.
+demo: ## Install Moat with its chart on the local control plane, serve examples/quickstart.yaml, show a drift repair.
 	@bash e2e/demo.sh
 
 .PHONY: bench
