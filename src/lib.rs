@@ -10,5 +10,6 @@
 pub mod api;
 pub mod controller;
 pub mod quantity;
+pub mod pki;
 pub mod render;
 pub mod telemetry;
