@@ -9,7 +9,7 @@
 
 pub mod api;
 pub mod controller;
-pub mod quantity;
 pub mod pki;
+pub mod quantity;
 pub mod render;
 pub mod telemetry;

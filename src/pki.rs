@@ -38,7 +38,9 @@ pub enum PkiError {
     #[error("the CA certificate is not a CA (it lacks basicConstraints CA:TRUE)")]
     NotCa,
     /// The CA has expired or is not yet valid.
-    #[error("the CA certificate is not valid now (valid from {not_before} to {not_after}, unix seconds)")]
+    #[error(
+        "the CA certificate is not valid now (valid from {not_before} to {not_after}, unix seconds)"
+    )]
     CaNotValid {
         /// Start of validity, unix seconds.
         not_before: i64,
@@ -299,7 +301,12 @@ pub enum San {
 impl Identity {
     /// The serving identity of a Service `name` in `namespace` whose pods run as
     /// `service_account`: the short, namespaced, `.svc` and `.svc.<cluster-domain>` names.
-    pub fn server(namespace: &str, name: &str, service_account: &str, cluster_domain: &str) -> Self {
+    pub fn server(
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        cluster_domain: &str,
+    ) -> Self {
         Self {
             namespace: namespace.into(),
             service_account: service_account.into(),
@@ -406,7 +413,8 @@ pub fn inspect(
         return Verdict::Issue("the certificate names a different identity");
     }
     let info = info_of(&cert);
-    let wanted_end = (info.not_before + BACKDATE_SECONDS + seconds(lifetime)).min(ca.info.not_after);
+    let wanted_end =
+        (info.not_before + BACKDATE_SECONDS + seconds(lifetime)).min(ca.info.not_after);
     if info.not_after != wanted_end {
         return Verdict::Issue("the certificate lifetime changed");
     }
@@ -441,7 +449,9 @@ mod tests {
     #[test]
     fn a_fresh_leaf_is_kept_until_two_thirds_of_its_life() {
         let ca = ca();
-        let leaf = ca.issue(&server(), "cluster.local", NOW, DAY).expect("issue");
+        let leaf = ca
+            .issue(&server(), "cluster.local", NOW, DAY)
+            .expect("issue");
         let Verdict::Keep(info) = inspect(Some(&leaf), &ca, &server(), "cluster.local", DAY, NOW)
         else {
             panic!("fresh leaf not kept");
@@ -449,11 +459,25 @@ mod tests {
         assert_eq!(info.not_after, NOW + 86_400);
         assert_eq!(info.renew_at(), NOW + 57_600);
         assert!(matches!(
-            inspect(Some(&leaf), &ca, &server(), "cluster.local", DAY, NOW + 57_599),
+            inspect(
+                Some(&leaf),
+                &ca,
+                &server(),
+                "cluster.local",
+                DAY,
+                NOW + 57_599
+            ),
             Verdict::Keep(_)
         ));
         assert_eq!(
-            inspect(Some(&leaf), &ca, &server(), "cluster.local", DAY, NOW + 57_600),
+            inspect(
+                Some(&leaf),
+                &ca,
+                &server(),
+                "cluster.local",
+                DAY,
+                NOW + 57_600
+            ),
             Verdict::Issue("the certificate is due for renewal")
         );
     }
@@ -461,7 +485,9 @@ mod tests {
     #[test]
     fn wrong_identity_ca_key_or_lifetime_reissue() {
         let ca = ca();
-        let leaf = ca.issue(&server(), "cluster.local", NOW, DAY).expect("issue");
+        let leaf = ca
+            .issue(&server(), "cluster.local", NOW, DAY)
+            .expect("issue");
         let other = Identity::server("ml", "other", "other", "cluster.local");
         assert_eq!(
             inspect(Some(&leaf), &ca, &other, "cluster.local", DAY, NOW),
@@ -472,7 +498,9 @@ mod tests {
             inspect(Some(&leaf), &ca2, &server(), "cluster.local", DAY, NOW),
             Verdict::Issue("the certificate was not signed by the active CA")
         );
-        let other_leaf = ca.issue(&server(), "cluster.local", NOW, DAY).expect("issue");
+        let other_leaf = ca
+            .issue(&server(), "cluster.local", NOW, DAY)
+            .expect("issue");
         let mixed = KeyedCertificate {
             cert_pem: leaf.cert_pem.clone(),
             key_pem: other_leaf.key_pem,
@@ -499,7 +527,9 @@ mod tests {
     fn leaves_never_outlive_their_ca() {
         let m = generate_ca("cluster.local", NOW, Duration::from_secs(3600)).expect("ca");
         let ca = Ca::load(&m, NOW).expect("load");
-        let leaf = ca.issue(&server(), "cluster.local", NOW, DAY).expect("issue");
+        let leaf = ca
+            .issue(&server(), "cluster.local", NOW, DAY)
+            .expect("issue");
         let info = info(&pem_certificates(&leaf.cert_pem)[0]).expect("info");
         assert_eq!(info.not_after, NOW + 3600);
         assert!(matches!(
@@ -520,9 +550,14 @@ mod tests {
             cert_pem: m.cert_pem.clone(),
             key_pem: other.key_pem,
         };
-        assert!(matches!(Ca::load(&mixed, NOW), Err(PkiError::CaKeyMismatch)));
+        assert!(matches!(
+            Ca::load(&mixed, NOW),
+            Err(PkiError::CaKeyMismatch)
+        ));
         let ca = Ca::load(&m, NOW).expect("load");
-        let leaf = ca.issue(&server(), "cluster.local", NOW, DAY).expect("leaf");
+        let leaf = ca
+            .issue(&server(), "cluster.local", NOW, DAY)
+            .expect("leaf");
         assert!(matches!(Ca::load(&leaf, NOW), Err(PkiError::NotCa)));
     }
 
