@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use moat::{
     api::{self, SecureModelDeployment},
-    controller::{self, Settings},
+    controller::{self, Settings, ca::CaSettings},
     render::{self, Facts},
     telemetry::{self, LogFormat, metrics::Metrics, server},
 };
@@ -76,6 +76,23 @@ struct OperatorArgs {
     /// Seconds the Lease stays valid without renewal: the longest a failover takes.
     #[arg(long, env = "MOAT_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Namespace of the CA Secret (the operator's own namespace in a cluster).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "moat-system")]
+    ca_namespace: String,
+    /// Name of the CA Secret. Moat creates it when absent; a Secret of that name without the
+    /// label app.kubernetes.io/managed-by=moat is a user-supplied CA (tls.crt, tls.key and
+    /// optionally ca.crt), used as is and never rotated.
+    #[arg(long, env = "MOAT_CA_SECRET", default_value = "moat-ca")]
+    ca_secret: String,
+    /// Validity of a CA Moat creates, such as 8760h; it is rotated at two thirds of it.
+    #[arg(long, env = "MOAT_CA_VALIDITY", default_value = "8760h", value_parser = humantime::parse_duration)]
+    ca_validity: Duration,
+    /// Trust domain of the SPIFFE IDs in certificates (spiffe://<trust-domain>/ns/<ns>/sa/<sa>).
+    #[arg(long, env = "MOAT_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// Cluster DNS domain, for the <service>.<ns>.svc.<domain> name in serving certificates.
+    #[arg(long, env = "MOAT_CLUSTER_DOMAIN", default_value = "cluster.local")]
+    cluster_domain: String,
     /// Label `key=value` of the cluster DNS pods.
     #[arg(long, env = "MOAT_DNS_POD_LABEL", default_value = "k8s-app=kube-dns")]
     dns_pod_label: String,
@@ -139,6 +156,13 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
         facts: Facts {
             dns_namespace: args.dns_namespace,
             dns_pod_labels: [(key.to_string(), value.to_string())].into(),
+        },
+        ca: CaSettings {
+            namespace: args.ca_namespace,
+            secret_name: args.ca_secret,
+            validity: args.ca_validity,
+            trust_domain: args.trust_domain,
+            cluster_domain: args.cluster_domain,
         },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()

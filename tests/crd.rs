@@ -111,6 +111,7 @@ fn moat_render_prints_the_children_and_rejects_bad_input() {
         kinds,
         [
             "ServiceAccount",
+            "Secret",
             "NetworkPolicy",
             "NetworkPolicy",
             "Service",

@@ -164,6 +164,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                 .map(|(namespace, pod_selector)| ClientRule {
                     namespace,
                     pod_selector,
+                    service_accounts: Vec::new(),
                 })
                 .collect()
         });
@@ -229,6 +230,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                         }),
                     },
                     access: AccessSpec { clients, egress },
+                    tls: Default::default(),
                 }
             },
         )
@@ -285,6 +287,7 @@ proptest! {
                 readiness_probe: None,
             },
             access: AccessSpec::default(),
+            tls: Default::default(),
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

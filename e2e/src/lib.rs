@@ -344,6 +344,7 @@ impl Operator {
             namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             resync_period: resync,
             facts: moat::render::Facts::default(),
+            ca: ca_settings(namespaces.first().copied().unwrap_or("default")),
         };
         let task = tokio::spawn(moat::controller::run(client, settings, metrics.clone()));
         Ok(Self { metrics, task })
@@ -364,6 +365,7 @@ impl Operator {
             namespaces: vec![namespace.to_string()],
             resync_period: Duration::from_secs(300),
             facts: moat::render::Facts::default(),
+            ca: ca_settings(namespace),
         };
         let lease = moat::controller::leader::LeaseSettings {
             name: lease.to_string(),
@@ -386,6 +388,15 @@ impl Operator {
     pub async fn kill(mut self) {
         self.task.abort();
         let _ = (&mut self.task).await;
+    }
+}
+
+/// CA settings for an operator started by a test: the CA Secret lives in the test's (first)
+/// namespace, so every test has its own CA.
+pub fn ca_settings(namespace: &str) -> moat::controller::ca::CaSettings {
+    moat::controller::ca::CaSettings {
+        namespace: namespace.to_string(),
+        ..Default::default()
     }
 }
 

@@ -73,7 +73,7 @@ fn chart_lints_strictly_and_its_rbac_is_least_privilege() -> Result<()> {
                         !matches!(v, "escalate" | "bind" | "impersonate"),
                         "forbidden verb {v}"
                     );
-                    ensure!(r != "pods/exec" && r != "secrets", "forbidden resource {r}");
+                    ensure!(r != "pods/exec", "forbidden resource {r}");
                     granted.push(format!("{g}/{r}:{v}"));
                 }
             }
@@ -90,9 +90,17 @@ fn chart_lints_strictly_and_its_rbac_is_least_privilege() -> Result<()> {
     }
     needed.push("moat.dev/securemodeldeployments/status:get".into());
     needed.push("moat.dev/securemodeldeployments/status:patch".into());
+    // The ModelClient controller: watch cache, status.
+    for v in ["get", "list", "watch"] {
+        needed.push(format!("moat.dev/modelclients:{v}"));
+    }
+    needed.push("moat.dev/modelclients/status:get".into());
+    needed.push("moat.dev/modelclients/status:patch".into());
     for (g, r) in [
         ("", "serviceaccounts"),
         ("", "services"),
+        // Serving certificate Secrets (children) and client certificate Secrets.
+        ("", "secrets"),
         ("networking.k8s.io", "networkpolicies"),
         ("policy", "poddisruptionbudgets"),
         ("apps", "deployments"),
@@ -108,6 +116,18 @@ fn chart_lints_strictly_and_its_rbac_is_least_privilege() -> Result<()> {
     ensure!(
         granted == needed,
         "ClusterRole differs from what the code needs:\n granted {granted:?}\n needed  {needed:?}"
+    );
+
+    // The CA Secret in the operator's namespace: read, created once, replaced on rotation.
+    let ca_role = docs
+        .iter()
+        .find(|d| d["kind"] == "Role" && d["metadata"]["name"] == "t-moat-ca")
+        .context("the CA Role")?;
+    ensure!(
+        serde_yaml::to_string(&ca_role["rules"])?.trim()
+            == "- apiGroups:\n  - ''\n  resources:\n  - secrets\n  verbs:\n  - get\n  - list\n  - watch\n  - create\n  - update",
+        "CA Role: {:?}",
+        ca_role["rules"]
     );
 
     // Watching all namespaces binds the rules cluster-wide; watching some binds them in those

@@ -37,6 +37,13 @@ pub mod reason {
     pub const CONFLICT: &str = "Conflict";
     /// The API server rejected a generated object as invalid.
     pub const REJECTED: &str = "Rejected";
+    /// The SecureModelDeployment a ModelClient refers to does not exist or does not list the
+    /// client's namespace and ServiceAccount in `spec.access.clients`.
+    pub const NOT_ALLOWED: &str = "NotAllowed";
+    /// The certificate is issued and current.
+    pub const CERTIFICATE_ISSUED: &str = "CertificateIssued";
+    /// Moat's certificate authority is not available yet; Moat retries.
+    pub const CA_UNAVAILABLE: &str = "CAUnavailable";
 }
 
 /// Sets `new` in `conditions`, keeping `lastTransitionTime` when the status did not change.

@@ -4,8 +4,10 @@
 //! `moat crd`; a test fails when the checked-in files drift from them.
 
 pub mod conditions;
+mod model_client;
 mod smd;
 
+pub use model_client::*;
 pub use smd::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -16,7 +18,7 @@ pub const GROUP: &str = "moat.dev";
 
 /// Every CRD Moat defines, in the order `moat crd` prints them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![SecureModelDeployment::crd()]
+    vec![SecureModelDeployment::crd(), ModelClient::crd()]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as checked in under `crds/`.

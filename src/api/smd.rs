@@ -60,6 +60,55 @@ pub struct SecureModelDeploymentSpec {
     /// NetworkPolicy.
     #[serde(default)]
     pub access: AccessSpec,
+
+    /// The model's mutual-TLS certificate, issued by Moat's CA and mounted into the pods.
+    #[serde(default)]
+    pub tls: TlsSpec,
+}
+
+/// Rule (CEL) for a certificate lifetime: a Go duration of hours, minutes and seconds between
+/// 30 seconds and 90 days.
+pub const LIFETIME_RULE: &str = "self.matches('^([0-9]+(h|m|s))+$') && duration(self) >= duration('30s') && duration(self) <= duration('2160h')";
+
+/// Shortest certificate lifetime Moat accepts.
+pub const MIN_CERTIFICATE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30);
+/// Longest certificate lifetime Moat accepts (90 days).
+pub const MAX_CERTIFICATE_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(2160 * 3600);
+
+/// The serving certificate of the model. Moat issues it from its own CA for the Service's DNS
+/// names and the SPIFFE ID of the model's ServiceAccount, stores it in the Secret `<name>-tls`
+/// (`tls.crt`, `tls.key`, `ca.crt`), mounts that read-only at `/var/run/moat/tls` and names the
+/// files in `MOAT_TLS_CERT_FILE`, `MOAT_TLS_KEY_FILE` and `MOAT_TLS_CA_FILE`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Lifetime of the serving certificate, a duration such as `24h` or `90m` (30s to 2160h).
+    /// Moat renews it at two thirds of its lifetime. Defaults to 24h.
+    #[serde(default = "default_certificate_lifetime")]
+    #[x_kube(validation = Rule::new(LIFETIME_RULE).message("certificateLifetime must be a duration of hours, minutes and seconds such as 24h or 90m, between 30s and 2160h"))]
+    #[schemars(length(min = 2, max = 32))]
+    pub certificate_lifetime: String,
+
+    /// Set true when the model server reloads its certificate files when they change. Otherwise
+    /// (the default) Moat rolls the pods when the certificate or the CA bundle changes, because
+    /// most servers read their certificate only at start.
+    #[serde(default)]
+    pub reloads_certificates: bool,
+}
+
+impl Default for TlsSpec {
+    fn default() -> Self {
+        Self {
+            certificate_lifetime: default_certificate_lifetime(),
+            reloads_certificates: false,
+        }
+    }
+}
+
+/// Default certificate lifetime: 24 hours.
+pub fn default_certificate_lifetime() -> String {
+    "24h".into()
 }
 
 fn default_replicas() -> i32 {
@@ -276,6 +325,13 @@ pub struct ClientRule {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(max = 16))]
     pub pod_selector: Option<BTreeMap<String, String>>,
+    /// ServiceAccounts in `namespace` that may obtain a client certificate for this model with a
+    /// ModelClient. Without entries the namespace has network access only and gets no
+    /// certificate.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(sa, sa.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$'))").message("serviceAccounts must be ServiceAccount names (DNS-1123 subdomains)"))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 253)))]
+    pub service_accounts: Vec<String>,
 }
 
 /// A destination the model may call.
@@ -361,6 +417,24 @@ pub struct SecureModelDeploymentStatus {
     /// Changes to generated objects made by someone else and reverted by Moat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drift: Option<DriftStatus>,
+
+    /// The serving certificate Moat issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertificateStatus>,
+}
+
+/// A certificate Moat issued and keeps renewed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificateStatus {
+    /// The Secret holding `tls.crt`, `tls.key` and `ca.crt`.
+    pub secret_name: String,
+    /// Serial number of the certificate, hex.
+    pub serial: String,
+    /// When the certificate expires.
+    pub not_after: Time,
+    /// When Moat renews it (two thirds into its lifetime).
+    pub renew_at: Time,
 }
 
 /// Drift repairs of one SecureModelDeployment.

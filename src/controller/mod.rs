@@ -3,6 +3,9 @@
 //! with server-side apply, repairs drift, prunes what is no longer desired and reports status.
 
 mod apply;
+pub mod ca;
+mod certs;
+mod client;
 pub mod drift;
 pub mod leader;
 pub mod status;
@@ -17,7 +20,7 @@ use futures::StreamExt;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Service, ServiceAccount},
+        core::v1::{Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -34,6 +37,7 @@ use kube::{
         watcher,
     },
 };
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{
@@ -56,6 +60,8 @@ pub struct Settings {
     pub resync_period: Duration,
     /// Facts rendering depends on.
     pub facts: Facts,
+    /// Moat's certificate authority.
+    pub ca: ca::CaSettings,
 }
 
 /// In-memory caches (reflector stores) of every child kind Moat manages, fed by the same watches
@@ -73,6 +79,8 @@ pub struct Caches {
     pub pod_disruption_budgets: Store<PodDisruptionBudget>,
     /// Deployments labelled as Moat's.
     pub deployments: Store<Deployment>,
+    /// Secrets labelled as Moat's (serving and client certificates).
+    pub secrets: Store<Secret>,
 }
 
 /// Shared state of the reconciler.
@@ -87,6 +95,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Publishes Kubernetes Events.
     pub recorder: Recorder,
+    /// The CA in use, once [`ca::run`] has one.
+    pub ca: watch::Receiver<Option<Arc<ca::CaState>>>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<SecureModelDeployment>, u32>>,
 }
@@ -102,7 +112,13 @@ impl Context {
 
 impl Context {
     /// A new context.
-    pub fn new(client: Client, settings: Settings, metrics: Arc<Metrics>, caches: Caches) -> Self {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        caches: Caches,
+        ca: watch::Receiver<Option<Arc<ca::CaState>>>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "moat".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -113,6 +129,7 @@ impl Context {
             caches,
             settings,
             metrics,
+            ca,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -175,6 +192,13 @@ pub enum Error {
     /// Writing the status failed.
     #[error("updating status: {0}")]
     Status(#[source] kube::Error),
+    /// Moat's CA is not available yet (being created, or a user-supplied CA is unusable; the
+    /// operator log says which). Retried with backoff.
+    #[error("Moat's certificate authority is not available yet; see the operator log")]
+    CaUnavailable,
+    /// A certificate could not be issued.
+    #[error("issuing a certificate: {0}")]
+    Certificate(#[source] crate::pki::PkiError),
     /// A child could not be serialized (a bug).
     #[error("serializing {kind}: {source}")]
     Serialize {
@@ -197,6 +221,8 @@ impl Error {
             Error::Prune { .. } => "prune",
             Error::Status(_) => "status",
             Error::Serialize { .. } => "serialize",
+            Error::CaUnavailable => "ca_unavailable",
+            Error::Certificate(_) => "certificate",
         }
     }
 
@@ -277,36 +303,72 @@ where
 /// the operator needs no cluster-wide list or watch). The caches of the children are filled
 /// before the first reconcile.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
-    if settings.namespaces.is_empty() {
-        run_one(client, None, settings, metrics).await;
-        return;
+    let (ca_tx, ca_rx) = watch::channel(None);
+    let authority = ca::run(client.clone(), settings.ca.clone(), ca_tx);
+    let controllers = async move {
+        if settings.namespaces.is_empty() {
+            run_one(client, None, settings, metrics, ca_rx).await;
+            return;
+        }
+        let mut namespaces = settings.namespaces.clone();
+        namespaces.sort();
+        namespaces.dedup();
+        futures::future::join_all(namespaces.into_iter().map(|ns| {
+            run_one(
+                client.clone(),
+                Some(ns),
+                settings.clone(),
+                metrics.clone(),
+                ca_rx.clone(),
+            )
+        }))
+        .await;
+    };
+    tokio::select! {
+        () = authority => {}
+        () = controllers => {}
     }
-    let mut namespaces = settings.namespaces.clone();
-    namespaces.sort();
-    namespaces.dedup();
-    futures::future::join_all(
-        namespaces
-            .into_iter()
-            .map(|ns| run_one(client.clone(), Some(ns), settings.clone(), metrics.clone())),
-    )
-    .await;
 }
 
-async fn run_one(client: Client, ns: Option<String>, settings: Settings, metrics: Arc<Metrics>) {
+/// A stream that yields whenever the CA in use changes (every certificate is then re-checked).
+fn ca_changes(
+    rx: watch::Receiver<Option<Arc<ca::CaState>>>,
+) -> impl futures::Stream<Item = ()> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.changed().await.ok()?;
+        Some(((), rx))
+    })
+}
+
+async fn run_one(
+    client: Client,
+    ns: Option<String>,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    ca_rx: watch::Receiver<Option<Arc<ca::CaState>>>,
+) {
     let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
     let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
     let (svc_store, svc_stream) = reflect::<Service>(&client, ns.as_deref());
     let (pdb_store, pdb_stream) = reflect::<PodDisruptionBudget>(&client, ns.as_deref());
     let (deploy_store, deploy_stream) = reflect::<Deployment>(&client, ns.as_deref());
+    let (secret_store, secret_stream) = reflect::<Secret>(&client, ns.as_deref());
     let caches = Caches {
         service_accounts: sa_store,
         network_policies: np_store,
         services: svc_store,
         pod_disruption_budgets: pdb_store,
         deployments: deploy_store,
+        secrets: secret_store,
     };
-    let ctx = Arc::new(Context::new(client, settings, metrics, caches.clone()));
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        settings,
+        metrics,
+        caches.clone(),
+        ca_rx.clone(),
+    ));
     info!(
         namespace = ns.as_deref().unwrap_or("<all>"),
         "starting the SecureModelDeployment controller"
@@ -317,6 +379,8 @@ async fn run_one(client: Client, ns: Option<String>, settings: Settings, metrics
         .owns_stream(svc_stream)
         .owns_stream(pdb_stream)
         .owns_stream(deploy_stream)
+        .owns_stream(secret_stream)
+        .reconcile_all_on(ca_changes(ca_rx.clone()))
         .shutdown_on_signal();
     let counting = count_managed(
         controller.store(),
@@ -332,9 +396,11 @@ async fn run_one(client: Client, ns: Option<String>, settings: Settings, metrics
             caches.services.wait_until_ready(),
             caches.pod_disruption_budgets.wait_until_ready(),
             caches.deployments.wait_until_ready(),
+            caches.secrets.wait_until_ready(),
         );
     };
     let ready = futures::future::FutureExt::shared(ready);
+    let clients = client::run(client, ns.clone(), ctx.clone(), ca_changes(ca_rx));
     let work = controller
         .run(
             move |smd, ctx| {
@@ -355,6 +421,7 @@ async fn run_one(client: Client, ns: Option<String>, settings: Settings, metrics
     tokio::select! {
         () = work => {}
         () = counting => {}
+        () = clients => {}
     }
     info!("controller stopped");
 }
@@ -440,9 +507,37 @@ pub async fn reconcile(
 }
 
 async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, Error> {
-    let children = render::render(smd, &ctx.settings.facts).map_err(Error::Invalid)?;
     let namespace = smd.namespace().unwrap_or_default();
     let name = smd.name_any();
+    render::validate(&smd.spec, &name)
+        .map_err(|errors| Error::Invalid(RenderError::Invalid(errors)))?;
+    // Dereference: the serving certificate (kept, or issued by the CA).
+    let lifetime =
+        render::certificate_lifetime(&smd.spec.tls.certificate_lifetime).map_err(|message| {
+            Error::Invalid(RenderError::Invalid(vec![render::ValidationError {
+                field: "spec.tls.certificateLifetime".into(),
+                message,
+            }]))
+        })?;
+    let secret_name = render::tls_secret_name(&name);
+    let live_secrets = apply::cached(&ctx.caches.secrets, &namespace, &name);
+    let identity =
+        crate::pki::Identity::server(&namespace, &name, &name, &ctx.settings.ca.cluster_domain);
+    let certified = certs::certificate(
+        ctx,
+        &namespace,
+        &secret_name,
+        live_secrets.iter().find(|s| s.name_any() == secret_name),
+        &identity,
+        lifetime,
+    )
+    .await?;
+    let tls = render::ServingTls {
+        cert_pem: certified.cert.cert_pem.clone(),
+        key_pem: certified.cert.key_pem.clone(),
+        ca_bundle_pem: certified.bundle_pem.clone(),
+    };
+    let children = render::render_with(smd, &ctx.settings.facts, &tls).map_err(Error::Invalid)?;
     // A change to children of a generation Moat already converged (not merely observed while
     // stalled) was made by someone else.
     let converged_before = smd.status.as_ref().is_some_and(|s| {
@@ -455,6 +550,7 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     // isolation exist. Destructured without `..` so a new child kind cannot be skipped.
     let Children {
         service_account,
+        tls_secret,
         network_policies,
         service,
         pod_disruption_budget,
@@ -463,6 +559,23 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     let c = &ctx.caches;
     let live = apply::cached(&c.service_accounts, &namespace, &name);
     applier.ensure(vec![service_account], live).await?;
+    applier.ensure(vec![tls_secret], live_secrets).await?;
+    if let Some(reason) = certified.issued {
+        publish(
+            &ctx.recorder,
+            &ctx.metrics,
+            &smd.object_ref(&()),
+            EventType::Normal,
+            "CertificateIssued",
+            format!(
+                "Issued serving certificate {} in Secret {secret_name} ({reason}); renewal at {}",
+                certified.info.serial,
+                certified.status(&secret_name).renew_at.0
+            ),
+            None,
+        )
+        .await;
+    }
     let live = apply::cached(&c.network_policies, &namespace, &name);
     applier.ensure(network_policies, live).await?;
     let live = apply::cached(&c.services, &namespace, &name);
@@ -477,6 +590,7 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
 
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
     let mut new_status = status::converged(smd, deployments.first(), now);
+    new_status.certificate = Some(certified.status(&secret_name));
     if !repairs.is_empty() {
         let api: Api<SecureModelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
         let fresh = api.get_status(&name).await.map_err(Error::Status)?;
@@ -486,7 +600,10 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
         );
     }
     write_status(smd, ctx, new_status, !repairs.is_empty()).await?;
-    Ok(Action::requeue(ctx.settings.resync_period))
+    // Renewal is a scheduled requeue, not polling.
+    Ok(Action::requeue(
+        ctx.settings.resync_period.min(certified.renew_in()),
+    ))
 }
 
 /// Writes the status if it differs from the current one (ignoring transition times).

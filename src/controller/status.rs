@@ -202,6 +202,7 @@ pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) ->
         && a.updated_replicas == b.updated_replicas
         && a.image == b.image
         && a.drift == b.drift
+        && a.certificate == b.certificate
         && conditions::same_ignoring_time(&a.conditions, &b.conditions)
 }
 

@@ -7,10 +7,13 @@ use serde_json::{Value, json};
 
 use k8s_openapi::api::apps::v1::Deployment;
 
-use super::{Ctx, RUN_AS_ID, RenderError, SERVING_PORT_NAME, TMP_SIZE_LIMIT, typed};
+use super::{
+    Ctx, RUN_AS_ID, RenderError, SERVING_PORT_NAME, ServingTls, TLS_HASH_ANNOTATION,
+    TLS_MOUNT_PATH, TMP_SIZE_LIMIT, tls_secret, typed,
+};
 use crate::api::{Probe, ProbeScheme};
 
-pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
+pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Result<Deployment, RenderError> {
     let server = &ctx.smd.spec.server;
     let selector = ctx.selector();
 
@@ -23,9 +26,22 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
     if !server.args.is_empty() {
         container.insert("args".into(), json!(server.args));
     }
-    if !server.env.is_empty() {
-        container.insert("env".into(), json!(server.env));
+    // The certificate files, named for the server's flags (`--ssl-certfile
+    // $(MOAT_TLS_CERT_FILE)` in args). User variables may not start with MOAT_.
+    let mut env = vec![
+        json!({"name": "MOAT_TLS_CERT_FILE", "value": format!("{TLS_MOUNT_PATH}/tls.crt")}),
+        json!({"name": "MOAT_TLS_KEY_FILE", "value": format!("{TLS_MOUNT_PATH}/tls.key")}),
+        json!({"name": "MOAT_TLS_CA_FILE", "value": format!("{TLS_MOUNT_PATH}/ca.crt")}),
+    ];
+    for var in &server.env {
+        env.push(
+            serde_json::to_value(var).map_err(|source| RenderError::Build {
+                kind: "Deployment",
+                source,
+            })?,
+        );
     }
+    container.insert("env".into(), Value::Array(env));
     container.insert(
         "ports".into(),
         json!([{"name": SERVING_PORT_NAME, "containerPort": server.port, "protocol": "TCP"}]),
@@ -68,8 +84,15 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
     );
     container.insert(
         "volumeMounts".into(),
-        json!([{"name": "tmp", "mountPath": "/tmp"}]),
+        json!([
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "tls", "mountPath": TLS_MOUNT_PATH, "readOnly": true},
+        ]),
     );
+    let mut template_meta = json!({"labels": ctx.labels()});
+    if !ctx.smd.spec.tls.reloads_certificates {
+        template_meta["annotations"] = json!({TLS_HASH_ANNOTATION: tls.hash()});
+    }
 
     typed(
         "Deployment",
@@ -85,7 +108,7 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
                     "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
                 },
                 "template": {
-                    "metadata": {"labels": ctx.labels()},
+                    "metadata": template_meta,
                     "spec": {
                         "serviceAccountName": ctx.name,
                         "automountServiceAccountToken": false,
@@ -100,6 +123,11 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Deployment, RenderError> {
                         "containers": [Value::Object(container)],
                         "volumes": [
                             {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+                            // Readable by the server's group only (fsGroup), never writable.
+                            {"name": "tls", "secret": {
+                                "secretName": tls_secret::secret_name(&ctx.name),
+                                "defaultMode": 0o440,
+                            }},
                         ],
                         "topologySpreadConstraints": [
                             {

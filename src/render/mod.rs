@@ -7,6 +7,7 @@ mod network_policy;
 mod pdb;
 mod service;
 mod service_account;
+mod tls_secret;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -14,7 +15,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Service, ServiceAccount},
+        core::v1::{Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -25,7 +26,55 @@ use serde::Serialize;
 
 use crate::api::SecureModelDeployment;
 
-pub use validate::{ValidationError, is_dns1123_label, validate};
+pub use tls_secret::secret_name as tls_secret_name;
+pub use validate::{ValidationError, certificate_lifetime, is_dns1123_label, validate};
+
+/// Where the serving certificate Secret is mounted in the model pods.
+pub const TLS_MOUNT_PATH: &str = "/var/run/moat/tls";
+/// Pod-template annotation with a hash of the certificate and CA bundle: a new certificate rolls
+/// the pods unless `spec.tls.reloadsCertificates` is set.
+pub const TLS_HASH_ANNOTATION: &str = "moat.dev/tls-hash";
+
+/// The serving certificate the reconciler issued (or kept) for a SecureModelDeployment, and the
+/// trust bundle. `Debug` never prints the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ServingTls {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM.
+    pub key_pem: String,
+    /// CA certificates to trust for clients (and that signed the certificate), PEM.
+    pub ca_bundle_pem: String,
+}
+
+impl std::fmt::Debug for ServingTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServingTls")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .field("ca_bundle_pem", &self.ca_bundle_pem)
+            .finish()
+    }
+}
+
+impl ServingTls {
+    /// Stand-ins for offline renders (`moat render`): the operator issues the real certificate.
+    pub fn placeholder() -> Self {
+        let text = "<issued by the Moat operator at reconcile>".to_string();
+        Self {
+            cert_pem: text.clone(),
+            key_pem: text.clone(),
+            ca_bundle_pem: text,
+        }
+    }
+
+    /// Hash of what the pods load at start: the certificate and the CA bundle.
+    pub fn hash(&self) -> String {
+        let mut data = self.cert_pem.clone().into_bytes();
+        data.extend_from_slice(self.ca_bundle_pem.as_bytes());
+        crate::pki::sha256_hex(&data)[..16].to_string()
+    }
+}
 
 /// Label carrying the name of the SecureModelDeployment a child belongs to; also the pod selector.
 pub const DEPLOYMENT_LABEL: &str = "moat.dev/deployment";
@@ -63,6 +112,8 @@ impl Default for Facts {
 pub struct Children {
     /// Dedicated identity without an API token or RBAC.
     pub service_account: ServiceAccount,
+    /// The serving certificate, key and CA bundle.
+    pub tls_secret: Secret,
     /// Default deny, then what `spec.access` allows.
     pub network_policies: Vec<NetworkPolicy>,
     /// ClusterIP Service for the serving port.
@@ -103,16 +154,26 @@ fn format_errors(errors: &[ValidationError]) -> String {
         .join("; ")
 }
 
-/// Renders every child of `smd`.
+/// Renders every child of `smd` with placeholder certificate data (offline renders).
 pub fn render(smd: &SecureModelDeployment, facts: &Facts) -> Result<Children, RenderError> {
+    render_with(smd, facts, &ServingTls::placeholder())
+}
+
+/// Renders every child of `smd` with the serving certificate `tls`.
+pub fn render_with(
+    smd: &SecureModelDeployment,
+    facts: &Facts,
+    tls: &ServingTls,
+) -> Result<Children, RenderError> {
     validate(&smd.spec, &smd.name_any()).map_err(RenderError::Invalid)?;
     let ctx = Ctx::new(smd)?;
     Ok(Children {
         service_account: service_account::render(&ctx)?,
+        tls_secret: tls_secret::render(&ctx, tls),
         network_policies: network_policy::render(&ctx, facts)?,
         service: service::render(&ctx)?,
         pod_disruption_budget: pdb::render(&ctx)?,
-        deployment: deployment::render(&ctx)?,
+        deployment: deployment::render(&ctx, tls)?,
     })
 }
 
@@ -174,12 +235,13 @@ pub(crate) fn typed<T: serde::de::DeserializeOwned>(
 pub fn to_yaml(children: &Children) -> Result<String, RenderError> {
     let Children {
         service_account,
+        tls_secret,
         network_policies,
         service,
         pod_disruption_budget,
         deployment,
     } = children;
-    let mut docs = vec![yaml_doc(service_account)?];
+    let mut docs = vec![yaml_doc(service_account)?, yaml_doc(tls_secret)?];
     for np in network_policies {
         docs.push(yaml_doc(np)?);
     }

@@ -6,14 +6,16 @@ use std::{collections::BTreeSet, fmt, net::IpAddr, sync::LazyLock};
 use regex::Regex;
 
 use crate::api::{
-    DNS_LABEL_PATTERN, ENV_NAME_PATTERN, IMAGE_REFERENCE_PATTERN, MAX_NAME_LENGTH,
-    RESERVED_ENV_PREFIX, SecureModelDeploymentSpec,
+    DNS_LABEL_PATTERN, ENV_NAME_PATTERN, IMAGE_REFERENCE_PATTERN, MAX_CERTIFICATE_LIFETIME,
+    MAX_NAME_LENGTH, MIN_CERTIFICATE_LIFETIME, RESERVED_ENV_PREFIX, SecureModelDeploymentSpec,
 };
 use crate::quantity;
 
 static IMAGE: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(IMAGE_REFERENCE_PATTERN).ok());
 static ENV_NAME: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(ENV_NAME_PATTERN).ok());
 static DNS_LABEL: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new(DNS_LABEL_PATTERN).ok());
+static DNS_SUBDOMAIN: LazyLock<Option<Regex>> =
+    LazyLock::new(|| Regex::new("^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$").ok());
 static DNS_1035: LazyLock<Option<Regex>> =
     LazyLock::new(|| Regex::new("^[a-z]([-a-z0-9]*[a-z0-9])?$").ok());
 
@@ -40,6 +42,25 @@ fn check_labels(
                 format!("{v:?} is not a valid label value"),
             );
         }
+    }
+}
+
+static LIFETIME: LazyLock<Option<Regex>> = LazyLock::new(|| Regex::new("^([0-9]+(h|m|s))+$").ok());
+
+/// Parses a certificate lifetime (`24h`, `90m`, `1h30m`) and checks it is between
+/// [`MIN_CERTIFICATE_LIFETIME`] and [`MAX_CERTIFICATE_LIFETIME`].
+pub fn certificate_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let parsed = if matches(&LIFETIME, s) {
+        humantime::parse_duration(s).ok()
+    } else {
+        None
+    };
+    match parsed {
+        Some(d) if (MIN_CERTIFICATE_LIFETIME..=MAX_CERTIFICATE_LIFETIME).contains(&d) => Ok(d),
+        Some(_) => Err(format!("{s:?} must be between 30s and 2160h")),
+        None => Err(format!(
+            "{s:?} is not a duration of hours, minutes and seconds such as 24h or 90m"
+        )),
     }
 }
 
@@ -180,6 +201,17 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
         }
         let field = format!("spec.access.clients[{i}].podSelector");
         check_labels(client.pod_selector.as_ref(), &field, &mut err);
+        for (j, sa) in client.service_accounts.iter().enumerate() {
+            if sa.len() > 253 || !matches(&DNS_SUBDOMAIN, sa) {
+                err(
+                    format!("spec.access.clients[{i}].serviceAccounts[{j}]"),
+                    format!("{sa:?} is not a ServiceAccount name"),
+                );
+            }
+        }
+    }
+    if let Err(message) = certificate_lifetime(&spec.tls.certificate_lifetime) {
+        err("spec.tls.certificateLifetime".into(), message);
     }
     for (i, rule) in spec.access.egress.iter().enumerate() {
         let field = format!("spec.access.egress[{i}]");

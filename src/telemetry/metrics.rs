@@ -35,6 +35,22 @@ pub struct WriteLabels {
     pub verb: String,
 }
 
+/// Labels of certificate counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    /// `serving` or `client`.
+    pub usage: String,
+}
+
+/// Labels of per-certificate gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabels {
+    /// Namespace of the Secret.
+    pub namespace: String,
+    /// Name of the Secret.
+    pub secret: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -45,6 +61,8 @@ pub struct Metrics {
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
     managed: Family<KindLabels, Gauge>,
+    certificates_issued: Family<UsageLabels, Counter>,
+    certificate_expiry: Family<SecretLabels, Gauge>,
     /// What each watch scope (a namespace, or `*` for all) contributes to `managed`.
     managed_by_scope: Mutex<HashMap<String, BTreeMap<&'static str, i64>>>,
 }
@@ -98,9 +116,23 @@ impl Default for Metrics {
             "Objects this replica manages, by kind: SecureModelDeployments and their children",
             managed.clone(),
         );
+        let certificates_issued = Family::<UsageLabels, Counter>::default();
+        registry.register(
+            "certificates_issued",
+            "Certificates issued (new or renewed), by usage",
+            certificates_issued.clone(),
+        );
+        let certificate_expiry = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "certificate_expiry_seconds",
+            "Seconds until the certificate in each Secret Moat manages expires",
+            certificate_expiry.clone(),
+        );
         Self {
             registry,
             reconciles,
+            certificates_issued,
+            certificate_expiry,
             errors,
             duration,
             drift_repairs,
@@ -207,6 +239,29 @@ impl Metrics {
         self.managed
             .get_or_create(&KindLabels { kind: kind.into() })
             .get()
+    }
+
+    /// Counts an issued certificate (`serving` or `client`).
+    pub fn certificate_issued(&self, usage: &str) {
+        self.certificates_issued
+            .get_or_create(&UsageLabels {
+                usage: usage.into(),
+            })
+            .inc();
+    }
+
+    /// Replaces the per-Secret time-to-expiry gauges with `expiries` (namespace, secret,
+    /// seconds left).
+    pub fn set_certificate_expiries(&self, expiries: &[(String, String, i64)]) {
+        self.certificate_expiry.clear();
+        for (namespace, secret, seconds) in expiries {
+            self.certificate_expiry
+                .get_or_create(&SecretLabels {
+                    namespace: namespace.clone(),
+                    secret: secret.clone(),
+                })
+                .set(*seconds);
+        }
     }
 
     /// Records whether this replica leads.
