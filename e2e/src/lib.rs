@@ -7,6 +7,8 @@
 //!
 //! The cluster is found through `KUBECONFIG`; `make test` exports it from `e2e/cluster.sh env`.
 
+pub mod tls;
+
 use std::{future::Future, panic::AssertUnwindSafe, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
