@@ -428,6 +428,23 @@ pub fn inspect(
     Verdict::Keep(info)
 }
 
+/// Whether the first certificate in `cert_pem` was signed by the first one in `ca_pem`.
+pub fn issued_by(cert_pem: &str, ca_pem: &str) -> bool {
+    let (Some(cert), Some(ca)) = (
+        pem_certificates(cert_pem).into_iter().next(),
+        pem_certificates(ca_pem).into_iter().next(),
+    ) else {
+        return false;
+    };
+    match (
+        x509_parser::parse_x509_certificate(&cert),
+        x509_parser::parse_x509_certificate(&ca),
+    ) {
+        (Ok((_, cert)), Ok((_, ca))) => cert.verify_signature(Some(ca.public_key())).is_ok(),
+        _ => false,
+    }
+}
+
 /// SHA-256 of `data`, lower-case hex (for the pod-template annotation that rolls pods when their
 /// certificate changes).
 pub fn sha256_hex(data: &[u8]) -> String {

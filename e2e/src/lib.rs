@@ -340,14 +340,22 @@ impl Operator {
         namespaces: &[&str],
         resync: Duration,
     ) -> Result<Self> {
-        let client = moat::controller::client_from(config)?;
-        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
         let settings = moat::controller::Settings {
             namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             resync_period: resync,
             facts: moat::render::Facts::default(),
             ca: ca_settings(namespaces.first().copied().unwrap_or("default")),
         };
+        Self::start_with_settings(config, settings).await
+    }
+
+    /// Starts an operator with exactly `settings` (for example a short CA validity).
+    pub async fn start_with_settings(
+        config: Config,
+        settings: moat::controller::Settings,
+    ) -> Result<Self> {
+        let client = moat::controller::client_from(config)?;
+        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
         let task = tokio::spawn(moat::controller::run(client, settings, metrics.clone()));
         Ok(Self { metrics, task })
     }

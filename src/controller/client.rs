@@ -77,6 +77,30 @@ pub(super) async fn run(
     let secrets: Api<Secret> = super::api(&client, ns.as_deref());
     let controller = Controller::new(mcs, watcher::Config::default().any_semantic());
     let store = controller.store();
+    // Models reconciled in any watch scope re-check the ModelClients here that refer to them.
+    let referring = store.clone();
+    let changed = futures::stream::unfold(ctx.smd_changes.subscribe(), |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok(model) => return Some((model, rx)),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+    .flat_map(move |(namespace, name)| {
+        futures::stream::iter(
+            referring
+                .state()
+                .iter()
+                .filter(|mc| {
+                    mc.spec.deployment_ref.namespace == namespace
+                        && mc.spec.deployment_ref.name == name
+                })
+                .map(|mc| ObjectRef::from_obj(&**mc))
+                .collect::<Vec<_>>(),
+        )
+    });
     controller
         // A change to a model's access list re-checks the ModelClients that refer to it.
         .watches(smds, watcher::Config::default(), move |smd| {
@@ -95,6 +119,7 @@ pub(super) async fn run(
             secrets,
             watcher::Config::default().labels(MODEL_CLIENT_LABEL),
         )
+        .reconcile_on(changed)
         .reconcile_all_on(ca_changes)
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)

@@ -97,6 +97,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// The CA in use, once [`ca::run`] has one.
     pub ca: watch::Receiver<Option<Arc<ca::CaState>>>,
+    /// `(namespace, name)` of every SecureModelDeployment reconciled, so ModelClients in other
+    /// watch scopes re-check consent when a model's access list changes.
+    pub smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     /// Consecutive failures per object, for backoff.
     failures: Mutex<HashMap<ObjectRef<SecureModelDeployment>, u32>>,
 }
@@ -118,6 +121,7 @@ impl Context {
         metrics: Arc<Metrics>,
         caches: Caches,
         ca: watch::Receiver<Option<Arc<ca::CaState>>>,
+        smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     ) -> Self {
         let reporter = Reporter {
             controller: "moat".into(),
@@ -130,6 +134,7 @@ impl Context {
             settings,
             metrics,
             ca,
+            smd_changes,
             failures: Mutex::new(HashMap::new()),
         }
     }
@@ -304,10 +309,11 @@ where
 /// before the first reconcile.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     let (ca_tx, ca_rx) = watch::channel(None);
+    let (smd_changes, _) = tokio::sync::broadcast::channel(1024);
     let authority = ca::run(client.clone(), settings.ca.clone(), ca_tx);
     let controllers = async move {
         if settings.namespaces.is_empty() {
-            run_one(client, None, settings, metrics, ca_rx).await;
+            run_one(client, None, settings, metrics, ca_rx, smd_changes).await;
             return;
         }
         let mut namespaces = settings.namespaces.clone();
@@ -320,6 +326,7 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
                 settings.clone(),
                 metrics.clone(),
                 ca_rx.clone(),
+                smd_changes.clone(),
             )
         }))
         .await;
@@ -346,6 +353,7 @@ async fn run_one(
     settings: Settings,
     metrics: Arc<Metrics>,
     ca_rx: watch::Receiver<Option<Arc<ca::CaState>>>,
+    smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
 ) {
     let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
@@ -368,6 +376,7 @@ async fn run_one(
         metrics,
         caches.clone(),
         ca_rx.clone(),
+        smd_changes,
     ));
     info!(
         namespace = ns.as_deref().unwrap_or("<all>"),
@@ -485,6 +494,10 @@ pub async fn reconcile(
         ctx.forget_failures(&key);
         return Ok(Action::await_change());
     }
+    // No receiver (no ModelClient controller yet) is fine.
+    let _ = ctx
+        .smd_changes
+        .send((smd.namespace().unwrap_or_default(), smd.name_any()));
     let result = converge(&smd, &ctx).await;
     match &result {
         Ok(_) => ctx.forget_failures(&key),
