@@ -153,7 +153,7 @@ async fn certificates_with_two_sided_consent_withdrawal_and_tamper_repair() {
                 .another_namespace(&NamespaceOptions::restricted())
                 .await?;
             let config = kube::Config::infer().await?;
-            let _op = Operator::start_watching(
+            let op = Operator::start_watching(
                 config,
                 &[&ns, &client_ns, &stranger_ns],
                 Duration::from_secs(300),
@@ -350,6 +350,28 @@ async fn certificates_with_two_sided_consent_withdrawal_and_tamper_repair() {
                 .and_then(|s| s.drift)
                 .context("status.drift")?;
             ensure!(drift.repairs >= 1, "{drift:?}");
+
+            // Metrics: certificates issued by usage, and seconds to expiry per Secret.
+            let metrics = op.metrics.encode()?;
+            ensure!(
+                metrics.contains("moat_certificates_issued_total{usage=\"serving\"}"),
+                "{metrics}"
+            );
+            ensure!(
+                metrics.contains("moat_certificates_issued_total{usage=\"client\"}"),
+                "{metrics}"
+            );
+            wait_for(
+                Duration::from_secs(15),
+                "the expiry gauge of fraud-tls",
+                || async {
+                    Ok(op
+                        .metrics
+                        .certificate_expiry(&ns, "fraud-tls")
+                        .is_some_and(|s| s > 23 * 3600))
+                },
+            )
+            .await?;
 
             // Withdrawn consent: the model drops the client; its Secret is deleted, the status says why.
             smds.patch(

@@ -466,8 +466,23 @@ async fn count_managed(
                     count(caches.pod_disruption_budgets.state().len()),
                 ),
                 ("Deployment", count(caches.deployments.state().len())),
+                ("Secret", count(caches.secrets.state().len())),
             ]),
         );
+        let now = certs::now();
+        let expiries: Vec<(String, String, i64)> = caches
+            .secrets
+            .state()
+            .iter()
+            .filter_map(|s| {
+                let der = crate::pki::pem_certificates(&certs::stored(s).cert_pem)
+                    .into_iter()
+                    .next()?;
+                let info = crate::pki::info(&der)?;
+                Some((s.namespace()?, s.name_any(), info.not_after - now))
+            })
+            .collect();
+        metrics.set_certificate_expiries(&scope, &expiries);
         tokio::time::sleep(COUNT_INTERVAL).await;
     }
 }

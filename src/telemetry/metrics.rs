@@ -63,6 +63,8 @@ pub struct Metrics {
     managed: Family<KindLabels, Gauge>,
     certificates_issued: Family<UsageLabels, Counter>,
     certificate_expiry: Family<SecretLabels, Gauge>,
+    /// The certificate Secrets each watch scope reported.
+    expiry_by_scope: Mutex<HashMap<String, Vec<SecretLabels>>>,
     /// What each watch scope (a namespace, or `*` for all) contributes to `managed`.
     managed_by_scope: Mutex<HashMap<String, BTreeMap<&'static str, i64>>>,
 }
@@ -140,6 +142,7 @@ impl Default for Metrics {
             leader,
             managed,
             managed_by_scope: Mutex::default(),
+            expiry_by_scope: Mutex::default(),
         }
     }
 }
@@ -211,6 +214,12 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         scopes.clear();
         self.managed.clear();
+        let mut expiries = self
+            .expiry_by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        expiries.clear();
+        self.certificate_expiry.clear();
     }
 
     fn apply_delta(
@@ -250,18 +259,46 @@ impl Metrics {
             .inc();
     }
 
-    /// Replaces the per-Secret time-to-expiry gauges with `expiries` (namespace, secret,
-    /// seconds left).
-    pub fn set_certificate_expiries(&self, expiries: &[(String, String, i64)]) {
-        self.certificate_expiry.clear();
-        for (namespace, secret, seconds) in expiries {
-            self.certificate_expiry
-                .get_or_create(&SecretLabels {
-                    namespace: namespace.clone(),
-                    secret: secret.clone(),
-                })
-                .set(*seconds);
+    /// Replaces the time-to-expiry gauges of one watch scope with `expiries` (namespace, secret,
+    /// seconds left); gauges of Secrets no longer listed are removed.
+    pub fn set_certificate_expiries(&self, scope: &str, expiries: &[(String, String, i64)]) {
+        let mut scopes = self
+            .expiry_by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let labels: Vec<SecretLabels> = expiries
+            .iter()
+            .map(|(namespace, secret, _)| SecretLabels {
+                namespace: namespace.clone(),
+                secret: secret.clone(),
+            })
+            .collect();
+        for gone in scopes
+            .get(scope)
+            .into_iter()
+            .flatten()
+            .filter(|l| !labels.contains(l))
+        {
+            self.certificate_expiry.remove(gone);
         }
+        for (label, (_, _, seconds)) in labels.iter().zip(expiries) {
+            self.certificate_expiry.get_or_create(label).set(*seconds);
+        }
+        scopes.insert(scope.to_string(), labels);
+    }
+
+    /// Seconds until the certificate in `namespace/secret` expires, if Moat tracks it.
+    pub fn certificate_expiry(&self, namespace: &str, secret: &str) -> Option<i64> {
+        let labels = SecretLabels {
+            namespace: namespace.into(),
+            secret: secret.into(),
+        };
+        self.expiry_by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|ls| ls.contains(&labels))
+            .then(|| self.certificate_expiry.get_or_create(&labels).get())
     }
 
     /// Records whether this replica leads.
@@ -321,5 +358,24 @@ mod tests {
         assert_eq!(m.managed("Deployment"), 0);
         m.set_managed("team-a", counts(1, 0));
         assert_eq!(m.managed("SecureModelDeployment"), 1);
+    }
+
+    #[test]
+    fn certificate_expiries_are_replaced_per_scope() {
+        let m = Metrics::default();
+        let e = |ns: &str, name: &str, secs: i64| (ns.to_string(), name.to_string(), secs);
+        m.set_certificate_expiries("a", &[e("a", "x-tls", 100), e("a", "y-tls", 50)]);
+        m.set_certificate_expiries("b", &[e("b", "z-tls", 10)]);
+        assert_eq!(m.certificate_expiry("a", "y-tls"), Some(50));
+        m.set_certificate_expiries("a", &[e("a", "x-tls", 90)]);
+        assert_eq!(m.certificate_expiry("a", "x-tls"), Some(90));
+        assert_eq!(m.certificate_expiry("a", "y-tls"), None);
+        assert_eq!(m.certificate_expiry("b", "z-tls"), Some(10));
+        let text = m.encode().expect("encode");
+        assert!(!text.contains("y-tls"), "{text}");
+        assert!(
+            text.contains("moat_certificate_expiry_seconds{namespace=\"b\",secret=\"z-tls\"} 10"),
+            "{text}"
+        );
     }
 }
