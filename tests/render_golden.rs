@@ -115,3 +115,61 @@ fn children_carry_the_labels_and_the_controller_owner_reference() {
         assert_eq!(owners[0].uid, "7d4c7e4a-1f59-4f0e-8f2e-3c5b8a0d9e21");
     }
 }
+
+/// Every SecureModelDeployment under `examples/` renders, and every `$(VAR)` its server's
+/// arguments use is defined in the rendered container (Kubernetes leaves undefined ones as text).
+#[test]
+fn examples_render_and_reference_only_defined_variables() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut files = vec![root.join("quickstart.yaml")];
+    for dir in ["mtls", "gitops/models"] {
+        for entry in std::fs::read_dir(root.join(dir)).expect("examples dir") {
+            let path = entry.expect("entry").path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                files.push(path);
+            }
+        }
+    }
+    let var = regex::Regex::new(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)").expect("regex");
+    let mut rendered = 0;
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("example");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = serde_yaml::Value::deserialize(doc).expect("yaml");
+            if v.get("kind").and_then(|k| k.as_str()) != Some("SecureModelDeployment") {
+                continue;
+            }
+            let smd: SecureModelDeployment = serde_yaml::from_value(v).expect("example parses");
+            let c = render(&smd, &Facts::default())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let container = &c
+                .deployment
+                .spec
+                .as_ref()
+                .expect("spec")
+                .template
+                .spec
+                .as_ref()
+                .expect("pod")
+                .containers[0];
+            let defined: Vec<&str> = container
+                .env
+                .iter()
+                .flatten()
+                .map(|e| e.name.as_str())
+                .collect();
+            for arg in container.args.iter().flatten() {
+                for cap in var.captures_iter(arg) {
+                    assert!(
+                        defined.contains(&&cap[1]),
+                        "{}: {arg} uses undefined {}",
+                        file.display(),
+                        &cap[1]
+                    );
+                }
+            }
+            rendered += 1;
+        }
+    }
+    assert!(rendered >= 4, "only {rendered} examples found");
+}
