@@ -31,11 +31,13 @@ kubectl create namespace "$NS" --dry-run=client -o yaml |
   kubectl apply -f - >/dev/null
 # A CRD left by an earlier install or by `make install` is handed to this release, as the README
 # describes (Helm refuses to adopt objects it did not create otherwise).
-if kubectl get crd securemodeldeployments.moat.dev >/dev/null 2>&1; then
-  kubectl label crd securemodeldeployments.moat.dev app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
-  kubectl annotate crd securemodeldeployments.moat.dev --overwrite \
-    meta.helm.sh/release-name=$RELEASE meta.helm.sh/release-namespace=$NS >/dev/null
-fi
+for crd in securemodeldeployments.moat.dev modelclients.moat.dev; do
+  if kubectl get crd "$crd" >/dev/null 2>&1; then
+    kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    kubectl annotate crd "$crd" --overwrite \
+      meta.helm.sh/release-name=$RELEASE meta.helm.sh/release-namespace=$NS >/dev/null
+  fi
+done
 helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout 2m
 kubectl get deployment,serviceaccount,networkpolicy,poddisruptionbudget,service -n "$NS" \
   -l app.kubernetes.io/instance=$RELEASE
@@ -71,8 +73,13 @@ kubectl wait --for=condition=Ready smd/fraud-scorer -n moat-demo --timeout=120s
 kubectl get smd -n moat-demo
 
 step "what Moat created (all labelled moat.dev/deployment=fraud-scorer)"
-kubectl get serviceaccounts,networkpolicies,services,poddisruptionbudgets,deployments,pods \
+kubectl get serviceaccounts,secrets,networkpolicies,services,poddisruptionbudgets,deployments,pods \
   -n moat-demo -l moat.dev/deployment=fraud-scorer
+
+step "mTLS: the serving certificate Moat issued from its CA (Secret moat-system/moat-ca)"
+kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.certificate: "}{.status.certificate}{"\n"}'
+kubectl get secret fraud-scorer-tls -n moat-demo -o jsonpath='{.data.tls\.crt}' | base64 -d |
+  openssl x509 -noout -subject -issuer -enddate -ext subjectAltName
 
 step "drift: someone swaps the image and turns on hostNetwork behind Moat's back"
 kubectl patch deployment fraud-scorer -n moat-demo --type strategic \

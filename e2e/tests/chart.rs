@@ -200,9 +200,9 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
             "labels": {"app.kubernetes.io/managed-by": "Helm"},
             "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": ns}
         }});
-        crds.patch("securemodeldeployments.moat.dev", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&release_free))
-            .await
-            .ok();
+        for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
+            crds.patch(crd, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&release_free)).await.ok();
+        }
         ok(helm(&["install", &release, CHART, "-n", ns, "--force-conflicts"])?, "helm install")?;
         let name = format!("{release}-moat");
         let deploys = env.api::<Deployment>();
@@ -268,8 +268,10 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         // Uninstall removes the operator but never the CRD, so models survive.
         ok(helm(&["uninstall", &release, "-n", ns])?, "helm uninstall")?;
         wait_for(Duration::from_secs(30), "the operator Deployment to go", || async { Ok(deploys.get_opt(&name).await?.is_none()) }).await?;
-        if crds.get_opt("securemodeldeployments.moat.dev").await?.is_none() {
-            bail!("helm uninstall deleted the CRD");
+        for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
+            if crds.get_opt(crd).await?.is_none() {
+                bail!("helm uninstall deleted the CRD {crd}");
+            }
         }
         ensure!(smds.get_opt("model").await?.is_some(), "the model did not survive helm uninstall");
         Ok(())
