@@ -398,6 +398,9 @@ async fn run_one(
         ctx.metrics.clone(),
     );
     // The owned streams are polled by the controller; reconciles wait until the caches are full.
+    // Reconciles also wait for the CA, for at most CA_WAIT: a CA that does not come (an unusable
+    // user-supplied one) is then reported in each status as CAUnavailable.
+    let mut ca_ready = ca_rx.clone();
     let ready = async move {
         let _ = futures::join!(
             caches.service_accounts.wait_until_ready(),
@@ -406,6 +409,10 @@ async fn run_one(
             caches.pod_disruption_budgets.wait_until_ready(),
             caches.deployments.wait_until_ready(),
             caches.secrets.wait_until_ready(),
+            tokio::time::timeout(CA_WAIT, async move {
+                // The guard wait_for returns is not Send; drop it at once.
+                let _ = ca_ready.wait_for(Option::is_some).await.map(|_| ());
+            }),
         );
     };
     let ready = futures::future::FutureExt::shared(ready);
@@ -434,6 +441,9 @@ async fn run_one(
     }
     info!("controller stopped");
 }
+
+/// How long the first reconciles wait for the CA to be created or loaded.
+const CA_WAIT: Duration = Duration::from_secs(15);
 
 /// How often `moat_managed_objects` is recounted from the caches.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
