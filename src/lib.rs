@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod image;
 pub mod pki;
 pub mod quantity;
 pub mod render;

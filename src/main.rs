@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 
 use moat::{
     api::{self, SecureModelDeployment},
-    controller::{self, Settings, ca::CaSettings},
+    controller::{self, ImageSettings, Settings, ca::CaSettings},
     render::{self, Facts},
     telemetry::{self, LogFormat, metrics::Metrics, server},
 };
@@ -96,6 +96,28 @@ struct OperatorArgs {
     /// Label `key=value` of the cluster DNS pods.
     #[arg(long, env = "MOAT_DNS_POD_LABEL", default_value = "k8s-app=kube-dns")]
     dns_pod_label: String,
+    /// Registries (host or host:port) model images may come from, comma-separated or repeated;
+    /// an image from any other registry is refused (Stalled, reason RegistryNotAllowed).
+    /// Default: every registry.
+    #[arg(long, env = "MOAT_ALLOWED_REGISTRIES", value_delimiter = ',')]
+    allowed_registries: Vec<String>,
+    /// PEM file of CA certificates trusted for registries besides the system's roots (for
+    /// private registries). TLS verification is always on.
+    #[arg(long, env = "MOAT_REGISTRY_CA_FILE")]
+    registry_ca_file: Option<PathBuf>,
+    /// Moat's own image, run as the init container that decrypts model weights; the chart sets
+    /// the operator's image. Pinned to a digest like any image (resolved once per process when
+    /// it is a tag).
+    #[arg(long, env = "MOAT_HELPER_IMAGE", default_value = moat::render::DEFAULT_HELPER_IMAGE)]
+    helper_image: String,
+    /// StorageClasses that encrypt their volumes at rest, comma-separated or repeated: the only
+    /// ones a PersistentVolumeClaim model source may use (default: none, so PVC sources stall
+    /// with reason StorageClassNotEncrypted).
+    #[arg(long, env = "MOAT_ENCRYPTED_STORAGE_CLASSES", value_delimiter = ',')]
+    encrypted_storage_classes: Vec<String>,
+    /// Time limit of one tag resolution in a registry, such as 10s.
+    #[arg(long, env = "MOAT_REGISTRY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    registry_timeout: Duration,
 }
 
 fn main() -> ExitCode {
@@ -131,6 +153,12 @@ fn render_file(file: &PathBuf) -> Result<()> {
         smd.metadata.namespace = Some("default".into());
     }
     let children = render::render(&smd, &Facts::default())?;
+    if !smd.spec.server.image.contains("@sha256:") {
+        eprintln!(
+            "moat: note: {} is a tag; the operator resolves it in the registry and the pods get repository@sha256:<digest>",
+            smd.spec.server.image
+        );
+    }
     print!("{}", render::to_yaml(&children)?);
     Ok(())
 }
@@ -150,6 +178,21 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
     if let Some(bad) = namespaces.iter().find(|ns| !render::is_dns1123_label(ns)) {
         anyhow::bail!("--namespaces: {bad:?} is not a namespace name (a DNS-1123 label)");
     }
+    let allowed_registries: Vec<String> = args
+        .allowed_registries
+        .iter()
+        .map(|r| r.trim().to_string())
+        .filter(|r| !r.is_empty())
+        .collect();
+    let registry_ca = match &args.registry_ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--registry-ca-file: reading {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let registry = moat::image::Registry::new(registry_ca.as_deref(), args.registry_timeout)
+        .map_err(|e| anyhow::anyhow!("--registry-ca-file: {e}"))?;
     let settings = Settings {
         namespaces,
         resync_period: Duration::from_secs(args.resync_seconds.max(1)),
@@ -164,6 +207,18 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             trust_domain: args.trust_domain,
             cluster_domain: args.cluster_domain,
         },
+        image: ImageSettings {
+            allowed_registries,
+            registry,
+            helper_image: args.helper_image,
+            helper_pin: Default::default(),
+        },
+        encrypted_storage_classes: args
+            .encrypted_storage_classes
+            .iter()
+            .map(|c| c.trim().to_string())
+            .filter(|c| !c.is_empty())
+            .collect(),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

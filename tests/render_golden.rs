@@ -42,6 +42,11 @@ fn full() {
 }
 
 #[test]
+fn pvc_model() {
+    check("pvc-model");
+}
+
+#[test]
 fn quickstart_example() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"));
     let text = std::fs::read_to_string(dir.join("examples/quickstart.yaml")).expect("example");

@@ -147,6 +147,56 @@ fn labels() -> impl Strategy<Value = Option<BTreeMap<String, String>>> {
     ))
 }
 
+fn model() -> impl Strategy<Value = Option<ModelSpec>> {
+    let source = prop_oneof![
+        (
+            "[a-z]{1,10}\\.example\\.com/[a-z0-9/]{1,20}\\.age",
+            any::<bool>()
+        )
+            .prop_map(|(u, ca)| {
+                ModelSource {
+                    url: Some(format!("https://{u}")),
+                    ca_config_map_ref: ca.then(|| KeyRef {
+                        name: "ca".into(),
+                        key: "ca.crt".into(),
+                    }),
+                    pvc: None,
+                }
+            }),
+        (
+            "[a-z][a-z0-9-]{0,10}[a-z0-9]",
+            "[a-z0-9]{1,8}(/[a-z0-9._-]{1,8}){0,3}"
+        )
+            .prop_map(|(claim_name, path)| ModelSource {
+                url: None,
+                ca_config_map_ref: None,
+                pvc: Some(PvcSource { claim_name, path }),
+            }),
+    ];
+    prop::option::of(
+        (
+            source,
+            "[a-f0-9]{64}",
+            "/(models|weights|srv)(/[a-z0-9]{1,8}){0,2}",
+            quantity(&["Mi", "Gi"]),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(source, sha256, mount_path, (size, unit), shred)| ModelSpec {
+                    source,
+                    sha256,
+                    decryption_key_secret_ref: KeyRef {
+                        name: "model-key".into(),
+                        key: "identity".into(),
+                    },
+                    mount_path,
+                    size_limit: format!("{size}{unit}"),
+                    delete_key_with_deployment: shred,
+                },
+            ),
+    )
+}
+
 fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
     let env = prop::collection::btree_map("[A-LN-Z_][A-Z0-9_]{0,12}", "[ -~]{0,20}", 0..6)
         .prop_map(|m| {
@@ -206,9 +256,28 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
         prop::option::of(prop::option::of("/[a-z/]{0,20}")),
         clients,
         egress,
+        (
+            model(),
+            prop::collection::btree_set("[a-z][a-z0-9-]{0,10}", 0..3),
+            any::<bool>(),
+        ),
     )
         .prop_map(
-            |(replicas, image, env, port, (cpu, cu), (mem, mu), probe, clients, egress)| {
+            |(
+                replicas,
+                image,
+                env,
+                port,
+                (cpu, cu),
+                (mem, mu),
+                probe,
+                clients,
+                egress,
+                (model, pull_secrets, strict),
+            )| {
+                // RequireDigest only where the image names a digest (otherwise it is invalid).
+                let image_policy =
+                    (strict && image.contains("@sha256:")).then_some(ImagePolicy::RequireDigest);
                 SecureModelDeploymentSpec {
                     replicas,
                     server: ServerSpec {
@@ -231,9 +300,32 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                     },
                     access: AccessSpec { clients, egress },
                     tls: Default::default(),
+                    image_policy,
+                    image_pull_secrets: pull_secrets
+                        .into_iter()
+                        .map(|name| SecretRef { name })
+                        .collect(),
+                    model,
                 }
             },
         )
+}
+
+/// The volumes each container of `pod` mounts, by container name.
+fn mounts(pod: &PodSpec) -> BTreeMap<String, Vec<(String, bool)>> {
+    pod.containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .map(|c| {
+            let m = c
+                .volume_mounts
+                .iter()
+                .flatten()
+                .map(|m| (m.name.clone(), m.read_only == Some(true)))
+                .collect();
+            (c.name.clone(), m)
+        })
+        .collect()
 }
 
 fn smd(spec: SecureModelDeploymentSpec) -> SecureModelDeployment {
@@ -262,6 +354,43 @@ proptest! {
         let deny_spec = deny.spec.clone().expect("spec");
         prop_assert!(deny_spec.ingress.is_none() && deny_spec.egress.is_none());
         prop_assert_eq!(deny_spec.policy_types, Some(vec!["Ingress".to_string(), "Egress".to_string()]));
+        // A digest in the spec is what the pods run; a tag is never turned into anything else
+        // offline (the operator pins it).
+        let server = &pod.containers[0];
+        if let Some((_, digest)) = spec.server.image.split_once('@') {
+            prop_assert!(server.image.as_deref().is_some_and(|i| i.ends_with(digest)));
+        }
+        let by_container = mounts(&pod);
+        match &spec.model {
+            None => prop_assert!(pod.init_containers.is_none()),
+            Some(model) => {
+                // The plaintext: a memory-backed, size-limited volume, read-only for the server.
+                let vol = pod.volumes.iter().flatten().find(|v| v.name == "model").expect("model volume");
+                let empty = vol.empty_dir.clone().expect("emptyDir");
+                prop_assert_eq!(empty.medium.as_deref(), Some("Memory"));
+                prop_assert_eq!(empty.size_limit.map(|q| q.0), Some(model.size_limit.clone()));
+                prop_assert!(by_container["server"].contains(&("model".to_string(), true)));
+                prop_assert!(by_container["decrypt-model"].contains(&("model".to_string(), false)));
+                // The key, the source and its CA reach the init container only.
+                for private in ["model-key", "model-source", "model-ca"] {
+                    prop_assert!(!by_container["server"].iter().any(|(n, _)| n == private), "{private} mounted into the server");
+                }
+                prop_assert!(by_container["decrypt-model"].contains(&("model-key".to_string(), true)));
+                if model.source.pvc.is_some() {
+                    prop_assert!(by_container["decrypt-model"].contains(&("model-source".to_string(), true)));
+                    let pvc = pod.volumes.iter().flatten().find_map(|v| v.persistent_volume_claim.clone()).expect("pvc volume");
+                    prop_assert_eq!(pvc.read_only, Some(true));
+                }
+                let init = &pod.init_containers.as_ref().expect("init")[0];
+                let args = init.args.clone().unwrap_or_default();
+                let sha_arg = format!("--sha256={}", model.sha256);
+                prop_assert!(args.contains(&sha_arg), "args {:?}", args);
+                prop_assert!(args.iter().any(|a| a.starts_with("--source=https://") || a.starts_with("--source=file:///var/run/moat/model-source/")));
+            }
+        }
+        let pull: Vec<String> = pod.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
+        let want: Vec<String> = spec.image_pull_secrets.iter().map(|r| r.name.clone()).collect();
+        prop_assert_eq!(pull, want);
     }
 
     #[test]
@@ -288,6 +417,9 @@ proptest! {
             },
             access: AccessSpec::default(),
             tls: Default::default(),
+            image_policy: None,
+            image_pull_secrets: Vec::new(),
+            model: None,
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

@@ -24,6 +24,10 @@ use kube::{
 };
 use serde_json::json;
 
+/// The model image of tests that do not exercise tag resolution: it names a digest, so the
+/// operator pins it without asking a registry (none answers for registry.example.com here).
+pub const TEST_IMAGE: &str = "registry.example.com/serving/model-server@sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+
 /// Label on every namespace an e2e test creates.
 pub const E2E_LABEL: &str = "moat.dev/e2e";
 /// Label carrying the name of the test that owns a namespace.
@@ -341,10 +345,8 @@ impl Operator {
         resync: Duration,
     ) -> Result<Self> {
         let settings = moat::controller::Settings {
-            namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
             resync_period: resync,
-            facts: moat::render::Facts::default(),
-            ca: ca_settings(namespaces.first().copied().unwrap_or("default")),
+            ..settings(namespaces)
         };
         Self::start_with_settings(config, settings).await
     }
@@ -371,12 +373,7 @@ impl Operator {
         let config = Config::infer().await?;
         let client = moat::controller::client_from(config)?;
         let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
-        let settings = moat::controller::Settings {
-            namespaces: vec![namespace.to_string()],
-            resync_period: Duration::from_secs(300),
-            facts: moat::render::Facts::default(),
-            ca: ca_settings(namespace),
-        };
+        let settings = settings(&[namespace]);
         let lease = moat::controller::leader::LeaseSettings {
             name: lease.to_string(),
             namespace: namespace.to_string(),
@@ -400,6 +397,46 @@ impl Operator {
         let _ = (&mut self.task).await;
     }
 }
+
+/// The `moat` binary, which e2e tests run as a pod's container would: `$MOAT_BIN`, or `moat`
+/// beside the test's own executable's directory (`target/debug/moat`). `make test-e2e` builds
+/// it first (a test cannot: `cargo test` holds the build directory's lock while tests run).
+pub fn moat_binary() -> Result<std::path::PathBuf> {
+    if let Some(bin) = std::env::var_os("MOAT_BIN") {
+        return Ok(bin.into());
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join("moat"))
+        .context("locating the target directory")?;
+    ensure!(
+        bin.is_file(),
+        "{} does not exist: run `cargo build --bin moat` (make test-e2e does) or set MOAT_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+/// Operator settings for a test watching `namespaces`: its own CA in the first namespace, no
+/// registry allow-list, and a helper image that names a digest (so no registry is asked for it).
+pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {
+    moat::controller::Settings {
+        namespaces: namespaces.iter().map(|ns| ns.to_string()).collect(),
+        resync_period: Duration::from_secs(300),
+        facts: moat::render::Facts::default(),
+        ca: ca_settings(namespaces.first().copied().unwrap_or("default")),
+        image: moat::controller::ImageSettings {
+            helper_image: HELPER_IMAGE.into(),
+            ..Default::default()
+        },
+        encrypted_storage_classes: Vec::new(),
+    }
+}
+
+/// Moat's own image as tests name it: by digest.
+pub const HELPER_IMAGE: &str = "registry.example.com/moat@sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 
 /// CA settings for an operator started by a test: the CA Secret lives in the test's (first)
 /// namespace, so every test has its own CA.

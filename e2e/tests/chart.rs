@@ -112,6 +112,9 @@ fn chart_lints_strictly_and_its_rbac_is_least_privilege() -> Result<()> {
     }
     needed.push("events.k8s.io/events:create".into());
     needed.push("events.k8s.io/events:patch".into());
+    // Encrypted models: a PVC source's StorageClass, init container failures.
+    needed.push("/persistentvolumeclaims:get".into());
+    needed.push("/pods:list".into());
     needed.sort();
     ensure!(
         granted == needed,
@@ -248,7 +251,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         let smd: SecureModelDeployment = serde_json::from_value(json!({
             "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
             "metadata": {"name": "model"},
-            "spec": {"server": {"image": "registry.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
+            "spec": {"server": {"image": moat_e2e::TEST_IMAGE, "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
         }))?;
         let smds = env.api::<SecureModelDeployment>();
         let other_smds = kube::Api::<SecureModelDeployment>::namespaced(env.client.clone(), &other);

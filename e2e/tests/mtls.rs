@@ -30,7 +30,7 @@ fn smd(clients: Value, lifetime: &str) -> Result<SecureModelDeployment> {
         "metadata": {"name": "fraud"},
         "spec": {
             "replicas": 1,
-            "server": {"image": "registry.example.com/m:v1", "port": 8443,
+            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8443,
                        "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
             "access": {"clients": clients},
             "tls": {"certificateLifetime": lifetime}
@@ -412,10 +412,8 @@ async fn short_lifetimes_renew_before_expiry_and_ca_rotation_keeps_handshakes_wo
             let mut ca = ca_settings(&ns);
             ca.validity = Duration::from_secs(60);
             let settings = moat::controller::Settings {
-                namespaces: vec![ns.clone()],
-                resync_period: Duration::from_secs(300),
-                facts: moat::render::Facts::default(),
                 ca,
+                ..moat_e2e::settings(&[&ns])
             };
             let _op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
             let smds: Api<SecureModelDeployment> = env.api();

@@ -32,7 +32,7 @@ fn smd(name: &str, replicas: i32) -> Value {
         "spec": {
             "replicas": replicas,
             "server": {
-                "image": "registry.example.com/serving/model-server:v1",
+                "image": moat_e2e::TEST_IMAGE,
                 "args": ["--port", "8000"],
                 "env": [{"name": "LOG_LEVEL", "value": "info"}],
                 "port": 8000,
@@ -278,7 +278,7 @@ fn scenarios() -> Vec<Scenario> {
                     Ok(pod_spec(&deployment(&env).await?).containers[0]
                         .image
                         .as_deref()
-                        == Some("registry.example.com/serving/model-server:v1"))
+                        == Some(moat_e2e::TEST_IMAGE))
                 }
                 .boxed()
             },

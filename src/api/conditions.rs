@@ -42,6 +42,9 @@ pub mod reason {
     pub const NOT_ALLOWED: &str = "NotAllowed";
     /// The certificate is issued and current.
     pub const CERTIFICATE_ISSUED: &str = "CertificateIssued";
+    /// The init container that verifies and decrypts the model failed; the message has its
+    /// one-line reason.
+    pub const MODEL_DECRYPTION_FAILED: &str = "ModelDecryptionFailed";
     /// Moat's certificate authority is not available yet; Moat retries.
     pub const CA_UNAVAILABLE: &str = "CAUnavailable";
 }

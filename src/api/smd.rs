@@ -41,11 +41,12 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     annotation("helm.sh/resource-policy", "keep"),
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every replica runs the current spec and is ready"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
-    printcolumn(name = "Image", type_ = "string", json_path = ".status.image", description = "Image in the pod template"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".status.image.pinned", description = "Image in the pod template, pinned by digest"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most 50 characters, because Moat names the Service after it")
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.imagePolicy) || self.imagePolicy != 'RequireDigest' || self.server.image.contains('@sha256:')").message("spec.imagePolicy is RequireDigest: spec.server.image must name a digest (repository@sha256:<digest>)"))]
 pub struct SecureModelDeploymentSpec {
     /// Number of model server pods. Defaults to 2; with 2 or more Moat adds a
     /// PodDisruptionBudget so voluntary disruptions keep at least one pod serving.
@@ -64,6 +65,50 @@ pub struct SecureModelDeploymentSpec {
     /// The model's mutual-TLS certificate, issued by Moat's CA and mounted into the pods.
     #[serde(default)]
     pub tls: TlsSpec,
+
+    /// The model weights, kept encrypted at rest (age format). An init container running
+    /// `moat decrypt` streams the artifact, verifies its SHA-256, decrypts it into a
+    /// memory-backed volume and exits; the server then mounts that volume read-only at
+    /// `mountPath`. The decryption key is mounted into the init container only. Any failure
+    /// (wrong key, changed or truncated artifact, digest mismatch, unsafe archive, too large)
+    /// stops the pod before the server starts, and the reason appears in the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
+
+    /// How `spec.server.image` becomes the digest the pods run. `Resolve` (default): a tag is
+    /// resolved in the registry once, when the image changes or the annotation
+    /// `moat.dev/resolve-image` gets a new value, and the pods get `repository@sha256:...`.
+    /// `RequireDigest`: the image must already name a digest; tags are rejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_policy: Option<ImagePolicy>,
+
+    /// Secrets of type `kubernetes.io/dockerconfigjson` in this namespace: Moat reads the
+    /// credentials for the image's registry from them (the first Secret with an entry for that
+    /// registry wins) to resolve the tag, and the pods get them as `imagePullSecrets`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub image_pull_secrets: Vec<SecretRef>,
+}
+
+/// How images are pinned.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+pub enum ImagePolicy {
+    /// Resolve a tag to its digest in the registry and pin it.
+    #[default]
+    Resolve,
+    /// Accept only images that already name a digest.
+    RequireDigest,
+}
+
+/// A Secret in the same namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretRef {
+    /// Name of the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("name must be a Secret name (a DNS-1123 subdomain)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// Rule (CEL) for a certificate lifetime: a Go duration of hours, minutes and seconds between
@@ -104,6 +149,87 @@ impl Default for TlsSpec {
             reloads_certificates: false,
         }
     }
+}
+
+/// Encrypted model weights and where the server finds them.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Where the encrypted artifact comes from: an HTTPS URL or a PersistentVolumeClaim.
+    pub source: ModelSource,
+
+    /// SHA-256 of the encrypted artifact (the `.age` file), 64 lower-case hex digits, as
+    /// `sha256sum` prints it. Checked while streaming, before anything becomes visible to the
+    /// server.
+    #[x_kube(validation = Rule::new("self.matches('^[a-f0-9]{64}$')").message("sha256 must be 64 lower-case hex digits (sha256sum of the encrypted artifact)"))]
+    #[schemars(length(min = 64, max = 64))]
+    pub sha256: String,
+
+    /// The key of a Secret in this namespace holding the age identity
+    /// (`AGE-SECRET-KEY-1...`, as `moat keygen` writes it) that decrypts the artifact. Mounted
+    /// into the decrypting init container only, never into the model server.
+    pub decryption_key_secret_ref: KeyRef,
+
+    /// Absolute path where the model server finds the decrypted model (read-only), for example
+    /// `/models/fraud`. Not `/`, `/tmp` or under `/var/run/moat`.
+    #[x_kube(validation = Rule::new("self.startsWith('/') && self != '/' && !self.contains('/../') && !self.endsWith('/..') && !self.contains(':')").message("mountPath must be an absolute path without '..' or ':', and not '/'"))]
+    #[x_kube(validation = Rule::new("self != '/tmp' && !self.startsWith('/tmp/') && self != '/var/run/moat' && !self.startsWith('/var/run/moat/')").message("mountPath must not be /tmp or under /var/run/moat, where Moat mounts its own volumes"))]
+    #[schemars(length(min = 2, max = 256))]
+    pub mount_path: String,
+
+    /// Size limit of the memory-backed volume the model is decrypted into, such as `20Gi`;
+    /// extraction stops with an error past it. The volume's pages count against the pod's
+    /// memory, so set `server.resources.limits.memory` above it.
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("sizeLimit must be a positive quantity such as 20Gi"))]
+    #[schemars(length(max = 64))]
+    pub size_limit: String,
+
+    /// Crypto-shredding: when true, Moat makes this SecureModelDeployment an owner of the key
+    /// Secret, so deleting the SecureModelDeployment makes the garbage collector delete the key,
+    /// and the artifact at rest can no longer be decrypted by anyone. Default false.
+    #[serde(default)]
+    pub delete_key_with_deployment: bool,
+}
+
+/// Where an encrypted model artifact is read from. Exactly one of `url` and `pvc`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("has(self.url) != has(self.pvc)").message("set exactly one of url and pvc"))]
+#[x_kube(validation = Rule::new("!has(self.caConfigMapRef) || has(self.url)").message("caConfigMapRef applies only to a url source"))]
+pub struct ModelSource {
+    /// HTTPS URL of the encrypted artifact. The server's certificate is verified (system roots,
+    /// plus `caConfigMapRef`); plain HTTP is refused. Allow the destination in
+    /// `spec.access.egress`, the only way out of the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.startsWith('https://') && size(self) > 8").message("url must start with https://"))]
+    #[schemars(length(max = 2048))]
+    pub url: Option<String>,
+
+    /// A key of a ConfigMap in this namespace with PEM CA certificates to trust for `url`
+    /// besides the system roots (a private artifact server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_config_map_ref: Option<KeyRef>,
+
+    /// A PersistentVolumeClaim in this namespace holding the artifact, mounted read-only into
+    /// the init container only. Its StorageClass must be one the platform team declared
+    /// encrypted (operator flag `--encrypted-storage-classes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pvc: Option<PvcSource>,
+}
+
+/// An artifact on a PersistentVolumeClaim.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PvcSource {
+    /// Name of the PersistentVolumeClaim.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("claimName must be a DNS-1123 subdomain"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
+
+    /// Path of the artifact inside the volume, relative, for example `models/fraud-v3.tar.age`.
+    #[x_kube(validation = Rule::new("!self.startsWith('/') && self != '..' && !self.startsWith('../') && !self.contains('/../') && !self.endsWith('/..')").message("path must be relative to the volume and must not contain '..'"))]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
 }
 
 /// Default certificate lifetime: 24 hours.
@@ -410,9 +536,9 @@ pub struct SecureModelDeploymentStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_replicas: Option<i32>,
 
-    /// The image reference in the pod template.
+    /// The image the pods run: what the spec asked for and the digest Moat pinned it to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
+    pub image: Option<ImageStatus>,
 
     /// Changes to generated objects made by someone else and reverted by Moat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -421,6 +547,22 @@ pub struct SecureModelDeploymentStatus {
     /// The serving certificate Moat issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
+}
+
+/// The pinned image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// `spec.server.image` when it was pinned.
+    pub requested: String,
+    /// The reference in the pod template: `registry/repository@sha256:<digest>`.
+    pub pinned: String,
+    /// When the tag was resolved in the registry (absent when the spec already named a digest).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolved_at: Option<Time>,
+    /// The value of the annotation `moat.dev/resolve-image` honoured by the last resolution.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolve_request: Option<String>,
 }
 
 /// A certificate Moat issued and keeps renewed.

@@ -8,7 +8,9 @@ mod certs;
 mod client;
 pub mod drift;
 pub mod leader;
+mod resolve;
 pub mod status;
+pub mod weights;
 
 use std::{
     collections::HashMap,
@@ -62,6 +64,36 @@ pub struct Settings {
     pub facts: Facts,
     /// Moat's certificate authority.
     pub ca: ca::CaSettings,
+    /// How images are pinned.
+    pub image: ImageSettings,
+    /// StorageClasses the platform team declared encrypted: the only ones a PVC model source
+    /// may use.
+    pub encrypted_storage_classes: Vec<String>,
+}
+
+/// Operator-level image settings.
+#[derive(Clone, Debug)]
+pub struct ImageSettings {
+    /// Registries model images may come from (host[:port]); empty allows every registry.
+    pub allowed_registries: Vec<String>,
+    /// Trust and time limits for registry requests.
+    pub registry: crate::image::Registry,
+    /// Moat's own image, run as the decrypting init container.
+    pub helper_image: String,
+    /// The helper image's digest, resolved once per operator process (shared by every watch
+    /// scope).
+    pub helper_pin: Arc<tokio::sync::OnceCell<String>>,
+}
+
+impl Default for ImageSettings {
+    fn default() -> Self {
+        Self {
+            allowed_registries: Vec::new(),
+            registry: crate::image::Registry::default(),
+            helper_image: render::DEFAULT_HELPER_IMAGE.into(),
+            helper_pin: Arc::default(),
+        }
+    }
 }
 
 /// In-memory caches (reflector stores) of every child kind Moat manages, fed by the same watches
@@ -110,6 +142,19 @@ impl Context {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .remove(key);
+    }
+
+    /// Counts one more consecutive failure of `key` and returns how long to wait before the
+    /// next attempt: 1 s, 2 s, 4 s ... capped at 5 minutes.
+    fn backoff(&self, key: &ObjectRef<SecureModelDeployment>) -> Duration {
+        let attempts = {
+            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = failures.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            *n
+        };
+        Duration::from_secs(1u64 << attempts.clamp(1, 10).saturating_sub(1))
+            .min(Duration::from_secs(300))
     }
 }
 
@@ -204,6 +249,12 @@ pub enum Error {
     /// A certificate could not be issued.
     #[error("issuing a certificate: {0}")]
     Certificate(#[source] crate::pki::PkiError),
+    /// The image cannot be pinned to a digest.
+    #[error("{0}")]
+    Image(#[source] crate::image::ImageError),
+    /// What `spec.model` refers to is missing or not allowed.
+    #[error("{0}")]
+    Weights(#[source] weights::WeightsError),
     /// A child could not be serialized (a bug).
     #[error("serializing {kind}: {source}")]
     Serialize {
@@ -228,6 +279,8 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::CaUnavailable => "ca_unavailable",
             Error::Certificate(_) => "certificate",
+            Error::Image(_) => "image",
+            Error::Weights(_) => "model",
         }
     }
 
@@ -236,6 +289,8 @@ impl Error {
     pub fn needs_user_action(&self) -> bool {
         match self {
             Error::Invalid(_) | Error::Conflict { .. } => true,
+            Error::Image(e) => e.needs_user_action(),
+            Error::Weights(e) => e.needs_user_action(),
             Error::Apply {
                 source: kube::Error::Api(s),
                 ..
@@ -244,11 +299,22 @@ impl Error {
         }
     }
 
+    /// The `Reconciling` reason while a transient failure is retried.
+    pub fn retry_reason(&self) -> &'static str {
+        match self {
+            Error::Image(e) => e.reason(),
+            Error::CaUnavailable => conditions::reason::CA_UNAVAILABLE,
+            _ => conditions::reason::APPLY_FAILED,
+        }
+    }
+
     /// The condition reason for an error that needs the user.
     pub fn reason(&self) -> &'static str {
         match self {
             Error::Conflict { .. } => conditions::reason::CONFLICT,
             Error::Apply { .. } => conditions::reason::REJECTED,
+            Error::Image(e) => e.reason(),
+            Error::Weights(e) => e.reason(),
             _ => conditions::reason::INVALID_SPEC,
         }
     }
@@ -530,12 +596,22 @@ pub async fn reconcile(
             ctx.metrics.reconcile_failed(e.metric_label());
             if e.needs_user_action() {
                 report_stalled(&smd, &ctx, e).await?;
-                ctx.forget_failures(&key);
                 return Ok(match e {
                     // A conflicting object Moat does not watch may be removed at any time.
-                    Error::Conflict { .. } => Action::requeue(ctx.settings.resync_period),
+                    Error::Conflict { .. } => {
+                        ctx.forget_failures(&key);
+                        Action::requeue(ctx.settings.resync_period)
+                    }
+                    // Credentials or a tag fixed in the registry (or a pull Secret, which Moat
+                    // does not watch) are noticed by retrying, with backoff.
+                    Error::Image(i) if !i.is_spec_error() => Action::requeue(ctx.backoff(&key)),
+                    // A Secret or a PersistentVolumeClaim created or fixed later.
+                    Error::Weights(_) => Action::requeue(ctx.backoff(&key)),
                     // Invalid specs wait for the user to change the spec.
-                    _ => Action::await_change(),
+                    _ => {
+                        ctx.forget_failures(&key);
+                        Action::await_change()
+                    }
                 });
             }
             report_retrying(&smd, &ctx, e).await;
@@ -549,6 +625,24 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     let name = smd.name_any();
     render::validate(&smd.spec, &name)
         .map_err(|errors| Error::Invalid(RenderError::Invalid(errors)))?;
+    // Dereference: the image digest (kept from the status, named by the spec, or resolved in
+    // the registry now). No unpinned image ever reaches a pod: when the registry fails and the
+    // pods have no digest yet, nothing is applied; when they have one, they keep it (and every
+    // other child is still kept as desired), and the failure is reported after applying.
+    let (pin, image_failure) = match resolve::pin(ctx, smd).await {
+        Ok(pin) => (pin, None),
+        Err(e) if e.is_spec_error() => return Err(Error::Image(e)),
+        Err(e) => match smd.status.as_ref().and_then(|s| s.image.clone()) {
+            Some(previous) => (
+                resolve::Pin {
+                    status: previous,
+                    resolved: false,
+                },
+                Some(e),
+            ),
+            None => return Err(Error::Image(e)),
+        },
+    };
     // Dereference: the serving certificate (kept, or issued by the CA).
     let lifetime =
         render::certificate_lifetime(&smd.spec.tls.certificate_lifetime).map_err(|message| {
@@ -557,6 +651,17 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
                 message,
             }]))
         })?;
+    // Dereference: what the model weights need (key Secret, encrypted PVC), and Moat's own
+    // image for the decrypting init container, pinned like the server's.
+    let helper_image = match &smd.spec.model {
+        Some(model) => {
+            weights::check(ctx, smd, model)
+                .await
+                .map_err(Error::Weights)?;
+            resolve::helper(ctx).await.map_err(Error::Image)?
+        }
+        None => String::new(),
+    };
     let secret_name = render::tls_secret_name(&name);
     let live_secrets = apply::cached(&ctx.caches.secrets, &namespace, &name);
     let identity =
@@ -570,12 +675,17 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
         lifetime,
     )
     .await?;
-    let tls = render::ServingTls {
-        cert_pem: certified.cert.cert_pem.clone(),
-        key_pem: certified.cert.key_pem.clone(),
-        ca_bundle_pem: certified.bundle_pem.clone(),
+    let resolved = render::Resolved {
+        tls: render::ServingTls {
+            cert_pem: certified.cert.cert_pem.clone(),
+            key_pem: certified.cert.key_pem.clone(),
+            ca_bundle_pem: certified.bundle_pem.clone(),
+        },
+        image: pin.status.pinned.clone(),
+        helper_image,
     };
-    let children = render::render_with(smd, &ctx.settings.facts, &tls).map_err(Error::Invalid)?;
+    let children =
+        render::render_with(smd, &ctx.settings.facts, &resolved).map_err(Error::Invalid)?;
     // A change to children of a generation Moat already converged (not merely observed while
     // stalled) was made by someone else.
     let converged_before = smd.status.as_ref().is_some_and(|s| {
@@ -625,10 +735,54 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     let live = apply::cached(&c.deployments, &namespace, &name);
     let deployments = applier.ensure(vec![deployment], live).await?;
     let repairs = applier.finish();
+    if pin.resolved {
+        publish(
+            &ctx.recorder,
+            &ctx.metrics,
+            &smd.object_ref(&()),
+            EventType::Normal,
+            "ImagePinned",
+            format!(
+                "Resolved {} to {} in its registry",
+                pin.status.requested, pin.status.pinned
+            ),
+            None,
+        )
+        .await;
+    }
+    if let Some(e) = image_failure {
+        // The pods keep the earlier digest; reconcile() reports the failure and retries.
+        return Err(Error::Image(e));
+    }
+
+    // While the pods are not all ready, a failed decrypting init container is the likely reason:
+    // read it from the pods (not watched, so look again shortly).
+    let mut requeue = ctx.settings.resync_period.min(certified.renew_in());
+    let mut decrypt_failure = None;
+    if let (Some(model), Some(deploy)) = (&smd.spec.model, deployments.first())
+        && status::rollout(deploy) != status::Rollout::Complete
+    {
+        decrypt_failure = weights::decrypt_failure(ctx, smd, model)
+            .await
+            .map_err(|source| Error::Read {
+                kind: "Pod",
+                source,
+            })?;
+        let again = if decrypt_failure.is_some() {
+            MODEL_FAILED_RECHECK
+        } else {
+            MODEL_ROLLOUT_RECHECK
+        };
+        requeue = requeue.min(again);
+    }
 
     let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now());
-    let mut new_status = status::converged(smd, deployments.first(), now);
+    let mut new_status = status::converged(smd, deployments.first(), now.clone());
+    if let Some(message) = decrypt_failure {
+        status::model_failed(&mut new_status, smd, message, now);
+    }
     new_status.certificate = Some(certified.status(&secret_name));
+    new_status.image = Some(pin.status);
     if !repairs.is_empty() {
         let api: Api<SecureModelDeployment> = Api::namespaced(ctx.client.clone(), &namespace);
         let fresh = api.get_status(&name).await.map_err(Error::Status)?;
@@ -639,10 +793,13 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     }
     write_status(smd, ctx, new_status, !repairs.is_empty()).await?;
     // Renewal is a scheduled requeue, not polling.
-    Ok(Action::requeue(
-        ctx.settings.resync_period.min(certified.renew_in()),
-    ))
+    Ok(Action::requeue(requeue))
 }
+
+/// While a model's pods roll out, how soon Moat looks at their init containers again.
+const MODEL_ROLLOUT_RECHECK: Duration = Duration::from_secs(5);
+/// How soon Moat looks again at pods whose init container failed.
+const MODEL_FAILED_RECHECK: Duration = Duration::from_secs(30);
 
 /// Writes the status if it differs from the current one (ignoring transition times).
 ///
@@ -745,17 +902,9 @@ pub(crate) async fn publish(
     }
 }
 
-/// Retries with exponential backoff per object: 1 s, 2 s, 4 s ... capped at 5 minutes.
+/// Retries with exponential backoff per object (see [`Context::backoff`]).
 fn error_policy(smd: Arc<SecureModelDeployment>, error: &Error, ctx: Arc<Context>) -> Action {
-    let key = ObjectRef::from_obj(&*smd);
-    let attempts = {
-        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = failures.entry(key).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
-    };
-    let delay = Duration::from_secs(1u64 << attempts.clamp(1, 10).saturating_sub(1))
-        .min(Duration::from_secs(300));
+    let delay = ctx.backoff(&ObjectRef::from_obj(&*smd));
     warn!(name = %smd.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
 }

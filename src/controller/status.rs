@@ -76,7 +76,8 @@ pub fn drift(previous: Option<&DriftStatus>, repairs: &[Repair]) -> Option<Drift
     })
 }
 
-/// Status after a successful reconcile. `drift` is left as it is; see [`drift`].
+/// Status after a successful reconcile. `drift` and `image` are left as they are; see
+/// [`drift`], and the reconciler sets the image it pinned.
 pub fn converged(
     smd: &SecureModelDeployment,
     deploy: Option<&Deployment>,
@@ -85,7 +86,6 @@ pub fn converged(
     let generation = smd.metadata.generation;
     let mut st = smd.status.clone().unwrap_or_default();
     st.observed_generation = generation;
-    st.image = Some(smd.spec.server.image.clone());
     let ds = deploy.and_then(|d| d.status.as_ref());
     st.replicas = Some(ds.and_then(|s| s.replicas).unwrap_or(0));
     st.ready_replicas = Some(ds.and_then(|s| s.ready_replicas).unwrap_or(0));
@@ -131,6 +131,35 @@ pub fn converged(
     st
 }
 
+/// Marks `st` as failed because the decrypting init container failed (`message` says why):
+/// not Ready and Stalled, reason `ModelDecryptionFailed`. The pods cannot start until the model,
+/// its key or its source changes.
+pub fn model_failed(
+    st: &mut SecureModelDeploymentStatus,
+    smd: &SecureModelDeployment,
+    message: String,
+    now: Time,
+) {
+    let generation = smd.metadata.generation;
+    for (type_, status, message) in [
+        (READY, false, message.clone()),
+        (RECONCILING, false, String::new()),
+        (STALLED, true, message),
+    ] {
+        conditions::set(
+            &mut st.conditions,
+            conditions::new(
+                type_,
+                status,
+                reason::MODEL_DECRYPTION_FAILED,
+                message,
+                generation,
+                now.clone(),
+            ),
+        );
+    }
+}
+
 /// Status when the spec cannot be turned into a workload: Stalled, not Ready, with the reason.
 pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModelDeploymentStatus {
     let generation = smd.metadata.generation;
@@ -160,7 +189,7 @@ pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureMode
         conditions::new(
             RECONCILING,
             true,
-            reason::APPLY_FAILED,
+            e.retry_reason(),
             format!("{e}; retrying"),
             generation,
             now.clone(),

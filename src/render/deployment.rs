@@ -8,18 +8,19 @@ use serde_json::{Value, json};
 use k8s_openapi::api::apps::v1::Deployment;
 
 use super::{
-    Ctx, RUN_AS_ID, RenderError, SERVING_PORT_NAME, ServingTls, TLS_HASH_ANNOTATION,
-    TLS_MOUNT_PATH, TMP_SIZE_LIMIT, tls_secret, typed,
+    Ctx, RUN_AS_ID, RenderError, Resolved, SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH,
+    TMP_SIZE_LIMIT, model, tls_secret, typed,
 };
 use crate::api::{Probe, ProbeScheme};
 
-pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Result<Deployment, RenderError> {
+pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, RenderError> {
     let server = &ctx.smd.spec.server;
     let selector = ctx.selector();
 
     let mut container = serde_json::Map::new();
     container.insert("name".into(), json!("server"));
-    container.insert("image".into(), json!(server.image));
+    // Pinned by the reconciler (`repository@sha256:...`); never the tag from the spec.
+    container.insert("image".into(), json!(resolved.image));
     if let Some(command) = &server.command {
         container.insert("command".into(), json!(command));
     }
@@ -82,16 +83,68 @@ pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Result<Deployment, RenderEr
             "seccompProfile": {"type": "RuntimeDefault"},
         }),
     );
-    container.insert(
-        "volumeMounts".into(),
-        json!([
-            {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "tls", "mountPath": TLS_MOUNT_PATH, "readOnly": true},
-        ]),
-    );
+    let model = ctx
+        .smd
+        .spec
+        .model
+        .as_ref()
+        .map(|m| model::render(m, resolved));
+    let mut mounts = vec![
+        json!({"name": "tmp", "mountPath": "/tmp"}),
+        json!({"name": "tls", "mountPath": TLS_MOUNT_PATH, "readOnly": true}),
+    ];
+    if let Some(m) = &model {
+        mounts.push(m.server_mount.clone());
+    }
+    container.insert("volumeMounts".into(), Value::Array(mounts));
     let mut template_meta = json!({"labels": ctx.labels()});
     if !ctx.smd.spec.tls.reloads_certificates {
-        template_meta["annotations"] = json!({TLS_HASH_ANNOTATION: tls.hash()});
+        template_meta["annotations"] = json!({TLS_HASH_ANNOTATION: resolved.tls.hash()});
+    }
+    let mut pod_spec = json!({
+        "serviceAccountName": ctx.name,
+        "automountServiceAccountToken": false,
+        "enableServiceLinks": false,
+        "securityContext": {
+            "runAsNonRoot": true,
+            "runAsUser": RUN_AS_ID,
+            "runAsGroup": RUN_AS_ID,
+            "fsGroup": RUN_AS_ID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [Value::Object(container)],
+        "volumes": [
+            {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
+            // Readable by the server's group only (fsGroup), never writable.
+            {"name": "tls", "secret": {
+                "secretName": tls_secret::secret_name(&ctx.name),
+                "defaultMode": 0o440,
+            }},
+        ],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector},
+            },
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": selector},
+            },
+        ],
+    });
+    if let Some(m) = model {
+        pod_spec["initContainers"] = json!([m.init_container]);
+        if let Some(volumes) = pod_spec["volumes"].as_array_mut() {
+            volumes.extend(m.volumes);
+        }
+    }
+    // The Secrets Moat resolved the image with let the kubelet pull it too.
+    if !ctx.smd.spec.image_pull_secrets.is_empty() {
+        pod_spec["imagePullSecrets"] = json!(ctx.smd.spec.image_pull_secrets);
     }
 
     typed(
@@ -109,41 +162,7 @@ pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Result<Deployment, RenderEr
                 },
                 "template": {
                     "metadata": template_meta,
-                    "spec": {
-                        "serviceAccountName": ctx.name,
-                        "automountServiceAccountToken": false,
-                        "enableServiceLinks": false,
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "runAsUser": RUN_AS_ID,
-                            "runAsGroup": RUN_AS_ID,
-                            "fsGroup": RUN_AS_ID,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
-                        "containers": [Value::Object(container)],
-                        "volumes": [
-                            {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}},
-                            // Readable by the server's group only (fsGroup), never writable.
-                            {"name": "tls", "secret": {
-                                "secretName": tls_secret::secret_name(&ctx.name),
-                                "defaultMode": 0o440,
-                            }},
-                        ],
-                        "topologySpreadConstraints": [
-                            {
-                                "maxSkew": 1,
-                                "topologyKey": "kubernetes.io/hostname",
-                                "whenUnsatisfiable": "ScheduleAnyway",
-                                "labelSelector": {"matchLabels": selector},
-                            },
-                            {
-                                "maxSkew": 1,
-                                "topologyKey": "topology.kubernetes.io/zone",
-                                "whenUnsatisfiable": "ScheduleAnyway",
-                                "labelSelector": {"matchLabels": selector},
-                            },
-                        ],
-                    },
+                    "spec": pod_spec,
                 },
             },
         }),

@@ -3,6 +3,7 @@
 //! is stable for review and GitOps diffs, and the operator applies exactly what it shows.
 
 mod deployment;
+pub mod model;
 mod network_policy;
 mod pdb;
 mod service;
@@ -73,6 +74,43 @@ impl ServingTls {
         let mut data = self.cert_pem.clone().into_bytes();
         data.extend_from_slice(self.ca_bundle_pem.as_bytes());
         crate::pki::sha256_hex(&data)[..16].to_string()
+    }
+}
+
+/// What the reconciler dereferenced for one SecureModelDeployment (from the API server, its CA
+/// and the registry): the inputs of rendering that are not in the object itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Resolved {
+    /// The serving certificate.
+    pub tls: ServingTls,
+    /// The server image the pods run, `repository@sha256:...` once pinned.
+    pub image: String,
+    /// Moat's own image for the decrypting init container, pinned like `image`.
+    pub helper_image: String,
+}
+
+/// Moat's own image, used for helper containers when the operator is not told otherwise
+/// (`--helper-image`).
+pub const DEFAULT_HELPER_IMAGE: &str = concat!("ghcr.io/moat-dev/moat:", env!("CARGO_PKG_VERSION"));
+
+impl Resolved {
+    /// Inputs for offline renders (`moat render`): placeholder certificate data, and the image
+    /// as the spec names it, normalised to `repository@digest` when it names a digest. A tag is
+    /// left as written: only the operator asks the registry.
+    pub fn offline(smd: &SecureModelDeployment) -> Self {
+        let image = &smd.spec.server.image;
+        let image = match crate::image::parse(image) {
+            Ok(r) => match r.digest() {
+                Some(d) => crate::image::pinned(&r, d),
+                None => image.clone(),
+            },
+            Err(_) => image.clone(),
+        };
+        Self {
+            tls: ServingTls::placeholder(),
+            image,
+            helper_image: DEFAULT_HELPER_IMAGE.into(),
+        }
     }
 }
 
@@ -154,26 +192,26 @@ fn format_errors(errors: &[ValidationError]) -> String {
         .join("; ")
 }
 
-/// Renders every child of `smd` with placeholder certificate data (offline renders).
+/// Renders every child of `smd` offline (see [`Resolved::offline`]).
 pub fn render(smd: &SecureModelDeployment, facts: &Facts) -> Result<Children, RenderError> {
-    render_with(smd, facts, &ServingTls::placeholder())
+    render_with(smd, facts, &Resolved::offline(smd))
 }
 
-/// Renders every child of `smd` with the serving certificate `tls`.
+/// Renders every child of `smd` with what the reconciler `resolved`.
 pub fn render_with(
     smd: &SecureModelDeployment,
     facts: &Facts,
-    tls: &ServingTls,
+    resolved: &Resolved,
 ) -> Result<Children, RenderError> {
     validate(&smd.spec, &smd.name_any()).map_err(RenderError::Invalid)?;
     let ctx = Ctx::new(smd)?;
     Ok(Children {
         service_account: service_account::render(&ctx)?,
-        tls_secret: tls_secret::render(&ctx, tls),
+        tls_secret: tls_secret::render(&ctx, &resolved.tls),
         network_policies: network_policy::render(&ctx, facts)?,
         service: service::render(&ctx)?,
         pod_disruption_budget: pdb::render(&ctx)?,
-        deployment: deployment::render(&ctx, tls)?,
+        deployment: deployment::render(&ctx, resolved)?,
     })
 }
 

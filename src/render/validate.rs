@@ -114,6 +114,14 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             ),
         );
     }
+    if spec.image_policy == Some(crate::api::ImagePolicy::RequireDigest)
+        && !server.image.contains("@sha256:")
+    {
+        err(
+            "spec.server.image".into(),
+            "must name a digest (repository@sha256:<digest>) because spec.imagePolicy is RequireDigest".into(),
+        );
+    }
     if !(1024..=65535).contains(&server.port) {
         err(
             "spec.server.port".into(),
@@ -263,10 +271,87 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             }
         }
     }
+    if let Some(model) = &spec.model {
+        validate_model(model, &mut err);
+    }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(errors)
+    }
+}
+
+/// Whether a path has a `..` component.
+fn has_dot_dot(path: &str) -> bool {
+    path.split('/').any(|c| c == "..")
+}
+
+fn validate_model(model: &crate::api::ModelSpec, err: &mut impl FnMut(String, String)) {
+    let source = &model.source;
+    match (&source.url, &source.pvc) {
+        (Some(_), Some(_)) | (None, None) => err(
+            "spec.model.source".into(),
+            "set exactly one of url and pvc".into(),
+        ),
+        (Some(url), None) => {
+            let rest = url.strip_prefix("https://").unwrap_or_default();
+            if rest.is_empty() || url.chars().any(char::is_whitespace) {
+                err(
+                    "spec.model.source.url".into(),
+                    format!("{url:?} must be an https:// URL; plain HTTP is refused"),
+                );
+            }
+        }
+        (None, Some(pvc)) => {
+            if !matches(&DNS_SUBDOMAIN, &pvc.claim_name) || pvc.claim_name.len() > 253 {
+                err(
+                    "spec.model.source.pvc.claimName".into(),
+                    "must be a PersistentVolumeClaim name (a DNS-1123 subdomain)".into(),
+                );
+            }
+            if pvc.path.is_empty() || pvc.path.starts_with('/') || has_dot_dot(&pvc.path) {
+                err(
+                    "spec.model.source.pvc.path".into(),
+                    "must be a path relative to the volume without '..'".into(),
+                );
+            }
+        }
+    }
+    if source.ca_config_map_ref.is_some() && source.url.is_none() {
+        err(
+            "spec.model.source.caConfigMapRef".into(),
+            "applies only to a url source".into(),
+        );
+    }
+    if model.sha256.len() != 64
+        || !model
+            .sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        err(
+            "spec.model.sha256".into(),
+            "must be 64 lower-case hex digits (sha256sum of the encrypted artifact)".into(),
+        );
+    }
+    let path = &model.mount_path;
+    let reserved = ["/tmp", "/var/run/moat"]
+        .iter()
+        .any(|r| path == r || path.starts_with(&format!("{r}/")));
+    if !path.starts_with('/') || path == "/" || has_dot_dot(path) || path.contains(':') || reserved
+    {
+        err(
+            "spec.model.mountPath".into(),
+            format!(
+                "{path:?} must be an absolute path without '..' or ':', and not /, /tmp or under /var/run/moat"
+            ),
+        );
+    }
+    if quantity::parse(&model.size_limit).is_none_or(|v| v <= 0.0) {
+        err(
+            "spec.model.sizeLimit".into(),
+            "must be a positive quantity such as 20Gi".into(),
+        );
     }
 }
 

@@ -42,6 +42,13 @@ pub struct UsageLabels {
     pub usage: String,
 }
 
+/// Labels of image resolution counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// `pinned`, or the condition reason of the failure (`RegistryUnreachable`, ...).
+    pub outcome: String,
+}
+
 /// Labels of per-certificate gauges.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
@@ -63,6 +70,7 @@ pub struct Metrics {
     managed: Family<KindLabels, Gauge>,
     certificates_issued: Family<UsageLabels, Counter>,
     certificate_expiry: Family<SecretLabels, Gauge>,
+    image_resolutions: Family<OutcomeLabels, Counter>,
     /// The certificate Secrets each watch scope reported.
     expiry_by_scope: Mutex<HashMap<String, Vec<SecretLabels>>>,
     /// What each watch scope (a namespace, or `*` for all) contributes to `managed`.
@@ -130,9 +138,16 @@ impl Default for Metrics {
             "Seconds until the certificate in each Secret Moat manages expires",
             certificate_expiry.clone(),
         );
+        let image_resolutions = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "image_resolutions",
+            "Tags resolved to a digest in a registry, by outcome",
+            image_resolutions.clone(),
+        );
         Self {
             registry,
             reconciles,
+            image_resolutions,
             certificates_issued,
             certificate_expiry,
             errors,
@@ -182,6 +197,15 @@ impl Metrics {
     pub fn drift_repaired(&self, kind: &str) {
         self.drift_repairs
             .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// Counts a registry resolution with its outcome.
+    pub fn image_resolution(&self, outcome: &str) {
+        self.image_resolutions
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
             .inc();
     }
 

@@ -64,7 +64,7 @@ fn smd(name: &str, replicas: i32) -> Value {
         "metadata": {"name": name},
         "spec": {
             "replicas": replicas,
-            "server": {"image": "registry.example.com/serving/model:v1", "port": 8000,
+            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8000,
                        "resources": {"limits": {"cpu": "100m", "memory": "128Mi"}}},
             "access": {"clients": [{"namespace": "clients"}], "egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]}
         }

@@ -1,0 +1,122 @@
+//! The decrypting init container and its volumes, for a SecureModelDeployment with
+//! `spec.model`. The plaintext lives only in a memory-backed `emptyDir` (size-limited), written
+//! by the init container and mounted read-only into the server; the key Secret and the source
+//! volume are mounted into the init container alone.
+
+use serde_json::{Value, json};
+
+use super::{RUN_AS_ID, Resolved};
+use crate::api::ModelSpec;
+
+/// Name of the init container.
+pub const INIT_CONTAINER: &str = "decrypt-model";
+/// Where the init container writes the decrypted model (the same volume the server mounts).
+pub const TARGET_PATH: &str = "/var/run/moat/model";
+/// Where the key Secret is mounted in the init container.
+pub const KEY_PATH: &str = "/var/run/moat/model-key";
+/// Where a PVC source is mounted in the init container.
+pub const SOURCE_PATH: &str = "/var/run/moat/model-source";
+/// Where the CA bundle of a URL source is mounted in the init container.
+pub const CA_PATH: &str = "/var/run/moat/model-ca";
+/// File names inside the key and CA mounts.
+const IDENTITY_FILE: &str = "identity";
+const CA_FILE: &str = "ca.crt";
+
+/// Resource bounds of the init container: `moat decrypt` keeps its memory bounded whatever the
+/// artifact's size (the plaintext it writes is charged to the memory-backed volume). It uses up
+/// to two cores while decrypting but asks the scheduler for less: an init container's request
+/// counts against the node even though it runs before the server.
+const INIT_CPU_LIMIT: &str = "2";
+const INIT_CPU_REQUEST: &str = "250m";
+const INIT_MEMORY: &str = "256Mi";
+
+/// What `spec.model` adds to the pod.
+pub(crate) struct ModelPod {
+    /// The init container.
+    pub init_container: Value,
+    /// Volumes to add to the pod.
+    pub volumes: Vec<Value>,
+    /// The read-only mount of the decrypted model into the server.
+    pub server_mount: Value,
+}
+
+/// The init container's command line: the contract with `moat decrypt`.
+pub fn decrypt_args(model: &ModelSpec) -> Vec<String> {
+    let source = match (&model.source.url, &model.source.pvc) {
+        (Some(url), _) => url.clone(),
+        (None, Some(pvc)) => format!("file://{SOURCE_PATH}/{}", pvc.path),
+        // validate() refuses a source with neither; render something that fails closed.
+        (None, None) => String::new(),
+    };
+    let mut args = vec![
+        "decrypt".to_string(),
+        format!("--source={source}"),
+        format!("--sha256={}", model.sha256),
+        format!("--identity={KEY_PATH}/{IDENTITY_FILE}"),
+        format!("--target={TARGET_PATH}"),
+        format!("--size-limit={}", model.size_limit),
+        "--termination-message-path=/dev/termination-log".to_string(),
+    ];
+    if model.source.ca_config_map_ref.is_some() {
+        args.push(format!("--ca-file={CA_PATH}/{CA_FILE}"));
+    }
+    args
+}
+
+pub(crate) fn render(model: &ModelSpec, resolved: &Resolved) -> ModelPod {
+    let mut mounts = vec![
+        json!({"name": "model", "mountPath": TARGET_PATH}),
+        json!({"name": "model-key", "mountPath": KEY_PATH, "readOnly": true}),
+    ];
+    let mut volumes = vec![
+        json!({"name": "model", "emptyDir": {"medium": "Memory", "sizeLimit": model.size_limit}}),
+        // Readable by the pod's group only; the server container does not mount it.
+        json!({"name": "model-key", "secret": {
+            "secretName": model.decryption_key_secret_ref.name,
+            "items": [{"key": model.decryption_key_secret_ref.key, "path": IDENTITY_FILE}],
+            "defaultMode": 0o440,
+        }}),
+    ];
+    if let Some(pvc) = &model.source.pvc {
+        mounts.push(json!({"name": "model-source", "mountPath": SOURCE_PATH, "readOnly": true}));
+        volumes.push(json!({"name": "model-source", "persistentVolumeClaim": {
+            "claimName": pvc.claim_name, "readOnly": true,
+        }}));
+    }
+    if let Some(ca) = &model.source.ca_config_map_ref {
+        mounts.push(json!({"name": "model-ca", "mountPath": CA_PATH, "readOnly": true}));
+        volumes.push(json!({"name": "model-ca", "configMap": {
+            "name": ca.name,
+            "items": [{"key": ca.key, "path": CA_FILE}],
+            "defaultMode": 0o440,
+        }}));
+    }
+    let init_container = json!({
+        "name": INIT_CONTAINER,
+        "image": resolved.helper_image,
+        "args": decrypt_args(model),
+        "resources": {
+            "limits": {"cpu": INIT_CPU_LIMIT, "memory": INIT_MEMORY},
+            "requests": {"cpu": INIT_CPU_REQUEST, "memory": INIT_MEMORY},
+        },
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "privileged": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "runAsUser": RUN_AS_ID,
+            "runAsGroup": RUN_AS_ID,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "volumeMounts": mounts,
+        // The one-line reason `moat decrypt` writes on failure; Moat shows it in the status.
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    });
+    ModelPod {
+        init_container,
+        volumes,
+        server_mount: json!({"name": "model", "mountPath": model.mount_path, "readOnly": true}),
+    }
+}
