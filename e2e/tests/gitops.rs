@@ -77,16 +77,26 @@ fn install_gitops_crds() -> Result<()> {
         "kustomizations.kustomize.toolkit.fluxcd.io",
         "helmreleases.helm.toolkit.fluxcd.io",
     ] {
-        let (ok, out, err) = kubectl(
-            &[
-                "wait",
-                "--for=condition=Established",
-                &format!("crd/{crd}"),
-                "--timeout=60s",
-            ],
-            None,
-        )?;
-        ensure!(ok, "CRD {crd} not established: {out}{err}");
+        // `kubectl wait` fails at once (instead of waiting) while the new CRD has no
+        // status.conditions yet ("accessor error: <nil>"): try again until it has them.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let (ok, out, err) = kubectl(
+                &[
+                    "wait",
+                    "--for=condition=Established",
+                    &format!("crd/{crd}"),
+                    "--timeout=60s",
+                ],
+                None,
+            )?;
+            if ok {
+                break;
+            }
+            let early = err.contains("accessor error") && std::time::Instant::now() < deadline;
+            ensure!(early, "CRD {crd} not established: {out}{err}");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
     Ok(())
 }
