@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod model;
 pub mod pki;
 pub mod quantity;
 pub mod render;
