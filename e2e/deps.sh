@@ -6,7 +6,10 @@ set -euo pipefail
 # gcc and libc6-dev: the Rust linker and ring's build script need a C toolchain.
 # lua5.4: the Argo CD health check (examples/gitops/argocd/health.lua) is tested with a real Lua.
 # curl and unzip: the Argo CD and Flux CRDs are fetched from their Go modules (e2e/cluster.sh).
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip)
+# age: the standard age and age-keygen tools, the interoperability oracle of tests/model.rs and
+# the baseline of bench/decrypt.sh.
+# time: GNU time (/usr/bin/time -v), the peak RSS of moat decrypt in bench/decrypt.sh.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

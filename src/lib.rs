@@ -10,6 +10,7 @@
 pub mod api;
 pub mod controller;
 pub mod image;
+pub mod model;
 pub mod pki;
 pub mod quantity;
 pub mod render;

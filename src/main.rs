@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use moat::{
     api::{self, SecureModelDeployment},
     controller::{self, ImageSettings, Settings, ca::CaSettings},
+    model,
     render::{self, Facts},
     telemetry::{self, LogFormat, metrics::Metrics, server},
 };
@@ -32,6 +33,78 @@ enum Command {
         #[arg(short = 'f', long = "filename")]
         file: PathBuf,
     },
+    /// Fetch an encrypted model, verify its SHA-256, decrypt and extract it into a directory
+    /// (the init container). On any failure the target is left empty and the exit status is 1.
+    Decrypt(DecryptArgs),
+    /// Encrypt a model directory (or one file) as a tar archive in an age file.
+    Encrypt(EncryptArgs),
+    /// Generate an age identity as a Kubernetes Secret manifest; print its recipient on stderr.
+    Keygen(KeygenArgs),
+}
+
+#[derive(clap::Args)]
+struct DecryptArgs {
+    /// Where the artifact is: https://... or file://<path> (plain http is refused).
+    #[arg(long, env = "MOAT_MODEL_SOURCE")]
+    source: String,
+    /// Expected SHA-256 of the artifact file, 64 hex digits (as printed by moat encrypt or
+    /// sha256sum).
+    #[arg(long, env = "MOAT_MODEL_SHA256")]
+    sha256: String,
+    /// age identity file (AGE-SECRET-KEY-1... lines), such as the mounted key Secret.
+    #[arg(long, env = "MOAT_MODEL_IDENTITY")]
+    identity: PathBuf,
+    /// Directory to extract into: created if absent; must be empty (or hold an earlier
+    /// extraction by moat, which is replaced).
+    #[arg(long, env = "MOAT_MODEL_TARGET")]
+    target: PathBuf,
+    /// Most bytes the extracted files may hold: bytes or a quantity such as 20Gi.
+    #[arg(long, env = "MOAT_MODEL_SIZE_LIMIT")]
+    size_limit: Option<String>,
+    /// Extra CA certificates (PEM) to trust for an https source, besides Mozilla's roots.
+    #[arg(long, env = "MOAT_MODEL_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Also write the one-line failure reason to this file (Kubernetes shows it in the
+    /// container's terminated state), such as /dev/termination-log.
+    #[arg(long, env = "MOAT_TERMINATION_MESSAGE_PATH")]
+    termination_message_path: Option<PathBuf>,
+    /// Threads that decrypt (default: one per core).
+    #[arg(long, env = "MOAT_MODEL_THREADS")]
+    threads: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct EncryptArgs {
+    /// Recipient to encrypt to (age1...); repeat for several.
+    #[arg(short = 'r', long = "recipient")]
+    recipients: Vec<String>,
+    /// File with recipients, one age1... per line.
+    #[arg(short = 'R', long = "recipients-file")]
+    recipients_file: Option<PathBuf>,
+    /// The encrypted artifact to write (must not exist).
+    #[arg(short = 'o', long = "output")]
+    output: PathBuf,
+    /// The model directory (archived with paths relative to it) or a single file.
+    input: PathBuf,
+}
+
+#[derive(clap::Args)]
+struct KeygenArgs {
+    /// Name of the Secret.
+    #[arg(long)]
+    name: String,
+    /// Namespace of the Secret (omitted from the manifest when not given).
+    #[arg(long)]
+    namespace: Option<String>,
+    /// Key in the Secret that holds the identity (spec.model.decryptionKeySecretRef.key).
+    #[arg(long, default_value = "identity")]
+    key: String,
+    /// Write the manifest to this file (mode 0600, must not exist) instead of standard output.
+    #[arg(short = 'o', long = "output")]
+    output: Option<PathBuf>,
+    /// Also write the recipient (age1...) to this file.
+    #[arg(long)]
+    recipient_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -126,14 +199,116 @@ fn main() -> ExitCode {
         Command::Crd => print_crds(),
         Command::Render { file } => render_file(&file),
         Command::Operator(args) => run_operator(*args),
+        Command::Decrypt(args) => {
+            let message_path = args.termination_message_path.clone();
+            let result = decrypt(args);
+            if let (Err(e), Some(path)) = (&result, message_path) {
+                // Best effort: the reason is on stderr too.
+                let _ = std::fs::write(path, one_line(e));
+            }
+            result
+        }
+        Command::Encrypt(args) => encrypt(args),
+        Command::Keygen(args) => keygen(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("moat: error: {e:#}");
+            eprintln!("moat: error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line (Kubernetes keeps at most 4096 bytes of a termination
+/// message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = format!("{e:#}").replace(['\n', '\r'], " ");
+    if line.len() > 4000 {
+        let mut end = 4000;
+        while !line.is_char_boundary(end) {
+            end -= 1;
+        }
+        line.truncate(end);
+    }
+    line
+}
+
+fn decrypt(args: DecryptArgs) -> Result<()> {
+    let source = model::Source::parse(&args.source)?;
+    let sha256 = model::parse_sha256(&args.sha256)?;
+    let size_limit = args
+        .size_limit
+        .as_deref()
+        .map(model::parse_size_limit)
+        .transpose()?;
+    let identities = model::read_identities(&args.identity)?;
+    let mut sizing = model::Sizing::for_this_machine();
+    if let Some(threads) = args.threads {
+        anyhow::ensure!((1..=256).contains(&threads), "--threads: expected 1 to 256");
+        sizing = model::Sizing {
+            workers: threads,
+            buffers: 3 * threads + 2,
+        };
+    }
+    let done = model::decrypt(&model::DecryptOptions {
+        source: &source,
+        sha256,
+        identities: &identities,
+        identity_file: &args.identity,
+        target: &args.target,
+        size_limit,
+        ca_file: args.ca_file.as_deref(),
+        sizing,
+    })?;
+    eprintln!(
+        "moat: verified sha256 {} of {source} ({} bytes); extracted {} files ({} bytes) into {}",
+        model::hex(&sha256),
+        done.artifact_bytes,
+        done.extracted.files,
+        done.extracted.bytes,
+        args.target.display()
+    );
+    Ok(())
+}
+
+fn encrypt(args: EncryptArgs) -> Result<()> {
+    let mut recipients = args
+        .recipients
+        .iter()
+        .map(|r| model::parse_recipient(r))
+        .collect::<Result<Vec<_>, _>>()?;
+    if let Some(file) = &args.recipients_file {
+        recipients.extend(model::read_recipients_file(file)?);
+    }
+    let done = model::encrypt(&args.input, &recipients, &args.output)?;
+    // sha256sum's format, so `sha256sum -c` checks it; the digest goes into spec.model.sha256.
+    println!("{}  {}", done.sha256, args.output.display());
+    Ok(())
+}
+
+fn keygen(args: KeygenArgs) -> Result<()> {
+    let key = model::keygen_secret(&args.name, args.namespace.as_deref(), &args.key)?;
+    match &args.output {
+        Some(path) => {
+            use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            file.write_all(key.secret_yaml.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+        None => print!("{}", key.secret_yaml),
+    }
+    if let Some(path) = &args.recipient_file {
+        std::fs::write(path, format!("{}\n", key.recipient))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!("Public key: {}", key.recipient);
+    Ok(())
 }
 
 fn print_crds() -> Result<()> {
