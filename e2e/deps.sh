@@ -6,7 +6,11 @@ set -euo pipefail
 # gcc and libc6-dev: the Rust linker and ring's build script need a C toolchain.
 # lua5.4: the Argo CD health check (examples/gitops/argocd/health.lua) is tested with a real Lua.
 # curl and unzip: the Argo CD and Flux CRDs are fetched from their Go modules (e2e/cluster.sh).
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip)
+# docker-registry: a real OCI registry (distribution) on loopback for the image-pinning tests; we run
+#   `docker-registry serve <config>` as a child process (e2e/src/registry.rs), never its service.
+# skopeo: pushes the OCI layouts the tests write to that registry and inspects digests.
+# apache2-utils: htpasswd, for the registry's bcrypt basic-auth file.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip docker-registry skopeo apache2-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
