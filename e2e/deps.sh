@@ -9,7 +9,11 @@ set -euo pipefail
 # age: the standard age and age-keygen tools, the interoperability oracle of tests/model.rs and
 # the baseline of bench/decrypt.sh.
 # time: GNU time (/usr/bin/time -v), the peak RSS of moat decrypt in bench/decrypt.sh.
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time)
+# docker-registry: a real OCI registry (distribution) on loopback for the image-pinning tests; we run
+#   `docker-registry serve <config>` as a child process (e2e/src/registry.rs), never its service.
+# skopeo: pushes the OCI layouts the tests write to that registry and inspects digests.
+# apache2-utils: htpasswd, for the registry's bcrypt basic-auth file.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

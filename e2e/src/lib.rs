@@ -7,6 +7,7 @@
 //!
 //! The cluster is found through `KUBECONFIG`; `make test` exports it from `e2e/cluster.sh env`.
 
+pub mod registry;
 pub mod tls;
 
 use std::{future::Future, panic::AssertUnwindSafe, time::Duration};
