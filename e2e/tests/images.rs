@@ -1,0 +1,370 @@
+//! Image pinning against a real registry on loopback (Debian's `docker-registry`, TLS from its
+//! own CA, basic auth), with images pushed by skopeo, and the local control plane: a tag becomes
+//! the digest skopeo reports in the pod template and the status; moving the tag changes nothing
+//! until the spec changes or re-resolution is requested; credentials come from the
+//! imagePullSecrets; policies refuse what they must; a registry outage leaves running workloads
+//! untouched.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams, PostParams},
+};
+use moat::{
+    api::{SecureModelDeployment, conditions},
+    image::Registry as Resolver,
+};
+use moat_e2e::{
+    NamespaceOptions, Operator, TestEnv, install_crds,
+    registry::{Registry, RegistryOptions, TestImage},
+    settings, wait_for, with_namespace,
+};
+use serde_json::{Value, json};
+
+fn smd(name: &str, image: &str, pull_secrets: &[&str]) -> Result<SecureModelDeployment> {
+    let secrets: Vec<Value> = pull_secrets.iter().map(|n| json!({"name": n})).collect();
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "server": {"image": image, "port": 8000,
+                       "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
+            "imagePullSecrets": secrets
+        }
+    }))?)
+}
+
+async fn pull_secret(env: &TestEnv, name: &str, dockerconfigjson: &[u8]) -> Result<()> {
+    let secret: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name},
+        "type": "kubernetes.io/dockerconfigjson",
+        "data": {".dockerconfigjson": k8s_openapi::ByteString(dockerconfigjson.to_vec())}
+    }))?;
+    env.api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    Ok(())
+}
+
+/// An operator for the test's namespace that trusts the registry's CA.
+async fn operator(env: &TestEnv, registry: &Registry, allowed: &[&str]) -> Result<Operator> {
+    install_crds(&env.client).await?;
+    let mut s = settings(&[&env.namespace]);
+    s.image.registry = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
+        .map_err(anyhow::Error::msg)?;
+    s.image.allowed_registries = allowed.iter().map(|a| a.to_string()).collect();
+    Operator::start_with_settings(kube::Config::infer().await?, s).await
+}
+
+async fn pod_image(env: &TestEnv, name: &str) -> Result<Option<String>> {
+    Ok(env
+        .api::<Deployment>()
+        .get_opt(name)
+        .await?
+        .and_then(|d| d.spec)
+        .and_then(|s| s.template.spec)
+        .and_then(|p| p.containers.into_iter().next())
+        .and_then(|c| c.image))
+}
+
+async fn wait_pod_image(env: &TestEnv, name: &str, want: &str) -> Result<()> {
+    wait_for(
+        Duration::from_secs(30),
+        &format!("the pods of {name} to run {want}"),
+        || async { Ok(pod_image(env, name).await?.as_deref() == Some(want)) },
+    )
+    .await
+}
+
+async fn condition(
+    env: &TestEnv,
+    name: &str,
+    type_: &str,
+) -> Result<Option<(String, String, String)>> {
+    let smd = env.api::<SecureModelDeployment>().get(name).await?;
+    Ok(smd.status.and_then(|s| {
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status, c.reason, c.message))
+    }))
+}
+
+/// Waits until `type_` is True with `reason`; returns its message.
+async fn wait_condition(env: &TestEnv, name: &str, type_: &str, reason: &str) -> Result<String> {
+    wait_for(
+        Duration::from_secs(45),
+        &format!("{name}: {type_}=True, reason {reason}"),
+        || async {
+            Ok(condition(env, name, type_)
+                .await?
+                .is_some_and(|(s, r, _)| s == "True" && r == reason))
+        },
+    )
+    .await?;
+    Ok(condition(env, name, type_)
+        .await?
+        .map(|c| c.2)
+        .unwrap_or_default())
+}
+
+/// Makes the operator reconcile `name` (a label change is a watch event) and gives it time.
+async fn nudge(env: &TestEnv, name: &str, value: &str) -> Result<()> {
+    let p = json!({"metadata": {"labels": {"e2e-nudge": value}}});
+    env.api::<SecureModelDeployment>()
+        .patch(name, &PatchParams::default(), &Patch::Merge(&p))
+        .await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn tags_are_pinned_once_and_only_moved_on_request() {
+    with_namespace("images-pin", NamespaceOptions::restricted(), |env| async move {
+        let registry = Registry::start(RegistryOptions::default()).await?;
+        let _op = operator(&env, &registry, &[]).await?;
+        pull_secret(&env, "pull", &registry.dockerconfigjson()).await?;
+        let smds: Api<SecureModelDeployment> = env.api();
+
+        // 1. A tag resolves to exactly what skopeo reports; the pods get repository@digest.
+        let first = registry.push("serving/model:v1", &TestImage::single("one")).await?;
+        let tag = registry.image_ref("serving/model:v1");
+        let repo = registry.image_ref("serving/model");
+        smds.create(&PostParams::default(), &smd("model", &tag, &["pull"])?).await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
+        println!("pinned {tag} to {first}");
+        let status = smds.get("model").await?.status.context("status")?;
+        let image = status.image.context("status.image")?;
+        ensure!(image.requested == tag && image.pinned == format!("{repo}@{first}"), "{image:?}");
+        ensure!(image.resolved_at.is_some(), "resolvedAt missing");
+        let pod = env.api::<Deployment>().get("model").await?.spec.and_then(|s| s.template.spec).context("pod")?;
+        let pulls: Vec<String> = pod.image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect();
+        ensure!(pulls == ["pull"], "imagePullSecrets of the pods: {pulls:?}");
+        let events = env
+            .api::<k8s_openapi::api::events::v1::Event>()
+            .list(&ListParams::default())
+            .await?;
+        ensure!(
+            events.items.iter().any(|e| e.reason.as_deref() == Some("ImagePinned")
+                && e.note.as_deref().is_some_and(|n| n.contains(&first))),
+            "no ImagePinned Event naming {first}"
+        );
+
+        // 2. Moving the tag changes nothing until asked; a new annotation value re-resolves.
+        let moved = registry.move_tag("serving/model:v1", &TestImage::single("two")).await?;
+        ensure!(moved != first, "the tag did not move");
+        nudge(&env, "model", "1").await?;
+        ensure!(pod_image(&env, "model").await?.as_deref() == Some(&format!("{repo}@{first}")[..]), "the moved tag reached the pods");
+        let p = json!({"metadata": {"annotations": {"moat.dev/resolve-image": "2026-11-23T18:00:00Z"}}});
+        smds.patch("model", &PatchParams::default(), &Patch::Merge(&p)).await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{moved}")).await?;
+        let image = smds.get("model").await?.status.and_then(|s| s.image).context("status.image")?;
+        ensure!(image.resolve_request.as_deref() == Some("2026-11-23T18:00:00Z"), "{image:?}");
+        // ...and a spec change resolves the new tag.
+        let second = registry.push("serving/model:v2", &TestImage::single("three")).await?;
+        let p = json!({"spec": {"server": {"image": registry.image_ref("serving/model:v2")}}});
+        smds.patch("model", &PatchParams::default(), &Patch::Merge(&p)).await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{second}")).await?;
+
+        // A multi-arch image is pinned by its index digest.
+        let index = registry.push("serving/multi:v1", &TestImage::multi_arch("four")).await?;
+        ensure!(index == registry.index_digest("serving/multi:v1").await?);
+        smds.create(&PostParams::default(), &smd("multi", &registry.image_ref("serving/multi:v1"), &["pull"])?)
+            .await?;
+        wait_pod_image(&env, "multi", &format!("{}@{index}", registry.image_ref("serving/multi"))).await?;
+        wait_condition(&env, "multi", conditions::READY, "RolloutComplete").await?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn credentials_and_policies_give_clear_status() {
+    with_namespace("images-policy", NamespaceOptions::restricted(), |env| async move {
+        let registry = Registry::start(RegistryOptions::default()).await?;
+        let _op = operator(&env, &registry, &[]).await?;
+        registry.push("serving/model:v1", &TestImage::single("one")).await?;
+        let tag = registry.image_ref("serving/model:v1");
+        let smds: Api<SecureModelDeployment> = env.api();
+        let deployments: Api<Deployment> = env.api();
+
+        // A pull Secret that does not exist.
+        smds.create(&PostParams::default(), &smd("missing", &tag, &["nope"])?).await?;
+        let m = wait_condition(&env, "missing", conditions::STALLED, "ImagePullSecretRejected").await?;
+        ensure!(m.contains("image pull Secret nope") && m.contains("does not exist"), "{m}");
+        // No credentials at all: the registry refuses.
+        smds.create(&PostParams::default(), &smd("anonymous", &tag, &[])?).await?;
+        let m = wait_condition(&env, "anonymous", conditions::STALLED, "ImagePullSecretRejected").await?;
+        ensure!(m.contains("refused access") && m.contains("spec.imagePullSecrets"), "{m}");
+        // Wrong credentials, then fixed: Moat retries (with backoff) and pins.
+        let wrong = json!({"auths": {registry.host(): {
+            "username": registry.username(), "password": "wrong-password"
+        }}});
+        pull_secret(&env, "pull", wrong.to_string().as_bytes()).await?;
+        smds.create(&PostParams::default(), &smd("wrong", &tag, &["pull"])?).await?;
+        let m = wait_condition(&env, "wrong", conditions::STALLED, "ImagePullSecretRejected").await?;
+        ensure!(!m.contains("wrong-password"), "the password leaked into the status: {m}");
+        for name in ["missing", "anonymous", "wrong"] {
+            ensure!(deployments.get_opt(name).await?.is_none(), "{name} got a Deployment without a digest");
+        }
+        let p = json!({"data": {".dockerconfigjson": k8s_openapi::ByteString(registry.dockerconfigjson())}});
+        env.api::<Secret>().patch("pull", &PatchParams::default(), &Patch::Merge(&p)).await?;
+        wait_condition(&env, "wrong", conditions::READY, "RolloutComplete").await?;
+        ensure!(pod_image(&env, "wrong").await?.is_some_and(|i| i.contains("@sha256:")));
+
+        // A tag that does not exist.
+        smds.create(&PostParams::default(), &smd("unknown", &registry.image_ref("serving/model:v9"), &["pull"])?)
+            .await?;
+        let m = wait_condition(&env, "unknown", conditions::STALLED, "ImageNotFound").await?;
+        ensure!(m.contains("serving/model:v9") && m.contains("not found"), "{m}");
+
+        // RequireDigest: the API server refuses a tag.
+        let mut strict = serde_json::to_value(smd("strict", &tag, &["pull"])?)?;
+        strict["spec"]["imagePolicy"] = json!("RequireDigest");
+        let e = smds
+            .create(&PostParams::default(), &serde_json::from_value(strict.clone())?)
+            .await
+            .expect_err("a tag under RequireDigest");
+        ensure!(e.to_string().contains("must name a digest"), "{e}");
+        let digest = registry.inspect_digest("serving/model:v1").await?;
+        strict["spec"]["server"]["image"] = json!(format!("{}@{digest}", registry.image_ref("serving/model")));
+        smds.create(&PostParams::default(), &serde_json::from_value(strict)?).await?;
+        wait_pod_image(&env, "strict", &format!("{}@{digest}", registry.image_ref("serving/model"))).await?;
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn registries_outside_the_allow_list_are_refused() {
+    with_namespace(
+        "images-allow",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let registry = Registry::start(RegistryOptions::default()).await?;
+            let _op = operator(&env, &registry, &["trusted.example.com"]).await?;
+            registry
+                .push("serving/model:v1", &TestImage::single("one"))
+                .await?;
+            pull_secret(&env, "pull", &registry.dockerconfigjson()).await?;
+            let smds: Api<SecureModelDeployment> = env.api();
+            smds.create(
+                &PostParams::default(),
+                &smd("model", &registry.image_ref("serving/model:v1"), &["pull"])?,
+            )
+            .await?;
+            let m =
+                wait_condition(&env, "model", conditions::STALLED, "RegistryNotAllowed").await?;
+            ensure!(
+                m.contains(&format!("registry {} is not allowed", registry.host())),
+                "{m}"
+            );
+            ensure!(m.contains("trusted.example.com"), "{m}");
+            ensure!(
+                env.api::<Deployment>().get_opt("model").await?.is_none(),
+                "deployed from a registry not allowed"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_registry_outage_leaves_running_workloads_untouched() {
+    with_namespace("images-outage", NamespaceOptions::restricted(), |env| async move {
+        let mut registry = Registry::start(RegistryOptions::default()).await?;
+        let _op = operator(&env, &registry, &[]).await?;
+        pull_secret(&env, "pull", &registry.dockerconfigjson()).await?;
+        let first = registry.push("serving/model:v1", &TestImage::single("one")).await?;
+        let second = registry.push("serving/model:v2", &TestImage::single("two")).await?;
+        let repo = registry.image_ref("serving/model");
+        let smds: Api<SecureModelDeployment> = env.api();
+        smds.create(&PostParams::default(), &smd("model", &registry.image_ref("serving/model:v1"), &["pull"])?)
+            .await?;
+        wait_condition(&env, "model", conditions::READY, "RolloutComplete").await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
+        let deployments: Api<Deployment> = env.api();
+        let generation = deployments.get("model").await?.metadata.generation;
+
+        registry.stop().await?;
+        // Drift is still repaired from the pin, without the registry.
+        let p = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil.example.com/miner:latest"}]}}}});
+        deployments.patch("model", &PatchParams::default(), &Patch::Strategic(p)).await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
+        // A new tag cannot be resolved: the pods keep their digest, the status says why.
+        let generation = deployments.get("model").await?.metadata.generation.max(generation);
+        let p = json!({"spec": {"server": {"image": registry.image_ref("serving/model:v2")}}});
+        smds.patch("model", &PatchParams::default(), &Patch::Merge(&p)).await?;
+        let m = wait_condition(&env, "model", conditions::RECONCILING, "RegistryUnreachable").await?;
+        ensure!(m.contains("serving/model:v2") && m.contains("retrying"), "{m}");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        ensure!(pod_image(&env, "model").await?.as_deref() == Some(&format!("{repo}@{first}")[..]));
+        ensure!(deployments.get("model").await?.metadata.generation == generation, "the Deployment changed during the outage");
+        let image = smds.get("model").await?.status.and_then(|s| s.image).context("status.image")?;
+        ensure!(image.pinned == format!("{repo}@{first}"), "status.image changed: {image:?}");
+        // A model with no digest yet gets no Deployment at all.
+        smds.create(&PostParams::default(), &smd("fresh", &registry.image_ref("serving/model:v1"), &["pull"])?)
+            .await?;
+        wait_condition(&env, "fresh", conditions::RECONCILING, "RegistryUnreachable").await?;
+        ensure!(deployments.get_opt("fresh").await?.is_none(), "deployed without a digest");
+
+        // The registry comes back: the retries (with backoff) pin the new tag.
+        registry.restart().await?;
+        wait_pod_image(&env, "model", &format!("{repo}@{second}")).await?;
+        wait_pod_image(&env, "fresh", &format!("{repo}@{first}")).await?;
+        println!("names in {}: {:?}", env.namespace, smds.list(&ListParams::default()).await?.items.iter().map(|s| s.name_any()).collect::<Vec<_>>());
+        Ok(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn moats_own_helper_image_is_pinned_too() {
+    with_namespace("images-helper", NamespaceOptions::restricted(), |env| async move {
+        // Moat's own image comes from a registry that needs no credentials.
+        let registry = Registry::start(RegistryOptions::anonymous()).await?;
+        let digest = registry.push("moat:0.1", &TestImage::single("moat")).await?;
+        install_crds(&env.client).await?;
+        let mut s = settings(&[&env.namespace]);
+        s.image.registry = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
+            .map_err(anyhow::Error::msg)?;
+        s.image.helper_image = registry.image_ref("moat:0.1");
+        let _op = Operator::start_with_settings(kube::Config::infer().await?, s).await?;
+        let key: Secret = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "key"},
+            "stringData": {"identity": "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ"}
+        }))?;
+        env.api::<Secret>().create(&PostParams::default(), &key).await?;
+        let mut model = serde_json::to_value(smd("model", moat_e2e::TEST_IMAGE, &[])?)?;
+        model["spec"]["model"] = json!({
+            "source": {"url": "https://artifacts.example.com/m.tar.age"},
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "decryptionKeySecretRef": {"name": "key", "key": "identity"},
+            "mountPath": "/models/m", "sizeLimit": "1Gi"
+        });
+        let smds: Api<SecureModelDeployment> = env.api();
+        smds.create(&PostParams::default(), &serde_json::from_value(model)?).await?;
+        let want = format!("{}@{digest}", registry.image_ref("moat"));
+        wait_for(Duration::from_secs(30), "the init container to run the pinned helper", || async {
+            let init = env
+                .api::<Deployment>()
+                .get_opt("model")
+                .await?
+                .and_then(|d| d.spec)
+                .and_then(|s| s.template.spec)
+                .and_then(|p| p.init_containers)
+                .and_then(|c| c.into_iter().next())
+                .and_then(|c| c.image);
+            Ok(init.as_deref() == Some(want.as_str()))
+        })
+        .await?;
+        Ok(())
+    })
+    .await;
+}
