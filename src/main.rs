@@ -424,12 +424,9 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
                 duration_seconds: args.lease_duration_seconds.max(2),
                 grace_seconds: (args.lease_duration_seconds / 3).max(1),
             };
-            tokio::select! {
-                res = controller::leader::run_elected(client, settings, metrics, lease) => {
-                    res.context("leader election")
-                }
-                _ = tokio::signal::ctrl_c() => Ok(()),
-            }
+            controller::leader::run_elected(client, settings, metrics, lease, shutdown_signal())
+                .await
+                .context("leader election")
         };
         let metrics_addr = args.metrics_addr;
         tokio::select! {
@@ -441,4 +438,20 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             },
         }
     })
+}
+
+/// Completes on SIGTERM (what the kubelet sends to stop a pod) or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
 }

@@ -384,7 +384,9 @@ impl Operator {
         };
         let m = metrics.clone();
         let task = tokio::spawn(async move {
-            if let Err(e) = moat::controller::leader::run_elected(client, settings, m, lease).await
+            let forever = std::future::pending();
+            if let Err(e) =
+                moat::controller::leader::run_elected(client, settings, m, lease, forever).await
             {
                 eprintln!("leader election ended: {e}");
             }

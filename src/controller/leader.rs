@@ -3,7 +3,7 @@
 //! When leadership is lost the controller is stopped at once; a follower takes over once the
 //! Lease expires (within its duration).
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use kube::Client;
 use kube_lease_manager::{LeaseManagerBuilder, LeaseManagerError};
@@ -27,12 +27,18 @@ pub struct LeaseSettings {
     pub grace_seconds: u64,
 }
 
-/// Runs the controller whenever this replica holds the Lease, until the process ends.
+/// How long a shutting-down leader waits for the Lease to be released.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Runs the controller whenever this replica holds the Lease, until `shutdown` completes (a
+/// termination signal). Then the controller stops and the Lease is released, so a follower
+/// takes over at once rather than after the Lease expires.
 pub async fn run_elected(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
     lease: LeaseSettings,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<(), LeaseManagerError> {
     let manager = LeaseManagerBuilder::new(client.clone(), &lease.name)
         .with_namespace(&lease.namespace)
@@ -42,12 +48,42 @@ pub async fn run_elected(
         .with_field_manager("moat-leader-election")
         .build()
         .await?;
-    let (mut leader, _renewer) = manager.watch().await;
+    let (leader, renewer) = manager.watch().await;
     metrics.set_leader(false);
+    tokio::select! {
+        () = lead(leader, client, settings, metrics.clone(), &lease) => {}
+        () = shutdown => info!(lease = %lease.name, "shutting down; releasing the Lease"),
+    }
+    // `lead` is dropped: the controller is aborted and the state channel closed, on which the
+    // lease manager releases the Lease and ends.
+    metrics.set_leader(false);
+    match tokio::time::timeout(RELEASE_TIMEOUT, renewer).await {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e),
+        Ok(Err(e)) => {
+            warn!(error = %e, "the lease manager task failed");
+            Ok(())
+        }
+        Err(_) => {
+            warn!(lease = %lease.name, "the Lease was not released in time; it expires by itself");
+            Ok(())
+        }
+    }
+}
+
+/// Runs the controller while `leader` says this replica leads; returns when the lease manager
+/// ends.
+async fn lead(
+    mut leader: tokio::sync::watch::Receiver<bool>,
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    lease: &LeaseSettings,
+) {
     loop {
         while !*leader.borrow_and_update() {
             if leader.changed().await.is_err() {
-                return Ok(());
+                return;
             }
         }
         info!(lease = %lease.name, identity = %lease.identity, "became the leader");
@@ -69,7 +105,7 @@ pub async fn run_elected(
         metrics.set_leader(false);
         metrics.clear_managed();
         if !still_leader {
-            return Ok(());
+            return;
         }
         warn!(lease = %lease.name, "lost leadership; controller stopped");
     }
