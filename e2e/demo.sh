@@ -9,6 +9,10 @@
 # ServiceAccount (TokenRequest): the identity and permissions of a real operator pod. It takes the
 # Lease, reconciles the example, and reverts a change made behind its back. The cluster stays up
 # afterwards; the operator stops.
+#
+# The example's image comes from a real registry on loopback (Debian's docker-registry, TLS and
+# basic auth), so Moat resolves its tag to a digest; its model is encrypted here with
+# `moat encrypt`, and `moat decrypt` then does what the init container does in a pod.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 e2e/cluster.sh up >/dev/null
@@ -21,8 +25,22 @@ STATE=${MOAT_CACHE:-$HOME/.cache/moat}/demo
 mkdir -p "$STATE" "$HOME/.cache/moat/logs"
 
 step "building moat"
-cargo build --quiet --bin moat
+cargo build --quiet --bin moat && cargo build --quiet -p moat-e2e --bin moat-registry
 MOAT=${CARGO_TARGET_DIR:-target}/debug/moat
+pids=()
+trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
+
+step "a private registry on loopback (TLS from its own CA, basic auth) with serving/vllm:v0.6.3"
+rm -f "$STATE/registry.env"
+"${CARGO_TARGET_DIR:-target}/debug/moat-registry" "$STATE/registry.env" serving/vllm:v0.6.3 moat:0.1.0 \
+  >"$HOME/.cache/moat/logs/registry-demo.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 150); do [ -s "$STATE/registry.env" ] && break; sleep 0.2; done
+[ -s "$STATE/registry.env" ] || { cat "$HOME/.cache/moat/logs/registry-demo.log"; exit 1; }
+# shellcheck disable=SC1091
+. "$STATE/registry.env"
+REGISTRY=$MOAT_REGISTRY_HOST
+echo "registry $REGISTRY: serving/vllm:v0.6.3 is $MOAT_REGISTRY_DIGEST_0"
 
 step "installing the chart (helm upgrade --install $RELEASE charts/moat -n $NS)"
 kubectl create namespace "$NS" --dry-run=client -o yaml |
@@ -53,12 +71,16 @@ token=$(kubectl create token "$SA" -n "$NS" --duration=1h)
 KUBECONFIG=$kubeconfig kubectl config set-credentials "$SA" --token="$token" >/dev/null
 KUBECONFIG=$kubeconfig kubectl config set-context --current --user="$SA" >/dev/null
 unset token
+# Only the loopback registry is allowed; its CA is trusted; Moat's own image (the decrypting init
+# container) is given by digest, as the chart does with image.digest.
 KUBECONFIG=$kubeconfig POD_NAME=demo-operator POD_NAMESPACE=$NS "$MOAT" operator \
   --leader-elect --lease-name "$RELEASE" --lease-namespace "$NS" \
   --metrics-addr 127.0.0.1:18080 --health-probe-addr 127.0.0.1:18081 \
+  --allowed-registries "$REGISTRY" --registry-ca-file "$MOAT_REGISTRY_CA_FILE" \
+  --helper-image "$REGISTRY/moat@$MOAT_REGISTRY_DIGEST_1" \
   >"$HOME/.cache/moat/logs/operator-demo.log" 2>&1 &
 operator=$!
-trap 'kill $operator 2>/dev/null || true' EXIT
+pids+=($operator)
 for _ in $(seq 1 100); do
   holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
   [ "$holder" = demo-operator ] && break
@@ -67,10 +89,55 @@ for _ in $(seq 1 100); do
 done
 echo "leader: ${holder:-none} (Lease $NS/$RELEASE)"
 
-step "applying examples/quickstart.yaml"
-kubectl apply -f examples/quickstart.yaml
+step "the model's team: a pull Secret, a key (moat keygen) and an encrypted model (moat encrypt)"
+kubectl create namespace moat-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl create secret generic registry-credentials -n moat-demo --dry-run=client -o yaml \
+  --type=kubernetes.io/dockerconfigjson --from-file=.dockerconfigjson="$MOAT_REGISTRY_DOCKERCONFIGJSON" |
+  kubectl apply -f - >/dev/null
+# The identity goes straight into the cluster; only the recipient (public) is kept here.
+"$MOAT" keygen --name fraud-scorer-key --namespace moat-demo --recipient-file "$STATE/recipient.txt" |
+  kubectl apply -f -
+rm -rf "$STATE/fraud-model" "$STATE/v3.tar.age"
+mkdir -p "$STATE/fraud-model"
+echo '{"architecture": "demo", "layers": 4}' >"$STATE/fraud-model/config.json"
+head -c 64M /dev/urandom >"$STATE/fraud-model/weights.bin"
+"$MOAT" encrypt -R "$STATE/recipient.txt" "$STATE/fraud-model" -o "$STATE/v3.tar.age"
+sha=$(sha256sum "$STATE/v3.tar.age" | cut -d' ' -f1)
+echo "encrypted model: $(du -h "$STATE/v3.tar.age" | cut -f1), sha256 $sha"
+
+step "applying examples/quickstart.yaml (its registry is this loopback one, its sha256 this model's)"
+sed -e "s#registry.example.com/serving/#$REGISTRY/serving/#" \
+  -e "s#^    sha256: .*#    sha256: $sha#" examples/quickstart.yaml | kubectl apply -f -
 kubectl wait --for=condition=Ready smd/fraud-scorer -n moat-demo --timeout=120s
 kubectl get smd -n moat-demo
+
+step "the tag was resolved once and pinned; the pods run the digest"
+kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.image: "}{.status.image}{"\n"}'
+kubectl get deployment fraud-scorer -n moat-demo \
+  -o jsonpath='{"server:        "}{.spec.template.spec.containers[0].image}{"\ndecrypt-model: "}{.spec.template.spec.initContainers[0].image}{"\n"}'
+kubectl get events.events.k8s.io -n moat-demo --field-selector reason=ImagePinned -o custom-columns=NOTE:.note
+
+step "the encrypted model: init container, memory-backed volume, key in the init container only"
+kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.initContainers[*]}{.name}{": "}{.args}{"\n"}{end}'
+kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.volumes[*]}{.name}{": "}{.emptyDir}{.secret.secretName}{.configMap.name}{"\n"}{end}'
+kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.containers[*]}{.name}{" mounts: "}{range .volumeMounts[*]}{.name}{"("}{.readOnly}{") "}{end}{"\n"}{end}'
+
+step "what the init container does (no container runtime here: the same moat decrypt, run directly)"
+keyfile=$(mktemp)
+kubectl get secret fraud-scorer-key -n moat-demo -o jsonpath='{.data.identity}' | base64 -d >"$keyfile"
+rm -rf "$STATE/decrypted"
+start=$(date +%s%N)
+"$MOAT" decrypt --source "file://$STATE/v3.tar.age" --sha256 "$sha" --identity "$keyfile" \
+  --target "$STATE/decrypted" --size-limit 2Gi
+echo "verified and decrypted in $(( ($(date +%s%N) - start) / 1000000 )) ms:"
+ls -l "$STATE/decrypted"
+cp "$STATE/v3.tar.age" "$STATE/tampered.tar.age"
+printf 'X' | dd of="$STATE/tampered.tar.age" bs=1 seek=100000 conv=notrunc status=none
+rm -rf "$STATE/decrypted-tampered"
+echo "one byte changed in transit:"
+"$MOAT" decrypt --source "file://$STATE/tampered.tar.age" --sha256 "$sha" --identity "$keyfile" \
+  --target "$STATE/decrypted-tampered" --size-limit 2Gi || echo "exit status $?; files left: $(find "$STATE/decrypted-tampered" -type f 2>/dev/null | wc -l)"
+rm -f "$keyfile"
 
 step "what Moat created (all labelled moat.dev/deployment=fraud-scorer)"
 kubectl get serviceaccounts,secrets,networkpolicies,services,poddisruptionbudgets,deployments,pods \
@@ -85,7 +152,7 @@ step "drift: someone swaps the image and turns on hostNetwork behind Moat's back
 kubectl patch deployment fraud-scorer -n moat-demo --type strategic \
   -p '{"spec":{"template":{"spec":{"hostNetwork":true,"containers":[{"name":"server","image":"evil.example.com/miner:latest"}]}}}}'
 start=$(date +%s%N)
-want=registry.example.com/serving/vllm:v0.6.3
+want=$(kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.image.pinned}')
 for _ in $(seq 1 200); do
   image=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.containers[0].image}')
   host=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.hostNetwork}')
@@ -99,7 +166,7 @@ kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.drift: "}{.statu
 kubectl wait --for=condition=Ready smd/fraud-scorer -n moat-demo --timeout=120s
 
 step "metrics (http://127.0.0.1:18080/metrics)"
-curl -fsS http://127.0.0.1:18080/metrics | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects)' || true
+curl -fsS http://127.0.0.1:18080/metrics | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects|image_resolutions_total)' || true
 
 step "done"
 echo "The cluster is still running: export KUBECONFIG=$KUBECONFIG  (stop it with 'make cluster-down')."
