@@ -73,7 +73,7 @@ KUBECONFIG=$kubeconfig kubectl config set-context --current --user="$SA" >/dev/n
 unset token
 # Only the loopback registry is allowed; its CA is trusted; Moat's own image (the decrypting init
 # container) is given by digest, as the chart does with image.digest.
-KUBECONFIG=$kubeconfig POD_NAME=demo-operator POD_NAMESPACE=$NS "$MOAT" operator \
+KUBECONFIG=$kubeconfig POD_NAME=demo-operator-$$ POD_NAMESPACE=$NS "$MOAT" operator \
   --leader-elect --lease-name "$RELEASE" --lease-namespace "$NS" \
   --metrics-addr 127.0.0.1:18080 --health-probe-addr 127.0.0.1:18081 \
   --allowed-registries "$REGISTRY" --registry-ca-file "$MOAT_REGISTRY_CA_FILE" \
@@ -83,7 +83,7 @@ operator=$!
 pids+=($operator)
 for _ in $(seq 1 100); do
   holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
-  [ "$holder" = demo-operator ] && break
+  [ "$holder" = "demo-operator-$$" ] && break
   kill -0 $operator 2>/dev/null || { tail -n 20 "$HOME/.cache/moat/logs/operator-demo.log"; exit 1; }
   sleep 0.2
 done

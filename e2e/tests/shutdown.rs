@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, ensure};
 use k8s_openapi::api::coordination::v1::Lease;
 use moat_e2e::{NamespaceOptions, install_crds, moat_binary, wait_for, with_namespace};
 
