@@ -249,6 +249,7 @@ fn decrypt(args: DecryptArgs) -> Result<()> {
         sizing = model::Sizing {
             workers: threads,
             buffers: 3 * threads + 2,
+            ..sizing
         };
     }
     let done = model::decrypt(&model::DecryptOptions {

@@ -383,6 +383,13 @@ fn moat_encrypt_output_decrypts_with_age_and_moat() {
     let listing = ok(Command::new("tar").arg("-tf").arg(&single_tar));
     assert_eq!(String::from_utf8_lossy(&listing.stdout), "config.json\n");
 
+    // An existing artifact is never overwritten.
+    let out = run(Command::new(MOAT)
+        .args(["encrypt", "-r", &f.recipient, "-o"])
+        .arg(&single)
+        .arg(&model));
+    assert_fails(&out, "exists; Moat does not overwrite artifacts");
+
     // Symbolic links are refused when encrypting, since decrypting would refuse them.
     std::os::unix::fs::symlink("config.json", model.join("link")).expect("symlink");
     let out = run(Command::new(MOAT)

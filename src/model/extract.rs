@@ -114,7 +114,8 @@ pub fn extract<R: Read>(
                 let Some(rel) = rel else {
                     return Err(refuse(&raw, "a regular file cannot be the archive's root"));
                 };
-                let size = entry.header().entry_size().map_err(archive_error)?;
+                // The entry's size, after pax extensions (files over 8 GiB carry it there).
+                let size = entry.size();
                 let reached = done.bytes.saturating_add(size);
                 if let Some(limit) = size_limit.filter(|&limit| reached > limit) {
                     return Err(ModelError::SizeLimit {
@@ -382,6 +383,33 @@ mod tests {
             }
         );
         let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn size_limit_counts_pax_sizes() {
+        // Files over 8 GiB carry their size in a pax extension; the ustar field says 0 here.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("size", &b"5"[..])]).expect("pax");
+        let mut h = tar::Header::new_ustar();
+        h.set_path("big.bin").expect("path");
+        h.set_size(0);
+        h.set_cksum();
+        let mut data = h.as_bytes().to_vec();
+        data.extend_from_slice(b"12345");
+        data.resize(data.len() + 512 - 5, 0);
+        let mut tar = b.into_inner().expect("tar");
+        // into_inner wrote the end-of-archive blocks; the entry goes before them.
+        tar.truncate(tar.len() - 1024);
+        tar.extend_from_slice(&data);
+        tar.extend_from_slice(&[0u8; 1024]);
+        let err = extract(&tar[..], &tempdir("pax"), Some(4)).expect_err("pax size counted");
+        assert!(
+            matches!(err, ModelError::SizeLimit { reached: 5, .. }),
+            "{err}"
+        );
+        let dir = tempdir("pax-ok");
+        extract(&tar[..], &dir, Some(5)).expect("at the limit");
+        assert_eq!(fs::read(dir.join("big.bin")).expect("read"), b"12345");
     }
 
     #[test]

@@ -202,7 +202,7 @@ fn decrypt_into(opts: &DecryptOptions<'_>, dir: &Path) -> Result<Decrypted, Mode
     })?;
     let key = stream::PayloadKey::new(&file_key, &nonce)?;
     drop(file_key);
-    let mut plain = pipeline::start(input, key, opts.sizing);
+    let mut plain = pipeline::start(input, key, opts.sizing)?;
     let extracted = match extract::extract(&mut plain, dir, opts.size_limit) {
         Ok(done) => done,
         // A broken stream (modified, truncated, unreadable) explains a broken archive.
@@ -297,6 +297,15 @@ pub fn encrypt(
         })?
         .to_string_lossy()
         .into_owned();
+    if fs::symlink_metadata(output).is_ok() {
+        return Err(ModelError::Usage {
+            flag: "--output",
+            reason: format!(
+                "{} exists; Moat does not overwrite artifacts",
+                output.display()
+            ),
+        });
+    }
     let partial = output.with_file_name(format!(".{name}.partial-{}", std::process::id()));
     let result = encrypt_to(input, recipients, &partial).and_then(|done| {
         fs::rename(&partial, output)

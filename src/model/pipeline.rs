@@ -116,6 +116,8 @@ pub struct Sizing {
     pub workers: usize,
     /// Batch buffers in circulation.
     pub buffers: usize,
+    /// Sealed chunks per batch.
+    pub batch_chunks: usize,
 }
 
 impl Sizing {
@@ -128,6 +130,7 @@ impl Sizing {
         Sizing {
             workers,
             buffers: 3 * workers + 2,
+            batch_chunks: BATCH_CHUNKS,
         }
     }
 }
@@ -139,14 +142,14 @@ pub fn start<R>(
     input: io::BufReader<HashingReader<R>>,
     key: PayloadKey,
     sizing: Sizing,
-) -> PlainReader
+) -> Result<PlainReader, ModelError>
 where
     R: Read + Send + 'static,
 {
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(sizing.buffers);
     for _ in 0..sizing.buffers {
         // Cannot fail: the channel has room for every buffer and its receiver is alive.
-        let _ = free_tx.send(vec![0u8; BATCH_CHUNKS * SEALED_CHUNK]);
+        let _ = free_tx.send(vec![0u8; sizing.batch_chunks * SEALED_CHUNK]);
     }
     let (job_tx, job_rx) = sync_channel::<Batch>(sizing.buffers);
     let (out_tx, out_rx) = channel::<Msg>();
@@ -154,10 +157,16 @@ where
     let job_rx = Arc::new(Mutex::new(job_rx));
     for _ in 0..sizing.workers {
         let (key, job_rx, out_tx) = (key.clone(), job_rx.clone(), out_tx.clone());
-        thread::spawn(move || work(&key, &job_rx, &out_tx));
+        thread::Builder::new()
+            .name("moat-open".into())
+            .spawn(move || work(&key, &job_rx, &out_tx))
+            .map_err(|_| ModelError::Internal("cannot start a decryption thread"))?;
     }
-    thread::spawn(move || read(input, &free_rx, &job_tx, &out_tx));
-    PlainReader {
+    thread::Builder::new()
+        .name("moat-read".into())
+        .spawn(move || read(input, &free_rx, &job_tx, &out_tx))
+        .map_err(|_| ModelError::Internal("cannot start the reading thread"))?;
+    Ok(PlainReader {
         rx: out_rx,
         free_tx,
         pending: BTreeMap::new(),
@@ -166,7 +175,7 @@ where
         digest: None,
         current: None,
         failure: None,
-    }
+    })
 }
 
 /// The reader thread: batches of sealed chunks, hashed on the way in.
