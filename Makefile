@@ -60,7 +60,6 @@ test-unit: ## Unit and integration tests (no cluster needed).
 
 .PHONY: test-e2e
 test-e2e: cluster-up ## End-to-end tests against the local control plane, then its lifecycle test.
-	$(CARGO) build --bin moat
 	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
 	@bash e2e/lifecycle-test.sh
 

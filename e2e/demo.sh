@@ -2,7 +2,7 @@
 # `make demo`: Moat installed with its Helm chart on the local control plane, serving
 # examples/quickstart.yaml.
 #
-# The chart installs the CRD, the operator's Deployment (two replicas, leader election), its
+# The chart installs the CRDs, the operator's Deployment (two replicas, leader election), its
 # ServiceAccount and least-privilege RBAC. The local control plane has no container runtime: kwok
 # simulates the operator's pods, so they never take the leader Lease. The process that does the
 # work is the `moat` binary the image would run, started here with a token of the chart's
@@ -170,5 +170,5 @@ curl -fsS http://127.0.0.1:18080/metrics | grep -E '^moat_(leader|reconcile_tota
 
 step "done"
 echo "The cluster is still running: export KUBECONFIG=$KUBECONFIG  (stop it with 'make cluster-down')."
-echo "Remove the chart with 'helm uninstall $RELEASE -n $NS' (the CRD and your models stay)."
+echo "Remove the chart with 'helm uninstall $RELEASE -n $NS' (the CRDs and your models stay)."
 echo "Render the children offline: $MOAT render -f examples/quickstart.yaml"

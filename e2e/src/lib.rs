@@ -401,27 +401,6 @@ impl Operator {
     }
 }
 
-/// The `moat` binary, which e2e tests run as a pod's container would: `$MOAT_BIN`, or `moat`
-/// beside the test's own executable's directory (`target/debug/moat`). `make test-e2e` builds
-/// it first (a test cannot: `cargo test` holds the build directory's lock while tests run).
-pub fn moat_binary() -> Result<std::path::PathBuf> {
-    if let Some(bin) = std::env::var_os("MOAT_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(|dir| dir.join("moat"))
-        .context("locating the target directory")?;
-    ensure!(
-        bin.is_file(),
-        "{} does not exist: run `cargo build --bin moat` (make test-e2e does) or set MOAT_BIN",
-        bin.display()
-    );
-    Ok(bin)
-}
-
 /// Operator settings for a test watching `namespaces`: its own CA in the first namespace, no
 /// registry allow-list, and a helper image that names a digest (so no registry is asked for it).
 pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {
@@ -538,4 +517,267 @@ fn to_lua(v: &serde_json::Value) -> String {
                 .join(", ")
         ),
     }
+}
+
+/// The `moat` binary of this workspace, built once per test process by the cargo running the
+/// tests (`CARGO`), with the same profile and target directory, so a test runs the code it was
+/// compiled with. Cargo prints the executable's path; nothing is guessed.
+pub fn moat_binary() -> Result<std::path::PathBuf> {
+    static BUILT: std::sync::OnceLock<Result<std::path::PathBuf, String>> =
+        std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| build_moat_binary().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
+fn build_moat_binary() -> Result<std::path::PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let workspace = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let mut command = std::process::Command::new(&cargo);
+    // Cargo gives the test process the variables of the package under test (CARGO_PKG_NAME,
+    // CARGO_MANIFEST_DIR, ...). Build scripts (ring's) rerun when those change, so passing them
+    // on would rebuild the dependencies here and again in the next `cargo test`.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_MANIFEST_")
+            || matches!(
+                key.as_ref(),
+                "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            command.env_remove(key.as_ref());
+        }
+    }
+    let out = command
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--package",
+            "moat",
+            "--bin",
+            "moat",
+            "--message-format=json-render-diagnostics",
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .with_context(|| format!("running {cargo} build --bin moat"))?;
+    ensure!(out.status.success(), "cargo build --bin moat failed");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "moat")
+        .find_map(|m| m["executable"].as_str().map(std::path::PathBuf::from))
+        .context("cargo build reported no executable for the moat binary")
+}
+
+/// A kubeconfig (YAML) for the cluster of `KUBECONFIG`'s current context that authenticates
+/// with `token` only, for running the `moat` binary as a ServiceAccount.
+pub fn kubeconfig_with_token(token: &str) -> Result<String> {
+    let path = std::env::var("KUBECONFIG").context("KUBECONFIG is not set")?;
+    let path = path.split(':').next().unwrap_or_default().to_string();
+    let admin: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?,
+    )?;
+    let current = admin["current-context"]
+        .as_str()
+        .context("the kubeconfig has no current-context")?;
+    let context = admin["contexts"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"].as_str() == Some(current))
+        .context("the current context is not defined")?;
+    let cluster_name = context["context"]["cluster"]
+        .as_str()
+        .context("the current context names no cluster")?;
+    let mut cluster = admin["clusters"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .find(|c| c["name"].as_str() == Some(cluster_name))
+        .context("the current context's cluster is not defined")?
+        .clone();
+    // A relative CA path is relative to the admin kubeconfig's directory.
+    if let Some(ca) = cluster["cluster"]["certificate-authority"].as_str()
+        && !ca.starts_with('/')
+    {
+        let dir = std::path::Path::new(&path)
+            .parent()
+            .unwrap_or(std::path::Path::new("."));
+        cluster["cluster"]["certificate-authority"] =
+            serde_yaml::Value::String(dir.join(ca).to_string_lossy().into_owned());
+    }
+    let config = json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [serde_json::to_value(&cluster)?],
+        "users": [{"name": "service-account", "user": {"token": token}}],
+        "contexts": [{"name": "service-account", "context": {"cluster": cluster_name, "user": "service-account"}}],
+        "current-context": "service-account",
+    });
+    Ok(serde_yaml::to_string(&config)?)
+}
+
+/// The `moat` binary running as a child process; killed when dropped.
+pub struct MoatProcess {
+    child: std::sync::Mutex<std::process::Child>,
+    /// Where its standard output and error go.
+    pub log: std::path::PathBuf,
+}
+
+impl MoatProcess {
+    /// Starts `moat <args>` with `KUBECONFIG=kubeconfig` and the extra environment `env`; its
+    /// output goes to `log`.
+    pub fn spawn(
+        kubeconfig: &std::path::Path,
+        args: &[String],
+        env: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Result<Self> {
+        let binary = moat_binary()?;
+        let out = std::fs::File::create(log).with_context(|| format!("creating {log:?}"))?;
+        let child = std::process::Command::new(&binary)
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .envs(env.iter().copied())
+            .stdin(std::process::Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("starting {binary:?}"))?;
+        Ok(Self {
+            child: std::sync::Mutex::new(child),
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// Fails with the end of its log if the process has exited.
+    pub fn check_running(&self) -> Result<()> {
+        let status = self
+            .child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .try_wait()?;
+        if let Some(status) = status {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "moat exited ({status}); its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        Ok(())
+    }
+
+    /// Stops the process (SIGKILL, as a crash would) and waits for it.
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let child = self
+            .child
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for MoatProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The entries of the API server's audit log (`MOAT_AUDIT_LOG`) written after byte `from` whose
+/// user is `username`.
+pub fn audit_entries(username: &str, from: u64) -> Result<Vec<serde_json::Value>> {
+    let path = tool("MOAT_AUDIT_LOG")?;
+    let log = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
+    let from = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
+    let mut out = Vec::new();
+    for line in log[from..].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+        let Ok(entry) = serde_json::from_slice::<serde_json::Value>(line) else {
+            continue; // a line being written
+        };
+        if entry["user"]["username"].as_str() == Some(username) {
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// The current size of the audit log: entries written later start after this offset.
+pub fn audit_offset() -> Result<u64> {
+    let path = tool("MOAT_AUDIT_LOG")?;
+    Ok(std::fs::metadata(&path)
+        .with_context(|| format!("reading {path}"))?
+        .len())
+}
+
+/// `kubectl auth can-i --list` output as rows of its four columns (resources, non-resource URLs,
+/// resource names, verbs), cut at the offsets of the header's column titles; the bracketed lists
+/// are split into their items.
+pub fn can_i_rows(text: &str) -> Result<Vec<CanIRow>> {
+    let mut lines = text.lines();
+    let header = lines.next().context("empty can-i output")?;
+    let titles = ["Resources", "Non-Resource URLs", "Resource Names", "Verbs"];
+    let mut starts = Vec::new();
+    for t in titles {
+        starts.push(
+            header
+                .find(t)
+                .with_context(|| format!("no column {t:?} in {header:?}"))?,
+        );
+    }
+    ensure!(
+        starts.windows(2).all(|w| w[0] < w[1]),
+        "unexpected column order in {header:?}"
+    );
+    let cell = |line: &str, i: usize| -> String {
+        let end = starts.get(i + 1).copied().unwrap_or(usize::MAX);
+        let from = starts[i].min(line.len());
+        line.get(from..end.min(line.len()))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    let list = |s: String| -> Vec<String> {
+        s.trim_start_matches('[')
+            .trim_end_matches(']')
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for line in lines.filter(|l| !l.trim().is_empty()) {
+        // Columns are padded to a common width, so a row cannot start a cell inside another.
+        rows.push(CanIRow {
+            resource: cell(line, 0),
+            non_resource_urls: list(cell(line, 1)),
+            resource_names: list(cell(line, 2)),
+            verbs: list(cell(line, 3)),
+        });
+    }
+    Ok(rows)
+}
+
+/// One row of `kubectl auth can-i --list`.
+#[derive(Debug, Clone)]
+pub struct CanIRow {
+    /// `resource.group` (empty for a non-resource row).
+    pub resource: String,
+    /// Non-resource URLs such as `/healthz`.
+    pub non_resource_urls: Vec<String>,
+    /// Resource names the row is limited to.
+    pub resource_names: Vec<String>,
+    /// Verbs.
+    pub verbs: Vec<String>,
 }

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::{
     ByteString,
     api::{apps::v1::Deployment, core::v1::Secret},
@@ -525,6 +525,670 @@ async fn short_lifetimes_renew_before_expiry_and_ca_rotation_keeps_handshakes_wo
             .map_err(|e| anyhow::anyhow!("old client across the rotation: {e}"))?;
             mtls(&after, &client_after, &name, &allowed)
                 .map_err(|e| anyhow::anyhow!("after rotation: {e}"))?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+fn named_smd(
+    name: &str,
+    clients: Value,
+    lifetime: &str,
+    reloads: bool,
+) -> Result<SecureModelDeployment> {
+    let mut smd = smd(clients, lifetime)?;
+    smd.metadata.name = Some(name.to_string());
+    smd.spec.tls.reloads_certificates = reloads;
+    Ok(smd)
+}
+
+fn cert_info(secret: &Secret) -> Result<pki::CertInfo> {
+    pki::pem_certificates(&text(secret, "tls.crt"))
+        .first()
+        .and_then(|d| pki::info(d))
+        .context("no readable certificate in tls.crt")
+}
+
+/// The Events (events.k8s.io/v1) about `regarding` in `ns` with `reason`: their notes.
+async fn event_notes(
+    env: &TestEnv,
+    ns: &str,
+    regarding: &str,
+    reason: &str,
+) -> Result<Vec<String>> {
+    use k8s_openapi::api::events::v1::Event;
+    Ok(Api::<Event>::namespaced(env.client.clone(), ns)
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+        })
+        .filter_map(|e| e.note)
+        .collect())
+}
+
+async fn wait_event(
+    env: &TestEnv,
+    ns: &str,
+    regarding: &str,
+    reason: &str,
+    needles: &[&str],
+) -> Result<String> {
+    let what = format!("a {reason} Event about {regarding} naming {needles:?}");
+    let found = wait_for(Duration::from_secs(30), &what, || async {
+        Ok(event_notes(env, ns, regarding, reason)
+            .await?
+            .iter()
+            .any(|n| needles.iter().all(|s| n.contains(s))))
+    })
+    .await;
+    if let Err(e) = found {
+        let notes = event_notes(env, ns, regarding, reason).await?;
+        bail!("{e}; the {reason} Events about {regarding} say: {notes:#?}");
+    }
+    event_notes(env, ns, regarding, reason)
+        .await?
+        .into_iter()
+        .find(|n| needles.iter().all(|s| n.contains(s)))
+        .context("event gone")
+}
+
+/// How often the Events with `reason` about `regarding` record it happened (events.k8s.io/v1:
+/// a repeat of the same reason about the same object is recorded as a series on the first
+/// Event, which keeps the first note), and when it was last seen (unix seconds).
+async fn occurrences(env: &TestEnv, ns: &str, regarding: &str, reason: &str) -> Result<(i32, i64)> {
+    use k8s_openapi::api::events::v1::Event;
+    let mut count = 0;
+    let mut last = 0;
+    for e in Api::<Event>::namespaced(env.client.clone(), ns)
+        .list(&kube::api::ListParams::default())
+        .await?
+        .items
+    {
+        if e.reason.as_deref() != Some(reason)
+            || e.regarding.as_ref().and_then(|r| r.name.as_deref()) != Some(regarding)
+        {
+            continue;
+        }
+        let (n, seen) = match &e.series {
+            Some(s) => (s.count, s.last_observed_time.0.as_second()),
+            None => (
+                1,
+                e.event_time.as_ref().map(|t| t.0.as_second()).unwrap_or(0),
+            ),
+        };
+        count += n;
+        last = last.max(seen);
+    }
+    Ok((count, last))
+}
+
+/// Waits until the Events record `reason` about `regarding` once more than `before` times,
+/// observed at or after `since` (unix seconds).
+async fn wait_recorded_again(
+    env: &TestEnv,
+    ns: &str,
+    regarding: &str,
+    reason: &str,
+    before: i32,
+    since: i64,
+) -> Result<()> {
+    let what = format!("{reason} recorded again about {regarding}");
+    let found = wait_for(Duration::from_secs(30), &what, || async {
+        let (count, last) = occurrences(env, ns, regarding, reason).await?;
+        Ok(count > before && last >= since)
+    })
+    .await;
+    if let Err(e) = found {
+        let now = occurrences(env, ns, regarding, reason).await?;
+        bail!("{e}: (occurrences, last seen) {now:?}, before {before}, since {since}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn model_client_side_withdrawal_status_certificate_and_repair_of_both_secrets() {
+    with_namespace(
+        "mtls-client-side",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            install_crds(&env.client).await?;
+            let ns = env.namespace.clone();
+            let client_ns = env
+                .another_namespace(&NamespaceOptions::restricted())
+                .await?;
+            let _op = Operator::start_watching(
+                kube::Config::infer().await?,
+                &[&ns, &client_ns],
+                Duration::from_secs(300),
+            )
+            .await?;
+            let smds: Api<SecureModelDeployment> = env.api();
+            smds.create(
+                &PostParams::default(),
+                &smd(
+                    json!([{"namespace": client_ns, "serviceAccounts": ["checkout"]}]),
+                    "24h",
+                )?,
+            )
+            .await?;
+            let mcs: Api<ModelClient> = Api::namespaced(env.client.clone(), &client_ns);
+            mcs.create(
+                &PostParams::default(),
+                &model_client("checkout", &ns, "checkout", "fraud-client", "24h")?,
+            )
+            .await?;
+            wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
+            let client = wait_secret(&env, &client_ns, "fraud-client").await?;
+            let serving = wait_secret(&env, &ns, "fraud-tls").await?;
+            let allowed = format!("spiffe://cluster.local/ns/{client_ns}/sa/checkout");
+            let server_name = format!("fraud.{ns}.svc");
+
+            // status.certificate describes the certificate in the Secret.
+            let check_status = |mc: &ModelClient, secret: &Secret| -> Result<()> {
+                let info = cert_info(secret)?;
+                let st = mc
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.certificate.clone())
+                    .context("no status.certificate")?;
+                ensure!(st.secret_name == "fraud-client", "{st:?}");
+                ensure!(
+                    st.serial == info.serial,
+                    "status serial {} != Secret serial {}",
+                    st.serial,
+                    info.serial
+                );
+                ensure!(
+                    st.not_after.0.as_second() == info.not_after,
+                    "{st:?} vs {info:?}"
+                );
+                ensure!(
+                    st.renew_at.0.as_second() == info.renew_at(),
+                    "{st:?} vs {info:?}"
+                );
+                let now = k8s_openapi::jiff::Timestamp::now().as_second();
+                ensure!(
+                    now < info.renew_at() && info.renew_at() < info.not_after,
+                    "{info:?}"
+                );
+                Ok(())
+            };
+            check_status(&mcs.get("checkout").await?, &client)?;
+            wait_event(
+                &env,
+                &client_ns,
+                "checkout",
+                "CertificateIssued",
+                &[&cert_info(&client)?.serial],
+            )
+            .await?;
+
+            // The serving Secret deleted: recreated with a new certificate that handshakes.
+            let serving_api: Api<Secret> = Api::namespaced(env.client.clone(), &ns);
+            serving_api
+                .delete("fraud-tls", &DeleteParams::default())
+                .await?;
+            let old = serial(&serving);
+            wait_for(
+                Duration::from_secs(30),
+                "the serving Secret recreated",
+                || async {
+                    Ok(secret(&env, &ns, "fraud-tls")
+                        .await?
+                        .is_some_and(|s| serial(&s).is_some() && serial(&s) != old))
+                },
+            )
+            .await?;
+            let serving = wait_secret(&env, &ns, "fraud-tls").await?;
+            mtls(&serving, &client, &server_name, &allowed).map_err(anyhow::Error::msg)?;
+
+            // The client Secret's data edited: restored with a valid certificate, the status
+            // follows it, and the pair handshakes.
+            let client_api: Api<Secret> = Api::namespaced(env.client.clone(), &client_ns);
+            client_api
+                .patch(
+                    "fraud-client",
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"data": {"tls.key": "Z2FyYmFnZQ=="}})),
+                )
+                .await?;
+            wait_for(
+                Duration::from_secs(30),
+                "the client Secret repaired",
+                || async {
+                    Ok(secret(&env, &client_ns, "fraud-client")
+                        .await?
+                        .is_some_and(|s| text(&s, "tls.key") != "garbage" && serial(&s).is_some()))
+                },
+            )
+            .await?;
+            let client = wait_secret(&env, &client_ns, "fraud-client").await?;
+            mtls(&serving, &client, &server_name, &allowed)
+                .map_err(|e| anyhow::anyhow!("after the client Secret was repaired: {e}"))?;
+            wait_for(
+                Duration::from_secs(15),
+                "status.certificate to follow the repair",
+                || async { Ok(check_status(&mcs.get("checkout").await?, &client).is_ok()) },
+            )
+            .await?;
+
+            // Withdrawal from the client's side: a ServiceAccount the model does not allow.
+            mcs.patch(
+                "checkout",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"serviceAccountName": "intruder"}})),
+            )
+            .await?;
+            let mc = wait_mc(&mcs, "checkout", false, "NotAllowed").await?;
+            ensure!(
+                conditions::is_true(&mc.status.clone().context("status")?.conditions, "Stalled"),
+                "{:?}",
+                mc.status
+            );
+            wait_for(
+                Duration::from_secs(30),
+                "the client Secret deleted",
+                || async { Ok(secret(&env, &client_ns, "fraud-client").await?.is_none()) },
+            )
+            .await?;
+            ensure!(
+                mcs.get("checkout")
+                    .await?
+                    .status
+                    .and_then(|s| s.certificate)
+                    .is_none()
+            );
+            wait_event(
+                &env,
+                &client_ns,
+                "checkout",
+                "CertificateWithdrawn",
+                &["fraud-client"],
+            )
+            .await?;
+
+            // Back to the allowed ServiceAccount: a new certificate; then the ModelClient deleted:
+            // its Secret goes with it (owner reference, garbage collection).
+            mcs.patch(
+                "checkout",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"spec": {"serviceAccountName": "checkout"}})),
+            )
+            .await?;
+            wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
+            wait_secret(&env, &client_ns, "fraud-client").await?;
+            mcs.delete("checkout", &DeleteParams::default()).await?;
+            wait_for(
+                Duration::from_secs(30),
+                "the client Secret deleted with its ModelClient",
+                || async { Ok(secret(&env, &client_ns, "fraud-client").await?.is_none()) },
+            )
+            .await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_renewal_rolls_the_pods_unless_the_server_reloads_its_certificate() {
+    use k8s_openapi::api::apps::v1::ReplicaSet;
+    with_namespace(
+        "mtls-roll",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            install_crds(&env.client).await?;
+            let ns = env.namespace.clone();
+            let _op = Operator::start(&ns, Duration::from_secs(300)).await?;
+            let smds: Api<SecureModelDeployment> = env.api();
+            // 30 s certificates, renewed at 20 s.
+            smds.create(
+                &PostParams::default(),
+                &named_smd("rolling", json!([]), "30s", false)?,
+            )
+            .await?;
+            smds.create(
+                &PostParams::default(),
+                &named_smd("reloading", json!([]), "30s", true)?,
+            )
+            .await?;
+            let deploys: Api<Deployment> = env.api();
+            let replica_sets = |name: &'static str| {
+                let api: Api<ReplicaSet> = env.api();
+                async move {
+                    let lp = kube::api::ListParams::default()
+                        .labels(&format!("moat.dev/deployment={name}"));
+                    anyhow::Ok(api.list(&lp).await?.items)
+                }
+            };
+            let annotations = |d: &Deployment| {
+                d.spec
+                    .as_ref()
+                    .and_then(|s| s.template.metadata.as_ref())
+                    .and_then(|m| m.annotations.clone())
+                    .unwrap_or_default()
+            };
+            let hash_of = |s: &Secret| {
+                moat::render::ServingTls {
+                    cert_pem: text(s, "tls.crt"),
+                    key_pem: text(s, "tls.key"),
+                    ca_bundle_pem: text(s, "ca.crt"),
+                }
+                .hash()
+            };
+            for name in ["rolling", "reloading"] {
+                wait_for(
+                    Duration::from_secs(60),
+                    &format!("{name} Ready with one ReplicaSet"),
+                    || async {
+                        let ready = smds
+                            .get(name)
+                            .await?
+                            .status
+                            .is_some_and(|s| conditions::is_true(&s.conditions, "Ready"));
+                        Ok(ready && replica_sets(name).await?.len() == 1)
+                    },
+                )
+                .await?;
+            }
+            let first_rolling = wait_secret(&env, &ns, "rolling-tls").await?;
+            let first_reloading = wait_secret(&env, &ns, "reloading-tls").await?;
+            let first_serial = cert_info(&first_rolling)?.serial;
+
+            // Default: the pod template carries the certificate's hash.
+            let rolling = deploys.get("rolling").await?;
+            ensure!(
+                annotations(&rolling).get(moat::render::TLS_HASH_ANNOTATION)
+                    == Some(&hash_of(&first_rolling)),
+                "{:?}",
+                annotations(&rolling)
+            );
+            // A server that reloads its files: no hash, so a renewal leaves the template alone.
+            let reloading = deploys.get("reloading").await?;
+            ensure!(
+                !annotations(&reloading).contains_key(moat::render::TLS_HASH_ANNOTATION),
+                "{:?}",
+                annotations(&reloading)
+            );
+            let reloading_template =
+                serde_json::to_value(reloading.spec.as_ref().map(|s| &s.template))?;
+            let reloading_generation = reloading.metadata.generation;
+
+            // The issue is recorded as an Event (events.k8s.io/v1) on the model.
+            wait_event(
+                &env,
+                &ns,
+                "rolling",
+                "CertificateIssued",
+                &[&first_serial, "no certificate yet"],
+            )
+            .await?;
+
+            let (rolling_issued, _) =
+                occurrences(&env, &ns, "rolling", "CertificateIssued").await?;
+            let (reloading_issued, _) =
+                occurrences(&env, &ns, "reloading", "CertificateIssued").await?;
+            ensure!(rolling_issued >= 1 && reloading_issued >= 1);
+            let before_renewal = k8s_openapi::jiff::Timestamp::now().as_second();
+
+            // Renewal: the hash changes to the new certificate's, and the Deployment rolls out a
+            // new ReplicaSet.
+            wait_for(
+                Duration::from_secs(40),
+                "both serving certificates renewed",
+                || async {
+                    let a = secret(&env, &ns, "rolling-tls").await?;
+                    let b = secret(&env, &ns, "reloading-tls").await?;
+                    Ok(a.is_some_and(|s| {
+                        serial(&s).is_some() && serial(&s) != serial(&first_rolling)
+                    }) && b.is_some_and(|s| {
+                        serial(&s).is_some() && serial(&s) != serial(&first_reloading)
+                    }))
+                },
+            )
+            .await?;
+            let renewed = wait_secret(&env, &ns, "rolling-tls").await?;
+            let renewed_serial = cert_info(&renewed)?.serial;
+            wait_for(
+                Duration::from_secs(30),
+                "the new hash in the pod template",
+                || async {
+                    Ok(annotations(&deploys.get("rolling").await?)
+                        .get(moat::render::TLS_HASH_ANNOTATION)
+                        == Some(&hash_of(&renewed)))
+                },
+            )
+            .await?;
+            wait_for(
+                Duration::from_secs(30),
+                "a new ReplicaSet for the renewed certificate",
+                || async {
+                    let sets = replica_sets("rolling").await?;
+                    Ok(sets.len() >= 2
+                        && sets.iter().any(|rs| {
+                            rs.spec
+                                .as_ref()
+                                .and_then(|s| s.template.as_ref())
+                                .and_then(|t| t.metadata.as_ref())
+                                .and_then(|m| m.annotations.as_ref())
+                                .and_then(|a| a.get(moat::render::TLS_HASH_ANNOTATION))
+                                == Some(&hash_of(&renewed))
+                        }))
+                },
+            )
+            .await?;
+            wait_for(
+                Duration::from_secs(30),
+                "rolling's status on the renewed certificate",
+                || async {
+                    Ok(smds
+                        .get("rolling")
+                        .await?
+                        .status
+                        .and_then(|s| s.certificate)
+                        .is_some_and(|c| c.serial == renewed_serial))
+                },
+            )
+            .await?;
+            // The renewal is recorded too (as a repeat of the Event: within the Event recorder's
+            // six minutes, the same reason about the same object adds to its series).
+            wait_recorded_again(
+                &env,
+                &ns,
+                "rolling",
+                "CertificateIssued",
+                rolling_issued,
+                before_renewal,
+            )
+            .await?;
+
+            // The reloading model converged on its renewed certificate without a template change.
+            let renewed_reloading = wait_secret(&env, &ns, "reloading-tls").await?;
+            let renewed_reloading_serial = cert_info(&renewed_reloading)?.serial;
+            wait_for(
+                Duration::from_secs(30),
+                "reloading's status on the renewed certificate",
+                || async {
+                    Ok(smds
+                        .get("reloading")
+                        .await?
+                        .status
+                        .and_then(|s| s.certificate)
+                        .is_some_and(|c| c.serial == renewed_reloading_serial))
+                },
+            )
+            .await?;
+            let reloading = deploys.get("reloading").await?;
+            ensure!(
+                serde_json::to_value(reloading.spec.as_ref().map(|s| &s.template))?
+                    == reloading_template,
+                "the renewal changed the pod template of a server that reloads its certificate"
+            );
+            ensure!(
+                reloading.metadata.generation == reloading_generation,
+                "the reloading Deployment changed"
+            );
+            ensure!(
+                replica_sets("reloading").await?.len() == 1,
+                "the reloading model rolled its pods"
+            );
+            wait_recorded_again(
+                &env,
+                &ns,
+                "reloading",
+                "CertificateIssued",
+                reloading_issued,
+                before_renewal,
+            )
+            .await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_imported_ca_is_used_as_is_and_never_written() {
+    with_namespace(
+        "mtls-import-ca",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            install_crds(&env.client).await?;
+            let ns = env.namespace.clone();
+            // The user's CA, in a Secret Moat did not create (no managed-by label).
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let user_ca = pki::generate_ca("corp.example", now, Duration::from_secs(7 * 86_400))?;
+            let secrets: Api<Secret> = env.api();
+            let created = secrets
+                .create(
+                    &PostParams::default(),
+                    &serde_json::from_value(json!({
+                        "metadata": {"name": "corp-ca", "labels": {"owner": "security-team"}},
+                        "type": "kubernetes.io/tls",
+                        "stringData": {"tls.crt": user_ca.cert_pem, "tls.key": user_ca.key_pem}
+                    }))?,
+                )
+                .await?;
+            let version = created.metadata.resource_version.clone();
+            let audit_from = moat_e2e::audit_offset()?;
+            let mut ca = ca_settings(&ns);
+            ca.secret_name = "corp-ca".into();
+            let settings = moat::controller::Settings {
+                resync_period: Duration::from_secs(2),
+                ca,
+                ..moat_e2e::settings(&[&ns])
+            };
+            let _op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
+            let smds: Api<SecureModelDeployment> = env.api();
+            smds.create(
+                &PostParams::default(),
+                &smd(
+                    json!([{"namespace": ns, "serviceAccounts": ["checkout"]}]),
+                    "24h",
+                )?,
+            )
+            .await?;
+            let mcs: Api<ModelClient> = env.api();
+            mcs.create(
+                &PostParams::default(),
+                &model_client("checkout", &ns, "checkout", "fraud-client", "24h")?,
+            )
+            .await?;
+            wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
+            let serving = wait_secret(&env, &ns, "fraud-tls").await?;
+            let client = wait_secret(&env, &ns, "fraud-client").await?;
+
+            // Both certificates chain to the user's CA, which is the whole trust bundle.
+            for s in [&serving, &client] {
+                ensure!(
+                    pki::issued_by(&text(s, "tls.crt"), &user_ca.cert_pem),
+                    "not issued by the imported CA"
+                );
+                ensure!(
+                    pki::pem_certificates(&text(s, "ca.crt"))
+                        == pki::pem_certificates(&user_ca.cert_pem),
+                    "the bundle is not the imported CA"
+                );
+            }
+            let dir = std::env::temp_dir().join(format!("moat-e2e-{ns}"));
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("ca.pem"), &user_ca.cert_pem)?;
+            std::fs::write(dir.join("serving.pem"), text(&serving, "tls.crt"))?;
+            let verify = std::process::Command::new("openssl")
+                .arg("verify")
+                .arg("-CAfile")
+                .arg(dir.join("ca.pem"))
+                .arg(dir.join("serving.pem"))
+                .output()
+                .context("running openssl (make deps installs it)")?;
+            std::fs::remove_dir_all(&dir).ok();
+            ensure!(
+                verify.status.success(),
+                "openssl verify: {}{}",
+                String::from_utf8_lossy(&verify.stdout),
+                String::from_utf8_lossy(&verify.stderr)
+            );
+            mtls(
+                &serving,
+                &client,
+                &format!("fraud.{ns}.svc"),
+                &format!("spiffe://cluster.local/ns/{ns}/sa/checkout"),
+            )
+            .map_err(anyhow::Error::msg)?;
+
+            // Reconciles go on (resync every 2 s, a repaired serving Secret), and the CA Secret
+            // is never written: same resourceVersion, labels and data.
+            Api::<Secret>::namespaced(env.client.clone(), &ns)
+                .patch(
+                    "fraud-tls",
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"data": {"tls.crt": "Z2FyYmFnZQ=="}})),
+                )
+                .await?;
+            wait_for(
+                Duration::from_secs(30),
+                "the serving certificate repaired",
+                || async {
+                    Ok(secret(&env, &ns, "fraud-tls")
+                        .await?
+                        .is_some_and(|s| pki::issued_by(&text(&s, "tls.crt"), &user_ca.cert_pem)))
+                },
+            )
+            .await?;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let after = secrets.get("corp-ca").await?;
+            ensure!(
+                after.metadata.resource_version == version,
+                "Moat wrote the imported CA Secret"
+            );
+            ensure!(
+                after.metadata.labels == created.metadata.labels,
+                "{:?}",
+                after.metadata.labels
+            );
+            ensure!(
+                text(&after, "tls.crt") == user_ca.cert_pem && text(&after, "ca.crt").is_empty()
+            );
+            // The audit log agrees: no write to it by Moat.
+            let writes: Vec<String> = std::fs::read_to_string(moat_e2e::tool("MOAT_AUDIT_LOG")?)?
+                .get(usize::try_from(audit_from)?..)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|e| {
+                    e["objectRef"]["resource"] == "secrets"
+                        && e["objectRef"]["namespace"] == json!(ns)
+                        && e["objectRef"]["name"] == "corp-ca"
+                        && !matches!(e["verb"].as_str(), Some("get" | "list" | "watch"))
+                })
+                .map(|e| format!("{} by {}", e["verb"], e["userAgent"]))
+                .collect();
+            ensure!(writes.is_empty(), "writes to the imported CA: {writes:?}");
             Ok(())
         },
     )
