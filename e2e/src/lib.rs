@@ -401,6 +401,48 @@ impl Operator {
     }
 }
 
+/// The status, reason and message of condition `type_` of the SecureModelDeployment `name`.
+pub async fn condition(
+    env: &TestEnv,
+    name: &str,
+    type_: &str,
+) -> Result<Option<(String, String, String)>> {
+    let smd = env
+        .api::<moat::api::SecureModelDeployment>()
+        .get(name)
+        .await?;
+    Ok(smd.status.and_then(|s| {
+        s.conditions
+            .into_iter()
+            .find(|c| c.type_ == type_)
+            .map(|c| (c.status, c.reason, c.message))
+    }))
+}
+
+/// Waits until condition `type_` of `name` is True with `reason`; returns its message.
+pub async fn wait_condition(
+    env: &TestEnv,
+    name: &str,
+    type_: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<String> {
+    wait_for(
+        timeout,
+        &format!("{name}: {type_}=True, reason {reason}"),
+        || async {
+            Ok(condition(env, name, type_)
+                .await?
+                .is_some_and(|(s, r, _)| s == "True" && r == reason))
+        },
+    )
+    .await?;
+    Ok(condition(env, name, type_)
+        .await?
+        .map(|(_, _, m)| m)
+        .unwrap_or_default())
+}
+
 /// Operator settings for a test watching `namespaces`: its own CA in the first namespace, no
 /// registry allow-list, and a helper image that names a digest (so no registry is asked for it).
 pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {

@@ -81,36 +81,9 @@ async fn wait_pod_image(env: &TestEnv, name: &str, want: &str) -> Result<()> {
     .await
 }
 
-async fn condition(
-    env: &TestEnv,
-    name: &str,
-    type_: &str,
-) -> Result<Option<(String, String, String)>> {
-    let smd = env.api::<SecureModelDeployment>().get(name).await?;
-    Ok(smd.status.and_then(|s| {
-        s.conditions
-            .into_iter()
-            .find(|c| c.type_ == type_)
-            .map(|c| (c.status, c.reason, c.message))
-    }))
-}
-
-/// Waits until `type_` is True with `reason`; returns its message.
+/// Waits (45 s at most) until `type_` is True with `reason`; returns its message.
 async fn wait_condition(env: &TestEnv, name: &str, type_: &str, reason: &str) -> Result<String> {
-    wait_for(
-        Duration::from_secs(45),
-        &format!("{name}: {type_}=True, reason {reason}"),
-        || async {
-            Ok(condition(env, name, type_)
-                .await?
-                .is_some_and(|(s, r, _)| s == "True" && r == reason))
-        },
-    )
-    .await?;
-    Ok(condition(env, name, type_)
-        .await?
-        .map(|c| c.2)
-        .unwrap_or_default())
+    moat_e2e::wait_condition(env, name, type_, reason, Duration::from_secs(45)).await
 }
 
 /// Makes the operator reconcile `name` (a label change is a watch event) and gives it time.

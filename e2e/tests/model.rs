@@ -18,8 +18,8 @@ use kube::{
 };
 use moat::api::{SecureModelDeployment, conditions};
 use moat_e2e::{
-    HELPER_IMAGE, NamespaceOptions, Operator, TestEnv, install_crds, moat_binary, settings,
-    wait_for, with_namespace,
+    HELPER_IMAGE, NamespaceOptions, Operator, TestEnv, condition, install_crds, moat_binary,
+    settings, wait_condition, wait_for, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -62,43 +62,6 @@ async fn key_secret(env: &TestEnv, name: &str) -> Result<Secret> {
         .api::<Secret>()
         .create(&PostParams::default(), &secret)
         .await?)
-}
-
-async fn condition(
-    env: &TestEnv,
-    name: &str,
-    type_: &str,
-) -> Result<Option<(String, String, String)>> {
-    let smd = env.api::<SecureModelDeployment>().get(name).await?;
-    Ok(smd.status.and_then(|s| {
-        s.conditions
-            .into_iter()
-            .find(|c| c.type_ == type_)
-            .map(|c| (c.status, c.reason, c.message))
-    }))
-}
-
-async fn wait_condition(
-    env: &TestEnv,
-    name: &str,
-    type_: &str,
-    reason: &str,
-    timeout: Duration,
-) -> Result<String> {
-    wait_for(
-        timeout,
-        &format!("{type_}=True with reason {reason}"),
-        || async {
-            Ok(condition(env, name, type_)
-                .await?
-                .is_some_and(|(s, r, _)| s == "True" && r == reason))
-        },
-    )
-    .await?;
-    Ok(condition(env, name, type_)
-        .await?
-        .map(|(_, _, m)| m)
-        .unwrap_or_default())
 }
 
 fn mounts_of(pod: &k8s_openapi::api::core::v1::PodSpec, container: &str) -> Vec<(String, bool)> {

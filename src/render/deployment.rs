@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 
 use super::{
     Ctx, RUN_AS_ID, RenderError, Resolved, SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH,
-    TMP_SIZE_LIMIT, model, tls_secret, typed,
+    TMP_SIZE_LIMIT, container_security_context, model, tls_secret, typed,
 };
 use crate::api::{Probe, ProbeScheme};
 
@@ -70,19 +70,7 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
         "readinessProbe".into(),
         readiness_probe(server.readiness_probe.as_ref()),
     );
-    container.insert(
-        "securityContext".into(),
-        json!({
-            "allowPrivilegeEscalation": false,
-            "privileged": false,
-            "readOnlyRootFilesystem": true,
-            "runAsNonRoot": true,
-            "runAsUser": RUN_AS_ID,
-            "runAsGroup": RUN_AS_ID,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        }),
-    );
+    container.insert("securityContext".into(), container_security_context());
     let model = ctx
         .smd
         .spec

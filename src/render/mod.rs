@@ -261,6 +261,21 @@ impl<'a> Ctx<'a> {
     }
 }
 
+/// The security context of every container Moat renders: what Pod Security "restricted"
+/// requires plus a read-only root filesystem and a fixed non-root UID/GID.
+pub(crate) fn container_security_context() -> serde_json::Value {
+    serde_json::json!({
+        "allowPrivilegeEscalation": false,
+        "privileged": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "runAsUser": RUN_AS_ID,
+        "runAsGroup": RUN_AS_ID,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
 /// Deserializes a JSON body into a typed object, naming the kind on failure.
 pub(crate) fn typed<T: serde::de::DeserializeOwned>(
     kind: &'static str,

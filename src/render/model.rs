@@ -5,7 +5,7 @@
 
 use serde_json::{Value, json};
 
-use super::{RUN_AS_ID, Resolved};
+use super::{Resolved, container_security_context};
 use crate::api::ModelSpec;
 
 /// Name of the init container.
@@ -99,16 +99,7 @@ pub(crate) fn render(model: &ModelSpec, resolved: &Resolved) -> ModelPod {
             "limits": {"cpu": INIT_CPU_LIMIT, "memory": INIT_MEMORY},
             "requests": {"cpu": INIT_CPU_REQUEST, "memory": INIT_MEMORY},
         },
-        "securityContext": {
-            "allowPrivilegeEscalation": false,
-            "privileged": false,
-            "readOnlyRootFilesystem": true,
-            "runAsNonRoot": true,
-            "runAsUser": RUN_AS_ID,
-            "runAsGroup": RUN_AS_ID,
-            "capabilities": {"drop": ["ALL"]},
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": container_security_context(),
         "volumeMounts": mounts,
         // The one-line reason `moat decrypt` writes on failure; Moat shows it in the status.
         "terminationMessagePath": "/dev/termination-log",
