@@ -249,14 +249,12 @@ impl Staging {
         &self.dir
     }
 
-    /// Moves the extracted entries into the target and writes the marker with `digest_hex`.
-    /// On failure, empties the target.
+    /// Writes the marker with `digest_hex` and moves the extracted entries into the target. On
+    /// failure, empties the target.
     pub fn commit(self, digest_hex: &str) -> Result<(), ModelError> {
         let result = (|| {
-            for name in list(&self.dir)? {
-                let (from, to) = (self.dir.join(&name), self.target.join(&name));
-                fs::rename(&from, &to).map_err(|e| ModelError::io("moving into place", &to, e))?;
-            }
+            // The marker first: if the process dies while moving, the next run sees Moat's
+            // content (the marker) and replaces it, instead of refusing a non-empty target.
             let marker = self.target.join(MARKER);
             let mut file = OpenOptions::new()
                 .write(true)
@@ -266,6 +264,10 @@ impl Staging {
                 .map_err(|e| ModelError::io("creating", &marker, e))?;
             writeln!(file, "sha256:{digest_hex}")
                 .map_err(|e| ModelError::io("writing", &marker, e))?;
+            for name in list(&self.dir)? {
+                let (from, to) = (self.dir.join(&name), self.target.join(&name));
+                fs::rename(&from, &to).map_err(|e| ModelError::io("moving into place", &to, e))?;
+            }
             fs::remove_dir(&self.dir).map_err(|e| ModelError::io("removing", &self.dir, e))
         })();
         if result.is_err() {
@@ -457,6 +459,14 @@ mod tests {
             fs::read_to_string(target.join(MARKER)).expect("marker"),
             "sha256:ab\n"
         );
+
+        // A commit interrupted after the marker (some entries moved, staging still there) is
+        // Moat's content too, and is replaced.
+        fs::create_dir_all(target.join(".moat-staging-9/rest")).expect("mkdir");
+        let staging = Staging::prepare(&target).expect("prepare after an interrupted commit");
+        assert_eq!(list(&target).expect("list").len(), 1);
+        fs::write(staging.dir().join("model.bin"), b"w").expect("write");
+        staging.commit("ab").expect("commit");
 
         // A completed extraction is replaced; an aborted one leaves the target empty.
         let staging = Staging::prepare(&target).expect("prepare again");

@@ -32,9 +32,10 @@ use super::{
     stream::{CHUNK, PayloadKey, SEALED_CHUNK},
 };
 
-/// Sealed chunks per batch: 1 MiB of ciphertext, large enough that channel and scheduling
-/// costs vanish, small enough that all cores get work early.
-pub const BATCH_CHUNKS: usize = 16;
+/// Sealed chunks per batch: 4 MiB of ciphertext. Each batch costs a few thread wake-ups, which
+/// are expensive on virtual machines (inter-processor interrupts); 4 MiB batches were about 5%
+/// faster than 1 MiB ones on a 2-CPU VM, and still give every core work early.
+pub const BATCH_CHUNKS: usize = 64;
 
 /// Hashes every byte read through it.
 pub struct HashingReader<R> {
@@ -122,7 +123,7 @@ pub struct Sizing {
 
 impl Sizing {
     /// One worker per core, three buffers per worker (one being read, one being opened, one
-    /// being extracted), plus two: about 8 MiB in flight on two cores.
+    /// being extracted), plus two: 32 MiB in flight on two cores, whatever the artifact's size.
     pub fn for_this_machine() -> Self {
         let workers = thread::available_parallelism()
             .map_or(2, |n| n.get())
