@@ -64,6 +64,10 @@ struct DecryptArgs {
     /// Extra CA certificates (PEM) to trust for an https source, besides Mozilla's roots.
     #[arg(long, env = "MOAT_MODEL_CA_FILE")]
     ca_file: Option<PathBuf>,
+    /// How long an https download may wait for data (connection stalled) before it fails, such
+    /// as 60s.
+    #[arg(long, env = "MOAT_MODEL_READ_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    read_timeout: Duration,
     /// Also write the one-line failure reason to this file (Kubernetes shows it in the
     /// container's terminated state), such as /dev/termination-log.
     #[arg(long, env = "MOAT_TERMINATION_MESSAGE_PATH")]
@@ -260,6 +264,7 @@ fn decrypt(args: DecryptArgs) -> Result<()> {
         target: &args.target,
         size_limit,
         ca_file: args.ca_file.as_deref(),
+        read_timeout: args.read_timeout,
         sizing,
     })?;
     eprintln!(

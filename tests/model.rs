@@ -666,6 +666,16 @@ fn armored_and_non_age_input_is_refused_clearly() {
 /// A one-connection-at-a-time HTTPS server for `body`, with a certificate for 127.0.0.1 from a
 /// fresh CA. Returns the port and the CA's PEM.
 fn https_server(body: Vec<u8>, connections: usize) -> (u16, String) {
+    https_server_stalling(body, connections, None)
+}
+
+/// [`https_server`] that, with `stall_after: Some(n)`, sends only the first `n` bytes of the
+/// body and then holds the connection open, silent, for 30 s.
+fn https_server_stalling(
+    body: Vec<u8>,
+    connections: usize,
+    stall_after: Option<usize>,
+) -> (u16, String) {
     use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
     let ca_key = KeyPair::generate().expect("ca key");
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
@@ -724,6 +734,12 @@ fn https_server(body: Vec<u8>, connections: usize) -> (u16, String) {
                 body.len()
             );
             let _ = tls.write_all(head.as_bytes());
+            if let Some(n) = stall_after {
+                let _ = tls.write_all(&body[..n.min(body.len())]);
+                let _ = tls.flush();
+                std::thread::sleep(std::time::Duration::from_secs(30));
+                continue;
+            }
             let _ = tls.write_all(&body);
             tls.conn.send_close_notify();
             let _ = tls.flush();
@@ -777,6 +793,40 @@ fn https_sources_verify_tls_with_the_given_ca() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(tree(&f.target), tree(&model));
+}
+
+#[test]
+fn a_stalled_download_fails_after_the_read_timeout() {
+    let f = Fixture::new("stall");
+    let model = model_dir(&f.dir);
+    let artifact = f.dir.join("m.tar.age");
+    ok(Command::new(MOAT)
+        .args(["encrypt", "-r", &f.recipient, "-o"])
+        .arg(&artifact)
+        .arg(&model));
+    let bytes = fs::read(&artifact).expect("read");
+    let digest = sha256_hex(&bytes);
+    let half = bytes.len() / 2;
+    let (port, ca_pem) = https_server_stalling(bytes, 1, Some(half));
+    let ca_file = f.dir.join("ca.pem");
+    fs::write(&ca_file, ca_pem).expect("write ca");
+    let out = run(Command::new(MOAT)
+        .args([
+            "decrypt",
+            "--source",
+            &format!("https://127.0.0.1:{port}/m.tar.age"),
+        ])
+        .args(["--sha256", &digest, "--read-timeout", "1s", "--identity"])
+        .arg(&f.identity)
+        .arg("--ca-file")
+        .arg(&ca_file)
+        .arg("--target")
+        .arg(&f.target));
+    // The server would close the connection after 30 s (then: truncated); the read timeout is
+    // what must end the download, and it says so.
+    let stderr = assert_fails(&out, "imeout");
+    assert!(!stderr.contains("truncated"), "{stderr}");
+    assert_empty(&f.target);
 }
 
 #[test]

@@ -132,6 +132,8 @@ pub struct DecryptOptions<'a> {
     pub size_limit: Option<u64>,
     /// Extra CA certificates (PEM) for an HTTPS source.
     pub ca_file: Option<&'a Path>,
+    /// How long an HTTPS download may wait for data before it fails.
+    pub read_timeout: std::time::Duration,
     /// Threads and buffers.
     pub sizing: Sizing,
 }
@@ -183,7 +185,7 @@ pub fn decrypt(opts: &DecryptOptions<'_>) -> Result<Decrypted, ModelError> {
 }
 
 fn decrypt_into(opts: &DecryptOptions<'_>, dir: &Path) -> Result<Decrypted, ModelError> {
-    let input = opts.source.open(opts.ca_file)?;
+    let input = opts.source.open(opts.ca_file, opts.read_timeout)?;
     let mut input = BufReader::with_capacity(64 * 1024, pipeline::HashingReader::new(input));
     let header = header::read_header(&mut input)?;
     let file_key = header::unwrap_file_key(

@@ -85,15 +85,20 @@ impl Source {
         }
     }
 
-    /// Opens the artifact for reading.
-    pub fn open(&self, ca_file: Option<&Path>) -> Result<Box<dyn Read + Send>, ModelError> {
+    /// Opens the artifact for reading. Over HTTPS, a read that waits longer than
+    /// `read_timeout` for data fails the download (a stalled server must not hang the pod).
+    pub fn open(
+        &self,
+        ca_file: Option<&Path>,
+        read_timeout: Duration,
+    ) -> Result<Box<dyn Read + Send>, ModelError> {
         match self {
             Source::File(path) => {
                 let file = File::open(path).map_err(|e| ModelError::io("opening", path, e))?;
                 Ok(Box::new(file))
             }
             Source::Https(url) => {
-                let agent = agent(ca_file)?;
+                let agent = agent(ca_file, read_timeout)?;
                 let shown = self.to_string();
                 let fetch_error = |reason: String| ModelError::Fetch {
                     reason: reason.replace(url.as_str(), &shown),
@@ -127,8 +132,9 @@ pub fn read_ca_file(path: &Path) -> Result<Vec<Certificate<'static>>, ModelError
     Ok(certs)
 }
 
-/// An HTTPS-only agent that trusts Mozilla's roots and the certificates of `ca_file`.
-fn agent(ca_file: Option<&Path>) -> Result<ureq::Agent, ModelError> {
+/// An HTTPS-only agent that trusts Mozilla's roots and the certificates of `ca_file`, and gives
+/// up on a connection that sends nothing for `read_timeout`.
+fn agent(ca_file: Option<&Path>, read_timeout: Duration) -> Result<ureq::Agent, ModelError> {
     let mut roots: Vec<Certificate<'static>> = webpki_root_certs::TLS_SERVER_ROOT_CERTS
         .iter()
         .map(|der| Certificate::from_der(der.as_ref()))
@@ -147,6 +153,7 @@ fn agent(ca_file: Option<&Path>) -> Result<ureq::Agent, ModelError> {
         .max_redirects(5)
         .timeout_connect(Some(Duration::from_secs(30)))
         .timeout_recv_response(Some(Duration::from_secs(60)))
+        .timeout_per_read(Some(read_timeout))
         .user_agent(concat!("moat/", env!("CARGO_PKG_VERSION")))
         .build();
     Ok(config.into())
