@@ -1,4 +1,6 @@
-# Moat's image: a static binary on distroless, non-root, running `moat operator`.
+# Moat's image: a static binary on distroless, non-root, running `moat operator`; the operator
+# also injects it (pinned by digest) as the `decrypt-model` init container, whose args
+# (`decrypt ...`) replace CMD. distroless/static carries the CA bundle registries are verified with.
 # docker build -t moat:dev .   (not built in this repository's CI: no container runtime there)
 FROM rust:1.95-alpine AS build
 RUN apk add --no-cache musl-dev
