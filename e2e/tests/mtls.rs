@@ -53,6 +53,38 @@ fn model_client(
     }))?)
 }
 
+/// The model `fraud` in the test's namespace, allowing ServiceAccount `checkout` of
+/// `client_ns`, and that namespace's ModelClient `checkout` asking for `fraud-client`; both with
+/// certificates of `lifetime`. Returns the ModelClients' API in `client_ns`.
+async fn consenting_pair(
+    env: &TestEnv,
+    client_ns: &str,
+    lifetime: &str,
+) -> Result<Api<ModelClient>> {
+    let smds: Api<SecureModelDeployment> = env.api();
+    smds.create(
+        &PostParams::default(),
+        &smd(
+            json!([{"namespace": client_ns, "serviceAccounts": ["checkout"]}]),
+            lifetime,
+        )?,
+    )
+    .await?;
+    let mcs: Api<ModelClient> = Api::namespaced(env.client.clone(), client_ns);
+    mcs.create(
+        &PostParams::default(),
+        &model_client(
+            "checkout",
+            &env.namespace,
+            "checkout",
+            "fraud-client",
+            lifetime,
+        )?,
+    )
+    .await?;
+    Ok(mcs)
+}
+
 fn text(secret: &Secret, key: &str) -> String {
     secret
         .data
@@ -416,21 +448,7 @@ async fn short_lifetimes_renew_before_expiry_and_ca_rotation_keeps_handshakes_wo
                 ..moat_e2e::settings(&[&ns])
             };
             let _op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
-            let smds: Api<SecureModelDeployment> = env.api();
-            smds.create(
-                &PostParams::default(),
-                &smd(
-                    json!([{"namespace": ns, "serviceAccounts": ["checkout"]}]),
-                    "30s",
-                )?,
-            )
-            .await?;
-            let mcs: Api<ModelClient> = env.api();
-            mcs.create(
-                &PostParams::default(),
-                &model_client("checkout", &ns, "checkout", "fraud-client", "30s")?,
-            )
-            .await?;
+            consenting_pair(&env, &ns, "30s").await?;
             let first_serving = wait_secret(&env, &ns, "fraud-tls").await?;
             let first_client = wait_secret(&env, &ns, "fraud-client").await?;
             let first_ca = secret(&env, &ns, "moat-ca").await?.context("CA")?;
@@ -667,21 +685,7 @@ async fn model_client_side_withdrawal_status_certificate_and_repair_of_both_secr
                 Duration::from_secs(300),
             )
             .await?;
-            let smds: Api<SecureModelDeployment> = env.api();
-            smds.create(
-                &PostParams::default(),
-                &smd(
-                    json!([{"namespace": client_ns, "serviceAccounts": ["checkout"]}]),
-                    "24h",
-                )?,
-            )
-            .await?;
-            let mcs: Api<ModelClient> = Api::namespaced(env.client.clone(), &client_ns);
-            mcs.create(
-                &PostParams::default(),
-                &model_client("checkout", &ns, "checkout", "fraud-client", "24h")?,
-            )
-            .await?;
+            let mcs = consenting_pair(&env, &client_ns, "24h").await?;
             wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
             let client = wait_secret(&env, &client_ns, "fraud-client").await?;
             let serving = wait_secret(&env, &ns, "fraud-tls").await?;
@@ -1084,21 +1088,7 @@ async fn an_imported_ca_is_used_as_is_and_never_written() {
                 ..moat_e2e::settings(&[&ns])
             };
             let _op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
-            let smds: Api<SecureModelDeployment> = env.api();
-            smds.create(
-                &PostParams::default(),
-                &smd(
-                    json!([{"namespace": ns, "serviceAccounts": ["checkout"]}]),
-                    "24h",
-                )?,
-            )
-            .await?;
-            let mcs: Api<ModelClient> = env.api();
-            mcs.create(
-                &PostParams::default(),
-                &model_client("checkout", &ns, "checkout", "fraud-client", "24h")?,
-            )
-            .await?;
+            let mcs = consenting_pair(&env, &ns, "24h").await?;
             wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
             let serving = wait_secret(&env, &ns, "fraud-tls").await?;
             let client = wait_secret(&env, &ns, "fraud-client").await?;
