@@ -76,7 +76,7 @@ impl WeightsError {
             WeightsError::KeySecretMissing { .. } => "DecryptionKeyMissing",
             WeightsError::PvcMissing { .. } => "ModelSourceMissing",
             WeightsError::StorageClassNotEncrypted { .. } => "StorageClassNotEncrypted",
-            WeightsError::Api { .. } => "ApplyFailed",
+            WeightsError::Api { .. } => crate::api::conditions::reason::APPLY_FAILED,
         }
     }
 

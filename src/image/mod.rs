@@ -91,7 +91,7 @@ impl ImageError {
     /// The condition reason.
     pub fn reason(&self) -> &'static str {
         match self {
-            ImageError::Invalid { .. } => "InvalidSpec",
+            ImageError::Invalid { .. } => crate::api::conditions::reason::INVALID_SPEC,
             ImageError::DigestRequired { .. } => "DigestRequired",
             ImageError::NotAllowed { .. } => "RegistryNotAllowed",
             ImageError::PullSecret { .. } | ImageError::Unauthorized { .. } => {
