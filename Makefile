@@ -23,11 +23,11 @@ deps: ## Install the Debian packages and tools the tests need (idempotent).
 ##@ Local control plane
 
 .PHONY: cluster-build
-cluster-build: ## Build (or find cached) the pinned Kubernetes, etcd, kwok and helm binaries.
+cluster-build: deps ## Build (or find cached) the pinned Kubernetes, etcd, kwok and helm binaries.
 	@$(CLUSTER) build
 
 .PHONY: cluster-up
-cluster-up: ## Start the local control plane (or find it running); prints `export KUBECONFIG=...`.
+cluster-up: deps ## Start the local control plane (or find it running); prints `export KUBECONFIG=...`.
 	@$(CLUSTER) up
 
 .PHONY: cluster-down
@@ -37,7 +37,7 @@ cluster-down: ## Stop the local control plane and remove its state.
 ##@ Development
 
 .PHONY: build
-build: ## Build the moat binary.
+build: deps ## Build the moat binary.
 	$(CARGO) build --bin moat
 
 .PHONY: fmt
@@ -45,7 +45,7 @@ fmt: ## Format the Rust code.
 	$(CARGO) fmt --all
 
 .PHONY: lint
-lint: ## cargo fmt --check and clippy with warnings denied.
+lint: deps ## cargo fmt --check and clippy with warnings denied.
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
@@ -55,7 +55,7 @@ lint: ## cargo fmt --check and clippy with warnings denied.
 test: deps lint test-unit test-e2e ## Run every test: lint, unit, integration and e2e (starts the local control plane).
 
 .PHONY: test-unit
-test-unit: ## Unit and integration tests (no cluster needed).
+test-unit: deps ## Unit and integration tests (no cluster needed).
 	$(CARGO) test --workspace --exclude moat-e2e
 
 .PHONY: test-e2e
@@ -63,10 +63,14 @@ test-e2e: cluster-up ## End-to-end tests against the local control plane, then i
 	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
 	@bash e2e/lifecycle-test.sh
 
+.PHONY: test-e2e-stress
+test-e2e-stress: cluster-up ## The e2e suite while stress-ng keeps every core busy (as CI's machine is when a build runs beside the tests).
+	@bash e2e/stress.sh
+
 ##@ Demo and benchmarks
 
 .PHONY: demo
-demo: ## Install Moat with its chart on the local control plane, serve examples/quickstart.yaml, show a drift repair.
+demo: deps ## Install Moat with its chart on the local control plane, serve examples/quickstart.yaml, show a drift repair.
 	@bash e2e/demo.sh
 
 .PHONY: bench

@@ -13,7 +13,8 @@ set -euo pipefail
 #   `docker-registry serve <config>` as a child process (e2e/src/registry.rs), never its service.
 # skopeo: pushes the OCI layouts the tests write to that registry and inspects digests.
 # apache2-utils: htpasswd, for the registry's bcrypt basic-auth file.
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils)
+# stress-ng: keeps both cores busy during `make test-e2e-stress`, as a build beside the tests does.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
