@@ -147,15 +147,19 @@ struct OperatorArgs {
     /// Name of the leader election Lease.
     #[arg(long, env = "MOAT_LEASE_NAME", default_value = "moat-operator")]
     lease_name: String,
-    /// Namespace of the leader election Lease (the operator's own namespace in a cluster).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    lease_namespace: String,
+    /// The operator's own namespace (the chart sets POD_NAMESPACE from the pod): where the
+    /// Lease and the CA Secret live unless --lease-namespace or --ca-namespace say otherwise.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "moat-system")]
+    operator_namespace: String,
+    /// Namespace of the leader election Lease; default: --operator-namespace.
+    #[arg(long, env = "MOAT_LEASE_NAMESPACE")]
+    lease_namespace: Option<String>,
     /// Seconds the Lease stays valid without renewal: the longest a failover takes.
     #[arg(long, env = "MOAT_LEASE_DURATION_SECONDS", default_value_t = 15)]
     lease_duration_seconds: u64,
-    /// Namespace of the CA Secret (the operator's own namespace in a cluster).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "moat-system")]
-    ca_namespace: String,
+    /// Namespace of the CA Secret; default: --operator-namespace.
+    #[arg(long, env = "MOAT_CA_NAMESPACE")]
+    ca_namespace: Option<String>,
     /// Name of the CA Secret. Moat creates it when absent; a Secret of that name without the
     /// label app.kubernetes.io/managed-by=moat is a user-supplied CA (tls.crt, tls.key and
     /// optionally ca.crt), used as is and never rotated.
@@ -382,7 +386,10 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             dns_pod_labels: [(key.to_string(), value.to_string())].into(),
         },
         ca: CaSettings {
-            namespace: args.ca_namespace,
+            namespace: args
+                .ca_namespace
+                .clone()
+                .unwrap_or_else(|| args.operator_namespace.clone()),
             secret_name: args.ca_secret,
             validity: args.ca_validity,
             trust_domain: args.trust_domain,
@@ -415,7 +422,6 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             args.health_probe_addr,
             health.clone(),
         ));
-        health.set_ready(true);
         let work = async move {
             if !args.leader_elect {
                 controller::run(client, settings, metrics).await;
@@ -425,7 +431,7 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
                 .unwrap_or_else(|_| format!("moat-{}", std::process::id()));
             let lease = controller::leader::LeaseSettings {
                 name: args.lease_name,
-                namespace: args.lease_namespace,
+                namespace: args.lease_namespace.unwrap_or(args.operator_namespace),
                 identity,
                 duration_seconds: args.lease_duration_seconds.max(2),
                 grace_seconds: (args.lease_duration_seconds / 3).max(1),

@@ -130,7 +130,10 @@ fn metrics_and_probes_serve_on_their_own_addresses() {
         std::thread::sleep(Duration::from_millis(50));
     };
     assert_eq!(healthz.0, 200);
-    assert_eq!(get(probes, "/readyz").map(|r| r.0), Some(200));
+    // Alive, but not ready: the API server does not answer, so no cache can fill.
+    let (code, why) = get(probes, "/readyz").expect("readyz");
+    assert_eq!(code, 503);
+    assert!(why.contains("caches"), "{why}");
     // Metrics live on the metrics address only, and the probes only on theirs.
     assert_eq!(get(probes, "/metrics").map(|r| r.0), Some(404));
     assert_eq!(get(metrics, "/healthz").map(|r| r.0), Some(404));
@@ -149,4 +152,49 @@ fn tempdir() -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!("moat-cli-{}-{}", std::process::id(), free_port()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
+}
+
+/// Errors a person reads are one line naming what failed, never a backtrace, whatever
+/// `RUST_BACKTRACE` says (CI's machine sets `RUST_BACKTRACE=1`).
+#[test]
+fn errors_are_one_line_even_with_rust_backtrace_set() {
+    let dir = tempdir();
+    let missing = dir.join("missing.yaml");
+    let missing = missing.to_str().expect("utf-8 path");
+    let cases: [(&[&str], &str); 3] = [
+        (&["render", "-f", missing], "missing.yaml"),
+        (
+            &[
+                "decrypt",
+                "--source",
+                "file:///nonexistent/m.age",
+                "--sha256",
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                "--identity",
+                missing,
+                "--target",
+                "/nonexistent/target",
+            ],
+            "moat: error:",
+        ),
+        (
+            &["encrypt", "-R", missing, missing, "-o", missing],
+            "moat: error:",
+        ),
+    ];
+    for (args, want) in cases {
+        for backtrace in ["1", "full"] {
+            let out = Command::new(MOAT)
+                .args(args)
+                .env("RUST_BACKTRACE", backtrace)
+                .env("RUST_LIB_BACKTRACE", backtrace)
+                .output()
+                .expect("run moat");
+            assert!(!out.status.success(), "{args:?} succeeded");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains(want), "{args:?}: {err}");
+            assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+            assert!(!err.contains("Stack backtrace"), "{args:?}: {err}");
+        }
+    }
 }

@@ -47,6 +47,52 @@ pub mod reason {
     pub const MODEL_DECRYPTION_FAILED: &str = "ModelDecryptionFailed";
     /// Moat's certificate authority is not available yet; Moat retries.
     pub const CA_UNAVAILABLE: &str = "CAUnavailable";
+    /// `spec.imagePolicy` is `RequireDigest` and the image names a tag.
+    pub const DIGEST_REQUIRED: &str = "DigestRequired";
+    /// The image's registry is not in the operator's allow-list.
+    pub const REGISTRY_NOT_ALLOWED: &str = "RegistryNotAllowed";
+    /// The registry refused the pull Secret's credentials (or the Secret is unusable).
+    pub const IMAGE_PULL_SECRET_REJECTED: &str = "ImagePullSecretRejected";
+    /// The registry has no such repository or tag.
+    pub const IMAGE_NOT_FOUND: &str = "ImageNotFound";
+    /// The registry did not answer; Moat retries, and pods keep their earlier digest.
+    pub const REGISTRY_UNREACHABLE: &str = "RegistryUnreachable";
+    /// The Secret named by `spec.model.decryptionKeySecretRef` (or its key) is missing.
+    pub const DECRYPTION_KEY_MISSING: &str = "DecryptionKeyMissing";
+    /// The PersistentVolumeClaim named by `spec.model.source.pvc` is missing.
+    pub const MODEL_SOURCE_MISSING: &str = "ModelSourceMissing";
+    /// The model's PersistentVolumeClaim uses a StorageClass not declared encrypted.
+    pub const STORAGE_CLASS_NOT_ENCRYPTED: &str = "StorageClassNotEncrypted";
+    /// Event: Moat reverted a change to a child made outside Moat.
+    pub const DRIFT_REPAIRED: &str = "DriftRepaired";
+    /// Event: a tag was resolved in its registry and pinned by digest.
+    pub const IMAGE_PINNED: &str = "ImagePinned";
+    /// Event: a client certificate was withdrawn because consent ended.
+    pub const CERTIFICATE_WITHDRAWN: &str = "CertificateWithdrawn";
+    /// Event: Moat created children.
+    pub const CREATED: &str = "Created";
+    /// Event: Moat updated children to a new desired state.
+    pub const UPDATED: &str = "Updated";
+    /// Event: Moat deleted children no longer desired.
+    pub const DELETED: &str = "Deleted";
+
+    /// Every reason `Stalled=True` can carry on a SecureModelDeployment. Health checks (the Argo
+    /// CD script, kstatus) must treat each one as degraded; tests enumerate this list, so a new
+    /// reason is covered without editing them.
+    pub const STALLED: &[&str] = &[
+        INVALID_SPEC,
+        CONFLICT,
+        REJECTED,
+        PROGRESS_DEADLINE_EXCEEDED,
+        MODEL_DECRYPTION_FAILED,
+        DIGEST_REQUIRED,
+        REGISTRY_NOT_ALLOWED,
+        IMAGE_PULL_SECRET_REJECTED,
+        IMAGE_NOT_FOUND,
+        DECRYPTION_KEY_MISSING,
+        MODEL_SOURCE_MISSING,
+        STORAGE_CLASS_NOT_ENCRYPTED,
+    ];
 }
 
 /// Sets `new` in `conditions`, keeping `lastTransitionTime` when the status did not change.

@@ -22,13 +22,14 @@ use tracing::info;
 
 use super::{Context, Error, FIELD_MANAGER, drift, publish};
 use crate::{
-    api::SecureModelDeployment,
+    api::{SecureModelDeployment, conditions::reason},
     render::{DEPLOYMENT_LABEL, with_type},
 };
 
 /// What Moat needs of a child kind: a namespaced Kubernetes type it can serialize and read.
 pub(super) trait Child:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + k8s_openapi::Resource
     + Clone
     + std::fmt::Debug
     + Serialize
@@ -38,6 +39,7 @@ pub(super) trait Child:
 
 impl<K> Child for K where
     K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + k8s_openapi::Resource
         + Clone
         + std::fmt::Debug
         + Serialize
@@ -58,12 +60,17 @@ pub struct Repair {
     pub at: Time,
 }
 
+/// Paths of each child (by kind and name) that changed because Moat's own facts changed in this
+/// reconcile (a new certificate, a new pin): [`drift::own_changes`].
+pub(super) type OwnChanges = std::collections::HashMap<(&'static str, String), Vec<String>>;
+
 /// Applies the children of one SecureModelDeployment, kind by kind.
 pub(super) struct Applier<'a> {
     ctx: &'a Context,
     smd: &'a SecureModelDeployment,
     namespace: &'a str,
     converged_before: bool,
+    own: OwnChanges,
     repairs: Vec<Repair>,
     notes: Vec<(EventType, &'static str, String, ObjectReference)>,
 }
@@ -81,12 +88,14 @@ impl<'a> Applier<'a> {
         smd: &'a SecureModelDeployment,
         namespace: &'a str,
         converged_before: bool,
+        own: OwnChanges,
     ) -> Self {
         Self {
             ctx,
             smd,
             namespace,
             converged_before,
+            own,
             repairs: Vec::new(),
             notes: Vec::new(),
         }
@@ -120,13 +129,13 @@ impl<'a> Applier<'a> {
                 Outcome::Unchanged => {}
                 Outcome::Created => self.notes.push((
                     EventType::Normal,
-                    "Created",
+                    reason::CREATED,
                     format!("Created {kind} {name}"),
                     related,
                 )),
                 Outcome::Updated(what) => self.notes.push((
                     EventType::Normal,
-                    "Updated",
+                    reason::UPDATED,
                     format!("Updated {kind} {name}: {what}"),
                     related,
                 )),
@@ -135,7 +144,7 @@ impl<'a> Applier<'a> {
                     info!(kind, name = %name, change = %change, "drift repaired");
                     self.notes.push((
                         EventType::Warning,
-                        "DriftRepaired",
+                        reason::DRIFT_REPAIRED,
                         format!("Reverted a change to {kind} {name} made outside Moat: {change}"),
                         related,
                     ));
@@ -172,7 +181,7 @@ impl<'a> Applier<'a> {
             }
             self.notes.push((
                 EventType::Normal,
-                "Deleted",
+                reason::DELETED,
                 format!("Deleted {kind} {name}, no longer needed"),
                 stale.object_ref(&()),
             ));
@@ -182,7 +191,8 @@ impl<'a> Applier<'a> {
 
     /// Leaves a child alone when it is as desired, otherwise writes it. The cached copy serves
     /// the fast path only: before any write the object is read fresh, so a cache that lags behind
-    /// the API server never causes a wrong write, a false drift count or a false conflict.
+    /// the API server never causes a wrong write, a false drift count or a false conflict. What to
+    /// write is decided by [`drift::plan`].
     async fn ensure_one<K: Child>(
         &self,
         api: &Api<K>,
@@ -193,8 +203,29 @@ impl<'a> Applier<'a> {
         let kind = kind::<K>();
         let name = want.name_any();
         let body = with_type(&want).map_err(|source| Error::Serialize { kind, source })?;
+        let own = self
+            .own
+            .get(&(kind, name.clone()))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let decide = |live: Option<&K>| -> Result<drift::Plan, Error> {
+            let json = live
+                .map(serde_json::to_value)
+                .transpose()
+                .map_err(|source| Error::Serialize { kind, source })?;
+            let managed = live
+                .and_then(|l| l.meta().managed_fields.as_deref())
+                .unwrap_or_default();
+            Ok(drift::plan(
+                &body,
+                json.as_ref().map(|j| (j, managed)),
+                FIELD_MANAGER,
+                self.converged_before,
+                own,
+            ))
+        };
         if let Some(c) = cached
-            && assess(&body, c)?.in_sync()
+            && decide(Some(c))? == drift::Plan::Leave
         {
             return Ok((c.clone(), Outcome::Unchanged));
         }
@@ -202,23 +233,32 @@ impl<'a> Applier<'a> {
             .get_opt(&name)
             .await
             .map_err(|source| Error::Read { kind, source })?;
-        let outcome = match &current {
-            Some(live) if !ours(live) => return Err(Error::Conflict { kind, name }),
-            None if self.converged_before => Outcome::Repaired("deleted".into()),
-            None => Outcome::Created,
-            Some(live) => {
-                if live.meta().deletion_timestamp.is_some() {
-                    // Being deleted; it is recreated when the deletion completes (watch event).
-                    return Ok((live.clone(), Outcome::Unchanged));
-                }
-                let found = assess(&body, live)?;
-                if found.in_sync() {
-                    return Ok((live.clone(), Outcome::Unchanged));
-                }
-                if !found.foreign.is_empty() {
+        if let Some(live) = &current {
+            if !ours(live) {
+                return Err(Error::Conflict { kind, name });
+            }
+            if live.meta().deletion_timestamp.is_some() {
+                // Being deleted; it is recreated when the deletion completes (watch event).
+                return Ok((live.clone(), Outcome::Unchanged));
+            }
+        }
+        let outcome = match decide(current.as_ref())? {
+            // `plan` leaves only an object that exists; were it absent, applying creates it.
+            drift::Plan::Leave => match current {
+                Some(live) => return Ok((live, Outcome::Unchanged)),
+                None => Outcome::Created,
+            },
+            drift::Plan::Create { drift: true } => Outcome::Repaired("deleted".into()),
+            drift::Plan::Create { drift: false } => Outcome::Created,
+            drift::Plan::Apply {
+                foreign,
+                what,
+                drift,
+            } => {
+                if let (false, Some(live)) = (foreign.is_empty(), &current) {
                     // Move the fields others added into Moat's entry so the apply removes them.
-                    let managed_fields =
-                        drift::transfer(&found.managed, &found.foreign, FIELD_MANAGER);
+                    let managed = live.meta().managed_fields.clone().unwrap_or_default();
+                    let managed_fields = drift::transfer(&managed, &foreign, FIELD_MANAGER);
                     let patch = json!({"metadata": {
                         "resourceVersion": live.resource_version(),
                         "managedFields": managed_fields,
@@ -232,8 +272,8 @@ impl<'a> Applier<'a> {
                             source,
                         })?;
                 }
-                let what = summarize(&found.describe());
-                if self.converged_before {
+                let what = summarize(&what);
+                if drift {
                     Outcome::Repaired(what)
                 } else {
                     Outcome::Updated(what)
@@ -285,20 +325,20 @@ fn group_notes(
 ) -> Vec<(EventType, &'static str, String, Option<ObjectReference>)> {
     const MAX_NOTE: usize = 1000;
     let mut grouped: Vec<(EventType, &'static str, String, Option<ObjectReference>)> = Vec::new();
-    for (type_, reason, note, related) in notes {
-        if reason == "DriftRepaired" {
-            grouped.push((type_, reason, note, Some(related)));
+    for (type_, why, note, related) in notes {
+        if why == reason::DRIFT_REPAIRED {
+            grouped.push((type_, why, note, Some(related)));
             continue;
         }
         match grouped
             .iter_mut()
-            .find(|(_, r, _, rel)| *r == reason && rel.is_none())
+            .find(|(_, r, _, rel)| *r == why && rel.is_none())
         {
             Some((_, _, text, _)) => {
                 text.push_str("; ");
                 text.push_str(&note);
             }
-            None => grouped.push((type_, reason, note, None)),
+            None => grouped.push((type_, why, note, None)),
         }
     }
     for (_, _, text, _) in &mut grouped {
@@ -328,73 +368,11 @@ where
         .map(|o| (*o).clone())
         .collect()
 }
-/// How a live child differs from the desired one.
-struct Assessment {
-    /// Desired values the live object lacks.
-    differences: Vec<String>,
-    /// Fields other managers own that Moat does not.
-    foreign: Vec<drift::ForeignFields>,
-    /// Fields Moat owns that it no longer wants (an interrupted take-over).
-    stale: Vec<String>,
-    /// The live managedFields.
-    managed: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::ManagedFieldsEntry>,
+/// The kind of a child, as a static label for metrics, Events, errors and `status.drift`.
+fn kind<K: k8s_openapi::Resource>() -> &'static str {
+    K::KIND
 }
 
-impl Assessment {
-    fn in_sync(&self) -> bool {
-        self.differences.is_empty() && self.foreign.is_empty() && self.stale.is_empty()
-    }
-
-    fn describe(&self) -> Vec<String> {
-        let mut what: Vec<String> = self
-            .differences
-            .iter()
-            .map(|p| format!("{p} changed"))
-            .collect();
-        for f in &self.foreign {
-            what.push(format!(
-                "fields set by {}: {}",
-                f.manager,
-                drift::paths(&f.fields).join(", ")
-            ));
-        }
-        if !self.stale.is_empty() {
-            what.push(format!("fields left over: {}", self.stale.join(", ")));
-        }
-        what
-    }
-}
-
-fn assess<K: Resource + Serialize>(
-    body: &serde_json::Value,
-    live: &K,
-) -> Result<Assessment, Error> {
-    let live_json = serde_json::to_value(live).map_err(|source| Error::Serialize {
-        kind: "child",
-        source,
-    })?;
-    let mut differences = drift::differences(body, &live_json);
-    differences.retain(|p| p != "apiVersion" && p != "kind");
-    let managed = live.meta().managed_fields.clone().unwrap_or_default();
-    Ok(Assessment {
-        differences,
-        foreign: drift::foreign_fields(&managed, FIELD_MANAGER),
-        stale: drift::owned_but_not_desired(&managed, FIELD_MANAGER, body),
-        managed,
-    })
-}
-
-fn kind<K: Resource<DynamicType = ()>>() -> &'static str {
-    // Kinds of the k8s-openapi types are static strings; map them to static labels.
-    match K::kind(&()).as_ref() {
-        "ServiceAccount" => "ServiceAccount",
-        "NetworkPolicy" => "NetworkPolicy",
-        "Service" => "Service",
-        "PodDisruptionBudget" => "PodDisruptionBudget",
-        "Deployment" => "Deployment",
-        _ => "Object",
-    }
-}
 /// At most five items, then a count, so Events and status stay short.
 fn summarize(items: &[String]) -> String {
     const MAX: usize = 5;
@@ -406,5 +384,29 @@ fn summarize(items: &[String]) -> String {
             items[..MAX].join("; "),
             items.len() - MAX
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::{
+        apps::v1::Deployment,
+        core::v1::{Secret, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
+        policy::v1::PodDisruptionBudget,
+    };
+
+    use super::kind;
+
+    /// Every child kind is named by its own kind in metrics, Events, errors and `status.drift`
+    /// (the serving-certificate Secret was once reported as `Object`).
+    #[test]
+    fn every_child_kind_has_its_own_label() {
+        assert_eq!(kind::<Secret>(), "Secret");
+        assert_eq!(kind::<ServiceAccount>(), "ServiceAccount");
+        assert_eq!(kind::<NetworkPolicy>(), "NetworkPolicy");
+        assert_eq!(kind::<Service>(), "Service");
+        assert_eq!(kind::<PodDisruptionBudget>(), "PodDisruptionBudget");
+        assert_eq!(kind::<Deployment>(), "Deployment");
     }
 }

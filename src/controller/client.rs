@@ -139,6 +139,7 @@ fn now() -> Time {
     Time(Timestamp::now())
 }
 
+#[tracing::instrument(skip_all, fields(kind = "ModelClient", namespace = %mc.namespace().unwrap_or_default(), name = %mc.name_any()))]
 async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Error> {
     if mc.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -203,7 +204,7 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
                         &ctx.metrics,
                         &mc.object_ref(&()),
                         EventType::Normal,
-                        "CertificateWithdrawn",
+                        reason::CERTIFICATE_WITHDRAWN,
                         format!("Deleted Secret {secret_name}: {why}"),
                         None,
                     )
@@ -274,7 +275,7 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
         let had_certificate = mc.status.as_ref().is_some_and(|s| s.certificate.is_some());
         let note = match (certified.issued, live.is_some()) {
             (Some(_), false) if had_certificate => Some((
-                "DriftRepaired",
+                reason::DRIFT_REPAIRED,
                 EventType::Warning,
                 format!(
                     "Secret {secret_name} was deleted outside Moat; issued certificate {} anew",
@@ -282,7 +283,7 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
                 ),
             )),
             (Some(why), _) => Some((
-                "CertificateIssued",
+                reason::CERTIFICATE_ISSUED,
                 EventType::Normal,
                 format!(
                     "Issued client certificate {} for {} in Secret {secret_name} ({why})",
@@ -291,13 +292,13 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
                 ),
             )),
             (None, _) => Some((
-                "DriftRepaired",
+                reason::DRIFT_REPAIRED,
                 EventType::Warning,
                 format!("Secret {secret_name} was changed outside Moat; restored it"),
             )),
         };
         if let Some((why, type_, text)) = note {
-            if why == "DriftRepaired" {
+            if why == reason::DRIFT_REPAIRED {
                 ctx.metrics.drift_repaired("Secret");
             }
             publish(

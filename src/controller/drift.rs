@@ -304,6 +304,155 @@ pub fn transfer(
     out
 }
 
+/// How a live child differs from the desired one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assessment {
+    /// Desired values the live object lacks.
+    pub differences: Vec<String>,
+    /// Fields other managers own that Moat does not.
+    pub foreign: Vec<ForeignFields>,
+    /// Fields Moat owns that it no longer wants (an interrupted take-over).
+    pub stale: Vec<String>,
+}
+
+impl Assessment {
+    /// Compares `desired` (the body Moat applies) with `live` and its managedFields.
+    pub fn of(
+        desired: &Value,
+        live: &Value,
+        managed: &[ManagedFieldsEntry],
+        field_manager: &str,
+    ) -> Self {
+        let mut differences = differences(desired, live);
+        differences.retain(|p| p != "apiVersion" && p != "kind");
+        Self {
+            differences,
+            foreign: foreign_fields(managed, field_manager),
+            stale: owned_but_not_desired(managed, field_manager, desired),
+        }
+    }
+
+    /// Whether the live object is exactly as desired.
+    pub fn in_sync(&self) -> bool {
+        self.differences.is_empty() && self.foreign.is_empty() && self.stale.is_empty()
+    }
+
+    /// What differs, one item per change, for Events and status.
+    pub fn describe(&self) -> Vec<String> {
+        let mut what: Vec<String> = self
+            .differences
+            .iter()
+            .map(|p| format!("{p} changed"))
+            .collect();
+        for f in &self.foreign {
+            what.push(format!(
+                "fields set by {}: {}",
+                f.manager,
+                paths(&f.fields).join(", ")
+            ));
+        }
+        if !self.stale.is_empty() {
+            what.push(format!("fields left over: {}", self.stale.join(", ")));
+        }
+        what
+    }
+
+    /// Whether every difference follows from a change Moat made to its own desired state in
+    /// this reconcile (`own`: paths of the desired body that changed because a certificate was
+    /// issued or an image pinned), and nobody else added or removed anything.
+    pub fn explained_by(&self, own: &[String]) -> bool {
+        self.foreign.is_empty()
+            && self.stale.is_empty()
+            && self
+                .differences
+                .iter()
+                .all(|d| own.iter().any(|o| is_within(d, o)))
+    }
+}
+
+/// Whether `path` is `prefix` or lies below it.
+fn is_within(path: &str, prefix: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// What the apply step does with one child.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Plan {
+    /// The live object is as desired: no write.
+    Leave,
+    /// The object is absent: create it. `drift` when it existed at a generation Moat had
+    /// converged (someone deleted it).
+    Create {
+        /// Whether this is a drift repair.
+        drift: bool,
+    },
+    /// Apply the desired body, after moving `foreign` fields into Moat's managed-fields entry
+    /// when there are any (so the forced apply removes them).
+    Apply {
+        /// Fields another manager added, to take over first.
+        foreign: Vec<ForeignFields>,
+        /// What differs, for the Event.
+        what: Vec<String>,
+        /// Whether someone else changed the object (a drift repair) rather than Moat's own
+        /// desired state changing.
+        drift: bool,
+    },
+}
+
+/// Decides the write for one child. `live` is `None` when the object does not exist;
+/// `converged_before` says whether Moat had converged the current generation before (only then
+/// can a difference be someone else's change); `own` lists the paths of `desired` that Moat's
+/// own new facts changed in this reconcile ([`own_changes`]), which are never counted as drift.
+pub fn plan(
+    desired: &Value,
+    live: Option<(&Value, &[ManagedFieldsEntry])>,
+    field_manager: &str,
+    converged_before: bool,
+    own: &[String],
+) -> Plan {
+    let Some((live, managed)) = live else {
+        return Plan::Create {
+            drift: converged_before,
+        };
+    };
+    let found = Assessment::of(desired, live, managed, field_manager);
+    if found.in_sync() {
+        return Plan::Leave;
+    }
+    let drift = converged_before && !found.explained_by(own);
+    Plan::Apply {
+        what: found.describe(),
+        drift,
+        foreign: found.foreign,
+    }
+}
+
+/// Paths at which the desired body `now` differs from `before`, the same child rendered with the
+/// facts of the last converged status (the earlier certificate or image pin). These changes are
+/// Moat's own, not drift.
+pub fn own_changes(now: &Value, before: &Value) -> Vec<String> {
+    differences(now, before)
+}
+
+/// [`own_changes`] of every child, by kind and name: the children rendered now against the same
+/// children rendered with the facts of the last converged status. Children whose bodies agree
+/// are left out.
+pub fn own_changes_of(
+    now: &[crate::render::Object],
+    before: &[crate::render::Object],
+) -> std::collections::HashMap<(&'static str, String), Vec<String>> {
+    now.iter()
+        .filter_map(|n| {
+            let b = before
+                .iter()
+                .find(|b| b.kind == n.kind && b.name == n.name)?;
+            let paths = own_changes(&n.body, &b.body);
+            (!paths.is_empty()).then(|| ((n.kind, n.name.clone()), paths))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -467,5 +616,127 @@ mod tests {
         ];
         let found = foreign_fields(&entries, "moat");
         assert_eq!(paths(&found[0].fields), vec!["metadata.labels.b"]);
+    }
+
+    fn deployment(image: &str, tls_hash: &str) -> Value {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "m"},
+            "spec": {"template": {"metadata": {"annotations": {"moat.dev/tls-hash": tls_hash}},
+                "spec": {"containers": [{"name": "server", "image": image}]}}}})
+    }
+
+    #[test]
+    fn plans_for_each_kind_of_difference() {
+        let want = deployment("r/m@sha256:1", "h2");
+        let ours = entry("moat", "Apply", json!({"f:spec": {"f:template": {}}}));
+        let intruder = entry(
+            "kubectl-edit",
+            "Update",
+            json!({"f:spec": {"f:template": {"f:spec": {"f:hostNetwork": {}}}}}),
+        );
+        let own_cert = vec!["spec.template.metadata.annotations.moat.dev/tls-hash".to_string()];
+        struct Case {
+            what: &'static str,
+            live: Option<Value>,
+            managed: Vec<ManagedFieldsEntry>,
+            converged_before: bool,
+            own: Vec<String>,
+            want: Result<bool, Option<bool>>, // Ok(drift) = Apply; Err(Some(drift)) = Create; Err(None) = Leave
+        }
+        let cases = vec![
+            Case {
+                what: "in sync",
+                live: Some(want.clone()),
+                managed: vec![ours.clone()],
+                converged_before: true,
+                own: vec![],
+                want: Err(None),
+            },
+            Case {
+                what: "absent, new generation",
+                live: None,
+                managed: vec![],
+                converged_before: false,
+                own: vec![],
+                want: Err(Some(false)),
+            },
+            Case {
+                what: "deleted after convergence",
+                live: None,
+                managed: vec![],
+                converged_before: true,
+                own: vec![],
+                want: Err(Some(true)),
+            },
+            Case {
+                what: "image swapped by someone",
+                live: Some(deployment("evil/miner", "h2")),
+                managed: vec![ours.clone()],
+                converged_before: true,
+                own: vec![],
+                want: Ok(true),
+            },
+            Case {
+                what: "spec changed (new generation)",
+                live: Some(deployment("evil/miner", "h2")),
+                managed: vec![ours.clone()],
+                converged_before: false,
+                own: vec![],
+                want: Ok(false),
+            },
+            Case {
+                what: "new certificate changed the annotation",
+                live: Some(deployment("r/m@sha256:1", "h1")),
+                managed: vec![ours.clone()],
+                converged_before: true,
+                own: own_cert.clone(),
+                want: Ok(false),
+            },
+            Case {
+                what: "new certificate, and the image swapped too",
+                live: Some(deployment("evil/miner", "h1")),
+                managed: vec![ours.clone()],
+                converged_before: true,
+                own: own_cert.clone(),
+                want: Ok(true),
+            },
+            Case {
+                what: "field added by another manager",
+                live: Some(want.clone()),
+                managed: vec![ours.clone(), intruder.clone()],
+                converged_before: true,
+                own: own_cert.clone(),
+                want: Ok(true),
+            },
+        ];
+        for c in cases {
+            let got = plan(
+                &want,
+                c.live.as_ref().map(|l| (l, c.managed.as_slice())),
+                "moat",
+                c.converged_before,
+                &c.own,
+            );
+            let as_case = match &got {
+                Plan::Leave => Err(None),
+                Plan::Create { drift } => Err(Some(*drift)),
+                Plan::Apply { drift, .. } => Ok(*drift),
+            };
+            assert_eq!(as_case, c.want, "{}: {got:?}", c.what);
+        }
+    }
+
+    #[test]
+    fn own_changes_are_the_paths_new_facts_touch() {
+        let before = deployment("r/m@sha256:1", "h1");
+        let now = deployment("r/m@sha256:2", "h2");
+        assert_eq!(
+            own_changes(&now, &before),
+            vec![
+                "spec.template.metadata.annotations.moat.dev/tls-hash",
+                "spec.template.spec.containers[0].image"
+            ]
+        );
+        assert!(is_within("spec.a.b", "spec.a") && is_within("spec.a[0]", "spec.a"));
+        assert!(!is_within("spec.ab", "spec.a") && !is_within("spec", "spec.a"));
     }
 }

@@ -50,6 +50,7 @@ pub async fn run_elected(
         .await?;
     let (leader, renewer) = manager.watch().await;
     metrics.set_leader(false);
+    metrics.set_standby(true);
     tokio::select! {
         () = lead(leader, client, settings, metrics.clone(), &lease) => {}
         () = shutdown => info!(lease = %lease.name, "shutting down; releasing the Lease"),
@@ -57,6 +58,8 @@ pub async fn run_elected(
     // `lead` is dropped: the controller is aborted and the state channel closed, on which the
     // lease manager releases the Lease and ends.
     metrics.set_leader(false);
+    metrics.set_standby(false);
+    metrics.set_synced(false);
     match tokio::time::timeout(RELEASE_TIMEOUT, renewer).await {
         Ok(Ok(Ok(_))) => Ok(()),
         Ok(Ok(Err(e))) => Err(e),
@@ -103,6 +106,7 @@ async fn lead(
         };
         drop(controller);
         metrics.set_leader(false);
+        metrics.set_synced(false);
         metrics.clear_managed();
         if !still_leader {
             return;

@@ -377,22 +377,26 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     let (ca_tx, ca_rx) = watch::channel(None);
     let (smd_changes, _) = tokio::sync::broadcast::channel(1024);
     let authority = ca::run(client.clone(), settings.ca.clone(), ca_tx);
+    metrics.set_synced(false);
     let controllers = async move {
-        if settings.namespaces.is_empty() {
-            run_one(client, None, settings, metrics, ca_rx, smd_changes).await;
-            return;
+        let mut scopes: Vec<Option<String>> =
+            settings.namespaces.iter().cloned().map(Some).collect();
+        scopes.sort();
+        scopes.dedup();
+        if scopes.is_empty() {
+            scopes.push(None);
         }
-        let mut namespaces = settings.namespaces.clone();
-        namespaces.sort();
-        namespaces.dedup();
-        futures::future::join_all(namespaces.into_iter().map(|ns| {
+        // `/readyz` turns ready when the last scope has filled its caches.
+        let unsynced = Arc::new(std::sync::atomic::AtomicUsize::new(scopes.len()));
+        futures::future::join_all(scopes.into_iter().map(|ns| {
             run_one(
                 client.clone(),
-                Some(ns),
+                ns,
                 settings.clone(),
                 metrics.clone(),
                 ca_rx.clone(),
                 smd_changes.clone(),
+                unsynced.clone(),
             )
         }))
         .await;
@@ -420,6 +424,7 @@ async fn run_one(
     metrics: Arc<Metrics>,
     ca_rx: watch::Receiver<Option<Arc<ca::CaState>>>,
     smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
+    unsynced: Arc<std::sync::atomic::AtomicUsize>,
 ) {
     let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
@@ -467,6 +472,7 @@ async fn run_one(
     // Reconciles also wait for the CA, for at most CA_WAIT: a CA that does not come (an unusable
     // user-supplied one) is then reported in each status as CAUnavailable.
     let mut ca_ready = ca_rx.clone();
+    let ready_metrics = ctx.metrics.clone();
     let ready = async move {
         let _ = futures::join!(
             caches.service_accounts.wait_until_ready(),
@@ -480,8 +486,12 @@ async fn run_one(
                 let _ = ca_ready.wait_for(Option::is_some).await.map(|_| ());
             }),
         );
+        if unsynced.fetch_sub(1, std::sync::atomic::Ordering::AcqRel) == 1 {
+            ready_metrics.set_synced(true);
+        }
     };
     let ready = futures::future::FutureExt::shared(ready);
+    let synced = ready.clone();
     let clients = client::run(client, ns.clone(), ctx.clone(), ca_changes(ca_rx));
     let work = controller
         .run(
@@ -500,10 +510,16 @@ async fn run_one(
                 warn!(error = %e, "reconcile failed");
             }
         });
+    // Polled here too, so readiness is reported even before the first reconcile.
+    let synced = async move {
+        synced.await;
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
         () = work => {}
         () = counting => {}
         () = clients => {}
+        () = synced => {}
     }
     info!("controller stopped");
 }
@@ -573,7 +589,9 @@ where
     }
 }
 
-/// One reconcile of one SecureModelDeployment.
+/// One reconcile of one SecureModelDeployment. Everything it logs carries the object's
+/// namespace and name (a span per reconcile).
+#[tracing::instrument(skip_all, fields(kind = "SecureModelDeployment", namespace = %smd.namespace().unwrap_or_default(), name = %smd.name_any()))]
 pub async fn reconcile(
     smd: Arc<SecureModelDeployment>,
     ctx: Arc<Context>,
@@ -692,7 +710,18 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
         s.observed_generation == smd.metadata.generation
             && !conditions::is_true(&s.conditions, conditions::STALLED)
     });
-    let mut applier = apply::Applier::new(ctx, smd, &namespace, converged_before);
+    // What changes because Moat's own facts changed since the last converged status (a new
+    // certificate, a new pin) is an update, never drift of the objects that follow from it.
+    let own = match (converged_before, before_facts(smd, &resolved, &certified)) {
+        (true, Some(before)) => {
+            let before = render::render_with(smd, &ctx.settings.facts, &before)
+                .and_then(|c| c.objects())
+                .map_err(Error::Invalid)?;
+            drift::own_changes_of(&children.objects().map_err(Error::Invalid)?, &before)
+        }
+        _ => apply::OwnChanges::new(),
+    };
+    let mut applier = apply::Applier::new(ctx, smd, &namespace, converged_before, own);
 
     // The order matters: the pods must never run before their identity and their network
     // isolation exist. Destructured without `..` so a new child kind cannot be skipped.
@@ -714,7 +743,7 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
             &ctx.metrics,
             &smd.object_ref(&()),
             EventType::Normal,
-            "CertificateIssued",
+            conditions::reason::CERTIFICATE_ISSUED,
             format!(
                 "Issued serving certificate {} in Secret {secret_name} ({reason}); renewal at {}",
                 certified.info.serial,
@@ -741,7 +770,7 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
             &ctx.metrics,
             &smd.object_ref(&()),
             EventType::Normal,
-            "ImagePinned",
+            conditions::reason::IMAGE_PINNED,
             format!(
                 "Resolved {} to {} in its registry",
                 pin.status.requested, pin.status.pinned
@@ -794,6 +823,38 @@ async fn converge(smd: &SecureModelDeployment, ctx: &Context) -> Result<Action, 
     write_status(smd, ctx, new_status, !repairs.is_empty()).await?;
     // Renewal is a scheduled requeue, not polling.
     Ok(Action::requeue(requeue))
+}
+
+/// The rendering inputs of the last converged status, where they differ from `now`: the
+/// certificate (by serial) and the pinned image. `None` when nothing Moat dereferences changed.
+fn before_facts(
+    smd: &SecureModelDeployment,
+    now: &render::Resolved,
+    certified: &certs::Certified,
+) -> Option<render::Resolved> {
+    let status = smd.status.as_ref()?;
+    let cert_changed = status
+        .certificate
+        .as_ref()
+        .is_some_and(|c| c.serial != certified.info.serial);
+    let earlier_pin = status
+        .image
+        .as_ref()
+        .map(|i| i.pinned.clone())
+        .filter(|p| *p != now.image);
+    if !cert_changed && earlier_pin.is_none() {
+        return None;
+    }
+    Some(render::Resolved {
+        // Only which paths depend on the certificate matters, not the earlier value.
+        tls: if cert_changed {
+            render::ServingTls::placeholder()
+        } else {
+            now.tls.clone()
+        },
+        image: earlier_pin.unwrap_or_else(|| now.image.clone()),
+        helper_image: now.helper_image.clone(),
+    })
 }
 
 /// While a model's pods roll out, how soon Moat looks at their init containers again.

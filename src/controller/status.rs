@@ -34,7 +34,7 @@ pub fn rollout(deploy: &Deployment) -> Rollout {
         );
     }
     if let Some(failed) = st.conditions.iter().flatten().find(|c| {
-        c.type_ == "Progressing" && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+        c.type_ == "Progressing" && c.reason.as_deref() == Some(reason::PROGRESS_DEADLINE_EXCEEDED)
     }) {
         return Rollout::Failed(
             failed

@@ -72,11 +72,12 @@ pub enum WeightsError {
 impl WeightsError {
     /// The condition reason.
     pub fn reason(&self) -> &'static str {
+        use crate::api::conditions::reason;
         match self {
-            WeightsError::KeySecretMissing { .. } => "DecryptionKeyMissing",
-            WeightsError::PvcMissing { .. } => "ModelSourceMissing",
-            WeightsError::StorageClassNotEncrypted { .. } => "StorageClassNotEncrypted",
-            WeightsError::Api { .. } => crate::api::conditions::reason::APPLY_FAILED,
+            WeightsError::KeySecretMissing { .. } => reason::DECRYPTION_KEY_MISSING,
+            WeightsError::PvcMissing { .. } => reason::MODEL_SOURCE_MISSING,
+            WeightsError::StorageClassNotEncrypted { .. } => reason::STORAGE_CLASS_NOT_ENCRYPTED,
+            WeightsError::Api { .. } => reason::APPLY_FAILED,
         }
     }
 

@@ -90,15 +90,16 @@ impl ImageError {
 
     /// The condition reason.
     pub fn reason(&self) -> &'static str {
+        use crate::api::conditions::reason;
         match self {
-            ImageError::Invalid { .. } => crate::api::conditions::reason::INVALID_SPEC,
-            ImageError::DigestRequired { .. } => "DigestRequired",
-            ImageError::NotAllowed { .. } => "RegistryNotAllowed",
+            ImageError::Invalid { .. } => reason::INVALID_SPEC,
+            ImageError::DigestRequired { .. } => reason::DIGEST_REQUIRED,
+            ImageError::NotAllowed { .. } => reason::REGISTRY_NOT_ALLOWED,
             ImageError::PullSecret { .. } | ImageError::Unauthorized { .. } => {
-                "ImagePullSecretRejected"
+                reason::IMAGE_PULL_SECRET_REJECTED
             }
-            ImageError::NotFound { .. } => "ImageNotFound",
-            ImageError::Unreachable { .. } => "RegistryUnreachable",
+            ImageError::NotFound { .. } => reason::IMAGE_NOT_FOUND,
+            ImageError::Unreachable { .. } => reason::REGISTRY_UNREACHABLE,
         }
     }
 

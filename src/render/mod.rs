@@ -284,29 +284,67 @@ pub(crate) fn typed<T: serde::de::DeserializeOwned>(
     serde_json::from_value(value).map_err(|source| RenderError::Build { kind, source })
 }
 
+/// One generated object as data: its kind, its name and its JSON body (with `apiVersion` and
+/// `kind`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Object {
+    /// `K::KIND` of its Kubernetes type.
+    pub kind: &'static str,
+    /// `metadata.name`.
+    pub name: String,
+    /// The body Moat applies.
+    pub body: serde_json::Value,
+}
+
+impl Children {
+    /// Every child as data, in apply order.
+    pub fn objects(&self) -> Result<Vec<Object>, RenderError> {
+        let Children {
+            service_account,
+            tls_secret,
+            network_policies,
+            service,
+            pod_disruption_budget,
+            deployment,
+        } = self;
+        let mut out = vec![object(service_account)?, object(tls_secret)?];
+        for np in network_policies {
+            out.push(object(np)?);
+        }
+        out.push(object(service)?);
+        if let Some(pdb) = pod_disruption_budget {
+            out.push(object(pdb)?);
+        }
+        out.push(object(deployment)?);
+        Ok(out)
+    }
+}
+
+fn object<K>(obj: &K) -> Result<Object, RenderError>
+where
+    K: Resource<DynamicType = ()> + k8s_openapi::Resource + Serialize,
+{
+    Ok(Object {
+        kind: K::KIND,
+        name: obj.name_any(),
+        body: with_type(obj).map_err(|source| RenderError::Build {
+            kind: K::KIND,
+            source,
+        })?,
+    })
+}
+
 /// The children as a multi-document YAML stream (what `moat render` prints).
 pub fn to_yaml(children: &Children) -> Result<String, RenderError> {
-    let Children {
-        service_account,
-        tls_secret,
-        network_policies,
-        service,
-        pod_disruption_budget,
-        deployment,
-    } = children;
-    let mut docs = vec![yaml_doc(service_account)?, yaml_doc(tls_secret)?];
-    for np in network_policies {
-        docs.push(yaml_doc(np)?);
-    }
-    docs.push(yaml_doc(service)?);
-    if let Some(pdb) = pod_disruption_budget {
-        docs.push(yaml_doc(pdb)?);
-    }
-    docs.push(yaml_doc(deployment)?);
-    Ok(docs
-        .into_iter()
-        .map(|d| format!("---\n{d}"))
-        .collect::<String>())
+    children
+        .objects()?
+        .iter()
+        .map(|o| {
+            serde_yaml::to_string(&o.body)
+                .map(|d| format!("---\n{d}"))
+                .map_err(RenderError::Yaml)
+        })
+        .collect()
 }
 
 /// An object as JSON with `apiVersion` and `kind` set.
@@ -320,15 +358,4 @@ where
         map.insert("kind".into(), K::kind(&()).into());
     }
     Ok(v)
-}
-
-fn yaml_doc<K>(obj: &K) -> Result<String, RenderError>
-where
-    K: Resource<DynamicType = ()> + Serialize,
-{
-    let value = with_type(obj).map_err(|source| RenderError::Build {
-        kind: "output",
-        source,
-    })?;
-    serde_yaml::to_string(&value).map_err(RenderError::Yaml)
 }

@@ -67,6 +67,9 @@ pub struct Metrics {
     drift_repairs: Family<KindLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
+    synced: Gauge,
+    /// A follower that has joined the leader election (ready to take over).
+    standby: std::sync::atomic::AtomicBool,
     managed: Family<KindLabels, Gauge>,
     certificates_issued: Family<UsageLabels, Counter>,
     certificate_expiry: Family<SecretLabels, Gauge>,
@@ -120,6 +123,12 @@ impl Default for Metrics {
             "1 while this replica holds the leader Lease (or runs without leader election)",
             leader.clone(),
         );
+        let synced = Gauge::default();
+        registry.register(
+            "caches_synced",
+            "1 once every watch of the running controller has filled its cache (0 on a follower)",
+            synced.clone(),
+        );
         let managed = Family::<KindLabels, Gauge>::default();
         registry.register(
             "managed_objects",
@@ -147,6 +156,8 @@ impl Default for Metrics {
         Self {
             registry,
             reconciles,
+            synced,
+            standby: std::sync::atomic::AtomicBool::new(false),
             image_resolutions,
             certificates_issued,
             certificate_expiry,
@@ -333,6 +344,31 @@ impl Metrics {
     /// Whether this replica leads.
     pub fn is_leader(&self) -> bool {
         self.leader.get() == 1
+    }
+
+    /// Records whether every watch of the running controller has filled its cache.
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.set(i64::from(synced));
+    }
+
+    /// Records whether this replica has joined the leader election as a follower.
+    pub fn set_standby(&self, standby: bool) {
+        self.standby
+            .store(standby, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What `/readyz` answers: `Ok` with what this replica is ready for, or `Err` with why not.
+    /// A replica that reconciles is ready once its caches are filled (its first reconciles then
+    /// see every child); a follower is ready once it takes part in the leader election, so it
+    /// can take over (a rolling update of the operator waits for that).
+    pub fn readiness(&self) -> Result<&'static str, &'static str> {
+        if self.synced.get() == 1 {
+            Ok("ok: reconciling, caches synced")
+        } else if !self.is_leader() && self.standby.load(std::sync::atomic::Ordering::Relaxed) {
+            Ok("ok: follower, standing by to take over the Lease")
+        } else {
+            Err("not ready: waiting for the caches to sync (or for the Lease)")
+        }
     }
 
     /// Total API writes so far (for tests and benchmarks).

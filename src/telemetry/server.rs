@@ -1,36 +1,21 @@
 //! HTTP endpoints: `/metrics` (Prometheus), `/healthz` (liveness) and `/readyz` (readiness).
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-};
+use std::{net::SocketAddr, sync::Arc};
 
 use axum::{Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 
 use super::metrics::Metrics;
 
-/// State shared with the endpoints.
+/// State shared with the endpoints. `/readyz` answers from [`Metrics::readiness`].
 #[derive(Clone)]
 pub struct Health {
     metrics: Arc<Metrics>,
-    ready: Arc<AtomicBool>,
 }
 
 impl Health {
-    /// New endpoint state; not ready until [`Health::set_ready`].
+    /// New endpoint state.
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            metrics,
-            ready: Arc::new(AtomicBool::new(false)),
-        }
-    }
-
-    /// Marks the operator ready (or not).
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+        Self { metrics }
     }
 }
 
@@ -81,9 +66,8 @@ async fn metrics(State(h): State<Health>) -> impl IntoResponse {
 }
 
 async fn readyz(State(h): State<Health>) -> impl IntoResponse {
-    if h.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ok")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+    match h.metrics.readiness() {
+        Ok(why) => (StatusCode::OK, why),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }
