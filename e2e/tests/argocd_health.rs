@@ -8,7 +8,8 @@ use k8s_openapi::{
 };
 use moat::{
     api::SecureModelDeployment,
-    controller::{Error, status},
+    controller::Error,
+    core::status,
     render::{RenderError, ValidationError},
 };
 use serde_json::{Value, json};
@@ -94,7 +95,10 @@ fn invalid_specs_and_failed_rollouts_are_degraded() {
         field: "spec.server.port".into(),
         message: "must be between 1024 and 65535".into(),
     }]));
-    let (status, message) = health(&with_status(s.clone(), status::stalled(&s, &e, now())));
+    let (status, message) = health(&with_status(
+        s.clone(),
+        status::stalled(&s, &e.failure(), now()),
+    ));
     assert_eq!(status, "Degraded");
     assert!(message.contains("spec.server.port"), "{message}");
     let failed = deployment(
@@ -115,7 +119,7 @@ fn invalid_specs_and_failed_rollouts_are_degraded() {
     assert_eq!(
         health(&with_status(
             s.clone(),
-            status::stalled(&s, &conflict, now())
+            status::stalled(&s, &conflict.failure(), now())
         ))
         .0,
         "Degraded"

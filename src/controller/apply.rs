@@ -20,14 +20,15 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
 use tracing::info;
 
-use super::{Context, Error, FIELD_MANAGER, drift, publish};
+use super::{Context, Error, FIELD_MANAGER, Repair, events::publish};
+use crate::core::drift;
 use crate::{
     api::{SecureModelDeployment, conditions::reason},
     render::{DEPLOYMENT_LABEL, with_type},
 };
 
 /// What Moat needs of a child kind: a namespaced Kubernetes type it can serialize and read.
-pub(super) trait Child:
+pub(crate) trait Child:
     Resource<DynamicType = (), Scope = NamespaceResourceScope>
     + k8s_openapi::Resource
     + Clone
@@ -47,30 +48,16 @@ impl<K> Child for K where
 {
 }
 
-/// A change by someone else that Moat reverted.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Repair {
-    /// Kind of the object.
-    pub kind: String,
-    /// Its name.
-    pub name: String,
-    /// What had changed.
-    pub change: String,
-    /// When it was repaired.
-    pub at: Time,
-}
-
-/// Paths of each child (by kind and name) that changed because Moat's own facts changed in this
-/// reconcile (a new certificate, a new pin): [`drift::own_changes`].
-pub(super) type OwnChanges = std::collections::HashMap<(&'static str, String), Vec<String>>;
+pub(crate) use crate::core::drift::OwnChanges;
 
 /// Applies the children of one SecureModelDeployment, kind by kind.
-pub(super) struct Applier<'a> {
+pub(crate) struct Applier<'a> {
     ctx: &'a Context,
     smd: &'a SecureModelDeployment,
     namespace: &'a str,
     converged_before: bool,
     own: OwnChanges,
+    now: Timestamp,
     repairs: Vec<Repair>,
     notes: Vec<(EventType, &'static str, String, ObjectReference)>,
 }
@@ -83,12 +70,13 @@ enum Outcome {
 }
 
 impl<'a> Applier<'a> {
-    pub(super) fn new(
+    pub(crate) fn new(
         ctx: &'a Context,
         smd: &'a SecureModelDeployment,
         namespace: &'a str,
         converged_before: bool,
         own: OwnChanges,
+        now: Timestamp,
     ) -> Self {
         Self {
             ctx,
@@ -96,6 +84,7 @@ impl<'a> Applier<'a> {
             namespace,
             converged_before,
             own,
+            now,
             repairs: Vec::new(),
             notes: Vec::new(),
         }
@@ -104,7 +93,7 @@ impl<'a> Applier<'a> {
     /// Makes the live objects of kind `K` exactly `desired`: creates, repairs and updates them,
     /// and deletes the ones of this SecureModelDeployment that are no longer desired. `live` is
     /// what the cache holds. Returns the live objects after the writes.
-    pub(super) async fn ensure<K: Child>(
+    pub(crate) async fn ensure<K: Child>(
         &mut self,
         desired: Vec<K>,
         live: Vec<K>,
@@ -152,7 +141,7 @@ impl<'a> Applier<'a> {
                         kind: kind.into(),
                         name: name.clone(),
                         change,
-                        at: Time(Timestamp::now()),
+                        at: Time(self.now),
                     });
                 }
             }
@@ -296,9 +285,15 @@ impl<'a> Applier<'a> {
         Ok((applied, outcome))
     }
 
+    /// Adds an Event about the SecureModelDeployment itself, published with the others.
+    pub(crate) fn note(&mut self, type_: EventType, reason: &'static str, text: String) {
+        let regarding = self.smd.object_ref(&());
+        self.notes.push((type_, reason, text, regarding));
+    }
+
     /// Publishes the Events collected while applying, in the background so the next reconcile
     /// does not wait for them, and returns the drift repairs.
-    pub(super) fn finish(self) -> Vec<Repair> {
+    pub(crate) fn finish(self) -> Vec<Repair> {
         let events = group_notes(self.notes);
         if !events.is_empty() {
             let recorder = self.ctx.recorder.clone();
@@ -355,7 +350,7 @@ fn group_notes(
 }
 
 /// The cached children of kind `K` of the SecureModelDeployment `name` (by label).
-pub(super) fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Vec<K>
+pub(crate) fn cached<K>(store: &Store<K>, namespace: &str, name: &str) -> Vec<K>
 where
     K: Resource<DynamicType = ()> + Clone,
 {

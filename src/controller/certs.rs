@@ -6,6 +6,7 @@ use std::time::Duration;
 use k8s_openapi::{
     api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp,
 };
+
 use kube::Api;
 
 use super::{Context, Error};
@@ -37,10 +38,10 @@ impl Certified {
         }
     }
 
-    /// How long until it is due for renewal (at least a second).
-    pub fn renew_in(&self) -> Duration {
+    /// How long after `now` (unix seconds) it is due for renewal (at least a second).
+    pub fn renew_in(&self, now: i64) -> Duration {
         Duration::from_secs(
-            u64::try_from(self.info.renew_at() - now())
+            u64::try_from(self.info.renew_at() - now)
                 .unwrap_or(0)
                 .max(1),
         )
@@ -51,9 +52,10 @@ fn time(unix: i64) -> Time {
     Time(Timestamp::from_second(unix).unwrap_or(Timestamp::UNIX_EPOCH))
 }
 
-/// Current time, unix seconds.
-pub(super) fn now() -> i64 {
-    Timestamp::now().as_second()
+/// The serial number of a stored certificate, hex, as `status.certificate.serial` records it.
+pub(super) fn serial(stored: &KeyedCertificate) -> Option<String> {
+    let der = pki::pem_certificates(&stored.cert_pem).into_iter().next()?;
+    pki::info(&der).map(|i| i.serial)
 }
 
 /// `tls.crt` and `tls.key` of a Secret.
@@ -81,6 +83,7 @@ pub(super) async fn certificate(
     cached: Option<&Secret>,
     identity: &Identity,
     lifetime: Duration,
+    now: i64,
 ) -> Result<Certified, Error> {
     let Some(ca) = ctx.ca.borrow().clone() else {
         return Err(Error::CaUnavailable);
@@ -88,7 +91,7 @@ pub(super) async fn certificate(
     let td = &ctx.settings.ca.trust_domain;
     let judge = |s: Option<&Secret>| {
         let stored = s.map(stored);
-        let verdict = pki::inspect(stored.as_ref(), &ca.ca, identity, td, lifetime, now());
+        let verdict = pki::inspect(stored.as_ref(), &ca.ca, identity, td, lifetime, now);
         (stored, verdict)
     };
     let (mut stored, mut verdict) = judge(cached);
@@ -115,7 +118,7 @@ pub(super) async fn certificate(
             };
             let cert = ca
                 .ca
-                .issue(identity, td, now(), lifetime)
+                .issue(identity, td, now, lifetime)
                 .map_err(Error::Certificate)?;
             let info = pki::pem_certificates(&cert.cert_pem)
                 .first()

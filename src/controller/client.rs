@@ -14,7 +14,6 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
-    jiff::Timestamp,
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -23,7 +22,7 @@ use kube::{
 };
 use tracing::warn;
 
-use super::{Context, Error, FIELD_MANAGER, certs, publish};
+use super::{Context, Error, FIELD_MANAGER, certs, context, events::publish};
 use crate::{
     api::{
         ModelClient, ModelClientStatus, SecureModelDeployment,
@@ -36,34 +35,7 @@ use crate::{
 /// Label on client certificate Secrets: the ModelClient they belong to.
 pub const MODEL_CLIENT_LABEL: &str = "moat.dev/model-client";
 
-/// Whether `smd` (the referenced SecureModelDeployment, if it exists) consents to `mc`; `Err`
-/// says why not, for the ModelClient's status.
-pub fn consent(mc: &ModelClient, smd: Option<&SecureModelDeployment>) -> Result<(), String> {
-    let target = &mc.spec.deployment_ref;
-    let Some(smd) = smd else {
-        return Err(format!(
-            "SecureModelDeployment {}/{} does not exist",
-            target.namespace, target.name
-        ));
-    };
-    let namespace = mc.namespace().unwrap_or_default();
-    let sa = &mc.spec.service_account_name;
-    let allowed = smd
-        .spec
-        .access
-        .clients
-        .iter()
-        .any(|c| c.namespace == namespace && c.service_accounts.iter().any(|s| s == sa));
-    if allowed {
-        Ok(())
-    } else {
-        Err(format!(
-            "SecureModelDeployment {}/{} does not allow ServiceAccount {sa} of namespace {namespace}: \
-             its owners must add it to spec.access.clients[].serviceAccounts for namespace {namespace}",
-            target.namespace, target.name
-        ))
-    }
-}
+pub use crate::core::consent::consent;
 
 /// Runs the ModelClient controller for one watch scope until dropped.
 pub(super) async fn run(
@@ -136,7 +108,7 @@ fn error_policy(_mc: Arc<ModelClient>, _e: &Error, _ctx: Arc<Context>) -> Action
 }
 
 fn now() -> Time {
-    Time(Timestamp::now())
+    Time(context::now())
 }
 
 #[tracing::instrument(skip_all, fields(kind = "ModelClient", namespace = %mc.namespace().unwrap_or_default(), name = %mc.name_any()))]
@@ -242,6 +214,7 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
         live.as_ref().filter(|_| ours),
         &identity,
         lifetime,
+        context::now().as_second(),
     )
     .await?;
     let desired = desired_secret(&mc, &secret_name, &certified)?;
@@ -334,7 +307,9 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
     st.certificate = Some(certified.status(&secret_name));
     write_status(&mc, &ctx, st, false).await?;
     Ok(Action::requeue(
-        ctx.settings.resync_period.min(certified.renew_in()),
+        ctx.settings
+            .resync_period
+            .min(certified.renew_in(context::now().as_second())),
     ))
 }
 
@@ -446,44 +421,4 @@ async fn write_status(
         .await;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn mc(sa: &str) -> ModelClient {
-        serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
-            "metadata": {"name": "c", "namespace": "payments"},
-            "spec": {"deploymentRef": {"namespace": "ml", "name": "fraud"}, "serviceAccountName": sa, "secretName": "fraud-client"}
-        }))
-        .expect("mc")
-    }
-
-    fn smd(clients: serde_json::Value) -> SecureModelDeployment {
-        serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-            "metadata": {"name": "fraud", "namespace": "ml"},
-            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
-                     "access": {"clients": clients}}
-        }))
-        .expect("smd")
-    }
-
-    #[test]
-    fn consent_needs_the_namespace_and_the_service_account_on_the_model_side() {
-        let allowed = smd(json!([{"namespace": "payments", "serviceAccounts": ["checkout"]}]));
-        assert_eq!(consent(&mc("checkout"), Some(&allowed)), Ok(()));
-        let e = consent(&mc("intruder"), Some(&allowed)).expect_err("other SA");
-        assert!(e.contains("does not allow ServiceAccount intruder"), "{e}");
-        // Network access alone (no serviceAccounts) is no consent to a certificate.
-        let network_only = smd(json!([{"namespace": "payments"}]));
-        assert!(consent(&mc("checkout"), Some(&network_only)).is_err());
-        let other_ns = smd(json!([{"namespace": "billing", "serviceAccounts": ["checkout"]}]));
-        assert!(consent(&mc("checkout"), Some(&other_ns)).is_err());
-        let e = consent(&mc("checkout"), None).expect_err("missing model");
-        assert!(e.contains("does not exist"), "{e}");
-    }
 }

@@ -26,7 +26,11 @@ pub(super) struct Pin {
 }
 
 /// Pins `smd`'s image. Reads the pull Secrets only when the registry must be asked.
-pub(super) async fn pin(ctx: &Context, smd: &SecureModelDeployment) -> Result<Pin, ImageError> {
+pub(super) async fn pin(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    now: Timestamp,
+) -> Result<Pin, ImageError> {
     let image = &smd.spec.server.image;
     let previous = smd.status.as_ref().and_then(|s| s.image.as_ref());
     let request = smd
@@ -67,10 +71,7 @@ pub(super) async fn pin(ctx: &Context, smd: &SecureModelDeployment) -> Result<Pi
                 .inspect_err(|e| ctx.metrics.image_resolution(e.reason()))?;
             ctx.metrics.image_resolution("pinned");
             Ok(Pin {
-                status: status(
-                    image::pinned(&reference, &digest),
-                    Some(Time(Timestamp::now())),
-                ),
+                status: status(image::pinned(&reference, &digest), Some(Time(now))),
                 resolved: true,
             })
         }

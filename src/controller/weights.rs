@@ -3,23 +3,16 @@
 //! carries this SecureModelDeployment as an owner when crypto-shredding is on. After applying,
 //! why the decrypting init container failed, read from the pods.
 
-use k8s_openapi::{
-    api::core::v1::{PersistentVolumeClaim, Pod, Secret},
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
-};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
 use kube::{
-    Api, Resource, ResourceExt,
+    Api, ResourceExt,
     api::{ListParams, Patch, PatchParams},
 };
-use serde_json::json;
 
 use super::Context;
 use crate::{
     api::{ModelSpec, SecureModelDeployment},
-    render::{
-        DEPLOYMENT_LABEL,
-        model::{INIT_CONTAINER, decrypt_args},
-    },
+    render::{DEPLOYMENT_LABEL, model::decrypt_args},
 };
 
 /// Why the model cannot be served. Each names what to change.
@@ -48,17 +41,8 @@ pub enum WeightsError {
         name: String,
     },
     /// The PVC's StorageClass is not declared encrypted.
-    #[error(
-        "the PersistentVolumeClaim {claim} uses StorageClass {class}, which the operator does not list as encrypted (--encrypted-storage-classes: {allowed}); store the artifact on an encrypted StorageClass"
-    )]
-    StorageClassNotEncrypted {
-        /// Claim name.
-        claim: String,
-        /// Its StorageClass, or `<none>`.
-        class: String,
-        /// The operator's list, comma-separated, or `<none>`.
-        allowed: String,
-    },
+    #[error(transparent)]
+    StorageClassNotEncrypted(#[from] crate::core::model::StorageClassNotEncrypted),
     /// Reading or patching failed; retried.
     #[error("{what}: {source}")]
     Api {
@@ -76,7 +60,7 @@ impl WeightsError {
         match self {
             WeightsError::KeySecretMissing { .. } => reason::DECRYPTION_KEY_MISSING,
             WeightsError::PvcMissing { .. } => reason::MODEL_SOURCE_MISSING,
-            WeightsError::StorageClassNotEncrypted { .. } => reason::STORAGE_CLASS_NOT_ENCRYPTED,
+            WeightsError::StorageClassNotEncrypted(_) => reason::STORAGE_CLASS_NOT_ENCRYPTED,
             WeightsError::Api { .. } => reason::APPLY_FAILED,
         }
     }
@@ -87,14 +71,14 @@ impl WeightsError {
     }
 }
 
-/// Checks what `spec.model` refers to, and sets or removes this SecureModelDeployment as an
-/// owner of the key Secret (crypto-shredding). The key's value is read only to check it is
-/// there; it is never logged or copied.
-pub(super) async fn check(
+/// Reads and checks what `spec.model` refers to (reads only): the key Secret, which it returns
+/// (the apply step sets its owner for crypto-shredding), and a PVC source's StorageClass. The
+/// key's value is read only to check it is there; it is never logged or copied.
+pub(super) async fn read(
     ctx: &Context,
     smd: &SecureModelDeployment,
     model: &ModelSpec,
-) -> Result<(), WeightsError> {
+) -> Result<Secret, WeightsError> {
     let namespace = smd.namespace().unwrap_or_default();
     let key_ref = &model.decryption_key_secret_ref;
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -139,61 +123,17 @@ pub(super) async fn check(
             &ctx.settings.encrypted_storage_classes,
         )?;
     }
-    set_shred_owner(ctx, smd, &secret, model.delete_key_with_deployment).await
+    Ok(secret)
 }
 
-/// Pure: whether a claim's StorageClass is one of `encrypted`.
-pub fn check_storage_class(
-    claim: &str,
-    class: Option<&str>,
-    encrypted: &[String],
-) -> Result<(), WeightsError> {
-    match class {
-        Some(c) if !c.is_empty() && encrypted.iter().any(|e| e == c) => Ok(()),
-        _ => Err(WeightsError::StorageClassNotEncrypted {
-            claim: claim.to_string(),
-            class: class
-                .filter(|c| !c.is_empty())
-                .unwrap_or("<none>")
-                .to_string(),
-            allowed: if encrypted.is_empty() {
-                "<none>".into()
-            } else {
-                encrypted.join(", ")
-            },
-        }),
-    }
-}
-
-/// Adds (or removes) this SecureModelDeployment in the key Secret's ownerReferences, with a
-/// strategic merge patch keyed by uid: other owners are kept, and a Secret deleted meanwhile is
-/// not recreated. Writes only when the owner reference is not as wanted.
-async fn set_shred_owner(
+/// Writes the key Secret's ownerReferences patch that [`shred_owner_patch`] decided: a strategic
+/// merge patch keyed by uid, so other owners are kept and a Secret deleted meanwhile is not
+/// recreated.
+pub(super) async fn set_owner(
     ctx: &Context,
-    smd: &SecureModelDeployment,
     secret: &Secret,
-    want: bool,
+    patch: serde_json::Value,
 ) -> Result<(), WeightsError> {
-    let Some(uid) = smd.uid() else {
-        return Ok(());
-    };
-    let has = secret.owner_references().iter().any(|o| o.uid == uid);
-    if has == want {
-        return Ok(());
-    }
-    let owner = OwnerReference {
-        api_version: SecureModelDeployment::api_version(&()).into_owned(),
-        kind: SecureModelDeployment::kind(&()).into_owned(),
-        name: smd.name_any(),
-        uid: uid.clone(),
-        controller: Some(false),
-        block_owner_deletion: Some(false),
-    };
-    let patch = if want {
-        json!({"metadata": {"ownerReferences": [owner]}})
-    } else {
-        json!({"metadata": {"ownerReferences": [{"$patch": "delete", "uid": uid}]}})
-    };
     let api: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &secret.namespace().unwrap_or_default());
     ctx.metrics.api_write("Secret", "patch-owner");
@@ -224,123 +164,4 @@ pub(super) async fn decrypt_failure(
     Ok(failure_of(&pods.items, &decrypt_args(model)))
 }
 
-/// Pure: the first failed `decrypt-model` init container (now or at its last run, as in
-/// CrashLoopBackOff) among the `pods` whose init container runs with `args` (pods of an earlier
-/// model spec do not count), as `pod <name>: <termination message>`.
-pub fn failure_of(pods: &[Pod], args: &[String]) -> Option<String> {
-    pods.iter().find_map(|pod| {
-        let current = pod
-            .spec
-            .as_ref()?
-            .init_containers
-            .as_ref()?
-            .iter()
-            .any(|c| c.name == INIT_CONTAINER && c.args.as_deref() == Some(args));
-        if !current {
-            return None;
-        }
-        let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
-        let status = statuses.iter().find(|s| s.name == INIT_CONTAINER)?;
-        let terminated = [status.state.as_ref(), status.last_state.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.terminated.as_ref())
-            .find(|t| t.exit_code != 0)?;
-        let message = terminated
-            .message
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .map(|m| m.lines().last().unwrap_or(m).to_string())
-            .unwrap_or_else(|| {
-                format!(
-                    "exit code {} ({})",
-                    terminated.exit_code,
-                    terminated.reason.as_deref().unwrap_or("no reason given")
-                )
-            });
-        Some(format!(
-            "pod {}: {INIT_CONTAINER} failed: {message}",
-            pod.name_any()
-        ))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args() -> Vec<String> {
-        vec!["decrypt".into(), "--sha256=abc".into()]
-    }
-
-    fn pod(statuses: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "m-1"},
-            "spec": {"initContainers": [{"name": INIT_CONTAINER, "args": args()}], "containers": []},
-            "status": {"initContainerStatuses": statuses}
-        }))
-        .expect("pod")
-    }
-
-    #[test]
-    fn a_failed_init_container_is_reported_with_its_termination_message() {
-        let crash = pod(json!([{
-            "name": INIT_CONTAINER, "ready": false, "restartCount": 3, "image": "i", "imageID": "",
-            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-            "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
-                "message": "moat: error: the artifact's sha256 is abc, not def\n"}}
-        }]));
-        assert_eq!(
-            failure_of(std::slice::from_ref(&crash), &args()).as_deref(),
-            Some(
-                "pod m-1: decrypt-model failed: moat: error: the artifact's sha256 is abc, not def"
-            )
-        );
-        let fixed = vec!["decrypt".to_string(), "--sha256=def".to_string()];
-        assert_eq!(
-            failure_of(&[crash], &fixed),
-            None,
-            "a pod of the earlier spec"
-        );
-        let no_message = pod(json!([{
-            "name": INIT_CONTAINER, "ready": false, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 2, "reason": "Error"}}
-        }]));
-        assert_eq!(
-            failure_of(&[no_message], &args()).as_deref(),
-            Some("pod m-1: decrypt-model failed: exit code 2 (Error)")
-        );
-    }
-
-    #[test]
-    fn success_and_other_containers_are_no_failure() {
-        let ok = pod(json!([{
-            "name": INIT_CONTAINER, "ready": true, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
-        }]));
-        let other = pod(json!([{
-            "name": "something-else", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 1}}
-        }]));
-        assert_eq!(failure_of(&[ok, other], &args()), None);
-        assert_eq!(failure_of(&[], &args()), None);
-    }
-
-    #[test]
-    fn only_listed_storage_classes_are_accepted() {
-        let enc = vec!["encrypted-ssd".to_string()];
-        assert!(check_storage_class("c", Some("encrypted-ssd"), &enc).is_ok());
-        let e = check_storage_class("c", Some("standard"), &enc).expect_err("not listed");
-        assert_eq!(e.reason(), "StorageClassNotEncrypted");
-        assert!(e.to_string().contains("uses StorageClass standard"), "{e}");
-        assert!(check_storage_class("c", None, &enc).is_err());
-        assert!(check_storage_class("c", Some(""), &[String::new()]).is_err());
-        let e = check_storage_class("c", Some("x"), &[]).expect_err("empty list");
-        assert!(
-            e.to_string()
-                .contains("--encrypted-storage-classes: <none>"),
-            "{e}"
-        );
-    }
-}
+pub use crate::core::model::{check_storage_class, failure_of, shred_owner_patch};

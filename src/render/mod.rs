@@ -203,8 +203,44 @@ pub fn render_with(
     facts: &Facts,
     resolved: &Resolved,
 ) -> Result<Children, RenderError> {
+    build(&validated(smd)?, facts, resolved)
+}
+
+/// A SecureModelDeployment whose spec passed [`validate`], with what validation parsed: the only
+/// input of [`build`], so a pipeline that validates once cannot render an unchecked spec.
+#[derive(Clone, Debug)]
+pub struct Valid<'a> {
+    smd: &'a SecureModelDeployment,
+    /// `spec.tls.certificateLifetime`, parsed.
+    pub certificate_lifetime: std::time::Duration,
+}
+
+impl<'a> Valid<'a> {
+    /// The validated object.
+    pub fn smd(&self) -> &'a SecureModelDeployment {
+        self.smd
+    }
+}
+
+/// Validates `smd` (every problem at once) and parses what rendering needs.
+pub fn validated(smd: &SecureModelDeployment) -> Result<Valid<'_>, RenderError> {
     validate(&smd.spec, &smd.name_any()).map_err(RenderError::Invalid)?;
-    let ctx = Ctx::new(smd)?;
+    let certificate_lifetime =
+        certificate_lifetime(&smd.spec.tls.certificate_lifetime).map_err(|message| {
+            RenderError::Invalid(vec![ValidationError {
+                field: "spec.tls.certificateLifetime".into(),
+                message,
+            }])
+        })?;
+    Ok(Valid {
+        smd,
+        certificate_lifetime,
+    })
+}
+
+/// Renders every child of a validated SecureModelDeployment with what the reconciler `resolved`.
+pub fn build(valid: &Valid, facts: &Facts, resolved: &Resolved) -> Result<Children, RenderError> {
+    let ctx = Ctx::new(valid.smd)?;
     Ok(Children {
         service_account: service_account::render(&ctx)?,
         tls_secret: tls_secret::render(&ctx, &resolved.tls),

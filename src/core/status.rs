@@ -3,7 +3,7 @@
 
 use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::Time};
 
-use super::{Error, Repair};
+use super::drift::Repair;
 use crate::api::{
     DriftRepair, DriftStatus, SecureModelDeployment, SecureModelDeploymentStatus,
     conditions::{self, READY, RECONCILING, STALLED, reason},
@@ -160,13 +160,27 @@ pub fn model_failed(
     }
 }
 
+/// Why a reconcile did not converge, as the status says it: a condition reason (a constant of
+/// [`conditions::reason`]) and a one-line message naming what to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// The condition reason.
+    pub reason: &'static str,
+    /// What failed and what to do.
+    pub message: String,
+}
+
 /// Status when the spec cannot be turned into a workload: Stalled, not Ready, with the reason.
-pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModelDeploymentStatus {
+pub fn stalled(
+    smd: &SecureModelDeployment,
+    failure: &Failure,
+    now: Time,
+) -> SecureModelDeploymentStatus {
     let generation = smd.metadata.generation;
     let mut st = smd.status.clone().unwrap_or_default();
     st.observed_generation = generation;
-    let why = e.reason();
-    let message = e.to_string();
+    let why = failure.reason;
+    let message = failure.message.clone();
     for (type_, status, message) in [
         (READY, false, message.clone()),
         (RECONCILING, false, String::new()),
@@ -181,7 +195,11 @@ pub fn stalled(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModel
 }
 
 /// Status while a transient failure is retried: Reconciling with the error; Ready unchanged.
-pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureModelDeploymentStatus {
+pub fn retrying(
+    smd: &SecureModelDeployment,
+    failure: &Failure,
+    now: Time,
+) -> SecureModelDeploymentStatus {
     let generation = smd.metadata.generation;
     let mut st = smd.status.clone().unwrap_or_default();
     conditions::set(
@@ -189,8 +207,8 @@ pub fn retrying(smd: &SecureModelDeployment, e: &Error, now: Time) -> SecureMode
         conditions::new(
             RECONCILING,
             true,
-            e.retry_reason(),
-            format!("{e}; retrying"),
+            failure.reason,
+            format!("{}; retrying", failure.message),
             generation,
             now.clone(),
         ),
@@ -329,11 +347,18 @@ mod tests {
     #[test]
     fn invalid_specs_are_stalled_and_drift_accumulates() {
         let s = smd(2);
-        let e = Error::Conflict {
-            kind: "Service",
-            name: "m".into(),
+        let e = Failure {
+            reason: reason::CONFLICT,
+            message: "Service m already exists".into(),
         };
         let st = stalled(&s, &e, now());
+        assert_eq!(
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == STALLED)
+                .map(|c| (c.reason.as_str(), c.message.as_str())),
+            Some((reason::CONFLICT, "Service m already exists"))
+        );
         assert!(conditions::is_true(&st.conditions, STALLED));
         assert!(!conditions::is_true(&st.conditions, READY));
         assert_eq!(st.observed_generation, Some(2));

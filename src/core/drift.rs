@@ -4,7 +4,20 @@
 
 use serde_json::{Map, Value};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry, Time};
+
+/// A change by someone else that Moat reverted.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Repair {
+    /// Kind of the object.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// What had changed.
+    pub change: String,
+    /// When it was repaired.
+    pub at: Time,
+}
 
 /// Paths at which `live` does not carry what `desired` says. Extra fields in `live` (server
 /// defaults) are ignored here; a desired empty map or list matches an absent field because the
@@ -435,13 +448,17 @@ pub fn own_changes(now: &Value, before: &Value) -> Vec<String> {
     differences(now, before)
 }
 
+/// Paths of each child (by kind and name) that changed because Moat's own facts changed in a
+/// reconcile (a new certificate, a new pin): [`own_changes_of`].
+pub type OwnChanges = std::collections::HashMap<(&'static str, String), Vec<String>>;
+
 /// [`own_changes`] of every child, by kind and name: the children rendered now against the same
 /// children rendered with the facts of the last converged status. Children whose bodies agree
 /// are left out.
 pub fn own_changes_of(
     now: &[crate::render::Object],
     before: &[crate::render::Object],
-) -> std::collections::HashMap<(&'static str, String), Vec<String>> {
+) -> OwnChanges {
     now.iter()
         .filter_map(|n| {
             let b = before

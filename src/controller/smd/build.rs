@@ -1,0 +1,123 @@
+//! Step 3, build: the desired children and what else the apply step must know, from the
+//! validated object and the dereferenced facts. Pure: no client, no clock.
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
+
+use super::dereference::Dereferenced;
+use crate::{
+    api::conditions,
+    controller::{Error, certs, weights},
+    core::drift::{self, OwnChanges},
+    render::{self, Children, Facts, Resolved, ServingTls, Valid},
+};
+
+/// What [`build`] decided.
+pub(super) struct Built {
+    /// The desired children.
+    pub children: Children,
+    /// Whether Moat had converged this generation before: only then is a difference someone
+    /// else's change (drift).
+    pub converged_before: bool,
+    /// The paths of each child that changed because Moat's own facts changed.
+    pub own: OwnChanges,
+    /// The key Secret's ownerReferences patch for crypto-shredding, when it must change.
+    pub shred: Option<(Secret, serde_json::Value)>,
+}
+
+/// Renders the children of `valid` with `facts`.
+pub(super) fn build(
+    valid: &Valid<'_>,
+    cluster: &Facts,
+    facts: &Dereferenced,
+) -> Result<Built, Error> {
+    let smd = valid.smd();
+    let certified = &facts.certified;
+    let resolved = Resolved {
+        tls: ServingTls {
+            cert_pem: certified.cert.cert_pem.clone(),
+            key_pem: certified.cert.key_pem.clone(),
+            ca_bundle_pem: certified.bundle_pem.clone(),
+        },
+        image: facts.pin.status.pinned.clone(),
+        helper_image: facts.helper_image.clone(),
+    };
+    let children = render::build(valid, cluster, &resolved).map_err(Error::Invalid)?;
+    let converged_before = smd.status.as_ref().is_some_and(|s| {
+        s.observed_generation == smd.metadata.generation
+            && !conditions::is_true(&s.conditions, conditions::STALLED)
+    });
+    // What changes because Moat's own facts changed since the last converged status (a new
+    // certificate, a new pin) is an update, never drift of the objects that follow from it.
+    let mut own = match (converged_before, before_facts(valid, &resolved, certified)) {
+        (true, Some(before)) => {
+            let before = render::build(valid, cluster, &before)
+                .and_then(|c| c.objects())
+                .map_err(Error::Invalid)?;
+            drift::own_changes_of(&children.objects().map_err(Error::Invalid)?, &before)
+        }
+        _ => OwnChanges::new(),
+    };
+    // The Secret that holds the certificate is itself drift when what it holds is not what the
+    // status recorded (someone replaced or deleted it), even though a new one was issued.
+    let secret_name = render::tls_secret_name(&smd.name_any());
+    let recorded = smd
+        .status
+        .as_ref()
+        .and_then(|s| s.certificate.as_ref())
+        .map(|c| c.serial.as_str());
+    let held = facts
+        .live
+        .secrets
+        .iter()
+        .find(|s| s.name_any() == secret_name)
+        .and_then(|s| certs::serial(&certs::stored(s)));
+    if held.as_deref() != recorded {
+        own.remove(&(<Secret as k8s_openapi::Resource>::KIND, secret_name));
+    }
+    let shred = match (&smd.spec.model, &facts.key_secret) {
+        (Some(model), Some(key)) => {
+            weights::shred_owner_patch(smd, key, model.delete_key_with_deployment)
+                .map(|patch| (key.clone(), patch))
+        }
+        _ => None,
+    };
+    Ok(Built {
+        children,
+        converged_before,
+        own,
+        shred,
+    })
+}
+
+/// The rendering inputs of the last converged status, where they differ from `now`: the
+/// certificate (by serial) and the pinned image. `None` when nothing Moat dereferences changed.
+fn before_facts(
+    valid: &Valid<'_>,
+    now: &Resolved,
+    certified: &certs::Certified,
+) -> Option<Resolved> {
+    let status = valid.smd().status.as_ref()?;
+    let cert_changed = status
+        .certificate
+        .as_ref()
+        .is_some_and(|c| c.serial != certified.info.serial);
+    let earlier_pin = status
+        .image
+        .as_ref()
+        .map(|i| i.pinned.clone())
+        .filter(|p| *p != now.image);
+    if !cert_changed && earlier_pin.is_none() {
+        return None;
+    }
+    Some(Resolved {
+        // Only which paths depend on the certificate matters, not the earlier value.
+        tls: if cert_changed {
+            ServingTls::placeholder()
+        } else {
+            now.tls.clone()
+        },
+        image: earlier_pin.unwrap_or_else(|| now.image.clone()),
+        helper_image: now.helper_image.clone(),
+    })
+}

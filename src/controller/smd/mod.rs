@@ -1,0 +1,101 @@
+//! The reconcile of one SecureModelDeployment, as a pipeline of named steps, each in its own
+//! file:
+//!
+//! 1. validate ([`render::validated`], pure, once);
+//! 2. [`dereference`]: read what rendering needs and the live children (reads only);
+//! 3. [`build`]: the desired children, and which of their changes are Moat's own (pure);
+//! 4. [`apply`]: the only writes, in the stated order (ServiceAccount, Secret, NetworkPolicies
+//!    before the Deployment), Events included;
+//! 5. [`status`]: observe the rollout and write the status.
+//!
+//! An error stops the pipeline; [`reconcile`] reports it as its [`Disposition`] says.
+
+mod apply;
+mod build;
+mod dereference;
+mod status;
+
+use std::sync::Arc;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::{
+    Resource, ResourceExt,
+    runtime::{controller::Action, reflector::ObjectRef},
+};
+use tracing::warn;
+
+use super::{Context, Disposition, Error, context};
+use crate::{api::SecureModelDeployment, render};
+
+/// One reconcile of one SecureModelDeployment. Everything it logs carries the object's
+/// namespace and name (a span per reconcile).
+#[tracing::instrument(skip_all, fields(kind = "SecureModelDeployment", namespace = %smd.namespace().unwrap_or_default(), name = %smd.name_any()))]
+pub async fn reconcile(
+    smd: Arc<SecureModelDeployment>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let key = ObjectRef::from_obj(&*smd);
+    if smd.meta().deletion_timestamp.is_some() {
+        // Children carry a controller ownerReference; the garbage collector removes them.
+        ctx.forget_failures(&key);
+        return Ok(Action::await_change());
+    }
+    // ModelClients in every watch scope re-check consent (no receiver yet is fine).
+    let _ = ctx
+        .smd_changes
+        .send((smd.namespace().unwrap_or_default(), smd.name_any()));
+    let now = context::now();
+    let result = converge(&smd, &ctx, now).await;
+    let Err(e) = &result else {
+        ctx.forget_failures(&key);
+        return result;
+    };
+    ctx.metrics.reconcile_failed(e.metric_label());
+    let disposition = e.disposition();
+    if disposition == Disposition::Transient {
+        status::report_retrying(&smd, &ctx, e, now).await;
+        return result;
+    }
+    status::report_stalled(&smd, &ctx, e, now).await?;
+    Ok(match disposition {
+        Disposition::StalledRetry => Action::requeue(ctx.backoff(&key)),
+        Disposition::StalledResync => {
+            ctx.forget_failures(&key);
+            Action::requeue(ctx.settings.resync_period)
+        }
+        Disposition::AwaitChange | Disposition::Transient => {
+            ctx.forget_failures(&key);
+            Action::await_change()
+        }
+    })
+}
+
+/// The pipeline.
+async fn converge(
+    smd: &SecureModelDeployment,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action, Error> {
+    let valid = render::validated(smd).map_err(Error::Invalid)?;
+    let facts = dereference::read(ctx, &valid, now).await?;
+    let built = build::build(&valid, &ctx.settings.facts, &facts)?;
+    let applied = apply::apply(ctx, smd, &facts, built, now).await?;
+    if let Some(e) = facts.image_failure {
+        // The registry failed but the pods keep their earlier digest, and every other child was
+        // kept as desired; the failure is reported and retried.
+        return Err(Error::Image(e));
+    }
+    status::report(ctx, smd, facts.pin, facts.certified, applied, now).await
+}
+
+/// Retries with exponential backoff per object (see [`Context::backoff`]).
+pub(super) fn error_policy(
+    smd: Arc<SecureModelDeployment>,
+    error: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let delay = ctx.backoff(&ObjectRef::from_obj(&*smd));
+    warn!(name = %smd.name_any(), error = %error, retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}

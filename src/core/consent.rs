@@ -1,0 +1,76 @@
+//! Two-sided consent, pure: a ModelClient asks for a client certificate in the client's
+//! namespace; the SecureModelDeployment it names consents when one of its `spec.access.clients`
+//! names that namespace and lists the ServiceAccount.
+
+use kube::ResourceExt;
+
+use crate::api::{ModelClient, SecureModelDeployment};
+
+/// Whether `smd` (the referenced SecureModelDeployment, if it exists) consents to `mc`; `Err`
+/// says why not, for the ModelClient's status.
+pub fn consent(mc: &ModelClient, smd: Option<&SecureModelDeployment>) -> Result<(), String> {
+    let target = &mc.spec.deployment_ref;
+    let Some(smd) = smd else {
+        return Err(format!(
+            "SecureModelDeployment {}/{} does not exist",
+            target.namespace, target.name
+        ));
+    };
+    let namespace = mc.namespace().unwrap_or_default();
+    let sa = &mc.spec.service_account_name;
+    let allowed = smd
+        .spec
+        .access
+        .clients
+        .iter()
+        .any(|c| c.namespace == namespace && c.service_accounts.iter().any(|s| s == sa));
+    if allowed {
+        Ok(())
+    } else {
+        Err(format!(
+            "SecureModelDeployment {}/{} does not allow ServiceAccount {sa} of namespace {namespace}: \
+             its owners must add it to spec.access.clients[].serviceAccounts for namespace {namespace}",
+            target.namespace, target.name
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn mc(sa: &str) -> ModelClient {
+        serde_json::from_value(json!({
+            "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
+            "metadata": {"name": "c", "namespace": "payments"},
+            "spec": {"deploymentRef": {"namespace": "ml", "name": "fraud"}, "serviceAccountName": sa, "secretName": "fraud-client"}
+        }))
+        .expect("mc")
+    }
+
+    fn smd(clients: serde_json::Value) -> SecureModelDeployment {
+        serde_json::from_value(json!({
+            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
+            "metadata": {"name": "fraud", "namespace": "ml"},
+            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
+                     "access": {"clients": clients}}
+        }))
+        .expect("smd")
+    }
+
+    #[test]
+    fn consent_needs_the_namespace_and_the_service_account_on_the_model_side() {
+        let allowed = smd(json!([{"namespace": "payments", "serviceAccounts": ["checkout"]}]));
+        assert_eq!(consent(&mc("checkout"), Some(&allowed)), Ok(()));
+        let e = consent(&mc("intruder"), Some(&allowed)).expect_err("other SA");
+        assert!(e.contains("does not allow ServiceAccount intruder"), "{e}");
+        // Network access alone (no serviceAccounts) is no consent to a certificate.
+        let network_only = smd(json!([{"namespace": "payments"}]));
+        assert!(consent(&mc("checkout"), Some(&network_only)).is_err());
+        let other_ns = smd(json!([{"namespace": "billing", "serviceAccounts": ["checkout"]}]));
+        assert!(consent(&mc("checkout"), Some(&other_ns)).is_err());
+        let e = consent(&mc("checkout"), None).expect_err("missing model");
+        assert!(e.contains("does not exist"), "{e}");
+    }
+}
