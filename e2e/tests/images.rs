@@ -5,7 +5,7 @@
 //! imagePullSecrets; policies refuse what they must; a registry outage leaves running workloads
 //! untouched.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
@@ -18,9 +18,9 @@ use moat::{
     image::Registry as Resolver,
 };
 use moat_e2e::{
-    NamespaceOptions, Operator, TestEnv, install_crds,
+    DEADLINE, NamespaceOptions, Operator, TestEnv, deadline_after_backoff, install_crds,
     registry::{Registry, RegistryOptions, TestImage},
-    settings, wait_for, with_namespace,
+    settings, wait_condition, wait_event, wait_for, wait_smd, wait_smd_within, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -73,34 +73,64 @@ async fn pod_image(env: &TestEnv, name: &str) -> Result<Option<String>> {
 }
 
 async fn wait_pod_image(env: &TestEnv, name: &str, want: &str) -> Result<()> {
+    wait_pod_image_within(DEADLINE, env, name, want).await
+}
+
+/// [`wait_pod_image`] with another deadline (see [`deadline_after_backoff`]).
+async fn wait_pod_image_within(
+    timeout: Duration,
+    env: &TestEnv,
+    name: &str,
+    want: &str,
+) -> Result<()> {
     wait_for(
-        Duration::from_secs(30),
+        timeout,
         &format!("the pods of {name} to run {want}"),
         || async { Ok(pod_image(env, name).await?.as_deref() == Some(want)) },
     )
     .await
 }
 
-/// Waits (45 s at most) until `type_` is True with `reason`; returns its message.
-async fn wait_condition(env: &TestEnv, name: &str, type_: &str, reason: &str) -> Result<String> {
-    moat_e2e::wait_condition(env, name, type_, reason, Duration::from_secs(45)).await
+/// Waits until `status.image.pinned` of `name` is `pinned` (Moat writes the status after it has
+/// applied the Deployment, so a pod template with the digest does not mean the status has it);
+/// returns the SecureModelDeployment.
+async fn wait_pinned(env: &TestEnv, name: &str, pinned: &str) -> Result<SecureModelDeployment> {
+    wait_smd(
+        &env.api(),
+        name,
+        &format!("status.image.pinned {pinned}"),
+        |s| {
+            s.status
+                .as_ref()
+                .and_then(|s| s.image.as_ref())
+                .is_some_and(|i| i.pinned == pinned)
+        },
+    )
+    .await
 }
 
-/// Makes the operator reconcile `name` (a label change is a watch event) and gives it time.
-async fn nudge(env: &TestEnv, name: &str, value: &str) -> Result<()> {
+/// Makes the operator reconcile `name` (a label change is a watch event) and waits until a
+/// reconcile that started after the change has completed. Only `name` exists in the operator's
+/// namespace when this is used, so that reconcile is one of `name`.
+async fn nudge(env: &TestEnv, op: &Operator, name: &str, value: &str) -> Result<()> {
+    let mark = op.reconciles_started()?;
     let p = json!({"metadata": {"labels": {"e2e-nudge": value}}});
     env.api::<SecureModelDeployment>()
         .patch(name, &PatchParams::default(), &Patch::Merge(&p))
         .await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    Ok(())
+    op.wait_reconciles_after(
+        mark,
+        1,
+        &format!("{name} after the label e2e-nudge={value}"),
+    )
+    .await
 }
 
 #[tokio::test]
 async fn tags_are_pinned_once_and_only_moved_on_request() {
     with_namespace("images-pin", NamespaceOptions::restricted(), |env| async move {
         let registry = Registry::start(RegistryOptions::default()).await?;
-        let _op = operator(&env, &registry, &[]).await?;
+        let op = operator(&env, &registry, &[]).await?;
         pull_secret(&env, "pull", &registry.dockerconfigjson()).await?;
         let smds: Api<SecureModelDeployment> = env.api();
 
@@ -111,32 +141,26 @@ async fn tags_are_pinned_once_and_only_moved_on_request() {
         smds.create(&PostParams::default(), &smd("model", &tag, &["pull"])?).await?;
         wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
         println!("pinned {tag} to {first}");
-        let status = smds.get("model").await?.status.context("status")?;
+        let status = wait_pinned(&env, "model", &format!("{repo}@{first}")).await?.status.context("status")?;
         let image = status.image.context("status.image")?;
         ensure!(image.requested == tag && image.pinned == format!("{repo}@{first}"), "{image:?}");
         ensure!(image.resolved_at.is_some(), "resolvedAt missing");
         let pod = env.api::<Deployment>().get("model").await?.spec.and_then(|s| s.template.spec).context("pod")?;
         let pulls: Vec<String> = pod.image_pull_secrets.unwrap_or_default().into_iter().map(|r| r.name).collect();
         ensure!(pulls == ["pull"], "imagePullSecrets of the pods: {pulls:?}");
-        let events = env
-            .api::<k8s_openapi::api::events::v1::Event>()
-            .list(&ListParams::default())
-            .await?;
-        ensure!(
-            events.items.iter().any(|e| e.reason.as_deref() == Some("ImagePinned")
-                && e.note.as_deref().is_some_and(|n| n.contains(&first))),
-            "no ImagePinned Event naming {first}"
-        );
+        wait_event(&env, &env.namespace, "model", "ImagePinned", &[&first])
+            .await
+            .context("no ImagePinned Event naming the digest")?;
 
         // 2. Moving the tag changes nothing until asked; a new annotation value re-resolves.
         let moved = registry.move_tag("serving/model:v1", &TestImage::single("two")).await?;
         ensure!(moved != first, "the tag did not move");
-        nudge(&env, "model", "1").await?;
+        nudge(&env, &op, "model", "1").await?;
         ensure!(pod_image(&env, "model").await?.as_deref() == Some(&format!("{repo}@{first}")[..]), "the moved tag reached the pods");
         let p = json!({"metadata": {"annotations": {"moat.dev/resolve-image": "2026-11-23T18:00:00Z"}}});
         smds.patch("model", &PatchParams::default(), &Patch::Merge(&p)).await?;
         wait_pod_image(&env, "model", &format!("{repo}@{moved}")).await?;
-        let image = smds.get("model").await?.status.and_then(|s| s.image).context("status.image")?;
+        let image = wait_pinned(&env, "model", &format!("{repo}@{moved}")).await?.status.and_then(|s| s.image).context("status.image")?;
         ensure!(image.resolve_request.as_deref() == Some("2026-11-23T18:00:00Z"), "{image:?}");
         // ...and a spec change resolves the new tag.
         let second = registry.push("serving/model:v2", &TestImage::single("three")).await?;
@@ -180,6 +204,7 @@ async fn credentials_and_policies_give_clear_status() {
         }}});
         pull_secret(&env, "pull", wrong.to_string().as_bytes()).await?;
         smds.create(&PostParams::default(), &smd("wrong", &tag, &["pull"])?).await?;
+        let failing_since = Instant::now();
         let m = wait_condition(&env, "wrong", conditions::STALLED, "ImagePullSecretRejected").await?;
         ensure!(!m.contains("wrong-password"), "the password leaked into the status: {m}");
         for name in ["missing", "anonymous", "wrong"] {
@@ -187,7 +212,8 @@ async fn credentials_and_policies_give_clear_status() {
         }
         let p = json!({"data": {".dockerconfigjson": k8s_openapi::ByteString(registry.dockerconfigjson())}});
         env.api::<Secret>().patch("pull", &PatchParams::default(), &Patch::Merge(&p)).await?;
-        wait_condition(&env, "wrong", conditions::READY, "RolloutComplete").await?;
+        // Moat does not watch pull Secrets: its retries (with backoff) notice the fix.
+        moat_e2e::wait_condition_within(deadline_after_backoff(failing_since), &env, "wrong", conditions::READY, "RolloutComplete").await?;
         ensure!(pod_image(&env, "wrong").await?.is_some_and(|i| i.contains("@sha256:")));
 
         // A tag that does not exist.
@@ -252,7 +278,7 @@ async fn registries_outside_the_allow_list_are_refused() {
 async fn a_registry_outage_leaves_running_workloads_untouched() {
     with_namespace("images-outage", NamespaceOptions::restricted(), |env| async move {
         let mut registry = Registry::start(RegistryOptions::default()).await?;
-        let _op = operator(&env, &registry, &[]).await?;
+        let op = operator(&env, &registry, &[]).await?;
         pull_secret(&env, "pull", &registry.dockerconfigjson()).await?;
         let first = registry.push("serving/model:v1", &TestImage::single("one")).await?;
         let second = registry.push("serving/model:v2", &TestImage::single("two")).await?;
@@ -265,6 +291,7 @@ async fn a_registry_outage_leaves_running_workloads_untouched() {
         let deployments: Api<Deployment> = env.api();
         let generation = deployments.get("model").await?.metadata.generation;
 
+        let outage = Instant::now();
         registry.stop().await?;
         // Drift is still repaired from the pin, without the registry.
         let p = json!({"spec": {"template": {"spec": {"containers": [{"name": "server", "image": "evil.example.com/miner:latest"}]}}}});
@@ -276,7 +303,13 @@ async fn a_registry_outage_leaves_running_workloads_untouched() {
         smds.patch("model", &PatchParams::default(), &Patch::Merge(&p)).await?;
         let m = wait_condition(&env, "model", conditions::RECONCILING, "RegistryUnreachable").await?;
         ensure!(m.contains("serving/model:v2") && m.contains("retrying"), "{m}");
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        // "Untouched" is observed over a bounded window, counted in attempts rather than seconds:
+        // two more failed reconciles after the condition was reported (retries after the backoff,
+        // 2 s and more by then; idle, about as long as the 3 s sleep this replaces). Each attempt
+        // applies the children again and is a chance to change the pods. Only "model" exists in
+        // the namespace yet, so these reconciles are its own.
+        let mark = op.reconciles_started()?;
+        op.wait_reconciles_after(mark, 2, "model retrying during the outage").await?;
         ensure!(pod_image(&env, "model").await?.as_deref() == Some(&format!("{repo}@{first}")[..]));
         ensure!(deployments.get("model").await?.metadata.generation == generation, "the Deployment changed during the outage");
         let image = smds.get("model").await?.status.and_then(|s| s.image).context("status.image")?;
@@ -287,10 +320,15 @@ async fn a_registry_outage_leaves_running_workloads_untouched() {
         wait_condition(&env, "fresh", conditions::RECONCILING, "RegistryUnreachable").await?;
         ensure!(deployments.get_opt("fresh").await?.is_none(), "deployed without a digest");
 
-        // The registry comes back: the retries (with backoff) pin the new tag.
+        // The registry comes back: the retries (with backoff, grown while the outage lasted) pin
+        // the new tag.
         registry.restart().await?;
-        wait_pod_image(&env, "model", &format!("{repo}@{second}")).await?;
-        wait_pod_image(&env, "fresh", &format!("{repo}@{first}")).await?;
+        wait_pod_image_within(deadline_after_backoff(outage), &env, "model", &format!("{repo}@{second}")).await?;
+        wait_pod_image_within(deadline_after_backoff(outage), &env, "fresh", &format!("{repo}@{first}")).await?;
+        wait_smd_within(deadline_after_backoff(outage), &smds, "model", "status.image.pinned to the new tag's digest", |s| {
+            s.status.as_ref().and_then(|s| s.image.as_ref()).is_some_and(|i| i.pinned == format!("{repo}@{second}"))
+        })
+        .await?;
         println!("names in {}: {:?}", env.namespace, smds.list(&ListParams::default()).await?.items.iter().map(|s| s.name_any()).collect::<Vec<_>>());
         Ok(())
     })
@@ -324,7 +362,7 @@ async fn moats_own_helper_image_is_pinned_too() {
         let smds: Api<SecureModelDeployment> = env.api();
         smds.create(&PostParams::default(), &serde_json::from_value(model)?).await?;
         let want = format!("{}@{digest}", registry.image_ref("moat"));
-        wait_for(Duration::from_secs(30), "the init container to run the pinned helper", || async {
+        wait_for(DEADLINE, "the init container to run the pinned helper", || async {
             let init = env
                 .api::<Deployment>()
                 .get_opt("model")

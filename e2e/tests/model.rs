@@ -5,7 +5,7 @@
 //! decryption (the real `moat decrypt` message, reported in the pod's status as the kubelet
 //! would) makes the SecureModelDeployment Stalled with that reason.
 
-use std::time::Duration;
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::{
@@ -18,8 +18,9 @@ use kube::{
 };
 use moat::api::{SecureModelDeployment, conditions};
 use moat_e2e::{
-    HELPER_IMAGE, NamespaceOptions, Operator, TestEnv, condition, install_crds, moat_binary,
-    settings, wait_condition, wait_for, with_namespace,
+    HELPER_IMAGE, NamespaceOptions, Operator, TestEnv, condition, current_condition,
+    deadline_after_backoff, install_crds, moat_binary, settings, wait_condition,
+    wait_condition_within, wait_smd, wait_until, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -101,14 +102,7 @@ async fn encrypted_model_pods_run_under_restricted_and_shredding_deletes_the_key
             )
             .await?;
             for name in ["shredded", "kept"] {
-                wait_condition(
-                    &env,
-                    name,
-                    conditions::READY,
-                    "RolloutComplete",
-                    Duration::from_secs(60),
-                )
-                .await?;
+                wait_condition(&env, name, conditions::READY, "RolloutComplete").await?;
             }
 
             // The pod template: init container with Moat's pinned image and the artifact's digest.
@@ -186,8 +180,7 @@ async fn encrypted_model_pods_run_under_restricted_and_shredding_deletes_the_key
 
             smds.delete("shredded", &DeleteParams::default()).await?;
             smds.delete("kept", &DeleteParams::default()).await?;
-            wait_for(
-                Duration::from_secs(60),
+            wait_until(
                 "the garbage collector to delete the shredded key",
                 || async { Ok(secrets.get_opt("shredded-key").await?.is_none()) },
             )
@@ -234,14 +227,9 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
                 &smd("fraud", "fraud-key", pvc("plain-store"), false)?,
             )
             .await?;
-            let message = wait_condition(
-                &env,
-                "fraud",
-                conditions::STALLED,
-                "DecryptionKeyMissing",
-                Duration::from_secs(30),
-            )
-            .await?;
+            let failing_since = Instant::now();
+            let message =
+                wait_condition(&env, "fraud", conditions::STALLED, "DecryptionKeyMissing").await?;
             ensure!(
                 message.contains("fraud-key") && message.contains("moat keygen"),
                 "{message}"
@@ -253,12 +241,12 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
 
             // The key arrives (Moat retries with backoff): now the StorageClass is the problem.
             key_secret(&env, "fraud-key").await?;
-            let message = wait_condition(
+            let message = wait_condition_within(
+                deadline_after_backoff(failing_since),
                 &env,
                 "fraud",
                 conditions::STALLED,
                 "StorageClassNotEncrypted",
-                Duration::from_secs(30),
             )
             .await?;
             ensure!(
@@ -274,15 +262,19 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
             let patch = json!({"spec": {"model": {"source": pvc("secure-store")}}});
             smds.patch("fraud", &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
-            wait_for(
-                Duration::from_secs(30),
-                "the Deployment with the PVC source",
-                || async { Ok(env.api::<Deployment>().get_opt("fraud").await?.is_some()) },
-            )
+            wait_until("the Deployment with the PVC source", || async {
+                Ok(env.api::<Deployment>().get_opt("fraud").await?.is_some())
+            })
             .await?;
-            let stalled = condition(&env, "fraud", conditions::STALLED).await?;
+            // Moat writes the status after it has applied the Deployment: wait for the status of
+            // the patched spec before reading it.
+            let fixed = wait_smd(&smds, "fraud", "a status for the PVC source", |s| {
+                current_condition(s, conditions::STALLED).is_some()
+            })
+            .await?;
+            let stalled = current_condition(&fixed, conditions::STALLED);
             ensure!(
-                stalled.as_ref().is_some_and(|(s, _, _)| s == "False"),
+                stalled.is_some_and(|c| c.status == "False"),
                 "still stalled: {stalled:?}"
             );
             let pod = env
@@ -322,8 +314,7 @@ async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
         env.api::<SecureModelDeployment>()
             .create(&PostParams::default(), &smd("fraud", "fraud-key", url_source(), false)?)
             .await?;
-        wait_condition(&env, "fraud", conditions::READY, "RolloutComplete", Duration::from_secs(60))
-            .await?;
+        wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
 
         // What the init container would say: the real `moat decrypt`, given an artifact
         // encrypted to another key than the one it holds, writes its one-line reason to the
@@ -400,14 +391,8 @@ async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
             pods.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&status))
                 .await?;
         }
-        let message = wait_condition(
-            &env,
-            "fraud",
-            conditions::STALLED,
-            "ModelDecryptionFailed",
-            Duration::from_secs(60),
-        )
-        .await?;
+        let message =
+            wait_condition(&env, "fraud", conditions::STALLED, "ModelDecryptionFailed").await?;
         ensure!(message.contains(&reason), "status message {message:?} lacks {reason:?}");
         ensure!(message.contains("decrypt-model failed"), "{message}");
         let ready = condition(&env, "fraud", conditions::READY).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::{
     apps::v1::{Deployment, ReplicaSet},
-    core::v1::{Pod, Service, ServiceAccount},
+    core::v1::{Pod, Secret, Service, ServiceAccount},
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
@@ -18,7 +18,8 @@ use kube::{
 };
 use moat::api::SecureModelDeployment;
 use moat_e2e::{
-    NamespaceOptions, Operator, TestEnv, install_crds, wait_for, wait_for_every, with_namespace,
+    DEADLINE, NamespaceOptions, Operator, TestEnv, install_crds, reconciles_completed,
+    reconciles_started, wait_event, wait_for_every, wait_smd, wait_until, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -55,16 +56,9 @@ async fn create_smd(env: &TestEnv, body: Value) -> Result<SecureModelDeployment>
         .await?)
 }
 
-async fn wait_ready(env: &TestEnv, name: &str, timeout: Duration) -> Result<SecureModelDeployment> {
-    let api = env.api::<SecureModelDeployment>();
-    wait_for(timeout, "the SecureModelDeployment to be Ready", || async {
-        let s = api.get(name).await?;
-        let st = s.status.clone().unwrap_or_default();
-        Ok(moat::api::conditions::is_true(&st.conditions, "Ready")
-            && st.observed_generation == s.metadata.generation)
-    })
-    .await?;
-    Ok(api.get(name).await?)
+/// Waits until `name` is Ready for its current generation; returns the object that was.
+async fn wait_ready(env: &TestEnv, name: &str) -> Result<SecureModelDeployment> {
+    moat_e2e::wait_ready(&env.api(), name).await
 }
 
 async fn setup(env: &TestEnv, resync: Duration) -> Result<Operator> {
@@ -94,7 +88,7 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
         |env| async move {
             let _op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
-            let ready = wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            let ready = wait_ready(&env, NAME).await?;
             // The real kstatus library (what Flux uses) judges it Current.
             let (judged, _) = moat_e2e::kstatus(&serde_json::to_value(&ready)?).await?;
             ensure!(judged == "Current", "kstatus says {judged}");
@@ -164,28 +158,40 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
                 ensure!(spec.service_account_name.as_deref() == Some(NAME));
             }
 
-            // What Moat did is recorded as an Event on the SecureModelDeployment, naming every child.
+            // What Moat did is recorded as an Event on the SecureModelDeployment, naming every
+            // child. Moat publishes it in the background after the reconcile, so wait for it.
             let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
-            let notes: Vec<String> = events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter(|e| e.reason.as_deref() == Some("Created"))
-                .filter_map(|e| e.note)
-                .collect();
-            let all = notes.join("; ");
-            for child in [
+            let children = [
                 "ServiceAccount scorer",
                 "NetworkPolicy scorer-deny-all",
                 "NetworkPolicy scorer-allow",
                 "Service scorer",
                 "PodDisruptionBudget scorer",
                 "Deployment scorer",
-            ] {
+            ];
+            let all = std::sync::Mutex::new(String::new());
+            let found = wait_until("Created Events naming every child", || async {
+                let notes: Vec<String> = events
+                    .list(&ListParams::default())
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|e| e.reason.as_deref() == Some("Created"))
+                    .filter_map(|e| e.note)
+                    .collect();
+                let joined = notes.join("; ");
+                let every = children
+                    .iter()
+                    .all(|child| joined.contains(&format!("Created {child}")));
+                *all.lock().map_err(|_| anyhow::anyhow!("lock"))? = joined;
+                Ok(every)
+            })
+            .await;
+            let all = all.into_inner().map_err(|_| anyhow::anyhow!("lock"))?;
+            for child in children {
                 ensure!(
                     all.contains(&format!("Created {child}")),
-                    "no Created event names {child}: {all:?}"
+                    "no Created event names {child}: {all:?} ({found:?})"
                 );
             }
             Ok(())
@@ -480,11 +486,25 @@ async fn every_kind_of_drift_is_repaired() {
         |env| async move {
             let op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
             let all = scenarios();
-            for s in &all {
+            for (done, s) in all.iter().enumerate() {
                 if std::env::var("MOAT_DRIFT_SETTLE").is_ok() {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    // Settled: every repair so far is recorded in status.drift, so the next
+                    // change meets an operator that has finished with the previous one.
+                    let done = done as i64;
+                    wait_smd(
+                        &env.api(),
+                        NAME,
+                        "status.drift to count the repairs so far",
+                        |m| {
+                            m.status
+                                .as_ref()
+                                .and_then(|s| s.drift.as_ref())
+                                .map_or(done == 0, |d| d.repairs >= done)
+                        },
+                    )
+                    .await?;
                 }
                 let start = Instant::now();
                 (s.change)(env.clone())
@@ -492,12 +512,9 @@ async fn every_kind_of_drift_is_repaired() {
                     .with_context(|| format!("making the change {:?}", s.name))?;
                 let repaired = s.repaired;
                 let e = env.clone();
-                wait_for_every(
-                    Duration::from_millis(10),
-                    Duration::from_secs(10),
-                    s.name,
-                    move || repaired(e.clone()),
-                )
+                wait_for_every(Duration::from_millis(10), DEADLINE, s.name, move || {
+                    repaired(e.clone())
+                })
                 .await
                 .with_context(|| format!("drift {:?} was not repaired", s.name))?;
                 eprintln!(
@@ -517,14 +534,15 @@ async fn every_kind_of_drift_is_repaired() {
             );
             // Recorded: status, metric and Events.
             let n = all.len() as i64;
-            wait_for(
-                Duration::from_secs(10),
+            wait_smd(
+                &env.api(),
+                NAME,
                 "status.drift to count every repair",
-                || async {
-                    let s = env.api::<SecureModelDeployment>().get(NAME).await?;
-                    Ok(s.status
-                        .and_then(|s| s.drift)
-                        .is_some_and(|d| d.repairs >= n))
+                |s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|s| s.drift.as_ref())
+                        .is_some_and(|d| d.repairs >= n)
                 },
             )
             .await?;
@@ -535,24 +553,132 @@ async fn every_kind_of_drift_is_repaired() {
                     "no drift metric for {kind}"
                 );
             }
-            let events: Api<k8s_openapi::api::events::v1::Event> = env.api();
-            let drift_events: Vec<_> = events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .into_iter()
-                .filter(|e| e.reason.as_deref() == Some("DriftRepaired"))
-                .collect();
-            ensure!(!drift_events.is_empty(), "no DriftRepaired events");
-            ensure!(
-                drift_events.iter().any(|e| e
-                    .note
-                    .as_deref()
-                    .is_some_and(|n| n.contains("NetworkPolicy scorer-deny-all"))),
-                "no event names the NetworkPolicy"
-            );
+            // The DriftRepaired Events are published in the background after each repair.
+            wait_event(
+                &env,
+                &env.namespace,
+                NAME,
+                "DriftRepaired",
+                &["NetworkPolicy scorer-deny-all"],
+            )
+            .await
+            .context("no DriftRepaired Event names the NetworkPolicy")?;
             // Repairs end in a Ready workload again.
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// The drift counter of `kind` in the operator's metrics (0 when the series is absent).
+fn drift_repairs(op: &Operator, kind: &str) -> Result<u64> {
+    let prefix = format!("moat_drift_repairs_total{{kind=\"{kind}\"}} ");
+    Ok(op
+        .metrics
+        .encode()?
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0))
+}
+
+/// Deleting a model's serving-certificate Secret is one drift repair of a Secret, named as such in
+/// the metric, the Event and `status.drift`. The new certificate Moat then issues changes the pod
+/// template's `moat.dev/tls-hash` too, but that follows from Moat's own new fact: it is an update
+/// of the Deployment, not a second repair.
+#[tokio::test]
+async fn a_deleted_serving_secret_is_one_secret_repair_and_the_deployment_follows_without_drift() {
+    with_namespace(
+        "operator-secret-drift",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let op = setup(&env, Duration::from_secs(300)).await?;
+            // Ready only once every watch has filled its cache.
+            wait_until("the operator to be ready (caches synced)", || async {
+                Ok(op.metrics.readiness().is_ok())
+            })
+            .await?;
+            create_smd(&env, smd(NAME, 2)).await?;
+            let ready = wait_ready(&env, NAME).await?;
+            let serial = ready
+                .status
+                .as_ref()
+                .and_then(|s| s.certificate.as_ref())
+                .map(|c| c.serial.clone())
+                .context("status.certificate")?;
+            let secret_name = format!("{NAME}-tls");
+            let before = deployment(&env).await?;
+            let hash = |d: &Deployment| {
+                d.spec
+                    .as_ref()
+                    .and_then(|s| s.template.metadata.as_ref())
+                    .and_then(|m| m.annotations.as_ref())
+                    .and_then(|a| a.get(moat::render::TLS_HASH_ANNOTATION).cloned())
+            };
+            let old_hash = hash(&before).context("tls-hash annotation")?;
+            env.api::<Secret>()
+                .delete(&secret_name, &DeleteParams::default())
+                .await?;
+            let repaired = wait_smd(
+                &env.api(),
+                NAME,
+                "status to record the new certificate and the repair",
+                |m| {
+                    m.status.as_ref().is_some_and(|s| {
+                        s.certificate.as_ref().is_some_and(|c| c.serial != serial)
+                            && s.drift.as_ref().is_some_and(|d| d.repairs >= 1)
+                    })
+                },
+            )
+            .await?;
+            let drift = repaired
+                .status
+                .as_ref()
+                .and_then(|s| s.drift.clone())
+                .context("status.drift")?;
+            let last = drift.last_repair.context("status.drift.lastRepair")?;
+            ensure!(
+                (last.kind.as_str(), last.name.as_str(), last.change.as_str())
+                    == ("Secret", secret_name.as_str(), "deleted"),
+                "lastRepair: {last:?}"
+            );
+            // The pods follow the new certificate.
+            wait_until(
+                "the pod template to carry the new certificate's hash",
+                || {
+                    let env = env.clone();
+                    let old_hash = old_hash.clone();
+                    async move { Ok(hash(&deployment(&env).await?).is_some_and(|h| h != old_hash)) }
+                },
+            )
+            .await?;
+            wait_ready(&env, NAME).await?;
+            wait_event(
+                &env,
+                &env.namespace,
+                NAME,
+                "DriftRepaired",
+                &[&format!("Secret {secret_name}")],
+            )
+            .await?;
+            // One repair in all: the Secret. The reconciles of the rollout that followed (each
+            // Deployment status change triggers one) counted none for the Deployment.
+            let final_status = wait_ready(&env, NAME).await?;
+            ensure!(
+                final_status
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.drift.as_ref())
+                    .map(|d| d.repairs)
+                    == Some(1),
+                "status.drift: {:?}",
+                final_status.status.and_then(|s| s.drift)
+            );
+            ensure!(drift_repairs(&op, "Secret")? == 1, "Secret repairs");
+            ensure!(drift_repairs(&op, "Deployment")? == 0, "Deployment repairs");
+            ensure!(drift_repairs(&op, "Object")? == 0, "an unnamed kind");
+            let notes = moat_e2e::event_notes(&env, &env.namespace, NAME, "DriftRepaired").await?;
+            ensure!(notes.len() == 1, "DriftRepaired Events: {notes:?}");
             Ok(())
         },
     )
@@ -567,44 +693,32 @@ async fn deleting_the_smd_removes_every_child() {
         |env| async move {
             let op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
             // moat_managed_objects counts the model and its children (recounted every 5 s).
-            wait_for(
-                Duration::from_secs(15),
-                "managed objects counted",
-                || async {
-                    Ok(op.metrics.managed("SecureModelDeployment") == 1
-                        && op.metrics.managed("Deployment") == 1
-                        && op.metrics.managed("NetworkPolicy") >= 2)
-                },
-            )
+            wait_until("managed objects counted", || async {
+                Ok(op.metrics.managed("SecureModelDeployment") == 1
+                    && op.metrics.managed("Deployment") == 1
+                    && op.metrics.managed("NetworkPolicy") >= 2)
+            })
             .await?;
             env.api::<SecureModelDeployment>()
                 .delete(NAME, &DeleteParams::background())
                 .await?;
-            wait_for(
-                Duration::from_secs(60),
-                "every child to be garbage-collected",
-                || async {
-                    Ok(count::<ServiceAccount>(&env, NAME).await?
-                        + count::<NetworkPolicy>(&env, NAME).await?
-                        + count::<Service>(&env, NAME).await?
-                        + count::<PodDisruptionBudget>(&env, NAME).await?
-                        + count::<Deployment>(&env, NAME).await?
-                        + count::<ReplicaSet>(&env, NAME).await?
-                        + count::<Pod>(&env, NAME).await?
-                        == 0)
-                },
-            )
+            wait_until("every child to be garbage-collected", || async {
+                Ok(count::<ServiceAccount>(&env, NAME).await?
+                    + count::<NetworkPolicy>(&env, NAME).await?
+                    + count::<Service>(&env, NAME).await?
+                    + count::<PodDisruptionBudget>(&env, NAME).await?
+                    + count::<Deployment>(&env, NAME).await?
+                    + count::<ReplicaSet>(&env, NAME).await?
+                    + count::<Pod>(&env, NAME).await?
+                    == 0)
+            })
             .await?;
-            wait_for(
-                Duration::from_secs(15),
-                "managed objects to drop to zero",
-                || async {
-                    Ok(op.metrics.managed("SecureModelDeployment") == 0
-                        && op.metrics.managed("Deployment") == 0)
-                },
-            )
+            wait_until("managed objects to drop to zero", || async {
+                Ok(op.metrics.managed("SecureModelDeployment") == 0
+                    && op.metrics.managed("Deployment") == 0)
+            })
             .await
         },
     )
@@ -621,13 +735,13 @@ async fn restarting_the_operator_midway_loses_and_duplicates_nothing() {
             create_smd(&env, smd(NAME, 3)).await?;
             // First operator: killed as soon as it has created part of the children.
             let first = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
-            wait_for(Duration::from_secs(30), "the first children", || async {
+            wait_until("the first children", || async {
                 Ok(count::<ServiceAccount>(&env, NAME).await? > 0)
             })
             .await?;
             first.kill().await;
             let second = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
-            let ready = wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            let ready = wait_ready(&env, NAME).await?;
             ensure!(
                 count::<ServiceAccount>(&env, NAME).await? == 1,
                 "ServiceAccounts duplicated"
@@ -674,20 +788,25 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
             let audit = moat_e2e::tool("MOAT_AUDIT_LOG")?;
             let start_offset = std::fs::metadata(&audit)?.len() as usize;
             create_smd(&env, smd(NAME, 2)).await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            wait_ready(&env, NAME).await?;
+            // Converging ends with the Events Moat publishes after its writes (in the background:
+            // they can land after Ready). Wait for them rather than for a fixed time.
+            wait_event(&env, &env.namespace, NAME, "Created", &["Created Deployment scorer"])
+                .await?;
+            wait_event(&env, &env.namespace, NAME, "CertificateIssued", &[]).await?;
 
+            // The quiet window is counted in resyncs, not seconds: at least 4 complete reconciles
+            // (one per second when idle, as the 6 s window this replaces allowed), none of which
+            // may write.
             let audit_offset = std::fs::metadata(&audit)?.len() as usize;
             let writes_before = op.metrics.api_writes_total();
-            let reconciles_before = reconciles(&op)?;
-            tokio::time::sleep(Duration::from_secs(6)).await;
-            let reconciles_after = reconciles(&op)?;
+            let reconciles_before = reconciles_started(&op.metrics)?;
+            let window = Instant::now();
+            op.wait_reconciles_after(reconciles_before, 4, "4 resyncs of the converged model")
+                .await?;
+            let window = window.elapsed();
+            let reconciles_after = reconciles_completed(&op.metrics)?;
             let writes_after = op.metrics.api_writes_total();
-            ensure!(
-                reconciles_after >= reconciles_before + 4,
-                "expected at least 4 resyncs, saw {}",
-                reconciles_after - reconciles_before
-            );
             ensure!(
                 writes_after == writes_before,
                 "{} writes while converged",
@@ -722,24 +841,15 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
                 bail!("Moat wrote while converged: {verb} {uri}");
             }
             eprintln!(
-                "converged: {} reconciles, 0 writes and {} reads (children come from the watch cache) in 6 s",
-                reconciles_after - reconciles_before,
-                quiet.len()
+                "converged: {} reconciles, 0 writes and {} reads (children come from the watch cache) in {:.1} s",
+                reconciles_after.saturating_sub(reconciles_before),
+                quiet.len(),
+                window.as_secs_f64()
             );
             Ok(())
         },
     )
     .await;
-}
-
-fn reconciles(op: &Operator) -> Result<u64> {
-    let text = op.metrics.encode()?;
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix("moat_reconcile_total ")
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .context("no moat_reconcile_total")
 }
 
 #[tokio::test]
@@ -754,12 +864,11 @@ async fn specs_the_schema_accepts_but_moat_refuses_stall_with_a_reason() {
             body["spec"]["access"]["egress"] = json!([{"cidr": "0.0.0.0/0", "ports": [443]}]);
             create_smd(&env, body).await?;
             let api = env.api::<SecureModelDeployment>();
-            wait_for(Duration::from_secs(30), "Stalled=True", || async {
-                let st = api.get(NAME).await?.status.unwrap_or_default();
-                Ok(moat::api::conditions::is_true(&st.conditions, "Stalled"))
+            let stalled_smd = wait_smd(&api, NAME, "Stalled=True at its current generation", |s| {
+                moat_e2e::current_condition(s, "Stalled").is_some_and(|c| c.status == "True")
             })
             .await?;
-            let st = api.get(NAME).await?.status.context("status")?;
+            let st = stalled_smd.status.context("status")?;
             let stalled = st
                 .conditions
                 .iter()
@@ -790,7 +899,7 @@ async fn specs_the_schema_accepts_but_moat_refuses_stall_with_a_reason() {
                 json!({"spec": {"access": {"egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]}}});
             api.patch(NAME, &PatchParams::default(), &Patch::Merge(fix))
                 .await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
             Ok(())
         },
     )
@@ -805,7 +914,7 @@ async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken
         |env| async move {
             let _op = setup(&env, Duration::from_secs(300)).await?;
             create_smd(&env, smd(NAME, 2)).await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
             ensure!(count::<PodDisruptionBudget>(&env, NAME).await? == 1);
             // One replica needs no PodDisruptionBudget: it is deleted.
             env.api::<SecureModelDeployment>()
@@ -815,13 +924,11 @@ async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken
                     &Patch::Merge(json!({"spec": {"replicas": 1}})),
                 )
                 .await?;
-            wait_for(
-                Duration::from_secs(30),
-                "the PodDisruptionBudget to be pruned",
-                || async { Ok(count::<PodDisruptionBudget>(&env, NAME).await? == 0) },
-            )
+            wait_until("the PodDisruptionBudget to be pruned", || async {
+                Ok(count::<PodDisruptionBudget>(&env, NAME).await? == 0)
+            })
             .await?;
-            wait_ready(&env, "scorer", Duration::from_secs(60)).await?;
+            wait_ready(&env, "scorer").await?;
 
             // A ServiceAccount that someone else owns is never overwritten: the second model stalls.
             let sa: ServiceAccount =
@@ -830,18 +937,7 @@ async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken
                 .create(&PostParams::default(), &sa)
                 .await?;
             create_smd(&env, smd("taken", 1)).await?;
-            let api = env.api::<SecureModelDeployment>();
-            wait_for(
-                Duration::from_secs(30),
-                "Stalled=True with reason Conflict",
-                || async {
-                    let st = api.get("taken").await?.status.unwrap_or_default();
-                    Ok(st.conditions.iter().any(|c| {
-                        c.type_ == "Stalled" && c.status == "True" && c.reason == "Conflict"
-                    }))
-                },
-            )
-            .await?;
+            moat_e2e::wait_condition(&env, "taken", "Stalled", "Conflict").await?;
             let untouched = env.api::<ServiceAccount>().get("taken").await?;
             ensure!(
                 untouched.owner_references().is_empty(),
@@ -879,12 +975,12 @@ async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over()
                 LEASE_SECONDS,
             )
             .await?;
-            wait_for(Duration::from_secs(30), "one leader", || async {
+            wait_until("one leader", || async {
                 Ok(a.metrics.is_leader() != b.metrics.is_leader())
             })
             .await?;
             create_smd(&env, smd(NAME, 2)).await?;
-            wait_ready(&env, NAME, Duration::from_secs(60)).await?;
+            wait_ready(&env, NAME).await?;
             let (leader, follower) = if a.metrics.is_leader() {
                 (a, b)
             } else {
@@ -898,7 +994,10 @@ async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over()
                 follower.metrics.api_writes_total() == 0,
                 "the follower wrote"
             );
-            ensure!(reconciles(&follower)? == 0, "the follower reconciled");
+            ensure!(
+                reconciles_started(&follower.metrics)? == 0,
+                "the follower reconciled"
+            );
 
             // The leader dies without releasing the Lease; the follower takes over when it
             // expires, and repairs drift from then on. The dead leader writes nothing more.
@@ -906,27 +1005,23 @@ async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over()
             leader.kill().await;
             let writes_at_death = leader_metrics.api_writes_total();
             let killed = Instant::now();
-            wait_for(
-                Duration::from_secs(3 * LEASE_SECONDS),
-                "the follower to lead",
-                || async { Ok(follower.metrics.is_leader()) },
-            )
+            // The deadline only bounds a failure; how fast the follower took over is checked
+            // below against the lease duration.
+            wait_until("the follower to lead", || async {
+                Ok(follower.metrics.is_leader())
+            })
             .await?;
             let failover = killed.elapsed();
             env.api::<NetworkPolicy>()
                 .delete(&format!("{NAME}-deny-all"), &DeleteParams::default())
                 .await?;
-            wait_for(
-                Duration::from_secs(10),
-                "the new leader to repair drift",
-                || async {
-                    Ok(env
-                        .api::<NetworkPolicy>()
-                        .get_opt(&format!("{NAME}-deny-all"))
-                        .await?
-                        .is_some_and(|n| n.metadata.deletion_timestamp.is_none()))
-                },
-            )
+            wait_until("the new leader to repair drift", || async {
+                Ok(env
+                    .api::<NetworkPolicy>()
+                    .get_opt(&format!("{NAME}-deny-all"))
+                    .await?
+                    .is_some_and(|n| n.metadata.deletion_timestamp.is_none()))
+            })
             .await?;
             eprintln!(
                 "leader failover: {:.1} s (lease duration {LEASE_SECONDS} s)",
@@ -948,7 +1043,7 @@ async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over()
                 count::<ReplicaSet>(&env, NAME).await? == 1,
                 "the handover rolled the pods"
             );
-            wait_ready(&env, NAME, Duration::from_secs(30)).await?;
+            wait_ready(&env, NAME).await?;
             Ok(())
         },
     )

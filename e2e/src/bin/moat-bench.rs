@@ -586,7 +586,11 @@ fn load_average() -> String {
 }
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    moat_e2e::exit_on_error(run().await)
+}
+
+async fn run() -> Result<()> {
     let args = args()?;
     let load_at_start = load_average();
     let client = moat_e2e::client().await?;

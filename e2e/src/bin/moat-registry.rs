@@ -11,7 +11,11 @@ use moat_e2e::registry::{Registry, RegistryOptions, TestImage};
 use tokio::signal::unix::{SignalKind, signal};
 
 #[tokio::main]
-async fn main() -> Result<()> {
+async fn main() -> std::process::ExitCode {
+    moat_e2e::exit_on_error(run().await)
+}
+
+async fn run() -> Result<()> {
     let mut args = std::env::args().skip(1);
     let env_file = args
         .next()
