@@ -179,6 +179,15 @@ pub enum RenderError {
         /// What went wrong.
         source: serde_json::Error,
     },
+    /// A generated object names fields its Kubernetes type does not have (a bug in Moat: a
+    /// misspelt field).
+    #[error("internal error building {kind}: unknown fields {}", fields.join(", "))]
+    UnknownFields {
+        /// Kind being built.
+        kind: &'static str,
+        /// Paths of the fields the type dropped.
+        fields: Vec<String>,
+    },
     /// Writing YAML failed.
     #[error("writing YAML: {0}")]
     Yaml(#[source] serde_yaml::Error),
@@ -312,12 +321,22 @@ pub(crate) fn container_security_context() -> serde_json::Value {
     })
 }
 
-/// Deserializes a JSON body into a typed object, naming the kind on failure.
-pub(crate) fn typed<T: serde::de::DeserializeOwned>(
+/// Deserializes a JSON body into a typed object, naming the kind on failure. k8s-openapi ignores
+/// keys it does not know, so a misspelt field would silently vanish: every key of `value` must
+/// survive the round trip through the type, or this fails naming the lost fields.
+pub(crate) fn typed<T: serde::de::DeserializeOwned + Serialize>(
     kind: &'static str,
     value: serde_json::Value,
 ) -> Result<T, RenderError> {
-    serde_json::from_value(value).map_err(|source| RenderError::Build { kind, source })
+    let obj: T = serde_json::from_value(value.clone())
+        .map_err(|source| RenderError::Build { kind, source })?;
+    let back = serde_json::to_value(&obj).map_err(|source| RenderError::Build { kind, source })?;
+    let lost = crate::core::drift::differences(&value, &back);
+    if lost.is_empty() {
+        Ok(obj)
+    } else {
+        Err(RenderError::UnknownFields { kind, fields: lost })
+    }
 }
 
 /// One generated object as data: its kind, its name and its JSON body (with `apiVersion` and
@@ -394,4 +413,24 @@ where
         map.insert("kind".into(), K::kind(&()).into());
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::Service;
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn a_misspelt_field_fails_the_render_instead_of_vanishing() {
+        let good = json!({"metadata": {"name": "m"}, "spec": {"selector": {"a": "b"}, "ports": [{"port": 80}]}});
+        assert!(typed::<Service>("Service", good).is_ok());
+        let bad = json!({"metadata": {"name": "m"}, "spec": {"selectr": {"a": "b"}, "ports": [{"port": 80, "nmae": "x"}]}});
+        let err = typed::<Service>("Service", bad).expect_err("unknown fields");
+        assert_eq!(
+            err.to_string(),
+            "internal error building Service: unknown fields spec.ports[0].nmae, spec.selectr"
+        );
+    }
 }
