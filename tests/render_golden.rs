@@ -9,6 +9,24 @@ use moat::{
     render::{Facts, render, to_yaml},
 };
 
+/// Compares `rendered` with `tests/golden/<name>.yaml` (or writes it with UPDATE_GOLDEN=1).
+fn compare(name: &str, rendered: &str) {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{name}.yaml"));
+    if std::env::var_os("UPDATE_GOLDEN").is_some() {
+        std::fs::write(&golden, rendered).expect("write golden");
+    }
+    let expected =
+        std::fs::read_to_string(&golden).expect("golden file (UPDATE_GOLDEN=1 creates it)");
+    assert_eq!(
+        rendered,
+        expected,
+        "render of {name} differs from {}",
+        golden.display()
+    );
+}
+
 fn check(fixture: &str) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests");
     let input = std::fs::read_to_string(dir.join("fixtures").join(format!("{fixture}.yaml")))
@@ -17,18 +35,30 @@ fn check(fixture: &str) {
     let first = to_yaml(&render(&smd, &Facts::default()).expect("renders")).expect("yaml");
     let second = to_yaml(&render(&smd, &Facts::default()).expect("renders")).expect("yaml");
     assert_eq!(first, second, "rendering is not deterministic");
-    let golden = dir.join("golden").join(format!("{fixture}.yaml"));
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&golden, &first).expect("write golden");
-    }
-    let expected =
-        std::fs::read_to_string(&golden).expect("golden file (UPDATE_GOLDEN=1 creates it)");
-    assert_eq!(
-        first,
-        expected,
-        "render of {fixture} differs from {}",
-        golden.display()
-    );
+    compare(fixture, &first);
+}
+
+/// The client certificate Secret of a ModelClient: owned by it, labelled with its name, the
+/// certificate data as issued.
+#[test]
+fn model_client_secret() {
+    let mc: moat::api::ModelClient = serde_yaml::from_str(
+        "apiVersion: moat.dev/v1alpha1\nkind: ModelClient\nmetadata: {name: checkout-to-fraud, namespace: payments, uid: 00000000-0000-0000-0000-0000000000c1}\nspec: {deploymentRef: {namespace: ml-prod, name: fraud-scorer}, serviceAccountName: checkout, secretName: fraud-scorer-client-tls}\n",
+    )
+    .expect("ModelClient");
+    let tls = moat::render::ServingTls {
+        cert_pem: "CERT".into(),
+        key_pem: "KEY".into(),
+        ca_bundle_pem: "CA".into(),
+    };
+    let secret =
+        moat::render::client_secret(&mc, "fraud-scorer-client-tls", &tls).expect("renders");
+    let yaml =
+        serde_yaml::to_string(&moat::render::with_type(&secret).expect("json")).expect("yaml");
+    compare("model-client-secret", &yaml);
+    let mut no_uid = mc.clone();
+    no_uid.metadata.uid = None;
+    assert!(moat::render::client_secret(&no_uid, "s", &tls).is_err());
 }
 
 #[test]

@@ -38,6 +38,15 @@ impl Certified {
         }
     }
 
+    /// The certificate, its key and the trust bundle, as a Secret holds them.
+    pub fn tls(&self) -> crate::render::ServingTls {
+        crate::render::ServingTls {
+            cert_pem: self.cert.cert_pem.clone(),
+            key_pem: self.cert.key_pem.clone(),
+            ca_bundle_pem: self.bundle_pem.clone(),
+        }
+    }
+
     /// How long after `now` (unix seconds) it is due for renewal (at least a second).
     pub fn renew_in(&self, now: i64) -> Duration {
         Duration::from_secs(

@@ -7,14 +7,10 @@
 //! lifetime. Without consent, or when consent is withdrawn, the Secret is deleted and the status
 //! says why. Moat never writes a Secret it did not create.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::sync::Arc;
 
 use futures::StreamExt;
-use k8s_openapi::{
-    ByteString,
-    api::core::v1::Secret,
-    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
-};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, Preconditions},
@@ -32,8 +28,7 @@ use crate::{
     render::{self, MANAGED_BY},
 };
 
-/// Label on client certificate Secrets: the ModelClient they belong to.
-pub const MODEL_CLIENT_LABEL: &str = "moat.dev/model-client";
+pub use crate::render::MODEL_CLIENT_LABEL;
 
 pub use crate::core::consent::consent;
 
@@ -103,8 +98,12 @@ pub(super) async fn run(
         .await;
 }
 
-fn error_policy(_mc: Arc<ModelClient>, _e: &Error, _ctx: Arc<Context>) -> Action {
-    Action::requeue(Duration::from_secs(5))
+/// Retries with exponential backoff per ModelClient (1 s doubling to 5 minutes), as the
+/// SecureModelDeployment controller does.
+fn error_policy(mc: Arc<ModelClient>, e: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&ObjectRef::from_obj(&*mc));
+    warn!(name = %mc.name_any(), error = %e, retry_in = ?delay, "ModelClient reconcile failed; retrying");
+    Action::requeue(delay)
 }
 
 fn now() -> Time {
@@ -113,6 +112,15 @@ fn now() -> Time {
 
 #[tracing::instrument(skip_all, fields(kind = "ModelClient", namespace = %mc.namespace().unwrap_or_default(), name = %mc.name_any()))]
 async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = ObjectRef::from_obj(&*mc);
+    let result = converge(mc, ctx.clone()).await;
+    if result.is_ok() {
+        ctx.forget_failures(&key);
+    }
+    result
+}
+
+async fn converge(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Error> {
     if mc.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
@@ -217,7 +225,8 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
         context::now().as_second(),
     )
     .await?;
-    let desired = desired_secret(&mc, &secret_name, &certified)?;
+    let desired =
+        render::client_secret(&mc, &secret_name, &certified.tls()).map_err(Error::Invalid)?;
     let differs = live.as_ref().is_none_or(|l| {
         l.data != desired.data
             || l.labels().get(MODEL_CLIENT_LABEL) != Some(&mc.name_any())
@@ -311,53 +320,6 @@ async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Er
             .resync_period
             .min(certified.renew_in(context::now().as_second())),
     ))
-}
-
-fn desired_secret(
-    mc: &ModelClient,
-    name: &str,
-    certified: &certs::Certified,
-) -> Result<Secret, Error> {
-    let data = BTreeMap::from([
-        (
-            "tls.crt".to_string(),
-            ByteString(certified.cert.cert_pem.clone().into_bytes()),
-        ),
-        (
-            "tls.key".to_string(),
-            ByteString(certified.cert.key_pem.clone().into_bytes()),
-        ),
-        (
-            "ca.crt".to_string(),
-            ByteString(certified.bundle_pem.clone().into_bytes()),
-        ),
-    ]);
-    let owner = mc.controller_owner_ref(&()).ok_or(Error::Serialize {
-        kind: "Secret",
-        source: serde::de::Error::custom("the ModelClient has no uid yet"),
-    })?;
-    Ok(Secret {
-        metadata: ObjectMeta {
-            name: Some(name.to_string()),
-            namespace: mc.namespace(),
-            labels: Some(BTreeMap::from([
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    MANAGED_BY.to_string(),
-                ),
-                (
-                    "app.kubernetes.io/name".to_string(),
-                    "moat-client".to_string(),
-                ),
-                (MODEL_CLIENT_LABEL.to_string(), mc.name_any()),
-            ])),
-            owner_references: Some(vec![owner]),
-            ..ObjectMeta::default()
-        },
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data),
-        ..Secret::default()
-    })
 }
 
 fn stalled(mc: &ModelClient, why: &str, message: &str) -> ModelClientStatus {

@@ -27,7 +27,6 @@ use tokio::sync::watch;
 
 use super::ca;
 use crate::{
-    api::SecureModelDeployment,
     render::{self, Facts},
     telemetry::metrics::Metrics,
 };
@@ -112,23 +111,26 @@ pub struct Context {
     /// watch scopes re-check consent when a model's access list changes.
     pub smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     /// Consecutive failures per object, for backoff.
-    failures: Mutex<HashMap<ObjectRef<SecureModelDeployment>, u32>>,
+    failures: Mutex<HashMap<ObjectRef<kube::api::DynamicObject>, u32>>,
 }
 
 impl Context {
-    pub(super) fn forget_failures(&self, key: &ObjectRef<SecureModelDeployment>) {
+    pub(super) fn forget_failures<K: kube::Resource<DynamicType = ()>>(&self, key: &ObjectRef<K>) {
         self.failures
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .remove(key);
+            .remove(&key.clone().erase());
     }
 
     /// Counts one more consecutive failure of `key` and returns how long to wait before the
     /// next attempt: 1 s, 2 s, 4 s ... capped at 5 minutes.
-    pub(super) fn backoff(&self, key: &ObjectRef<SecureModelDeployment>) -> Duration {
+    pub(super) fn backoff<K: kube::Resource<DynamicType = ()>>(
+        &self,
+        key: &ObjectRef<K>,
+    ) -> Duration {
         let attempts = {
             let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = failures.entry(key.clone()).or_insert(0);
+            let n = failures.entry(key.clone().erase()).or_insert(0);
             *n = n.saturating_add(1);
             *n
         };

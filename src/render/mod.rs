@@ -2,6 +2,7 @@
 //! randomness: the same input always produces byte-identical children, so `moat render` output
 //! is stable for review and GitOps diffs, and the operator applies exactly what it shows.
 
+mod client_secret;
 mod deployment;
 pub mod model;
 mod network_policy;
@@ -27,6 +28,7 @@ use serde::Serialize;
 
 use crate::api::SecureModelDeployment;
 
+pub use client_secret::{MODEL_CLIENT_LABEL, client_secret};
 pub use tls_secret::secret_name as tls_secret_name;
 pub use validate::{ValidationError, certificate_lifetime, is_dns1123_label, validate};
 
@@ -169,8 +171,12 @@ pub enum RenderError {
     #[error("{}", format_errors(.0))]
     Invalid(Vec<ValidationError>),
     /// The object has no namespace (only namespaced objects can be rendered).
-    #[error("the SecureModelDeployment has no namespace; set metadata.namespace")]
+    #[error("the object has no namespace; set metadata.namespace")]
     MissingNamespace,
+    /// The object has no uid yet (it was not read from the API server), so nothing can be owned
+    /// by it.
+    #[error("the object has no uid yet; it must be read from the API server")]
+    MissingUid,
     /// A generated object does not deserialize into its Kubernetes type (a bug in Moat).
     #[error("internal error building {kind}: {source}")]
     Build {

@@ -14,7 +14,18 @@ pub fn secret_name(name: &str) -> String {
 }
 
 pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Secret {
-    let data = BTreeMap::from([
+    Secret {
+        metadata: ctx.meta(secret_name(&ctx.name)),
+        type_: Some("kubernetes.io/tls".into()),
+        data: Some(tls_data(tls)),
+        immutable: None,
+        string_data: None,
+    }
+}
+
+/// `tls.crt`, `tls.key` and `ca.crt` of a `kubernetes.io/tls` Secret.
+pub(crate) fn tls_data(tls: &ServingTls) -> BTreeMap<String, ByteString> {
+    BTreeMap::from([
         (
             "tls.crt".to_string(),
             ByteString(tls.cert_pem.clone().into_bytes()),
@@ -27,12 +38,5 @@ pub(crate) fn render(ctx: &Ctx, tls: &ServingTls) -> Secret {
             "ca.crt".to_string(),
             ByteString(tls.ca_bundle_pem.clone().into_bytes()),
         ),
-    ]);
-    Secret {
-        metadata: ctx.meta(secret_name(&ctx.name)),
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(data),
-        immutable: None,
-        string_data: None,
-    }
+    ])
 }

@@ -34,11 +34,7 @@ pub(super) fn build(
     let smd = valid.smd();
     let certified = &facts.certified;
     let resolved = Resolved {
-        tls: ServingTls {
-            cert_pem: certified.cert.cert_pem.clone(),
-            key_pem: certified.cert.key_pem.clone(),
-            ca_bundle_pem: certified.bundle_pem.clone(),
-        },
+        tls: certified.tls(),
         image: facts.pin.status.pinned.clone(),
         helper_image: facts.helper_image.clone(),
     };
