@@ -370,15 +370,18 @@ pub async fn install_crds(client: &Client) -> Result<()> {
         )
         .await
         .with_context(|| format!("applying CRD {name}"))?;
-        wait_until("the CRD to be established", || async {
-            let c = crds.get(&name).await?;
-            Ok(c.status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"))
-        })
-        .await?;
+        // kube's own condition waiter: one watch, no polling.
+        tokio::time::timeout(
+            DEADLINE,
+            kube::runtime::wait::await_condition(
+                crds.clone(),
+                &name,
+                kube::runtime::wait::conditions::is_crd_established(),
+            ),
+        )
+        .await
+        .with_context(|| format!("CRD {name} was not established within {DEADLINE:?}"))?
+        .with_context(|| format!("watching CRD {name}"))?;
     }
     Ok(())
 }

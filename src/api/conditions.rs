@@ -113,6 +113,47 @@ pub fn set(conditions: &mut Vec<Condition>, new: Condition) {
     }
 }
 
+/// Sets `Ready`, `Reconciling` and `Stalled` at once, each as `(status, reason, message)`,
+/// keeping transition times where a status did not change.
+pub fn set_kstatus(
+    conditions: &mut Vec<Condition>,
+    [ready, reconciling, stalled]: [(bool, &str, String); 3],
+    generation: Option<i64>,
+    now: &Time,
+) {
+    for (type_, (status, why, message)) in [
+        (READY, ready),
+        (RECONCILING, reconciling),
+        (STALLED, stalled),
+    ] {
+        set(
+            conditions,
+            new(type_, status, why, message, generation, now.clone()),
+        );
+    }
+}
+
+/// The conditions of a stall: not Ready and Stalled, both with `why` and `message`; not
+/// Reconciling (no progress is possible without a change).
+pub fn set_stalled(
+    conditions: &mut Vec<Condition>,
+    why: &str,
+    message: &str,
+    generation: Option<i64>,
+    now: &Time,
+) {
+    set_kstatus(
+        conditions,
+        [
+            (false, why, message.to_string()),
+            (false, why, String::new()),
+            (true, why, message.to_string()),
+        ],
+        generation,
+        now,
+    );
+}
+
 /// Builds a condition.
 pub fn new(
     type_: &str,

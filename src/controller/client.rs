@@ -22,7 +22,7 @@ use super::{Context, Error, FIELD_MANAGER, certs, context, events::publish};
 use crate::{
     api::{
         ModelClient, ModelClientStatus, SecureModelDeployment,
-        conditions::{self, READY, RECONCILING, STALLED, reason},
+        conditions::{self, STALLED, reason},
     },
     pki::Identity,
     render::{self, MANAGED_BY},
@@ -303,16 +303,16 @@ async fn converge(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Err
         identity.spiffe_id(&ctx.settings.ca.trust_domain),
         certified.status(&secret_name).renew_at.0
     );
-    for (type_, status, why, message) in [
-        (READY, true, reason::CERTIFICATE_ISSUED, message),
-        (RECONCILING, false, reason::AS_EXPECTED, String::new()),
-        (STALLED, false, reason::AS_EXPECTED, String::new()),
-    ] {
-        conditions::set(
-            &mut st.conditions,
-            conditions::new(type_, status, why, message, generation, now()),
-        );
-    }
+    conditions::set_kstatus(
+        &mut st.conditions,
+        [
+            (true, reason::CERTIFICATE_ISSUED, message),
+            (false, reason::AS_EXPECTED, String::new()),
+            (false, reason::AS_EXPECTED, String::new()),
+        ],
+        generation,
+        &now(),
+    );
     st.certificate = Some(certified.status(&secret_name));
     write_status(&mc, &ctx, st, false).await?;
     Ok(Action::requeue(
@@ -326,16 +326,7 @@ fn stalled(mc: &ModelClient, why: &str, message: &str) -> ModelClientStatus {
     let mut st = mc.status.clone().unwrap_or_default();
     let generation = mc.metadata.generation;
     st.observed_generation = generation;
-    for (type_, status, message) in [
-        (READY, false, message.to_string()),
-        (RECONCILING, false, String::new()),
-        (STALLED, true, message.to_string()),
-    ] {
-        conditions::set(
-            &mut st.conditions,
-            conditions::new(type_, status, why, message, generation, now()),
-        );
-    }
+    conditions::set_stalled(&mut st.conditions, why, message, generation, &now());
     st
 }
 

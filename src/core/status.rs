@@ -118,16 +118,12 @@ pub fn converged(
             (true, reason::PROGRESS_DEADLINE_EXCEEDED, msg.clone()),
         ),
     };
-    for (type_, (status, why, message)) in [
-        (READY, ready),
-        (RECONCILING, reconciling),
-        (STALLED, stalled),
-    ] {
-        conditions::set(
-            &mut st.conditions,
-            conditions::new(type_, status, why, message, generation, now.clone()),
-        );
-    }
+    conditions::set_kstatus(
+        &mut st.conditions,
+        [ready, reconciling, stalled],
+        generation,
+        &now,
+    );
     st
 }
 
@@ -140,24 +136,13 @@ pub fn model_failed(
     message: String,
     now: Time,
 ) {
-    let generation = smd.metadata.generation;
-    for (type_, status, message) in [
-        (READY, false, message.clone()),
-        (RECONCILING, false, String::new()),
-        (STALLED, true, message),
-    ] {
-        conditions::set(
-            &mut st.conditions,
-            conditions::new(
-                type_,
-                status,
-                reason::MODEL_DECRYPTION_FAILED,
-                message,
-                generation,
-                now.clone(),
-            ),
-        );
-    }
+    conditions::set_stalled(
+        &mut st.conditions,
+        reason::MODEL_DECRYPTION_FAILED,
+        &message,
+        smd.metadata.generation,
+        &now,
+    );
 }
 
 /// Why a reconcile did not converge, as the status says it: a condition reason (a constant of
@@ -179,18 +164,13 @@ pub fn stalled(
     let generation = smd.metadata.generation;
     let mut st = smd.status.clone().unwrap_or_default();
     st.observed_generation = generation;
-    let why = failure.reason;
-    let message = failure.message.clone();
-    for (type_, status, message) in [
-        (READY, false, message.clone()),
-        (RECONCILING, false, String::new()),
-        (STALLED, true, message.clone()),
-    ] {
-        conditions::set(
-            &mut st.conditions,
-            conditions::new(type_, status, why, message, generation, now.clone()),
-        );
-    }
+    conditions::set_stalled(
+        &mut st.conditions,
+        failure.reason,
+        &failure.message,
+        generation,
+        &now,
+    );
     st
 }
 
