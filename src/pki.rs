@@ -371,6 +371,32 @@ pub enum Verdict {
     Issue(&'static str),
 }
 
+/// Why [`inspect`] wants a certificate issued anew (shown in Events).
+pub mod issue {
+    /// There is no stored certificate.
+    pub const NONE_YET: &str = "no certificate yet";
+    /// The stored certificate is damaged: not PEM.
+    pub const NOT_PEM: &str = "the stored certificate is not PEM";
+    /// The stored certificate is damaged: not X.509.
+    pub const NOT_X509: &str = "the stored certificate is not X.509";
+    /// Another CA signed it (the CA was rotated, or the certificate replaced).
+    pub const OTHER_CA: &str = "the certificate was not signed by the active CA";
+    /// The stored key is not the certificate's.
+    pub const KEY_MISMATCH: &str = "the private key does not match the certificate";
+    /// It names another identity.
+    pub const OTHER_IDENTITY: &str = "the certificate names a different identity";
+    /// The wanted lifetime changed.
+    pub const LIFETIME_CHANGED: &str = "the certificate lifetime changed";
+    /// Two thirds of its lifetime have passed.
+    pub const DUE: &str = "the certificate is due for renewal";
+
+    /// Whether the reason is Moat's own schedule or configuration (a renewal, a new CA, a new
+    /// lifetime or identity) rather than a stored certificate that is missing or damaged.
+    pub fn is_scheduled(reason: &str) -> bool {
+        [DUE, OTHER_CA, LIFETIME_CHANGED, OTHER_IDENTITY].contains(&reason)
+    }
+}
+
 /// Judges a stored certificate and key against what they should be at `now`.
 pub fn inspect(
     stored: Option<&KeyedCertificate>,
@@ -381,20 +407,20 @@ pub fn inspect(
     now: i64,
 ) -> Verdict {
     let Some(stored) = stored else {
-        return Verdict::Issue("no certificate yet");
+        return Verdict::Issue(issue::NONE_YET);
     };
     let Some(der) = pem_certificates(&stored.cert_pem).into_iter().next() else {
-        return Verdict::Issue("the stored certificate is not PEM");
+        return Verdict::Issue(issue::NOT_PEM);
     };
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(&der) else {
-        return Verdict::Issue("the stored certificate is not X.509");
+        return Verdict::Issue(issue::NOT_X509);
     };
     if !ca.signed(&cert) {
-        return Verdict::Issue("the certificate was not signed by the active CA");
+        return Verdict::Issue(issue::OTHER_CA);
     }
     match KeyPair::from_pem(&stored.key_pem) {
         Ok(key) if cert.public_key().subject_public_key.data.as_ref() == key.public_key_raw() => {}
-        _ => return Verdict::Issue("the private key does not match the certificate"),
+        _ => return Verdict::Issue(issue::KEY_MISMATCH),
     }
     let mut sans: Vec<San> = cert
         .subject_alternative_name()
@@ -414,16 +440,16 @@ pub fn inspect(
         .unwrap_or_default();
     sans.sort();
     if sans != identity.expected_sans(trust_domain) {
-        return Verdict::Issue("the certificate names a different identity");
+        return Verdict::Issue(issue::OTHER_IDENTITY);
     }
     let info = info_of(&cert);
     let wanted_end =
         (info.not_before + BACKDATE_SECONDS + seconds(lifetime)).min(ca.info.not_after);
     if info.not_after != wanted_end {
-        return Verdict::Issue("the certificate lifetime changed");
+        return Verdict::Issue(issue::LIFETIME_CHANGED);
     }
     if now >= info.renew_at() {
-        return Verdict::Issue("the certificate is due for renewal");
+        return Verdict::Issue(issue::DUE);
     }
     Verdict::Keep(info)
 }

@@ -679,6 +679,36 @@ async fn a_deleted_serving_secret_is_one_secret_repair_and_the_deployment_follow
             ensure!(drift_repairs(&op, "Object")? == 0, "an unnamed kind");
             let notes = moat_e2e::event_notes(&env, &env.namespace, NAME, "DriftRepaired").await?;
             ensure!(notes.len() == 1, "DriftRepaired Events: {notes:?}");
+
+            // A damaged key keeps the recorded serial in tls.crt, but the certificate Moat then
+            // issues anew is no scheduled renewal: the Secret counts as repaired again, the
+            // Deployment that follows still does not.
+            env.api::<Secret>()
+                .patch(
+                    &secret_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&json!({"data": {"tls.key": "Z2FyYmFnZQ=="}})),
+                )
+                .await?;
+            wait_smd(&env.api(), NAME, "the damaged key to be counted", |m| {
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.drift.as_ref())
+                    .is_some_and(|d| d.repairs >= 2)
+            })
+            .await?;
+            let final_status = wait_ready(&env, NAME).await?;
+            let drift = final_status
+                .status
+                .and_then(|s| s.drift)
+                .context("status.drift")?;
+            ensure!(drift.repairs == 2, "status.drift: {drift:?}");
+            ensure!(
+                drift.last_repair.as_ref().map(|r| r.kind.as_str()) == Some("Secret"),
+                "{drift:?}"
+            );
+            ensure!(drift_repairs(&op, "Secret")? == 2, "Secret repairs");
+            ensure!(drift_repairs(&op, "Deployment")? == 0, "Deployment repairs");
             Ok(())
         },
     )

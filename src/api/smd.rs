@@ -577,6 +577,12 @@ pub struct CertificateStatus {
     pub not_after: Time,
     /// When Moat renews it (two thirds into its lifetime).
     pub renew_at: Time,
+    /// Hash of the certificate and the trust bundle written beside it (as the pod template's
+    /// `moat.dev/tls-hash` annotation carries it). When Moat itself changes either (a renewal,
+    /// a CA rotation, expired CAs pruned from the bundle), the objects that follow are updated,
+    /// not counted as drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_hash: Option<String>,
 }
 
 /// Drift repairs of one SecureModelDeployment.

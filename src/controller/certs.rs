@@ -35,6 +35,7 @@ impl Certified {
             serial: self.info.serial.clone(),
             not_after: time(self.info.not_after),
             renew_at: time(self.info.renew_at()),
+            tls_hash: Some(self.tls().hash()),
         }
     }
 

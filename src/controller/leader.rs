@@ -104,7 +104,9 @@ async fn lead(
                 break true;
             }
         };
-        drop(controller);
+        // Stopped and awaited before the gauges are reset, so a reconcile that was mid-poll
+        // cannot set them again afterwards.
+        controller.stop().await;
         metrics.set_leader(false);
         metrics.set_synced(false);
         metrics.clear_managed();
@@ -118,6 +120,14 @@ async fn lead(
 /// Stops the controller when leadership ends, and also when this future itself is dropped (the
 /// process shutting down, or a test killing the replica), so no write happens after it.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl AbortOnDrop {
+    /// Aborts the controller and waits until it has stopped.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -186,8 +186,10 @@ async fn run_one(
     // user-supplied one) is then reported in each status as CAUnavailable.
     let mut ca_ready = ca_rx.clone();
     let ready_metrics = ctx.metrics.clone();
+    let smd_store = controller.store();
     let ready = async move {
         let _ = futures::join!(
+            smd_store.wait_until_ready(),
             caches.service_accounts.wait_until_ready(),
             caches.network_policies.wait_until_ready(),
             caches.services.wait_until_ready(),

@@ -1,15 +1,14 @@
-//! Step 4, apply: the only writes of a reconcile, in the stated order. The key Secret's owner
-//! (crypto-shredding) first; then the ServiceAccount, the serving Secret and the NetworkPolicies
+//! Step 4, apply: the writes of the children, in the stated order: the ServiceAccount, the serving Secret and the NetworkPolicies
 //! before the Service, the PodDisruptionBudget and the Deployment, so a pod never runs without
 //! its identity and its network isolation. Events are published at the end.
 
 use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
-use kube::{ResourceExt, runtime::events::EventType};
+use kube::{Resource, ResourceExt, runtime::events::EventType};
 
 use super::{build::Built, dereference::Dereferenced};
 use crate::{
     api::{SecureModelDeployment, conditions::reason},
-    controller::{Context, Error, Repair, apply::Applier, weights},
+    controller::{Context, Error, Repair, apply::Applier, events::publish, weights},
     render::{self, Children},
 };
 
@@ -33,13 +32,7 @@ pub(super) async fn apply(
         children,
         converged_before,
         own,
-        shred,
     } = built;
-    if let Some((key, patch)) = shred {
-        weights::set_owner(ctx, &key, patch)
-            .await
-            .map_err(Error::Weights)?;
-    }
     let namespace = smd.namespace().unwrap_or_default();
     let mut applier = Applier::new(ctx, smd, &namespace, converged_before, own, now);
     let live = &facts.live;
@@ -58,6 +51,26 @@ pub(super) async fn apply(
     applier
         .ensure(vec![tls_secret], live.secrets.clone())
         .await?;
+    // Published now: should a later apply fail, the retry keeps this certificate and would not
+    // announce it.
+    let certified = &facts.certified;
+    if let Some(why) = certified.issued {
+        let secret_name = render::tls_secret_name(&smd.name_any());
+        publish(
+            &ctx.recorder,
+            &ctx.metrics,
+            &smd.object_ref(&()),
+            EventType::Normal,
+            reason::CERTIFICATE_ISSUED,
+            format!(
+                "Issued serving certificate {} in Secret {secret_name} ({why}); renewal at {}",
+                certified.info.serial,
+                certified.status(&secret_name).renew_at.0
+            ),
+            None,
+        )
+        .await;
+    }
     applier
         .ensure(network_policies, live.network_policies.clone())
         .await?;
@@ -73,19 +86,6 @@ pub(super) async fn apply(
         .await?
         .into_iter()
         .next();
-    let certified = &facts.certified;
-    if let Some(why) = certified.issued {
-        let secret_name = render::tls_secret_name(&smd.name_any());
-        applier.note(
-            EventType::Normal,
-            reason::CERTIFICATE_ISSUED,
-            format!(
-                "Issued serving certificate {} in Secret {secret_name} ({why}); renewal at {}",
-                certified.info.serial,
-                certified.status(&secret_name).renew_at.0
-            ),
-        );
-    }
     if facts.pin.resolved {
         applier.note(
             EventType::Normal,
@@ -100,4 +100,24 @@ pub(super) async fn apply(
         deployment,
         repairs: applier.finish(),
     })
+}
+
+/// The key Secret's ownerReferences for crypto-shredding, written as soon as the key Secret is
+/// read and before anything else can fail: a SecureModelDeployment deleted while, say, its CA is
+/// unavailable must not take a key with it that the user asked to keep (or keep one it asked to
+/// shred).
+pub(super) async fn key_owner(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    key: Option<&k8s_openapi::api::core::v1::Secret>,
+) -> Result<(), Error> {
+    let (Some(model), Some(key)) = (&smd.spec.model, key) else {
+        return Ok(());
+    };
+    match weights::shred_owner_patch(smd, key, model.delete_key_with_deployment) {
+        Some(patch) => weights::set_owner(ctx, key, patch)
+            .await
+            .map_err(Error::Weights),
+        None => Ok(()),
+    }
 }

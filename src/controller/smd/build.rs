@@ -7,8 +7,9 @@ use kube::ResourceExt;
 use super::dereference::Dereferenced;
 use crate::{
     api::conditions,
-    controller::{Error, certs, weights},
+    controller::{Error, certs},
     core::drift::{self, OwnChanges},
+    pki,
     render::{self, Children, Facts, Resolved, ServingTls, Valid},
 };
 
@@ -21,8 +22,6 @@ pub(super) struct Built {
     pub converged_before: bool,
     /// The paths of each child that changed because Moat's own facts changed.
     pub own: OwnChanges,
-    /// The key Secret's ownerReferences patch for crypto-shredding, when it must change.
-    pub shred: Option<(Secret, serde_json::Value)>,
 }
 
 /// Renders the children of `valid` with `facts`.
@@ -55,7 +54,9 @@ pub(super) fn build(
         _ => OwnChanges::new(),
     };
     // The Secret that holds the certificate is itself drift when what it holds is not what the
-    // status recorded (someone replaced or deleted it), even though a new one was issued.
+    // status recorded (someone replaced, damaged or deleted it), even though a new one was issued:
+    // its changes are Moat's own only for a scheduled reissue of the recorded certificate, or a
+    // new trust bundle beside it.
     let secret_name = render::tls_secret_name(&smd.name_any());
     let recorded = smd
         .status
@@ -68,21 +69,14 @@ pub(super) fn build(
         .iter()
         .find(|s| s.name_any() == secret_name)
         .and_then(|s| certs::serial(&certs::stored(s)));
-    if held.as_deref() != recorded {
+    let scheduled = certified.issued.is_none_or(pki::issue::is_scheduled);
+    if held.as_deref() != recorded || !scheduled {
         own.remove(&(<Secret as k8s_openapi::Resource>::KIND, secret_name));
     }
-    let shred = match (&smd.spec.model, &facts.key_secret) {
-        (Some(model), Some(key)) => {
-            weights::shred_owner_patch(smd, key, model.delete_key_with_deployment)
-                .map(|patch| (key.clone(), patch))
-        }
-        _ => None,
-    };
     Ok(Built {
         children,
         converged_before,
         own,
-        shred,
     })
 }
 
@@ -94,10 +88,15 @@ fn before_facts(
     certified: &certs::Certified,
 ) -> Option<Resolved> {
     let status = valid.smd().status.as_ref()?;
+    // The certificate or its trust bundle changed: by the recorded hash of both, or (a status
+    // written before the hash was recorded) by the serial.
     let cert_changed = status
         .certificate
         .as_ref()
-        .is_some_and(|c| c.serial != certified.info.serial);
+        .is_some_and(|c| match &c.tls_hash {
+            Some(hash) => *hash != now.tls.hash(),
+            None => c.serial != certified.info.serial,
+        });
     let earlier_pin = status
         .image
         .as_ref()

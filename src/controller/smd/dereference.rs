@@ -1,8 +1,9 @@
 //! Step 2, dereference: everything a SecureModelDeployment's rendering depends on that is not in
 //! the object, and the live children. Reads only: the image pin (kept from the status, named by
 //! the spec, or resolved in the registry), the serving certificate (kept, or issued by the CA;
-//! issuing writes nothing), the key Secret and PVC of an encrypted model, Moat's own helper image,
-//! and the cached children.
+//! issuing writes nothing), the key Secret and PVC of an encrypted model ([`model_key`], read
+//! first so its owner can be set before anything else can fail), Moat's own helper image, and the
+//! cached children.
 
 use k8s_openapi::{
     api::{
@@ -30,8 +31,6 @@ pub(super) struct Dereferenced {
     pub image_failure: Option<ImageError>,
     /// The serving certificate.
     pub certified: certs::Certified,
-    /// The key Secret of an encrypted model.
-    pub key_secret: Option<Secret>,
     /// Moat's own image for the decrypting init container, pinned (empty without a model).
     pub helper_image: String,
     /// The children as the caches hold them.
@@ -46,6 +45,19 @@ pub(super) struct Live {
     pub services: Vec<Service>,
     pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
     pub deployments: Vec<Deployment>,
+}
+
+/// The key Secret of an encrypted model, checked with its PVC source (reads only).
+pub(super) async fn model_key(ctx: &Context, valid: &Valid<'_>) -> Result<Option<Secret>, Error> {
+    let smd = valid.smd();
+    match &smd.spec.model {
+        Some(model) => Ok(Some(
+            weights::read(ctx, smd, model)
+                .await
+                .map_err(Error::Weights)?,
+        )),
+        None => Ok(None),
+    }
 }
 
 /// Reads what `valid` needs. No unpinned image ever reaches a pod: when the registry fails and
@@ -73,16 +85,9 @@ pub(super) async fn read(
             None => return Err(Error::Image(e)),
         },
     };
-    let (key_secret, helper_image) = match &smd.spec.model {
-        Some(model) => (
-            Some(
-                weights::read(ctx, smd, model)
-                    .await
-                    .map_err(Error::Weights)?,
-            ),
-            resolve::helper(ctx).await.map_err(Error::Image)?,
-        ),
-        None => (None, String::new()),
+    let helper_image = match &smd.spec.model {
+        Some(_) => resolve::helper(ctx).await.map_err(Error::Image)?,
+        None => String::new(),
     };
     let c = &ctx.caches;
     let live = Live {
@@ -109,7 +114,6 @@ pub(super) async fn read(
         pin,
         image_failure,
         certified,
-        key_secret,
         helper_image,
         live,
     })

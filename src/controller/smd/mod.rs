@@ -2,7 +2,9 @@
 //! file:
 //!
 //! 1. validate ([`render::validated`], pure, once);
-//! 2. [`dereference`]: read what rendering needs and the live children (reads only);
+//! 2. [`dereference`]: read what rendering needs and the live children (reads only); the key
+//!    Secret of an encrypted model first, whose owner (crypto-shredding) is written at once,
+//!    before anything else can fail;
 //! 3. [`build`]: the desired children, and which of their changes are Moat's own (pure);
 //! 4. [`apply`]: the only writes, in the stated order (ServiceAccount, Secret, NetworkPolicies
 //!    before the Deployment), Events included;
@@ -78,6 +80,8 @@ async fn converge(
     now: Timestamp,
 ) -> Result<Action, Error> {
     let valid = render::validated(smd).map_err(Error::Invalid)?;
+    let key = dereference::model_key(ctx, &valid).await?;
+    apply::key_owner(ctx, smd, key.as_ref()).await?;
     let facts = dereference::read(ctx, &valid, now).await?;
     let built = build::build(&valid, &ctx.settings.facts, &facts)?;
     let applied = apply::apply(ctx, smd, &facts, built, now).await?;
