@@ -70,18 +70,7 @@ pub(super) fn serial(stored: &KeyedCertificate) -> Option<String> {
 
 /// `tls.crt` and `tls.key` of a Secret.
 pub(super) fn stored(secret: &Secret) -> KeyedCertificate {
-    let text = |key: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(key))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .unwrap_or_default()
-    };
-    KeyedCertificate {
-        cert_pem: text("tls.crt"),
-        key_pem: text("tls.key"),
-    }
+    crate::core::ca::keyed_certificate(secret)
 }
 
 /// The certificate for `identity` to store in the Secret `namespace/name`, whose cached copy is

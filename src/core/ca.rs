@@ -182,7 +182,8 @@ fn bundle_of(ders: Vec<Vec<u8>>, now: i64) -> String {
     seen.iter().map(|d| crate::pki::pem_of(d)).collect()
 }
 
-fn text(secret: &Secret, key: &str) -> String {
+/// The value of `key` in a Secret's data, as text (empty when absent).
+pub fn text(secret: &Secret, key: &str) -> String {
     secret
         .data
         .as_ref()
@@ -191,13 +192,18 @@ fn text(secret: &Secret, key: &str) -> String {
         .unwrap_or_default()
 }
 
+/// `tls.crt` and `tls.key` of a `kubernetes.io/tls` Secret.
+pub fn keyed_certificate(secret: &Secret) -> KeyedCertificate {
+    KeyedCertificate {
+        cert_pem: text(secret, "tls.crt"),
+        key_pem: text(secret, "tls.key"),
+    }
+}
+
 /// What a CA Secret holds.
 pub fn stored_of(secret: &Secret) -> StoredCa {
     StoredCa {
-        active: KeyedCertificate {
-            cert_pem: text(secret, "tls.crt"),
-            key_pem: text(secret, "tls.key"),
-        },
+        active: keyed_certificate(secret),
         bundle_pem: text(secret, "ca.crt"),
         managed: secret
             .metadata
