@@ -444,9 +444,12 @@ fn modified_header_fails() {
         .position(|w| w == b"\n---")
         .expect("mac line")
         + 1;
-    // A bit of the MAC itself.
+    // One character of the MAC itself, replaced by another valid base64 character (a flipped
+    // bit could make it no base64 at all, a different error), in the middle of the MAC, where
+    // every character carries six bits of it (so the encoding stays canonical).
     let mut bad = sealed.clone();
-    bad[text_end + 10] ^= 0x01;
+    let at = text_end + "--- ".len() + 6;
+    bad[at] = if bad[at] == b'A' { b'B' } else { b'A' };
     let (artifact, digest) = f.write("mac.age", &bad);
     assert_fails(
         &f.decrypt(&artifact, &digest, &[]),
