@@ -98,7 +98,8 @@ pub(super) async fn run(
         .await;
 }
 
-/// Retries with exponential backoff per ModelClient (1 s doubling to 5 minutes), as the
+/// Retries with backoff per ModelClient (`context::backoff_delay`: as long as it has been failing,
+/// 1 s to 5 minutes), as the
 /// SecureModelDeployment controller does.
 fn error_policy(mc: Arc<ModelClient>, e: &Error, ctx: Arc<Context>) -> Action {
     let delay = ctx.backoff(&ObjectRef::from_obj(&*mc));

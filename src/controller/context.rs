@@ -18,12 +18,13 @@ use k8s_openapi::{
 };
 use kube::{
     Client,
+    api::DynamicObject,
     runtime::{
         events::{Recorder, Reporter},
         reflector::{ObjectRef, Store},
     },
 };
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use super::ca;
 use crate::{
@@ -110,32 +111,59 @@ pub struct Context {
     /// `(namespace, name)` of every SecureModelDeployment reconciled, so ModelClients in other
     /// watch scopes re-check consent when a model's access list changes.
     pub smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
-    /// Consecutive failures per object, for backoff.
-    failures: Mutex<HashMap<ObjectRef<kube::api::DynamicObject>, u32>>,
+    /// Per-object backoff of failed reconciles.
+    failures: Backoff,
+}
+
+/// The longest wait between two attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// How long to wait before the next attempt on an object that has been failing for `failing_for`:
+/// as long again (at least 1 s, at most 5 minutes). Retries thus come about 1, 2, 4, 8 ... seconds
+/// after the first failure, however many other events made it fail meanwhile, and after a fault
+/// ends (a registry or API outage) the object is retried within about as long as it lasted. A
+/// count of attempts would instead be inflated by every watch event during the fault.
+pub fn backoff_delay(failing_for: Duration) -> Duration {
+    failing_for.clamp(Duration::from_secs(1), MAX_BACKOFF)
+}
+
+/// When each failing object's current run of failures began.
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<ObjectRef<DynamicObject>, Instant>>);
+
+impl Backoff {
+    /// Records a failure of `key` at `now`; returns how long to wait before the next attempt.
+    pub fn failed(&self, key: ObjectRef<DynamicObject>, now: Instant) -> Duration {
+        let since = *self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(key)
+            .or_insert(now);
+        backoff_delay(now.saturating_duration_since(since))
+    }
+
+    /// Forgets `key`'s failures (it succeeded, or waits for a change).
+    pub fn forget(&self, key: &ObjectRef<DynamicObject>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key);
+    }
 }
 
 impl Context {
     pub(super) fn forget_failures<K: kube::Resource<DynamicType = ()>>(&self, key: &ObjectRef<K>) {
-        self.failures
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&key.clone().erase());
+        self.failures.forget(&key.clone().erase());
     }
 
-    /// Counts one more consecutive failure of `key` and returns how long to wait before the
-    /// next attempt: 1 s, 2 s, 4 s ... capped at 5 minutes.
+    /// Records a failure of `key` and returns how long to wait before the next attempt
+    /// ([`backoff_delay`] of how long it has been failing).
     pub(super) fn backoff<K: kube::Resource<DynamicType = ()>>(
         &self,
         key: &ObjectRef<K>,
     ) -> Duration {
-        let attempts = {
-            let mut failures = self.failures.lock().unwrap_or_else(PoisonError::into_inner);
-            let n = failures.entry(key.clone().erase()).or_insert(0);
-            *n = n.saturating_add(1);
-            *n
-        };
-        Duration::from_secs(1u64 << attempts.clamp(1, 10).saturating_sub(1))
-            .min(Duration::from_secs(300))
+        self.failures.failed(key.clone().erase(), Instant::now())
     }
 }
 
@@ -161,7 +189,7 @@ impl Context {
             metrics,
             ca,
             smd_changes,
-            failures: Mutex::new(HashMap::new()),
+            failures: Backoff::default(),
         }
     }
 }
@@ -169,4 +197,54 @@ impl Context {
 /// The one place the reconcilers read the clock; everything downstream takes the time as data.
 pub fn now() -> Timestamp {
     Timestamp::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_wait_as_long_as_the_failure_has_lasted_between_1_s_and_5_min() {
+        let s = Duration::from_secs;
+        for (failing_for, wait) in [
+            (Duration::ZERO, s(1)),
+            (Duration::from_millis(300), s(1)),
+            (s(1), s(1)),
+            (s(7), s(7)),
+            (s(64), s(64)),
+            (s(299), s(299)),
+            (s(301), s(300)),
+            (s(86_400), s(300)),
+        ] {
+            assert_eq!(backoff_delay(failing_for), wait, "{failing_for:?}");
+        }
+    }
+
+    /// Many failures in a short time (watch events during an outage) do not push the next retry
+    /// out: after 2 s of failing, the wait is 2 s, whether 3 or 30 attempts failed; a success
+    /// starts the count afresh.
+    #[test]
+    fn many_failures_in_a_short_time_do_not_inflate_the_backoff() {
+        let backoff = Backoff::default();
+        let key = ObjectRef::<k8s_openapi::api::core::v1::ConfigMap>::new("m")
+            .within("n")
+            .erase();
+        let other = ObjectRef::<k8s_openapi::api::core::v1::ConfigMap>::new("o")
+            .within("n")
+            .erase();
+        let start = Instant::now();
+        for i in 0..30 {
+            let at = start + Duration::from_millis(i * 10);
+            assert_eq!(backoff.failed(key.clone(), at), Duration::from_secs(1));
+        }
+        let later = start + Duration::from_secs(2);
+        assert_eq!(backoff.failed(key.clone(), later), Duration::from_secs(2));
+        assert_eq!(
+            backoff.failed(other, later),
+            Duration::from_secs(1),
+            "per object"
+        );
+        backoff.forget(&key);
+        assert_eq!(backoff.failed(key, later), Duration::from_secs(1), "afresh");
+    }
 }
