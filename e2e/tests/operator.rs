@@ -846,9 +846,24 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
             // The API server's own audit log agrees: Moat wrote while converging (so the filter
             // finds its requests), and not once while converged.
             let log = std::fs::read(&audit)?;
+            // The offsets were taken while the API server was writing, so they may fall inside a
+            // line: a request belongs to the range its line starts in, and only complete lines
+            // (ending in a newline) are read.
+            let lines: Vec<(usize, &[u8])> = {
+                let mut start = 0;
+                let mut lines = Vec::new();
+                while let Some(len) = log[start..].iter().position(|b| *b == b'\n') {
+                    lines.push((start, &log[start..start + len]));
+                    start += len + 1;
+                }
+                lines
+            };
             let moat_requests = |from: usize, to: usize| -> Result<Vec<(String, String)>> {
                 let mut out = Vec::new();
-                for line in log[from..to].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let in_range = lines
+                    .iter()
+                    .filter(|(at, l)| (from..to).contains(at) && !l.is_empty());
+                for (_, line) in in_range {
                     let e: Value = serde_json::from_slice(line)?;
                     let ua = e["userAgent"].as_str().unwrap_or("");
                     if e["objectRef"]["namespace"] == json!(env.namespace)
