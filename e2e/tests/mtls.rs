@@ -86,12 +86,7 @@ async fn consenting_pair(
 }
 
 fn text(secret: &Secret, key: &str) -> String {
-    secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(key))
-        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-        .unwrap_or_default()
+    moat::core::ca::text(secret, key)
 }
 
 /// Certificate, key and bundle of a Secret.

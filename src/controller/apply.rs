@@ -96,7 +96,7 @@ impl<'a> Applier<'a> {
     pub(crate) async fn ensure<K: Child>(
         &mut self,
         desired: Vec<K>,
-        live: Vec<K>,
+        live: &[K],
     ) -> Result<Vec<K>, Error> {
         let kind = kind::<K>();
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);

@@ -46,11 +46,9 @@ pub(super) async fn apply(
         deployment,
     } = children;
     applier
-        .ensure(vec![service_account], live.service_accounts.clone())
+        .ensure(vec![service_account], &live.service_accounts)
         .await?;
-    applier
-        .ensure(vec![tls_secret], live.secrets.clone())
-        .await?;
+    applier.ensure(vec![tls_secret], &live.secrets).await?;
     // Published now: should a later apply fail, the retry keeps this certificate and would not
     // announce it.
     let certified = &facts.certified;
@@ -72,17 +70,17 @@ pub(super) async fn apply(
         .await;
     }
     applier
-        .ensure(network_policies, live.network_policies.clone())
+        .ensure(network_policies, &live.network_policies)
         .await?;
-    applier.ensure(vec![service], live.services.clone()).await?;
+    applier.ensure(vec![service], &live.services).await?;
     applier
         .ensure(
             pod_disruption_budget.into_iter().collect(),
-            live.pod_disruption_budgets.clone(),
+            &live.pod_disruption_budgets,
         )
         .await?;
     let deployment = applier
-        .ensure(vec![deployment], live.deployments.clone())
+        .ensure(vec![deployment], &live.deployments)
         .await?
         .into_iter()
         .next();
