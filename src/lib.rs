@@ -10,6 +10,7 @@
 pub mod api;
 pub mod controller;
 pub mod core;
+pub mod fixture;
 pub mod image;
 pub mod model;
 pub mod pki;

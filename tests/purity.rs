@@ -1,4 +1,4 @@
-//! The functional core stays pure: no module of `core/`, `render/` or `api/` (nor `quantity.rs`)
+//! The functional core stays pure: no module of `core/`, `render/` or `api/` (nor `quantity.rs` or `fixture.rs`)
 //! may talk to the API server, read the clock, spawn tasks, or depend on the controller (whose
 //! error type carries `kube::Error`). A newcomer who adds such a call to a pure module gets this
 //! failure, naming the file and line, instead of a reconciler logic that only e2e can test.
@@ -42,6 +42,7 @@ fn pure_files() -> Vec<PathBuf> {
         rust_files(&src.join(dir), &mut files);
     }
     files.push(src.join("quantity.rs"));
+    files.push(src.join("fixture.rs"));
     files
 }
 

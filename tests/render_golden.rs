@@ -42,10 +42,13 @@ fn check(fixture: &str) {
 /// certificate data as issued.
 #[test]
 fn model_client_secret() {
-    let mc: moat::api::ModelClient = serde_yaml::from_str(
-        "apiVersion: moat.dev/v1alpha1\nkind: ModelClient\nmetadata: {name: checkout-to-fraud, namespace: payments, uid: 00000000-0000-0000-0000-0000000000c1}\nspec: {deploymentRef: {namespace: ml-prod, name: fraud-scorer}, serviceAccountName: checkout, secretName: fraud-scorer-client-tls}\n",
-    )
-    .expect("ModelClient");
+    let mc = moat::fixture::model_client("checkout-to-fraud", "ml-prod", "fraud-scorer")
+        .namespace("payments")
+        .uid("00000000-0000-0000-0000-0000000000c1")
+        .service_account("checkout")
+        .secret("fraud-scorer-client-tls")
+        .build()
+        .expect("ModelClient");
     let tls = moat::render::ServingTls {
         cert_pem: "CERT".into(),
         key_pem: "KEY".into(),

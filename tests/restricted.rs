@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use moat::{
     api::*,
+    fixture,
     render::{Facts, render, validate},
 };
 use proptest::prelude::*;
@@ -330,10 +331,15 @@ fn mounts(pod: &PodSpec) -> BTreeMap<String, Vec<(String, bool)>> {
         .collect()
 }
 
+/// The fixture's SecureModelDeployment `ml/model` (with the uid owner references need), with
+/// `spec` (a generated one) in place of the fixture's.
 fn smd(spec: SecureModelDeploymentSpec) -> SecureModelDeployment {
-    let mut smd = SecureModelDeployment::new("model", spec);
-    smd.metadata.namespace = Some("ml".into());
-    smd.metadata.uid = Some("00000000-0000-0000-0000-000000000001".into());
+    let mut smd = fixture::smd("model")
+        .namespace("ml")
+        .uid("00000000-0000-0000-0000-000000000001")
+        .build()
+        .expect("the fixture is valid");
+    smd.spec = spec;
     smd
 }
 
@@ -474,11 +480,9 @@ fn the_checker_catches_what_restricted_forbids() {
     assert!(v.iter().any(|s| s.contains("writable root")));
 }
 
+/// The fixture's minimal valid spec.
 fn spec_example() -> SecureModelDeploymentSpec {
-    serde_json::from_value(serde_json::json!({
-        "server": {"image": "r.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}
-    }))
-    .expect("spec")
+    fixture::smd("model").build().expect("spec").spec
 }
 
 #[test]

@@ -27,7 +27,7 @@ use serde_json::json;
 
 /// The model image of tests that do not exercise tag resolution: it names a digest, so the
 /// operator pins it without asking a registry (none answers for registry.example.com here).
-pub const TEST_IMAGE: &str = "registry.example.com/serving/model-server@sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+pub const TEST_IMAGE: &str = moat::fixture::IMAGE;
 
 /// Ends a helper binary (`moat-registry`, `moat-bench`): on an error, prints it and its causes on
 /// one line and exits with status 1, never a backtrace (whatever `RUST_BACKTRACE` says).
@@ -70,6 +70,11 @@ impl TestEnv {
         Ok(create_namespace(&self.client, &self.test_label, opts)
             .await?
             .namespace)
+    }
+
+    /// An operator for the test's namespace, to configure and start.
+    pub fn operator(&self) -> OperatorBuilder {
+        Operator::builder(&self.namespace)
     }
 
     /// A typed API in the test's namespace.
@@ -395,79 +400,37 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts an operator for `namespace` with the given resync period.
-    pub async fn start(namespace: &str, resync: Duration) -> Result<Self> {
-        Self::start_with_config(Config::infer().await?, namespace, resync).await
+    /// An operator for `namespace` (its CA there too, a 300 s resync, the admin kubeconfig):
+    /// change what a test needs, then [`OperatorBuilder::start`].
+    pub fn builder(namespace: &str) -> OperatorBuilder {
+        OperatorBuilder {
+            config: None,
+            settings: settings(&[namespace]),
+            lease: None,
+        }
     }
 
-    /// Starts an operator that authenticates with `config` (for example a ServiceAccount token).
-    pub async fn start_with_config(
-        config: Config,
-        namespace: &str,
-        resync: Duration,
-    ) -> Result<Self> {
-        Self::start_watching(config, &[namespace], resync).await
-    }
-
-    /// Starts an operator that watches exactly `namespaces`, as `--namespaces=a,b` does.
-    pub async fn start_watching(
-        config: Config,
-        namespaces: &[&str],
-        resync: Duration,
-    ) -> Result<Self> {
-        let settings = moat::controller::Settings {
-            resync_period: resync,
-            ..settings(namespaces)
-        };
-        Self::start_with_settings(config, settings).await
-    }
-
-    /// Starts an operator with exactly `settings` (for example a short CA validity).
-    pub async fn start_with_settings(
-        config: Config,
-        settings: moat::controller::Settings,
-    ) -> Result<Self> {
-        let client = moat::controller::client_from(config)?;
-        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
-        let task = tokio::spawn(moat::controller::run(client, settings, metrics.clone()));
-        Ok(Self { metrics, task })
-    }
-
-    /// Starts an operator replica for `namespace` that runs the controller only while it holds
-    /// the Lease `lease` (in the same namespace), as `moat operator --leader-elect` does.
-    pub async fn start_elected(
-        namespace: &str,
-        lease: &str,
-        identity: &str,
-        lease_duration_seconds: u64,
-    ) -> Result<Self> {
-        let config = Config::infer().await?;
-        let client = moat::controller::client_from(config)?;
-        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
-        let settings = settings(&[namespace]);
-        let lease = moat::controller::leader::LeaseSettings {
-            name: lease.to_string(),
-            namespace: namespace.to_string(),
-            identity: identity.to_string(),
-            duration_seconds: lease_duration_seconds,
-            grace_seconds: (lease_duration_seconds / 3).max(1),
-        };
-        let m = metrics.clone();
-        let task = tokio::spawn(async move {
-            let forever = std::future::pending();
-            if let Err(e) =
-                moat::controller::leader::run_elected(client, settings, m, lease, forever).await
-            {
-                eprintln!("leader election ended: {e}");
-            }
-        });
-        Ok(Self { metrics, task })
+    /// Starts the default operator for `namespace` (see [`Operator::builder`]).
+    pub async fn start(namespace: &str) -> Result<Self> {
+        Self::builder(namespace).start().await
     }
 
     /// Stops the operator abruptly, as a crash would.
     pub async fn kill(mut self) {
         self.task.abort();
         let _ = (&mut self.task).await;
+    }
+
+    /// The drift counter of `kind` in the operator's metrics (`moat_drift_repairs_total`; 0 when
+    /// the series is absent).
+    pub fn drift_repairs(&self, kind: &str) -> Result<u64> {
+        let prefix = format!("moat_drift_repairs_total{{kind=\"{kind}\"}} ");
+        Ok(self
+            .metrics
+            .encode()?
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0))
     }
 
     /// How many reconciles of SecureModelDeployments have started (`moat_reconcile_total`): a
@@ -486,6 +449,83 @@ impl Operator {
             || async { Ok(reconciles_completed(&self.metrics)? >= mark + n) },
         )
         .await
+    }
+}
+
+/// How a test's [`Operator`] runs: the one place an operator is configured.
+pub struct OperatorBuilder {
+    config: Option<Config>,
+    settings: moat::controller::Settings,
+    lease: Option<moat::controller::leader::LeaseSettings>,
+}
+
+impl OperatorBuilder {
+    /// Authenticates with `config` (for example a ServiceAccount token) instead of the admin
+    /// kubeconfig.
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = Some(config);
+        self
+    }
+
+    /// Watches exactly `namespaces`, as `--namespaces=a,b` does (the CA stays in the first).
+    pub fn watching(mut self, namespaces: &[&str]) -> Self {
+        self.settings.namespaces = namespaces.iter().map(|ns| ns.to_string()).collect();
+        self
+    }
+
+    /// The requeue interval of a converged object.
+    pub fn resync(mut self, period: Duration) -> Self {
+        self.settings.resync_period = period;
+        self
+    }
+
+    /// Changes any other setting (a short CA validity, an allow-list, a helper image, ...).
+    pub fn settings(mut self, change: impl FnOnce(&mut moat::controller::Settings)) -> Self {
+        change(&mut self.settings);
+        self
+    }
+
+    /// Runs the controller only while holding the Lease `lease` in the first watched namespace,
+    /// as `moat operator --leader-elect` does.
+    pub fn elected(mut self, lease: &str, identity: &str, lease_duration_seconds: u64) -> Self {
+        self.lease = Some(moat::controller::leader::LeaseSettings {
+            name: lease.to_string(),
+            namespace: self
+                .settings
+                .namespaces
+                .first()
+                .cloned()
+                .unwrap_or_default(),
+            identity: identity.to_string(),
+            duration_seconds: lease_duration_seconds,
+            grace_seconds: (lease_duration_seconds / 3).max(1),
+        });
+        self
+    }
+
+    /// Installs Moat's CRDs (as the admin) and starts the operator in this process.
+    pub async fn start(self) -> Result<Operator> {
+        install_crds(&client().await?).await?;
+        let config = match self.config {
+            Some(config) => config,
+            None => Config::infer().await?,
+        };
+        let client = moat::controller::client_from(config)?;
+        let metrics = std::sync::Arc::new(moat::telemetry::metrics::Metrics::default());
+        let m = metrics.clone();
+        let settings = self.settings;
+        let task = match self.lease {
+            None => tokio::spawn(moat::controller::run(client, settings, m)),
+            Some(lease) => tokio::spawn(async move {
+                let forever = std::future::pending();
+                if let Err(e) =
+                    moat::controller::leader::run_elected(client, settings, m, lease, forever).await
+                {
+                    eprintln!("leader election ended: {e}");
+                }
+            }),
+        };
+        Ok(Operator { metrics, task })
     }
 }
 

@@ -10,6 +10,7 @@ use moat::{
     api::SecureModelDeployment,
     controller::Error,
     core::status,
+    fixture,
     render::{RenderError, ValidationError},
 };
 use serde_json::{Value, json};
@@ -19,12 +20,11 @@ fn health(obj: &Value) -> (String, String) {
 }
 
 fn smd(generation: i64) -> SecureModelDeployment {
-    serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": "m", "namespace": "n", "generation": generation},
-        "spec": {"server": {"image": "r.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
-    }))
-    .expect("smd")
+    fixture::smd("m")
+        .namespace("n")
+        .generation(generation)
+        .build()
+        .expect("smd")
 }
 
 fn deployment(status: Value) -> Deployment {

@@ -5,7 +5,6 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     process::Command,
-    time::Duration,
 };
 
 use anyhow::{Context, Result, bail, ensure};
@@ -23,9 +22,12 @@ use kube::{
     Api,
     api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
-use moat::api::{ModelClient, SecureModelDeployment, conditions};
+use moat::{
+    api::{ModelClient, SecureModelDeployment, conditions},
+    fixture,
+};
 use moat_e2e::{
-    MoatProcess, NamespaceOptions, Operator, audit_entries, audit_offset, can_i_rows,
+    MoatProcess, NamespaceOptions, audit_entries, audit_offset, can_i_rows,
     client_as_service_account, config_with_token, install_crds, is_ready, kubeconfig_with_token,
     service_account_token, tool, wait_ready, wait_until, with_namespace,
 };
@@ -420,12 +422,8 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         // The operator binary's code, with the chart ServiceAccount's token, watching the two
         // namespaces as `--namespaces` makes it, reconciles a model in each.
         let token = service_account_token(&env.client, ns, &name).await?;
-        let op = Operator::start_watching(config_with_token(token).await?, &[ns, &other], Duration::from_secs(300)).await?;
-        let smd: SecureModelDeployment = serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-            "metadata": {"name": "model"},
-            "spec": {"server": {"image": moat_e2e::TEST_IMAGE, "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
-        }))?;
+        let op = env.operator().config(config_with_token(token).await?).watching(&[ns, &other]).start().await?;
+        let smd = fixture::smd("model").build()?;
         let smds = env.api::<SecureModelDeployment>();
         let other_smds = kube::Api::<SecureModelDeployment>::namespaced(env.client.clone(), &other);
         smds.create(&PostParams::default(), &smd).await?;
@@ -489,16 +487,11 @@ async fn aggregated_roles_allow_edit_and_view(env: &moat_e2e::TestEnv) -> Result
         dry_run: true,
         ..PostParams::default()
     };
-    let smd: SecureModelDeployment = serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": "by-a-user"},
-        "spec": {"server": {"image": "registry.example.com/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
-    }))?;
-    let mc: ModelClient = serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
-        "metadata": {"name": "by-a-user"},
-        "spec": {"deploymentRef": {"namespace": ns, "name": "model"}, "serviceAccountName": "checkout", "secretName": "model-client"}
-    }))?;
+    let smd = fixture::smd("by-a-user").build()?;
+    let mc = fixture::model_client("by-a-user", ns, "model")
+        .service_account("checkout")
+        .secret("model-client")
+        .build()?;
     let editor = client_as_service_account(&env.client, ns, "editor").await?;
     let viewer = client_as_service_account(&env.client, ns, "viewer").await?;
     let (editor_smds, editor_mcs) = (
@@ -540,17 +533,13 @@ async fn aggregated_roles_allow_edit_and_view(env: &moat_e2e::TestEnv) -> Result
     Ok(())
 }
 
+/// The model `fraud`: `replicas` replicas serving on port 8443, allowing `clients`.
 fn model(replicas: i32, clients: Value) -> Result<SecureModelDeployment> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": "fraud"},
-        "spec": {
-            "replicas": replicas,
-            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8443,
-                       "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
-            "access": {"clients": clients}
-        }
-    }))?)
+    Ok(fixture::smd("fraud")
+        .replicas(replicas)
+        .port(8443)
+        .clients(clients)
+        .build()?)
 }
 
 fn pem(secret: &Secret, key: &str) -> Result<String> {
@@ -927,12 +916,9 @@ async fn drive(
 
     // A ModelClient in another namespace the model allows: its Secret there, its status.
     let mcs: Api<ModelClient> = Api::namespaced(admin.clone(), clients);
-    let mc: ModelClient = serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
-        "metadata": {"name": "checkout"},
-        "spec": {"deploymentRef": {"namespace": models, "name": "fraud"},
-                 "serviceAccountName": "checkout", "secretName": "fraud-client"}
-    }))?;
+    let mc = fixture::model_client("checkout", models, "fraud")
+        .secret("fraud-client")
+        .build()?;
     mcs.create(&PostParams::default(), &mc).await?;
     wait_until("the ModelClient Ready", || async {
         op_alive(op)?;

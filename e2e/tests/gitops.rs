@@ -3,7 +3,7 @@
 //! `e2e/cluster.sh build`), the chart values they carry pass the chart's schema, and the models
 //! they sync become Ready, judged Healthy by the Argo CD health check and Current by kstatus.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{path::Path, process::Command};
 
 use anyhow::{Context, Result, ensure};
 use kube::{
@@ -12,8 +12,8 @@ use kube::{
 };
 use moat::api::SecureModelDeployment;
 use moat_e2e::{
-    DEADLINE, NamespaceOptions, Operator, install_crds, reconciles_started, tool, wait_event,
-    wait_ready, with_namespace,
+    DEADLINE, NamespaceOptions, Operator, reconciles_started, tool, wait_event, wait_ready,
+    with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -245,7 +245,6 @@ async fn models_synced_from_git_become_ready_healthy_and_current() {
         "gitops-models",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.as_str();
             // What Argo CD and Flux apply: the kustomize build of the models directory.
             let (ok, built, err) = kubectl(&["kustomize", &format!("{EXAMPLES}/models")], None)?;
@@ -268,7 +267,7 @@ async fn models_synced_from_git_become_ready_healthy_and_current() {
             }
             ensure!(!models.is_empty(), "no SecureModelDeployment in the models");
 
-            let op = Operator::start(ns, Duration::from_secs(300)).await?;
+            let op = Operator::start(ns).await?;
             let smds: Api<SecureModelDeployment> = env.api();
             // Applied server-side under the sync tool's own field manager, as Argo CD
             // (ServerSideApply=true) and Flux do.

@@ -15,27 +15,22 @@ use kube::{
 };
 use moat::{
     api::{SecureModelDeployment, conditions},
+    fixture,
     image::Registry as Resolver,
 };
 use moat_e2e::{
-    DEADLINE, NamespaceOptions, Operator, TestEnv, deadline_after_backoff, install_crds,
+    DEADLINE, NamespaceOptions, Operator, TestEnv, deadline_after_backoff,
     registry::{Registry, RegistryOptions, TestImage},
-    settings, wait_condition, wait_event, wait_for, wait_smd, wait_smd_within, with_namespace,
+    wait_condition, wait_event, wait_for, wait_smd, wait_smd_within, with_namespace,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
-fn smd(name: &str, image: &str, pull_secrets: &[&str]) -> Result<SecureModelDeployment> {
-    let secrets: Vec<Value> = pull_secrets.iter().map(|n| json!({"name": n})).collect();
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "server": {"image": image, "port": 8000,
-                       "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
-            "imagePullSecrets": secrets
-        }
-    }))?)
+/// The model `name`: one replica of `image`, pulled with the Secrets `pull_secrets`.
+fn smd(name: &str, image: &str, pull_secrets: &[&str]) -> fixture::SmdFixture {
+    fixture::smd(name)
+        .replicas(1)
+        .image(image)
+        .image_pull_secrets(pull_secrets)
 }
 
 async fn pull_secret(env: &TestEnv, name: &str, dockerconfigjson: &[u8]) -> Result<()> {
@@ -53,12 +48,15 @@ async fn pull_secret(env: &TestEnv, name: &str, dockerconfigjson: &[u8]) -> Resu
 
 /// An operator for the test's namespace that trusts the registry's CA.
 async fn operator(env: &TestEnv, registry: &Registry, allowed: &[&str]) -> Result<Operator> {
-    install_crds(&env.client).await?;
-    let mut s = settings(&[&env.namespace]);
-    s.image.registry = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
+    let resolver = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
         .map_err(anyhow::Error::msg)?;
-    s.image.allowed_registries = allowed.iter().map(|a| a.to_string()).collect();
-    Operator::start_with_settings(kube::Config::infer().await?, s).await
+    env.operator()
+        .settings(|s| {
+            s.image.registry = resolver;
+            s.image.allowed_registries = allowed.iter().map(|a| a.to_string()).collect();
+        })
+        .start()
+        .await
 }
 
 async fn pod_image(env: &TestEnv, name: &str) -> Result<Option<String>> {
@@ -138,7 +136,7 @@ async fn tags_are_pinned_once_and_only_moved_on_request() {
         let first = registry.push("serving/model:v1", &TestImage::single("one")).await?;
         let tag = registry.image_ref("serving/model:v1");
         let repo = registry.image_ref("serving/model");
-        smds.create(&PostParams::default(), &smd("model", &tag, &["pull"])?).await?;
+        smds.create(&PostParams::default(), &smd("model", &tag, &["pull"]).build()?).await?;
         wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
         println!("pinned {tag} to {first}");
         let status = wait_pinned(&env, "model", &format!("{repo}@{first}")).await?.status.context("status")?;
@@ -171,7 +169,7 @@ async fn tags_are_pinned_once_and_only_moved_on_request() {
         // A multi-arch image is pinned by its index digest.
         let index = registry.push("serving/multi:v1", &TestImage::multi_arch("four")).await?;
         ensure!(index == registry.index_digest("serving/multi:v1").await?);
-        smds.create(&PostParams::default(), &smd("multi", &registry.image_ref("serving/multi:v1"), &["pull"])?)
+        smds.create(&PostParams::default(), &smd("multi", &registry.image_ref("serving/multi:v1"), &["pull"]).build()?)
             .await?;
         wait_pod_image(&env, "multi", &format!("{}@{index}", registry.image_ref("serving/multi"))).await?;
         wait_condition(&env, "multi", conditions::READY, "RolloutComplete").await?;
@@ -191,11 +189,11 @@ async fn credentials_and_policies_give_clear_status() {
         let deployments: Api<Deployment> = env.api();
 
         // A pull Secret that does not exist.
-        smds.create(&PostParams::default(), &smd("missing", &tag, &["nope"])?).await?;
+        smds.create(&PostParams::default(), &smd("missing", &tag, &["nope"]).build()?).await?;
         let m = wait_condition(&env, "missing", conditions::STALLED, "ImagePullSecretRejected").await?;
         ensure!(m.contains("image pull Secret nope") && m.contains("does not exist"), "{m}");
         // No credentials at all: the registry refuses.
-        smds.create(&PostParams::default(), &smd("anonymous", &tag, &[])?).await?;
+        smds.create(&PostParams::default(), &smd("anonymous", &tag, &[]).build()?).await?;
         let m = wait_condition(&env, "anonymous", conditions::STALLED, "ImagePullSecretRejected").await?;
         ensure!(m.contains("refused access") && m.contains("spec.imagePullSecrets"), "{m}");
         // Wrong credentials, then fixed: Moat retries (with backoff) and pins.
@@ -203,7 +201,7 @@ async fn credentials_and_policies_give_clear_status() {
             "username": registry.username(), "password": "wrong-password"
         }}});
         pull_secret(&env, "pull", wrong.to_string().as_bytes()).await?;
-        smds.create(&PostParams::default(), &smd("wrong", &tag, &["pull"])?).await?;
+        smds.create(&PostParams::default(), &smd("wrong", &tag, &["pull"]).build()?).await?;
         let failing_since = Instant::now();
         let m = wait_condition(&env, "wrong", conditions::STALLED, "ImagePullSecretRejected").await?;
         ensure!(!m.contains("wrong-password"), "the password leaked into the status: {m}");
@@ -217,22 +215,21 @@ async fn credentials_and_policies_give_clear_status() {
         ensure!(pod_image(&env, "wrong").await?.is_some_and(|i| i.contains("@sha256:")));
 
         // A tag that does not exist.
-        smds.create(&PostParams::default(), &smd("unknown", &registry.image_ref("serving/model:v9"), &["pull"])?)
+        smds.create(&PostParams::default(), &smd("unknown", &registry.image_ref("serving/model:v9"), &["pull"]).build()?)
             .await?;
         let m = wait_condition(&env, "unknown", conditions::STALLED, "ImageNotFound").await?;
         ensure!(m.contains("serving/model:v9") && m.contains("not found"), "{m}");
 
         // RequireDigest: the API server refuses a tag.
-        let mut strict = serde_json::to_value(smd("strict", &tag, &["pull"])?)?;
-        strict["spec"]["imagePolicy"] = json!("RequireDigest");
+        let strict = smd("strict", &tag, &["pull"]).set(&["spec", "imagePolicy"], json!("RequireDigest"));
         let e = smds
-            .create(&PostParams::default(), &serde_json::from_value(strict.clone())?)
+            .create(&PostParams::default(), &strict.build()?)
             .await
             .expect_err("a tag under RequireDigest");
         ensure!(e.to_string().contains("must name a digest"), "{e}");
         let digest = registry.inspect_digest("serving/model:v1").await?;
-        strict["spec"]["server"]["image"] = json!(format!("{}@{digest}", registry.image_ref("serving/model")));
-        smds.create(&PostParams::default(), &serde_json::from_value(strict)?).await?;
+        let strict = strict.image(&format!("{}@{digest}", registry.image_ref("serving/model")));
+        smds.create(&PostParams::default(), &strict.build()?).await?;
         wait_pod_image(&env, "strict", &format!("{}@{digest}", registry.image_ref("serving/model"))).await?;
         Ok(())
     })
@@ -254,7 +251,7 @@ async fn registries_outside_the_allow_list_are_refused() {
             let smds: Api<SecureModelDeployment> = env.api();
             smds.create(
                 &PostParams::default(),
-                &smd("model", &registry.image_ref("serving/model:v1"), &["pull"])?,
+                &smd("model", &registry.image_ref("serving/model:v1"), &["pull"]).build()?,
             )
             .await?;
             let m =
@@ -284,7 +281,7 @@ async fn a_registry_outage_leaves_running_workloads_untouched() {
         let second = registry.push("serving/model:v2", &TestImage::single("two")).await?;
         let repo = registry.image_ref("serving/model");
         let smds: Api<SecureModelDeployment> = env.api();
-        smds.create(&PostParams::default(), &smd("model", &registry.image_ref("serving/model:v1"), &["pull"])?)
+        smds.create(&PostParams::default(), &smd("model", &registry.image_ref("serving/model:v1"), &["pull"]).build()?)
             .await?;
         wait_condition(&env, "model", conditions::READY, "RolloutComplete").await?;
         wait_pod_image(&env, "model", &format!("{repo}@{first}")).await?;
@@ -315,7 +312,7 @@ async fn a_registry_outage_leaves_running_workloads_untouched() {
         let image = smds.get("model").await?.status.and_then(|s| s.image).context("status.image")?;
         ensure!(image.pinned == format!("{repo}@{first}"), "status.image changed: {image:?}");
         // A model with no digest yet gets no Deployment at all.
-        smds.create(&PostParams::default(), &smd("fresh", &registry.image_ref("serving/model:v1"), &["pull"])?)
+        smds.create(&PostParams::default(), &smd("fresh", &registry.image_ref("serving/model:v1"), &["pull"]).build()?)
             .await?;
         wait_condition(&env, "fresh", conditions::RECONCILING, "RegistryUnreachable").await?;
         ensure!(deployments.get_opt("fresh").await?.is_none(), "deployed without a digest");
@@ -341,26 +338,29 @@ async fn moats_own_helper_image_is_pinned_too() {
         // Moat's own image comes from a registry that needs no credentials.
         let registry = Registry::start(RegistryOptions::anonymous()).await?;
         let digest = registry.push("moat:0.1", &TestImage::single("moat")).await?;
-        install_crds(&env.client).await?;
-        let mut s = settings(&[&env.namespace]);
-        s.image.registry = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
+        let resolver = Resolver::new(Some(registry.ca_pem()), Duration::from_secs(5))
             .map_err(anyhow::Error::msg)?;
-        s.image.helper_image = registry.image_ref("moat:0.1");
-        let _op = Operator::start_with_settings(kube::Config::infer().await?, s).await?;
+        let _op = env
+            .operator()
+            .settings(|s| {
+                s.image.registry = resolver;
+                s.image.helper_image = registry.image_ref("moat:0.1");
+            })
+            .start()
+            .await?;
         let key: Secret = serde_json::from_value(json!({
             "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "key"},
             "stringData": {"identity": "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ"}
         }))?;
         env.api::<Secret>().create(&PostParams::default(), &key).await?;
-        let mut model = serde_json::to_value(smd("model", moat_e2e::TEST_IMAGE, &[])?)?;
-        model["spec"]["model"] = json!({
+        let model = smd("model", moat_e2e::TEST_IMAGE, &[]).model(json!({
             "source": {"url": "https://artifacts.example.com/m.tar.age"},
             "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
             "decryptionKeySecretRef": {"name": "key", "key": "identity"},
             "mountPath": "/models/m", "sizeLimit": "1Gi"
-        });
+        }));
         let smds: Api<SecureModelDeployment> = env.api();
-        smds.create(&PostParams::default(), &serde_json::from_value(model)?).await?;
+        smds.create(&PostParams::default(), &model.build()?).await?;
         let want = format!("{}@{digest}", registry.image_ref("moat"));
         wait_for(DEADLINE, "the init container to run the pinned helper", || async {
             let init = env

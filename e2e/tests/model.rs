@@ -16,36 +16,39 @@ use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use moat::api::{SecureModelDeployment, conditions};
+use moat::{
+    api::{SecureModelDeployment, conditions},
+    fixture,
+};
 use moat_e2e::{
     HELPER_IMAGE, NamespaceOptions, Operator, TestEnv, condition, current_condition,
-    deadline_after_backoff, install_crds, moat_binary, settings, wait_condition,
-    wait_condition_within, wait_smd, wait_until, with_namespace,
+    deadline_after_backoff, moat_binary, wait_condition, wait_condition_within, wait_smd,
+    wait_until, with_namespace,
 };
 use serde_json::{Value, json};
 
 const SHA256: &str = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
 
+/// The model `name`: one replica serving the weights from `source`, decrypted with the key in the
+/// Secret `key_secret`, which is deleted with the model when `shred`.
 fn smd(name: &str, key_secret: &str, source: Value, shred: bool) -> Result<SecureModelDeployment> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": 1,
-            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8000,
-                       "args": ["--model", "/models/fraud"],
-                       "resources": {"limits": {"cpu": "1", "memory": "4Gi"}}},
-            "access": {"egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]},
-            "model": {
-                "source": source,
-                "sha256": SHA256,
-                "decryptionKeySecretRef": {"name": key_secret, "key": "identity"},
-                "mountPath": "/models/fraud",
-                "sizeLimit": "2Gi",
-                "deleteKeyWithDeployment": shred
-            }
-        }
-    }))?)
+    Ok(fixture::smd(name)
+        .replicas(1)
+        .set(
+            &["spec", "server", "args"],
+            json!(["--model", "/models/fraud"]),
+        )
+        .limits("1", "4Gi")
+        .egress(json!([{"cidr": "10.20.0.0/16", "ports": [443]}]))
+        .model(json!({
+            "source": source,
+            "sha256": SHA256,
+            "decryptionKeySecretRef": {"name": key_secret, "key": "identity"},
+            "mountPath": "/models/fraud",
+            "sizeLimit": "2Gi",
+            "deleteKeyWithDeployment": shred
+        }))
+        .build()?)
 }
 
 fn url_source() -> Value {
@@ -81,12 +84,7 @@ async fn encrypted_model_pods_run_under_restricted_and_shredding_deletes_the_key
         "model-pods",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
-            let _op = Operator::start_with_settings(
-                kube::Config::infer().await?,
-                settings(&[&env.namespace]),
-            )
-            .await?;
+            let _op = Operator::start(&env.namespace).await?;
             let smds: Api<SecureModelDeployment> = env.api();
             key_secret(&env, "shredded-key").await?;
             key_secret(&env, "kept-key").await?;
@@ -201,10 +199,11 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
         "model-pvc",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
-            let mut s = settings(&[&env.namespace]);
-            s.encrypted_storage_classes = vec!["encrypted-ssd".into()];
-            let _op = Operator::start_with_settings(kube::Config::infer().await?, s).await?;
+            let _op = env
+                .operator()
+                .settings(|s| s.encrypted_storage_classes = vec!["encrypted-ssd".into()])
+                .start()
+                .await?;
             let smds: Api<SecureModelDeployment> = env.api();
             let claims: Api<PersistentVolumeClaim> = env.api();
             for (name, class) in [
@@ -306,10 +305,7 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
 #[tokio::test]
 async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
     with_namespace("model-failure", NamespaceOptions::restricted(), |env| async move {
-        install_crds(&env.client).await?;
-        let _op =
-            Operator::start_with_settings(kube::Config::infer().await?, settings(&[&env.namespace]))
-                .await?;
+        let _op = Operator::start(&env.namespace).await?;
         key_secret(&env, "fraud-key").await?;
         env.api::<SecureModelDeployment>()
             .create(&PostParams::default(), &smd("fraud", "fraud-key", url_source(), false)?)
@@ -411,3 +407,4 @@ async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
     })
     .await;
 }
+

@@ -15,29 +15,28 @@ use kube::{
 };
 use moat::{
     api::{ModelClient, SecureModelDeployment, conditions},
+    fixture,
     pki::{self, KeyedCertificate},
 };
 use moat_e2e::{
-    NamespaceOptions, Operator, TestEnv, ca_settings, install_crds, reconciles_started,
+    NamespaceOptions, Operator, TestEnv, reconciles_started,
     tls::{client_config, handshake, server_config},
     wait_event, wait_ready, wait_smd, wait_until, with_namespace,
 };
 use serde_json::{Value, json};
 
-fn smd(clients: Value, lifetime: &str) -> Result<SecureModelDeployment> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": "fraud"},
-        "spec": {
-            "replicas": 1,
-            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8443,
-                       "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
-            "access": {"clients": clients},
-            "tls": {"certificateLifetime": lifetime}
-        }
-    }))?)
+/// The model `name`: one replica serving on port 8443, allowing `clients`, with certificates of
+/// `lifetime`.
+fn smd(name: &str, clients: Value, lifetime: &str) -> fixture::SmdFixture {
+    fixture::smd(name)
+        .replicas(1)
+        .port(8443)
+        .clients(clients)
+        .certificate_lifetime(lifetime)
 }
 
+/// The ModelClient `name` of the model `fraud` in `model_ns`, as ServiceAccount `sa`, stored in
+/// the Secret `secret`, with certificates of `lifetime`.
 fn model_client(
     name: &str,
     model_ns: &str,
@@ -45,12 +44,11 @@ fn model_client(
     secret: &str,
     lifetime: &str,
 ) -> Result<ModelClient> {
-    Ok(serde_json::from_value(json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
-        "metadata": {"name": name},
-        "spec": {"deploymentRef": {"namespace": model_ns, "name": "fraud"},
-                 "serviceAccountName": sa, "secretName": secret, "certificateLifetime": lifetime}
-    }))?)
+    Ok(fixture::model_client(name, model_ns, "fraud")
+        .service_account(sa)
+        .secret(secret)
+        .certificate_lifetime(lifetime)
+        .build()?)
 }
 
 /// The model `fraud` in the test's namespace, allowing ServiceAccount `checkout` of
@@ -65,9 +63,11 @@ async fn consenting_pair(
     smds.create(
         &PostParams::default(),
         &smd(
+            "fraud",
             json!([{"namespace": client_ns, "serviceAccounts": ["checkout"]}]),
             lifetime,
-        )?,
+        )
+        .build()?,
     )
     .await?;
     let mcs: Api<ModelClient> = Api::namespaced(env.client.clone(), client_ns);
@@ -172,7 +172,6 @@ async fn certificates_with_two_sided_consent_withdrawal_and_tamper_repair() {
         "mtls-consent",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.clone();
             let client_ns = env
                 .another_namespace(&NamespaceOptions::restricted())
@@ -180,21 +179,21 @@ async fn certificates_with_two_sided_consent_withdrawal_and_tamper_repair() {
             let stranger_ns = env
                 .another_namespace(&NamespaceOptions::restricted())
                 .await?;
-            let config = kube::Config::infer().await?;
-            let op = Operator::start_watching(
-                config,
-                &[&ns, &client_ns, &stranger_ns],
-                Duration::from_secs(300),
-            )
-            .await?;
+            let op = env
+                .operator()
+                .watching(&[&ns, &client_ns, &stranger_ns])
+                .start()
+                .await?;
 
             let smds: Api<SecureModelDeployment> = env.api();
             smds.create(
                 &PostParams::default(),
                 &smd(
+                    "fraud",
                     json!([{"namespace": client_ns, "serviceAccounts": ["checkout"]}]),
                     "24h",
-                )?,
+                )
+                .build()?,
             )
             .await?;
             let ready = wait_ready(&smds, "fraud").await?;
@@ -419,16 +418,13 @@ async fn short_lifetimes_renew_before_expiry_and_ca_rotation_keeps_handshakes_wo
         "mtls-rotation",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.clone();
             // A CA valid for 60 s rotates at 40 s; certificates of 30 s renew at 20 s.
-            let mut ca = ca_settings(&ns);
-            ca.validity = Duration::from_secs(60);
-            let settings = moat::controller::Settings {
-                ca,
-                ..moat_e2e::settings(&[&ns])
-            };
-            let _op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
+            let _op = env
+                .operator()
+                .settings(|s| s.ca.validity = Duration::from_secs(60))
+                .start()
+                .await?;
             consenting_pair(&env, &ns, "30s").await?;
             let first_serving = wait_secret(&env, &ns, "fraud-tls").await?;
             let first_client = wait_secret(&env, &ns, "fraud-client").await?;
@@ -527,18 +523,6 @@ async fn short_lifetimes_renew_before_expiry_and_ca_rotation_keeps_handshakes_wo
     .await;
 }
 
-fn named_smd(
-    name: &str,
-    clients: Value,
-    lifetime: &str,
-    reloads: bool,
-) -> Result<SecureModelDeployment> {
-    let mut smd = smd(clients, lifetime)?;
-    smd.metadata.name = Some(name.to_string());
-    smd.spec.tls.reloads_certificates = reloads;
-    Ok(smd)
-}
-
 fn cert_info(secret: &Secret) -> Result<pki::CertInfo> {
     pki::pem_certificates(&text(secret, "tls.crt"))
         .first()
@@ -605,17 +589,11 @@ async fn model_client_side_withdrawal_status_certificate_and_repair_of_both_secr
         "mtls-client-side",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.clone();
             let client_ns = env
                 .another_namespace(&NamespaceOptions::restricted())
                 .await?;
-            let _op = Operator::start_watching(
-                kube::Config::infer().await?,
-                &[&ns, &client_ns],
-                Duration::from_secs(300),
-            )
-            .await?;
+            let _op = env.operator().watching(&[&ns, &client_ns]).start().await?;
             let mcs = consenting_pair(&env, &client_ns, "24h").await?;
             wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
             let client = wait_secret(&env, &client_ns, "fraud-client").await?;
@@ -763,19 +741,20 @@ async fn a_renewal_rolls_the_pods_unless_the_server_reloads_its_certificate() {
         "mtls-roll",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.clone();
-            let _op = Operator::start(&ns, Duration::from_secs(300)).await?;
+            let _op = Operator::start(&ns).await?;
             let smds: Api<SecureModelDeployment> = env.api();
             // 30 s certificates, renewed at 20 s.
             smds.create(
                 &PostParams::default(),
-                &named_smd("rolling", json!([]), "30s", false)?,
+                &smd("rolling", json!([]), "30s").build()?,
             )
             .await?;
             smds.create(
                 &PostParams::default(),
-                &named_smd("reloading", json!([]), "30s", true)?,
+                &smd("reloading", json!([]), "30s")
+                    .set(&["spec", "tls", "reloadsCertificates"], json!(true))
+                    .build()?,
             )
             .await?;
             let deploys: Api<Deployment> = env.api();
@@ -952,7 +931,6 @@ async fn an_imported_ca_is_used_as_is_and_never_written() {
         "mtls-import-ca",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             let ns = env.namespace.clone();
             // The user's CA, in a Secret Moat did not create (no managed-by label).
             let now = k8s_openapi::jiff::Timestamp::now().as_second();
@@ -970,14 +948,12 @@ async fn an_imported_ca_is_used_as_is_and_never_written() {
                 .await?;
             let version = created.metadata.resource_version.clone();
             let audit_from = moat_e2e::audit_offset()?;
-            let mut ca = ca_settings(&ns);
-            ca.secret_name = "corp-ca".into();
-            let settings = moat::controller::Settings {
-                resync_period: Duration::from_secs(2),
-                ca,
-                ..moat_e2e::settings(&[&ns])
-            };
-            let op = Operator::start_with_settings(kube::Config::infer().await?, settings).await?;
+            let op = env
+                .operator()
+                .resync(Duration::from_secs(2))
+                .settings(|s| s.ca.secret_name = "corp-ca".into())
+                .start()
+                .await?;
             let mcs = consenting_pair(&env, &ns, "24h").await?;
             wait_mc(&mcs, "checkout", true, "CertificateIssued").await?;
             let serving = wait_secret(&env, &ns, "fraud-tls").await?;

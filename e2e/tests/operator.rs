@@ -16,7 +16,7 @@ use kube::{
     Api, Resource, ResourceExt,
     api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
-use moat::api::SecureModelDeployment;
+use moat::{api::SecureModelDeployment, fixture};
 use moat_e2e::{
     DEADLINE, NamespaceOptions, Operator, TestEnv, install_crds, reconciles_completed,
     reconciles_started, wait_event, wait_for_every, wait_smd, wait_until, with_namespace,
@@ -25,27 +25,28 @@ use serde_json::{Value, json};
 
 const NAME: &str = "scorer";
 
+/// The model `name` as JSON (the invalid-spec cases edit it): `replicas` replicas with args, an
+/// environment variable, a CPU request and a readiness probe, reachable from `payments` pods
+/// labelled `app: checkout`, with egress to 10.20.0.0/16 on 443.
 fn smd(name: &str, replicas: i32) -> Value {
-    json!({
-        "apiVersion": "moat.dev/v1alpha1",
-        "kind": "SecureModelDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "server": {
-                "image": moat_e2e::TEST_IMAGE,
-                "args": ["--port", "8000"],
-                "env": [{"name": "LOG_LEVEL", "value": "info"}],
-                "port": 8000,
-                "resources": {"limits": {"cpu": "1", "memory": "1Gi"}, "requests": {"cpu": "250m"}},
-                "readinessProbe": {"httpGet": {"path": "/health"}}
-            },
-            "access": {
-                "clients": [{"namespace": "payments", "podSelector": {"app": "checkout"}}],
-                "egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]
-            }
-        }
-    })
+    fixture::smd(name)
+        .replicas(replicas)
+        .set(&["spec", "server", "args"], json!(["--port", "8000"]))
+        .set(
+            &["spec", "server", "env"],
+            json!([{"name": "LOG_LEVEL", "value": "info"}]),
+        )
+        .set(
+            &["spec", "server", "resources", "requests"],
+            json!({"cpu": "250m"}),
+        )
+        .set(
+            &["spec", "server", "readinessProbe"],
+            json!({"httpGet": {"path": "/health"}}),
+        )
+        .clients(json!([{"namespace": "payments", "podSelector": {"app": "checkout"}}]))
+        .egress(json!([{"cidr": "10.20.0.0/16", "ports": [443]}]))
+        .json()
 }
 
 async fn create_smd(env: &TestEnv, body: Value) -> Result<SecureModelDeployment> {
@@ -59,11 +60,6 @@ async fn create_smd(env: &TestEnv, body: Value) -> Result<SecureModelDeployment>
 /// Waits until `name` is Ready for its current generation; returns the object that was.
 async fn wait_ready(env: &TestEnv, name: &str) -> Result<SecureModelDeployment> {
     moat_e2e::wait_ready(&env.api(), name).await
-}
-
-async fn setup(env: &TestEnv, resync: Duration) -> Result<Operator> {
-    install_crds(&env.client).await?;
-    Operator::start(&env.namespace, resync).await
 }
 
 fn selector(name: &str) -> ListParams {
@@ -86,7 +82,7 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
         "operator-ready",
         NamespaceOptions::restricted(),
         |env| async move {
-            let _op = setup(&env, Duration::from_secs(300)).await?;
+            let _op = Operator::start(&env.namespace).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             let ready = wait_ready(&env, NAME).await?;
             // The real kstatus library (what Flux uses) judges it Current.
@@ -484,7 +480,7 @@ async fn every_kind_of_drift_is_repaired() {
         "operator-drift",
         NamespaceOptions::restricted(),
         |env| async move {
-            let op = setup(&env, Duration::from_secs(300)).await?;
+            let op = Operator::start(&env.namespace).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             wait_ready(&env, NAME).await?;
             let all = scenarios();
@@ -571,17 +567,6 @@ async fn every_kind_of_drift_is_repaired() {
     .await;
 }
 
-/// The drift counter of `kind` in the operator's metrics (0 when the series is absent).
-fn drift_repairs(op: &Operator, kind: &str) -> Result<u64> {
-    let prefix = format!("moat_drift_repairs_total{{kind=\"{kind}\"}} ");
-    Ok(op
-        .metrics
-        .encode()?
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
-        .unwrap_or(0))
-}
-
 /// Deleting a model's serving-certificate Secret is one drift repair of a Secret, named as such in
 /// the metric, the Event and `status.drift`. The new certificate Moat then issues changes the pod
 /// template's `moat.dev/tls-hash` too, but that follows from Moat's own new fact: it is an update
@@ -592,7 +577,7 @@ async fn a_deleted_serving_secret_is_one_secret_repair_and_the_deployment_follow
         "operator-secret-drift",
         NamespaceOptions::restricted(),
         |env| async move {
-            let op = setup(&env, Duration::from_secs(300)).await?;
+            let op = Operator::start(&env.namespace).await?;
             // Ready only once every watch has filled its cache.
             wait_until("the operator to be ready (caches synced)", || async {
                 Ok(op.metrics.readiness().is_ok())
@@ -674,9 +659,9 @@ async fn a_deleted_serving_secret_is_one_secret_repair_and_the_deployment_follow
                 "status.drift: {:?}",
                 final_status.status.and_then(|s| s.drift)
             );
-            ensure!(drift_repairs(&op, "Secret")? == 1, "Secret repairs");
-            ensure!(drift_repairs(&op, "Deployment")? == 0, "Deployment repairs");
-            ensure!(drift_repairs(&op, "Object")? == 0, "an unnamed kind");
+            ensure!(op.drift_repairs("Secret")? == 1, "Secret repairs");
+            ensure!(op.drift_repairs("Deployment")? == 0, "Deployment repairs");
+            ensure!(op.drift_repairs("Object")? == 0, "an unnamed kind");
             let notes = moat_e2e::event_notes(&env, &env.namespace, NAME, "DriftRepaired").await?;
             ensure!(notes.len() == 1, "DriftRepaired Events: {notes:?}");
 
@@ -707,8 +692,8 @@ async fn a_deleted_serving_secret_is_one_secret_repair_and_the_deployment_follow
                 drift.last_repair.as_ref().map(|r| r.kind.as_str()) == Some("Secret"),
                 "{drift:?}"
             );
-            ensure!(drift_repairs(&op, "Secret")? == 2, "Secret repairs");
-            ensure!(drift_repairs(&op, "Deployment")? == 0, "Deployment repairs");
+            ensure!(op.drift_repairs("Secret")? == 2, "Secret repairs");
+            ensure!(op.drift_repairs("Deployment")? == 0, "Deployment repairs");
             Ok(())
         },
     )
@@ -721,7 +706,7 @@ async fn deleting_the_smd_removes_every_child() {
         "operator-delete",
         NamespaceOptions::restricted(),
         |env| async move {
-            let op = setup(&env, Duration::from_secs(300)).await?;
+            let op = Operator::start(&env.namespace).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             wait_ready(&env, NAME).await?;
             // moat_managed_objects counts the model and its children (recounted every 5 s).
@@ -764,13 +749,13 @@ async fn restarting_the_operator_midway_loses_and_duplicates_nothing() {
             install_crds(&env.client).await?;
             create_smd(&env, smd(NAME, 3)).await?;
             // First operator: killed as soon as it has created part of the children.
-            let first = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
+            let first = Operator::start(&env.namespace).await?;
             wait_until("the first children", || async {
                 Ok(count::<ServiceAccount>(&env, NAME).await? > 0)
             })
             .await?;
             first.kill().await;
-            let second = Operator::start(&env.namespace, Duration::from_secs(300)).await?;
+            let second = Operator::start(&env.namespace).await?;
             let ready = wait_ready(&env, NAME).await?;
             ensure!(
                 count::<ServiceAccount>(&env, NAME).await? == 1,
@@ -814,7 +799,7 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
         "operator-quiet",
         NamespaceOptions::restricted(),
         |env| async move {
-            let op = setup(&env, Duration::from_secs(1)).await?;
+            let op = env.operator().resync(Duration::from_secs(1)).start().await?;
             let audit = moat_e2e::tool("MOAT_AUDIT_LOG")?;
             let start_offset = std::fs::metadata(&audit)?.len() as usize;
             create_smd(&env, smd(NAME, 2)).await?;
@@ -903,7 +888,7 @@ async fn specs_the_schema_accepts_but_moat_refuses_stall_with_a_reason() {
         "operator-stalled",
         NamespaceOptions::restricted(),
         |env| async move {
-            let _op = setup(&env, Duration::from_secs(300)).await?;
+            let _op = Operator::start(&env.namespace).await?;
             // 0.0.0.0/0 is a valid CIDR for the schema, but it would open all egress.
             let mut body = smd(NAME, 2);
             body["spec"]["access"]["egress"] = json!([{"cidr": "0.0.0.0/0", "ports": [443]}]);
@@ -957,7 +942,7 @@ async fn children_no_longer_desired_are_pruned_and_foreign_objects_are_not_taken
         "operator-prune",
         NamespaceOptions::restricted(),
         |env| async move {
-            let _op = setup(&env, Duration::from_secs(300)).await?;
+            let _op = Operator::start(&env.namespace).await?;
             create_smd(&env, smd(NAME, 2)).await?;
             wait_ready(&env, NAME).await?;
             ensure!(count::<PodDisruptionBudget>(&env, NAME).await? == 1);
@@ -1004,22 +989,17 @@ async fn with_leader_election_only_the_leader_writes_and_a_follower_takes_over()
         "operator-leader",
         NamespaceOptions::restricted(),
         |env| async move {
-            install_crds(&env.client).await?;
             const LEASE_SECONDS: u64 = 6;
-            let a = Operator::start_elected(
-                &env.namespace,
-                "moat-operator",
-                "replica-a",
-                LEASE_SECONDS,
-            )
-            .await?;
-            let b = Operator::start_elected(
-                &env.namespace,
-                "moat-operator",
-                "replica-b",
-                LEASE_SECONDS,
-            )
-            .await?;
+            let a = env
+                .operator()
+                .elected("moat-operator", "replica-a", LEASE_SECONDS)
+                .start()
+                .await?;
+            let b = env
+                .operator()
+                .elected("moat-operator", "replica-b", LEASE_SECONDS)
+                .start()
+                .await?;
             wait_until("one leader", || async {
                 Ok(a.metrics.is_leader() != b.metrics.is_leader())
             })

@@ -38,25 +38,24 @@ pub fn consent(mc: &ModelClient, smd: Option<&SecureModelDeployment>) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixture;
     use serde_json::json;
 
     fn mc(sa: &str) -> ModelClient {
-        serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "ModelClient",
-            "metadata": {"name": "c", "namespace": "payments"},
-            "spec": {"deploymentRef": {"namespace": "ml", "name": "fraud"}, "serviceAccountName": sa, "secretName": "fraud-client"}
-        }))
-        .expect("mc")
+        fixture::model_client("c", "ml", "fraud")
+            .namespace("payments")
+            .service_account(sa)
+            .secret("fraud-client")
+            .build()
+            .expect("mc")
     }
 
     fn smd(clients: serde_json::Value) -> SecureModelDeployment {
-        serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-            "metadata": {"name": "fraud", "namespace": "ml"},
-            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}},
-                     "access": {"clients": clients}}
-        }))
-        .expect("smd")
+        fixture::smd("fraud")
+            .namespace("ml")
+            .clients(clients)
+            .build()
+            .expect("smd")
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub fn failure_of(pods: &[Pod], args: &[String]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixture;
 
     fn args() -> Vec<String> {
         vec!["decrypt".into(), "--sha256=abc".into()]
@@ -180,12 +181,11 @@ mod tests {
 
     #[test]
     fn the_key_secret_gets_this_model_as_owner_only_when_shredding_is_on() {
-        let mut smd: SecureModelDeployment = serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-            "metadata": {"name": "m", "namespace": "n", "uid": "u-1"},
-            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
-        }))
-        .expect("smd");
+        let mut smd = fixture::smd("m")
+            .namespace("n")
+            .uid("u-1")
+            .build()
+            .expect("smd");
         let bare: Secret =
             serde_json::from_value(json!({"metadata": {"name": "k"}})).expect("secret");
         let owned: Secret = serde_json::from_value(json!({"metadata": {"name": "k", "ownerReferences": [

@@ -236,6 +236,7 @@ pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) ->
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixture;
     use k8s_openapi::jiff::Timestamp;
     use serde_json::json;
 
@@ -249,14 +250,11 @@ mod tests {
     }
 
     fn smd(generation: i64) -> SecureModelDeployment {
-        let mut s: SecureModelDeployment = serde_json::from_value(json!({
-            "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-            "metadata": {"name": "m", "namespace": "n", "generation": generation},
-            "spec": {"server": {"image": "r/m:v1", "port": 8000, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}}}}
-        }))
-        .expect("smd");
-        s.status = None;
-        s
+        fixture::smd("m")
+            .namespace("n")
+            .generation(generation)
+            .build()
+            .expect("smd")
     }
 
     fn now() -> Time {

@@ -18,7 +18,10 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
-use moat::api::{SecureModelDeployment, conditions};
+use moat::{
+    api::{SecureModelDeployment, conditions},
+    fixture,
+};
 use moat_e2e::{Operator, install_crds, wait_for, wait_for_every};
 use serde_json::{Value, json};
 
@@ -58,17 +61,15 @@ fn args() -> Result<Args> {
     Ok(a)
 }
 
-fn smd(name: &str, replicas: i32) -> Value {
-    json!({
-        "apiVersion": "moat.dev/v1alpha1", "kind": "SecureModelDeployment",
-        "metadata": {"name": name},
-        "spec": {
-            "replicas": replicas,
-            "server": {"image": moat_e2e::TEST_IMAGE, "port": 8000,
-                       "resources": {"limits": {"cpu": "100m", "memory": "128Mi"}}},
-            "access": {"clients": [{"namespace": "clients"}], "egress": [{"cidr": "10.20.0.0/16", "ports": [443]}]}
-        }
-    })
+/// The benchmark's model `name`: `replicas` small replicas (100m, 128Mi) reachable from the
+/// namespace `clients`, with egress to 10.20.0.0/16 on 443.
+fn smd(name: &str, replicas: i32) -> Result<SecureModelDeployment> {
+    Ok(fixture::smd(name)
+        .replicas(replicas)
+        .limits("100m", "128Mi")
+        .clients(json!([{"namespace": "clients"}]))
+        .egress(json!([{"cidr": "10.20.0.0/16", "ports": [443]}]))
+        .build()?)
 }
 
 async fn fresh_namespace(client: &Client, name: &str) -> Result<()> {
@@ -141,13 +142,10 @@ fn metric(op: &Operator, name: &str) -> Result<f64> {
 async fn drift_latency(client: &Client, repairs: usize, report: &mut String) -> Result<()> {
     let ns = "moat-bench-drift";
     fresh_namespace(client, ns).await?;
-    let op = Operator::start(ns, Duration::from_secs(300)).await?;
+    let op = Operator::start(ns).await?;
     let smds: Api<SecureModelDeployment> = Api::namespaced(client.clone(), ns);
-    smds.create(
-        &PostParams::default(),
-        &serde_json::from_value(smd("drift", 2))?,
-    )
-    .await?;
+    smds.create(&PostParams::default(), &smd("drift", 2)?)
+        .await?;
     wait_ready(&smds, 1, Duration::from_secs(120)).await?;
     let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), ns);
     let deploys: Api<Deployment> = Api::namespaced(client.clone(), ns);
@@ -336,15 +334,14 @@ async fn wait_ready(smds: &Api<SecureModelDeployment>, n: usize, timeout: Durati
 async fn convergence(client: &Client, n: usize, report: &mut String) -> Result<()> {
     let ns = "moat-bench-scale";
     fresh_namespace(client, ns).await?;
-    let op = Operator::start(ns, Duration::from_secs(300)).await?;
+    let op = Operator::start(ns).await?;
     let smds: Api<SecureModelDeployment> = Api::namespaced(client.clone(), ns);
     let start = Instant::now();
     stream::iter(0..n)
         .map(|i| {
             let smds = smds.clone();
             async move {
-                let obj: SecureModelDeployment =
-                    serde_json::from_value(smd(&format!("model-{i:04}"), 1))?;
+                let obj = smd(&format!("model-{i:04}"), 1)?;
                 smds.create(&PostParams::default(), &obj).await?;
                 Ok::<_, anyhow::Error>(())
             }
