@@ -124,30 +124,41 @@ fn random_serial() -> Result<SerialNumber, PkiError> {
     Ok(SerialNumber::from_slice(&bytes))
 }
 
+/// A new P-256 key and the parameters every certificate Moat makes shares: the subject `dn`, valid
+/// from a little before `now` (clock skew) until `not_after` (unix seconds), a random serial.
+fn fresh(
+    dn: DistinguishedName,
+    now: i64,
+    not_after: i64,
+) -> Result<(KeyPair, CertificateParams), PkiError> {
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.not_before = at(now - BACKDATE_SECONDS)?;
+    params.not_after = at(not_after)?;
+    params.serial_number = Some(random_serial()?);
+    Ok((key, params))
+}
+
 /// Creates a self-signed CA for `trust_domain`, valid from `now` for `validity`.
 pub fn generate_ca(
     trust_domain: &str,
     now: i64,
     validity: Duration,
 ) -> Result<KeyedCertificate, PkiError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Moat");
     dn.push(
         DnType::CommonName,
         format!("Moat CA {trust_domain} {}", now.max(0)),
     );
-    params.distinguished_name = dn;
+    let (key, mut params) = fresh(dn, now, now + seconds(validity))?;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![
         KeyUsagePurpose::KeyCertSign,
         KeyUsagePurpose::CrlSign,
         KeyUsagePurpose::DigitalSignature,
     ];
-    params.not_before = at(now - BACKDATE_SECONDS)?;
-    params.not_after = at(now + seconds(validity))?;
-    params.serial_number = Some(random_serial()?);
     let cert = params.self_signed(&key)?;
     Ok(KeyedCertificate {
         cert_pem: cert.pem(),
@@ -225,11 +236,10 @@ impl Ca {
         now: i64,
         lifetime: Duration,
     ) -> Result<KeyedCertificate, PkiError> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, identity.common_name());
-        params.distinguished_name = dn;
+        let not_after = (now + seconds(lifetime)).min(self.info.not_after);
+        let (key, mut params) = fresh(dn, now, not_after)?;
         params.subject_alt_names = identity
             .expected_sans(trust_domain)
             .into_iter()
@@ -245,9 +255,6 @@ impl Ca {
             Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
         }];
         params.use_authority_key_identifier_extension = true;
-        params.not_before = at(now - BACKDATE_SECONDS)?;
-        params.not_after = at((now + seconds(lifetime)).min(self.info.not_after))?;
-        params.serial_number = Some(random_serial()?);
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(KeyedCertificate {
             cert_pem: cert.pem(),
