@@ -408,3 +408,98 @@ async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
     .await;
 }
 
+/// An operator upgrade brings a new helper image: the `decrypt-model` init container follows it
+/// as Moat's own update (an `Updated` Event, `status.image.helper`), never as drift of the
+/// Deployment, which would be a false alarm on every upgrade.
+#[tokio::test]
+async fn an_operator_upgrade_that_changes_the_helper_image_is_an_update_not_drift() {
+    const UPGRADED: &str = "registry.example.com/moat@sha256:fcde2b2edba56bf408601fb721fe9b5c338d10ee429ea04fae5511b68fbf8fb9";
+    with_namespace(
+        "helper-upgrade",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let old = Operator::start(&env.namespace).await?;
+            let smds: Api<SecureModelDeployment> = env.api();
+            key_secret(&env, "fraud-key").await?;
+            env.api::<SecureModelDeployment>()
+                .create(
+                    &PostParams::default(),
+                    &smd("fraud", "fraud-key", url_source(), false)?,
+                )
+                .await?;
+            wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
+            wait_smd(
+                &smds,
+                "fraud",
+                "status.image.helper is the old helper",
+                |s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|s| s.image.as_ref()?.helper.as_deref())
+                        == Some(HELPER_IMAGE)
+                },
+            )
+            .await?;
+            old.kill().await;
+
+            let new = env
+                .operator()
+                .settings(|s| s.image.helper_image = UPGRADED.into())
+                .start()
+                .await?;
+            let init_image = || async {
+                let deploy = env.api::<Deployment>().get("fraud").await?;
+                Ok::<_, anyhow::Error>(
+                    deploy
+                        .spec
+                        .and_then(|s| s.template.spec)
+                        .and_then(|p| p.init_containers)
+                        .and_then(|c| c.into_iter().next())
+                        .and_then(|c| c.image),
+                )
+            };
+            wait_until("the init container runs the upgraded helper", || async {
+                Ok(init_image().await?.as_deref() == Some(UPGRADED))
+            })
+            .await?;
+            let upgraded = wait_smd(
+                &smds,
+                "fraud",
+                "status.image.helper is the upgraded helper",
+                |s| {
+                    s.status
+                        .as_ref()
+                        .and_then(|s| s.image.as_ref()?.helper.as_deref())
+                        == Some(UPGRADED)
+                },
+            )
+            .await?;
+            moat_e2e::wait_event(
+                &env,
+                &env.namespace,
+                "fraud",
+                "Updated",
+                &["Deployment fraud"],
+            )
+            .await?;
+            ensure!(
+                new.drift_repairs("Deployment")? == 0,
+                "the upgrade was counted as drift of the Deployment"
+            );
+            ensure!(
+                upgraded
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.drift.as_ref())
+                    .is_none(),
+                "status.drift: {:?}",
+                upgraded.status.and_then(|s| s.drift)
+            );
+            let repaired =
+                moat_e2e::event_notes(&env, &env.namespace, "fraud", "DriftRepaired").await?;
+            ensure!(repaired.is_empty(), "DriftRepaired Events: {repaired:?}");
+            Ok(())
+        },
+    )
+    .await;
+}

@@ -65,6 +65,9 @@ pub mod reason {
     pub const STORAGE_CLASS_NOT_ENCRYPTED: &str = "StorageClassNotEncrypted";
     /// Event: Moat reverted a change to a child made outside Moat.
     pub const DRIFT_REPAIRED: &str = "DriftRepaired";
+    /// The stored object does not decode into Moat's types (written under another schema, or
+    /// directly to etcd); the message names the field. Moat skips it until it is fixed.
+    pub const MALFORMED: &str = "Malformed";
     /// Event: a tag was resolved in its registry and pinned by digest.
     pub const IMAGE_PINNED: &str = "ImagePinned";
     /// Event: a client certificate was withdrawn because consent ended.
@@ -92,6 +95,7 @@ pub mod reason {
         DECRYPTION_KEY_MISSING,
         MODEL_SOURCE_MISSING,
         STORAGE_CLASS_NOT_ENCRYPTED,
+        MALFORMED,
     ];
 }
 

@@ -563,6 +563,11 @@ pub struct ImageStatus {
     /// The value of the annotation `moat.dev/resolve-image` honoured by the last resolution.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resolve_request: Option<String>,
+    /// Moat's own image in the `decrypt-model` init container, pinned by digest (only with
+    /// `spec.model`). When an operator upgrade changes it, the rollout is Moat's own update, not
+    /// drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub helper: Option<String>,
 }
 
 /// A certificate Moat issued and keeps renewed.

@@ -101,11 +101,7 @@ impl<'a> Applier<'a> {
         let kind = kind::<K>();
         let api: Api<K> = Api::namespaced(self.ctx.client.clone(), self.namespace);
         let uid = self.smd.uid();
-        let ours = |o: &K| {
-            o.owner_references()
-                .iter()
-                .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
-        };
+        let ours = |o: &K| drift::controlled_by(o.owner_references(), uid.as_deref());
 
         let mut result = Vec::with_capacity(desired.len());
         let desired_names: BTreeSet<String> = desired.iter().map(|d| d.name_any()).collect();
@@ -153,20 +149,9 @@ impl<'a> Applier<'a> {
             .filter(|o| ours(o) && !desired_names.contains(&o.name_any()))
         {
             let name = stale.name_any();
-            // The uid precondition keeps a same-named object created since from being deleted.
-            let params = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: stale.uid(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::background()
-            };
-            self.ctx.metrics.api_write(kind, "delete");
-            match api.delete(&name, &params).await {
-                Ok(_) => {}
+            if !delete_exact(self.ctx, &api, &name, stale.uid()).await? {
                 // Already gone, or replaced (the cache lagged): nothing to report.
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => continue,
-                Err(source) => return Err(Error::Prune { kind, name, source }),
+                continue;
             }
             self.notes.push((
                 EventType::Normal,
@@ -269,19 +254,7 @@ impl<'a> Applier<'a> {
                 }
             }
         };
-        self.ctx.metrics.api_write(kind, "apply");
-        let applied = api
-            .patch(
-                &name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&body),
-            )
-            .await
-            .map_err(|source| Error::Apply {
-                kind,
-                name: name.clone(),
-                source,
-            })?;
+        let applied = apply_as_moat(self.ctx, api, &name, &body).await?;
         Ok((applied, outcome))
     }
 
@@ -310,6 +283,77 @@ impl<'a> Applier<'a> {
         }
         self.repairs
     }
+}
+
+/// Server-side applies `body` (a whole object with its type) as Moat's one field manager, forcing
+/// ownership of every field in it; counted in `moat_api_writes_total`.
+pub(crate) async fn apply_as_moat<K: Child>(
+    ctx: &Context,
+    api: &Api<K>,
+    name: &str,
+    body: &serde_json::Value,
+) -> Result<K, Error> {
+    let kind = kind::<K>();
+    ctx.metrics.api_write(kind, "apply");
+    api.patch(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(body),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        kind,
+        name: name.to_string(),
+        source,
+    })
+}
+
+/// Deletes `name` only if it is still the object with `uid`, so a same-named object created since
+/// (the cache lagged) is kept. Returns whether this call deleted it: `false` when it was already
+/// gone or replaced.
+pub(crate) async fn delete_exact<K: Child>(
+    ctx: &Context,
+    api: &Api<K>,
+    name: &str,
+    uid: Option<String>,
+) -> Result<bool, Error> {
+    let kind = kind::<K>();
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    ctx.metrics.api_write(kind, "delete");
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(false),
+        Err(source) => Err(Error::Prune {
+            kind,
+            name: name.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Merge-patches the status subresource of `name` with `patch` (`{"status": ...}`); counted in
+/// `moat_api_writes_total` under `kind`.
+pub(crate) async fn patch_status<K>(
+    ctx: &Context,
+    api: &Api<K>,
+    kind: &str,
+    name: &str,
+    patch: &serde_json::Value,
+) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    ctx.metrics.api_write(kind, "patch-status");
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .map_err(Error::Status)?;
+    Ok(())
 }
 
 /// One Event per reason for routine work (`Created`, `Updated`, `Deleted`: every child named in
@@ -364,7 +408,7 @@ where
         .collect()
 }
 /// The kind of a child, as a static label for metrics, Events, errors and `status.drift`.
-fn kind<K: k8s_openapi::Resource>() -> &'static str {
+pub(crate) fn kind<K: k8s_openapi::Resource>() -> &'static str {
     K::KIND
 }
 

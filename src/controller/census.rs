@@ -5,7 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use kube::{ResourceExt, runtime::reflector::Store};
 
-use super::{Caches, certs};
+use super::{Caches, certs, guard::Guarded};
 use crate::{api::SecureModelDeployment, telemetry::metrics::Metrics};
 
 /// How often `moat_managed_objects` is recounted from the caches.
@@ -14,7 +14,7 @@ const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold: the
 /// SecureModelDeployments and the children labelled as Moat's. Runs until dropped.
 pub(super) async fn count_managed(
-    smds: Store<SecureModelDeployment>,
+    smds: Store<Guarded<SecureModelDeployment>>,
     caches: Caches,
     scope: String,
     metrics: Arc<Metrics>,

@@ -13,17 +13,23 @@ use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
     runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
 };
 use tracing::warn;
 
-use super::{Context, Error, FIELD_MANAGER, certs, context, events::publish};
+use super::{
+    Context, Error, apply, certs,
+    context::{self, Backoff},
+    events::publish,
+    guard::{self, Guarded},
+    models::{Lookup, Models},
+};
 use crate::{
     api::{
-        ModelClient, ModelClientStatus, SecureModelDeployment,
+        ModelClient, ModelClientStatus,
         conditions::{self, STALLED, reason},
     },
+    core::drift,
     pki::Identity,
     render::{self, MANAGED_BY},
 };
@@ -32,21 +38,49 @@ pub use crate::render::MODEL_CLIENT_LABEL;
 
 pub use crate::core::consent::consent;
 
-/// Runs the ModelClient controller for one watch scope until dropped.
+/// What the ModelClient reconciles share: the operator's shared context (client, settings,
+/// metrics, Events, the CA, the caches of this scope), the SecureModelDeployment caches of every
+/// scope, and their own backoff.
+pub(super) struct ClientContext {
+    shared: Arc<Context>,
+    models: Models,
+    failures: Backoff,
+}
+
+impl ClientContext {
+    fn backoff(&self, mc: &Guarded<ModelClient>) -> std::time::Duration {
+        self.failures
+            .failed(ObjectRef::from_obj(mc).erase(), tokio::time::Instant::now())
+    }
+
+    fn forget_failures(&self, mc: &Guarded<ModelClient>) {
+        self.failures.forget(&ObjectRef::from_obj(mc).erase());
+    }
+}
+
+/// Whether `mc` asks for a certificate to call the model `namespace/name`.
+fn refers_to(mc: &Guarded<ModelClient>, namespace: &str, name: &str) -> bool {
+    mc.object.as_ref().is_ok_and(|mc| {
+        mc.spec.deployment_ref.namespace == namespace && mc.spec.deployment_ref.name == name
+    })
+}
+
+/// Runs the ModelClient controller for one watch scope until dropped. It has no watch of its own
+/// on SecureModelDeployments: every reconcile (and deletion) of a model, in any scope, is
+/// announced on `smd_changes`, and the model is then read from `models`.
 pub(super) async fn run(
     client: Client,
     ns: Option<String>,
-    ctx: Arc<Context>,
+    shared: Arc<Context>,
+    models: Models,
     ca_changes: impl futures::Stream<Item = ()> + Send + 'static,
 ) {
-    let mcs: Api<ModelClient> = super::api(&client, ns.as_deref());
-    let smds: Api<SecureModelDeployment> = super::api(&client, ns.as_deref());
+    let mcs: Api<Guarded<ModelClient>> = super::api(&client, ns.as_deref());
     let secrets: Api<Secret> = super::api(&client, ns.as_deref());
     let controller = Controller::new(mcs, watcher::Config::default().any_semantic());
-    let store = controller.store();
-    // Models reconciled in any watch scope re-check the ModelClients here that refer to them.
-    let referring = store.clone();
-    let changed = futures::stream::unfold(ctx.smd_changes.subscribe(), |mut rx| async move {
+    let referring = controller.store();
+    // A change to a model's access list re-checks the ModelClients here that refer to it.
+    let changed = futures::stream::unfold(shared.smd_changes.subscribe(), |mut rx| async move {
         loop {
             match rx.recv().await {
                 Ok(model) => return Some((model, rx)),
@@ -60,28 +94,17 @@ pub(super) async fn run(
             referring
                 .state()
                 .iter()
-                .filter(|mc| {
-                    mc.spec.deployment_ref.namespace == namespace
-                        && mc.spec.deployment_ref.name == name
-                })
+                .filter(|mc| refers_to(mc, &namespace, &name))
                 .map(|mc| ObjectRef::from_obj(&**mc))
                 .collect::<Vec<_>>(),
         )
     });
+    let ctx = Arc::new(ClientContext {
+        shared,
+        models,
+        failures: Backoff::default(),
+    });
     controller
-        // A change to a model's access list re-checks the ModelClients that refer to it.
-        .watches(smds, watcher::Config::default(), move |smd| {
-            let (namespace, name) = (smd.namespace().unwrap_or_default(), smd.name_any());
-            store
-                .state()
-                .iter()
-                .filter(|mc| {
-                    mc.spec.deployment_ref.namespace == namespace
-                        && mc.spec.deployment_ref.name == name
-                })
-                .map(|mc| ObjectRef::from_obj(&**mc))
-                .collect::<Vec<_>>()
-        })
         .owns(
             secrets,
             watcher::Config::default().labels(MODEL_CLIENT_LABEL),
@@ -98,11 +121,10 @@ pub(super) async fn run(
         .await;
 }
 
-/// Retries with backoff per ModelClient (`context::backoff_delay`: as long as it has been failing,
-/// 1 s to 5 minutes), as the
-/// SecureModelDeployment controller does.
-fn error_policy(mc: Arc<ModelClient>, e: &Error, ctx: Arc<Context>) -> Action {
-    let delay = ctx.backoff(&ObjectRef::from_obj(&*mc));
+/// Retries with backoff per ModelClient (`context::backoff_delay`: as long as it has been
+/// failing, 1 s to 5 minutes), as the SecureModelDeployment controller does.
+fn error_policy(mc: Arc<Guarded<ModelClient>>, e: &Error, ctx: Arc<ClientContext>) -> Action {
+    let delay = ctx.backoff(&mc);
     warn!(name = %mc.name_any(), error = %e, retry_in = ?delay, "ModelClient reconcile failed; retrying");
     Action::requeue(delay)
 }
@@ -112,196 +134,159 @@ fn now() -> Time {
 }
 
 #[tracing::instrument(skip_all, fields(kind = "ModelClient", namespace = %mc.namespace().unwrap_or_default(), name = %mc.name_any()))]
-async fn reconcile(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let key = ObjectRef::from_obj(&*mc);
-    let result = converge(mc, ctx.clone()).await;
+async fn reconcile(
+    mc: Arc<Guarded<ModelClient>>,
+    ctx: Arc<ClientContext>,
+) -> Result<Action, Error> {
+    let result = match &mc.object {
+        Ok(decoded) => converge(decoded.clone(), &ctx).await,
+        Err(why) => guard::report_malformed(&mc, why, &ctx.shared).await,
+    };
     if result.is_ok() {
-        ctx.forget_failures(&key);
+        ctx.forget_failures(&mc);
     }
     result
 }
 
-async fn converge(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Error> {
+/// The reason the model `target` gives no consent, or `Ok` when it consents.
+async fn verdict(mc: &ModelClient, models: &Models) -> Result<(), String> {
+    let target = &mc.spec.deployment_ref;
+    match models.get(&target.namespace, &target.name).await {
+        Lookup::Found(smd) => consent(mc, Some(&smd)),
+        Lookup::Missing => consent(mc, None),
+        Lookup::Malformed(why) => Err(format!(
+            "SecureModelDeployment {}/{} cannot be decoded ({why}); it gives no consent until fixed",
+            target.namespace, target.name
+        )),
+        Lookup::NotWatched => Err(format!(
+            "Moat does not watch namespace {}, where SecureModelDeployment {} would be; add it to the operator's namespaces",
+            target.namespace, target.name
+        )),
+    }
+}
+
+async fn converge(mc: Arc<ModelClient>, ctx: &ClientContext) -> Result<Action, Error> {
+    let shared = &*ctx.shared;
     if mc.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let namespace = mc.namespace().unwrap_or_default();
     let secret_name = mc.spec.secret_name.clone();
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let live = secrets
-        .get_opt(&secret_name)
-        .await
-        .map_err(|source| Error::Read {
-            kind: "Secret",
-            source,
-        })?;
+    let secrets: Api<Secret> = Api::namespaced(shared.client.clone(), &namespace);
     let uid = mc.uid();
-    let ours = live.as_ref().is_some_and(|s| {
-        s.owner_references()
-            .iter()
-            .any(|r| r.controller == Some(true) && Some(&r.uid) == uid.as_ref())
-    });
-    if live.is_some() && !ours {
-        let why = format!(
-            "Secret {secret_name} already exists and was not created for this ModelClient; \
-             Moat never overwrites it. Choose another spec.secretName or delete the Secret"
-        );
-        write_status(&mc, &ctx, stalled(&mc, reason::CONFLICT, &why), true).await?;
-        return Ok(Action::requeue(ctx.settings.resync_period));
+    let ours = |s: &Secret| drift::controlled_by(s.owner_references(), uid.as_deref());
+    // The cache holds Secrets labelled as Moat's; an unlabelled one of the same name is found by
+    // the fresh read before any write.
+    let cached = shared
+        .caches
+        .secrets
+        .get(&ObjectRef::new(&secret_name).within(&namespace))
+        .map(|s| (*s).clone());
+    if let Some(other) = cached.as_ref().filter(|s| !ours(s)) {
+        return conflict(&mc, shared, other).await;
     }
 
-    let target = &mc.spec.deployment_ref;
-    let smd = Api::<SecureModelDeployment>::namespaced(ctx.client.clone(), &target.namespace)
-        .get_opt(&target.name)
-        .await;
-    let verdict = match smd {
-        Ok(smd) => consent(&mc, smd.as_ref()),
-        Err(kube::Error::Api(e)) if e.code == 403 => Err(format!(
-            "Moat may not read SecureModelDeployments in namespace {}; it must watch that namespace",
-            target.namespace
-        )),
-        Err(source) => {
-            return Err(Error::Read {
-                kind: "SecureModelDeployment",
-                source,
-            });
-        }
-    };
-    if let Err(why) = verdict {
+    if let Err(why) = verdict(&mc, &ctx.models).await {
         // Withdrawn (or never given) consent: no certificate, no renewal.
-        if let (true, Some(secret)) = (ours, live.as_ref()) {
-            ctx.metrics.api_write("Secret", "delete");
-            let dp = DeleteParams {
-                preconditions: Some(Preconditions {
-                    uid: secret.uid(),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match secrets.delete(&secret_name, &dp).await {
-                Ok(_) => {
-                    publish(
-                        &ctx.recorder,
-                        &ctx.metrics,
-                        &mc.object_ref(&()),
-                        EventType::Normal,
-                        reason::CERTIFICATE_WITHDRAWN,
-                        format!("Deleted Secret {secret_name}: {why}"),
-                        None,
-                    )
-                    .await;
-                }
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
-                Err(source) => {
-                    return Err(Error::Prune {
-                        kind: "Secret",
-                        name: secret_name,
-                        source,
-                    });
-                }
-            }
+        if let Some(secret) = &cached
+            && apply::delete_exact(shared, &secrets, &secret_name, secret.uid()).await?
+        {
+            publish(
+                &shared.recorder,
+                &shared.metrics,
+                &mc.object_ref(&()),
+                EventType::Normal,
+                reason::CERTIFICATE_WITHDRAWN,
+                format!("Deleted Secret {secret_name}: {why}"),
+                None,
+            )
+            .await;
         }
         let mut st = stalled(&mc, reason::NOT_ALLOWED, &why);
         st.certificate = None;
-        write_status(&mc, &ctx, st, false).await?;
-        return Ok(Action::requeue(ctx.settings.resync_period));
+        write_status(&mc, shared, st, false).await?;
+        return Ok(Action::requeue(shared.settings.resync_period));
     }
 
     let lifetime = match render::certificate_lifetime(&mc.spec.certificate_lifetime) {
         Ok(l) => l,
         Err(message) => {
             let why = format!("spec.certificateLifetime: {message}");
-            write_status(&mc, &ctx, stalled(&mc, reason::INVALID_SPEC, &why), true).await?;
+            write_status(&mc, shared, stalled(&mc, reason::INVALID_SPEC, &why), true).await?;
             return Ok(Action::await_change());
         }
     };
     let identity = Identity::client(&namespace, &mc.spec.service_account_name);
-    let certified = certs::certificate(
-        &ctx,
-        &namespace,
-        &secret_name,
-        live.as_ref().filter(|_| ours),
-        &identity,
-        lifetime,
-        context::now().as_second(),
-    )
-    .await?;
-    let desired =
-        render::client_secret(&mc, &secret_name, &certified.tls()).map_err(Error::Invalid)?;
-    let differs = live.as_ref().is_none_or(|l| {
-        l.data != desired.data
-            || l.labels().get(MODEL_CLIENT_LABEL) != Some(&mc.name_any())
-            || l.labels()
-                .get("app.kubernetes.io/managed-by")
-                .map(String::as_str)
-                != Some(MANAGED_BY)
-    });
+    let now_s = context::now().as_second();
+    let (mut certified, mut desired, mut differs, mut existed) =
+        plan(shared, &mc, &identity, lifetime, now_s, cached).await?;
     if differs {
-        ctx.metrics.api_write("Secret", "apply");
-        secrets
-            .patch(
-                &secret_name,
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(
-                    render::with_type(&desired).map_err(|source| Error::Serialize {
-                        kind: "Secret",
-                        source,
-                    })?,
-                ),
-            )
+        // Before writing, a fresh read: the cache may lag behind our own last write, and a
+        // Secret of this name that is not Moat's is never overwritten.
+        let fresh = secrets
+            .get_opt(&secret_name)
             .await
-            .map_err(|source| Error::Apply {
+            .map_err(|source| Error::Read {
                 kind: "Secret",
-                name: secret_name.clone(),
                 source,
             })?;
+        if let Some(other) = fresh.as_ref().filter(|s| !ours(s)) {
+            return conflict(&mc, shared, other).await;
+        }
+        (certified, desired, differs, existed) =
+            plan(shared, &mc, &identity, lifetime, now_s, fresh).await?;
+    }
+    if differs {
+        let body = render::with_type(&desired).map_err(|source| Error::Serialize {
+            kind: "Secret",
+            source,
+        })?;
+        apply::apply_as_moat(shared, &secrets, &secret_name, &body).await?;
         let had_certificate = mc.status.as_ref().is_some_and(|s| s.certificate.is_some());
-        let note = match (certified.issued, live.is_some()) {
-            (Some(_), false) if had_certificate => Some((
+        let (why, type_, text) = match (certified.issued, existed) {
+            (Some(_), false) if had_certificate => (
                 reason::DRIFT_REPAIRED,
                 EventType::Warning,
                 format!(
                     "Secret {secret_name} was deleted outside Moat; issued certificate {} anew",
                     certified.info.serial
                 ),
-            )),
-            (Some(why), _) => Some((
+            ),
+            (Some(why), _) => (
                 reason::CERTIFICATE_ISSUED,
                 EventType::Normal,
                 format!(
                     "Issued client certificate {} for {} in Secret {secret_name} ({why})",
                     certified.info.serial,
-                    identity.spiffe_id(&ctx.settings.ca.trust_domain)
+                    identity.spiffe_id(&shared.settings.ca.trust_domain)
                 ),
-            )),
-            (None, _) => Some((
+            ),
+            (None, _) => (
                 reason::DRIFT_REPAIRED,
                 EventType::Warning,
                 format!("Secret {secret_name} was changed outside Moat; restored it"),
-            )),
+            ),
         };
-        if let Some((why, type_, text)) = note {
-            if why == reason::DRIFT_REPAIRED {
-                ctx.metrics.drift_repaired("Secret");
-            }
-            publish(
-                &ctx.recorder,
-                &ctx.metrics,
-                &mc.object_ref(&()),
-                type_,
-                why,
-                text,
-                None,
-            )
-            .await;
+        if why == reason::DRIFT_REPAIRED {
+            shared.metrics.drift_repaired("Secret");
         }
+        publish(
+            &shared.recorder,
+            &shared.metrics,
+            &mc.object_ref(&()),
+            type_,
+            why,
+            text,
+            None,
+        )
+        .await;
     }
     let mut st = mc.status.clone().unwrap_or_default();
     let generation = mc.metadata.generation;
     st.observed_generation = generation;
     let message = format!(
         "client certificate for {} in Secret {secret_name}, renewed at {}",
-        identity.spiffe_id(&ctx.settings.ca.trust_domain),
+        identity.spiffe_id(&shared.settings.ca.trust_domain),
         certified.status(&secret_name).renew_at.0
     );
     conditions::set_kstatus(
@@ -315,12 +300,60 @@ async fn converge(mc: Arc<ModelClient>, ctx: Arc<Context>) -> Result<Action, Err
         &now(),
     );
     st.certificate = Some(certified.status(&secret_name));
-    write_status(&mc, &ctx, st, false).await?;
+    write_status(&mc, shared, st, false).await?;
     Ok(Action::requeue(
-        ctx.settings
+        shared
+            .settings
             .resync_period
             .min(certified.renew_in(context::now().as_second())),
     ))
+}
+
+/// The certificate to keep or issue given the `live` Secret (this ModelClient's), the Secret that
+/// holds it, whether that differs from `live`, and whether `live` exists.
+async fn plan(
+    ctx: &Context,
+    mc: &ModelClient,
+    identity: &Identity,
+    lifetime: std::time::Duration,
+    now: i64,
+    live: Option<Secret>,
+) -> Result<(certs::Certified, Secret, bool, bool), Error> {
+    let secret_name = &mc.spec.secret_name;
+    let namespace = mc.namespace().unwrap_or_default();
+    let certified = certs::certificate(
+        ctx,
+        &namespace,
+        secret_name,
+        live.as_ref(),
+        identity,
+        lifetime,
+        now,
+    )
+    .await?;
+    let desired =
+        render::client_secret(mc, secret_name, &certified.tls()).map_err(Error::Invalid)?;
+    let differs = live.as_ref().is_none_or(|l| {
+        l.data != desired.data
+            || l.labels().get(MODEL_CLIENT_LABEL) != Some(&mc.name_any())
+            || l.labels()
+                .get("app.kubernetes.io/managed-by")
+                .map(String::as_str)
+                != Some(MANAGED_BY)
+    });
+    Ok((certified, desired, differs, live.is_some()))
+}
+
+/// A Secret named `spec.secretName` exists and is not this ModelClient's: Stalled until the user
+/// chooses another name or removes it.
+async fn conflict(mc: &ModelClient, ctx: &Context, other: &Secret) -> Result<Action, Error> {
+    let why = format!(
+        "Secret {} already exists and was not created for this ModelClient; \
+         Moat never overwrites it. Choose another spec.secretName or delete the Secret",
+        other.name_any()
+    );
+    write_status(mc, ctx, stalled(mc, reason::CONFLICT, &why), true).await?;
+    Ok(Action::requeue(ctx.settings.resync_period))
 }
 
 fn stalled(mc: &ModelClient, why: &str, message: &str) -> ModelClientStatus {
@@ -348,20 +381,13 @@ async fn write_status(
     }
     let api: Api<ModelClient> =
         Api::namespaced(ctx.client.clone(), &mc.namespace().unwrap_or_default());
-    ctx.metrics.api_write("ModelClient", "patch-status");
     // `certificate: null` removes a withdrawn certificate from the status.
     let patch = serde_json::json!({"status": {
         "observedGeneration": new.observed_generation,
         "conditions": new.conditions,
         "certificate": new.certificate,
     }});
-    api.patch_status(
-        &mc.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::Status)?;
+    apply::patch_status(ctx, &api, "ModelClient", &mc.name_any(), &patch).await?;
     if let (true, Some(c)) = (warn, new.conditions.iter().find(|c| c.type_ == STALLED)) {
         publish(
             &ctx.recorder,

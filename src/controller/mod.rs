@@ -5,6 +5,8 @@
 //! - [`error`]: the reconcile error and its disposition table;
 //! - `smd/`: the SecureModelDeployment reconcile, one file per pipeline step;
 //! - `client`: the ModelClient controller; `ca`: Moat's CA; [`leader`]: leader election;
+//! - [`guard`]: watches that skip (and report) a malformed object; [`models`]: the SMD caches of
+//!   every watch scope, where ModelClients look up their model;
 //! - `apply`: server-side apply of children with drift repair; `certs`, `resolve`, [`weights`]:
 //!   what the dereference step reads; `census`: the managed-object gauges; `events`: Events;
 //!   `connect`: the Kubernetes client.
@@ -18,7 +20,9 @@ mod connect;
 pub mod context;
 pub mod error;
 mod events;
+pub mod guard;
 pub mod leader;
+pub mod models;
 mod resolve;
 mod smd;
 pub mod weights;
@@ -33,7 +37,7 @@ use k8s_openapi::api::{
     policy::v1::PodDisruptionBudget,
 };
 use kube::{
-    Api, Client, Resource,
+    Api, Client, Resource, ResourceExt,
     runtime::{
         Controller, WatchStreamExt,
         reflector::{self, Store},
@@ -44,6 +48,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::{api::SecureModelDeployment, render::MANAGED_BY, telemetry::metrics::Metrics};
+use guard::Guarded;
 
 pub use crate::core::drift::Repair;
 pub use connect::{USER_AGENT, client, client_from};
@@ -101,10 +106,29 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
         }
         // `/readyz` turns ready when the last scope has filled its caches.
         let unsynced = Arc::new(std::sync::atomic::AtomicUsize::new(scopes.len()));
-        futures::future::join_all(scopes.into_iter().map(|ns| {
+        // Each scope's SMD cache, made here so that every scope's ModelClients can read all.
+        let reflectors: Vec<_> = scopes
+            .into_iter()
+            .map(|ns| {
+                let (store, writer) = reflector::store();
+                (ns, store, writer)
+            })
+            .collect();
+        let models = models::Models::new(
+            reflectors
+                .iter()
+                .map(|(ns, store, _)| (ns.clone(), store.clone()))
+                .collect(),
+        );
+        futures::future::join_all(reflectors.into_iter().map(|(ns, store, writer)| {
             run_one(
                 client.clone(),
-                ns,
+                Scope {
+                    ns,
+                    store,
+                    writer,
+                    models: models.clone(),
+                },
                 settings.clone(),
                 metrics.clone(),
                 ca_rx.clone(),
@@ -130,16 +154,31 @@ fn ca_changes(
     })
 }
 
+/// One watch scope: its namespace (`None`: all), its SMD cache and the writer that fills it, and
+/// the SMD caches of every scope.
+struct Scope {
+    ns: Option<String>,
+    store: models::ModelStore,
+    writer: reflector::store::Writer<Guarded<SecureModelDeployment>>,
+    models: models::Models,
+}
+
 async fn run_one(
     client: Client,
-    ns: Option<String>,
+    scope: Scope,
     settings: Settings,
     metrics: Arc<Metrics>,
     ca_rx: watch::Receiver<Option<Arc<ca::CaState>>>,
     smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     unsynced: Arc<std::sync::atomic::AtomicUsize>,
 ) {
-    let smds: Api<SecureModelDeployment> = api(&client, ns.as_deref());
+    let Scope {
+        ns,
+        store: smd_store,
+        writer,
+        models,
+    } = scope;
+    let smds: Api<Guarded<SecureModelDeployment>> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
     let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
     let (svc_store, svc_stream) = reflect::<Service>(&client, ns.as_deref());
@@ -166,7 +205,18 @@ async fn run_one(
         namespace = ns.as_deref().unwrap_or("<all>"),
         "starting the SecureModelDeployment controller"
     );
-    let controller = Controller::new(smds, watcher::Config::default().any_semantic())
+    // A deleted model is announced too, so the ModelClients that refer to it re-check consent.
+    let deleted = ctx.smd_changes.clone();
+    let smd_stream = watcher(smds, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| {
+            if let Ok(watcher::Event::Delete(smd)) = event {
+                let _ = deleted.send((smd.namespace().unwrap_or_default(), smd.name_any()));
+            }
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(smd_stream, smd_store.clone())
         .owns_stream(sa_stream)
         .owns_stream(np_stream)
         .owns_stream(svc_stream)
@@ -186,7 +236,6 @@ async fn run_one(
     // user-supplied one) is then reported in each status as CAUnavailable.
     let mut ca_ready = ca_rx.clone();
     let ready_metrics = ctx.metrics.clone();
-    let smd_store = controller.store();
     let ready = async move {
         let _ = futures::join!(
             smd_store.wait_until_ready(),
@@ -207,14 +256,17 @@ async fn run_one(
     };
     let ready = futures::future::FutureExt::shared(ready);
     let synced = ready.clone();
-    let clients = client::run(client, ns.clone(), ctx.clone(), ca_changes(ca_rx));
+    let clients = client::run(client, ns.clone(), ctx.clone(), models, ca_changes(ca_rx));
     let work = controller
         .run(
-            move |smd, ctx| {
+            move |smd: Arc<Guarded<SecureModelDeployment>>, ctx: Arc<Context>| {
                 let ready = ready.clone();
                 async move {
                     ready.await;
-                    smd::reconcile(smd, ctx).await
+                    match &smd.object {
+                        Ok(decoded) => smd::reconcile(decoded.clone(), ctx).await,
+                        Err(why) => smd::malformed(&smd, why, &ctx).await,
+                    }
                 }
             },
             smd::error_policy,

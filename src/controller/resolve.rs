@@ -49,6 +49,8 @@ pub(super) async fn pin(
         pinned,
         resolved_at,
         resolve_request: request.map(str::to_string),
+        // Set by the status step, which knows whether the pods run the helper.
+        helper: None,
     };
     match plan {
         Plan::Keep(kept) => Ok(Pin {

@@ -19,6 +19,19 @@ pub struct Repair {
     pub at: Time,
 }
 
+/// Whether an object with `owners` is controlled by the object whose uid is `uid`: Moat writes
+/// and deletes only what it controls, never a same-named object someone else made.
+pub fn controlled_by(
+    owners: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference],
+    uid: Option<&str>,
+) -> bool {
+    uid.is_some_and(|uid| {
+        owners
+            .iter()
+            .any(|r| r.controller == Some(true) && r.uid == uid)
+    })
+}
+
 /// Paths at which `live` does not carry what `desired` says. Extra fields in `live` (server
 /// defaults) are ignored here; a desired empty map or list matches an absent field because the
 /// API server omits those. `false`, `0` and `""` must be present: Moat renders them only where
@@ -473,6 +486,32 @@ pub fn own_changes_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_is_a_controller_reference_with_the_uid() {
+        let owner = |uid: &str, controller: Option<bool>| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                uid: uid.into(),
+                controller,
+                ..Default::default()
+            }
+        };
+        assert!(controlled_by(&[owner("a", Some(true))], Some("a")));
+        assert!(
+            !controlled_by(&[owner("a", Some(false))], Some("a")),
+            "plain owner"
+        );
+        assert!(
+            !controlled_by(&[owner("a", None)], Some("a")),
+            "plain owner"
+        );
+        assert!(
+            !controlled_by(&[owner("b", Some(true))], Some("a")),
+            "other uid"
+        );
+        assert!(!controlled_by(&[], Some("a")), "no owner");
+        assert!(!controlled_by(&[owner("", Some(true))], None), "no uid yet");
+    }
     use serde_json::json;
 
     fn entry(manager: &str, operation: &str, fields: Value) -> ManagedFieldsEntry {

@@ -256,6 +256,7 @@ mod tests {
             pinned: format!("r.example.com/m@{DIGEST}"),
             resolved_at: None,
             resolve_request: request.map(str::to_string),
+            helper: None,
         }
     }
 

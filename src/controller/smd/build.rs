@@ -44,7 +44,8 @@ pub(super) fn build(
     });
     // What changes because Moat's own facts changed since the last converged status (a new
     // certificate, a new pin) is an update, never drift of the objects that follow from it.
-    let mut own = match (converged_before, before_facts(valid, &resolved, certified)) {
+    let before = before_facts(valid, &resolved, &certified.info.serial);
+    let mut own = match (converged_before, before) {
         (true, Some(before)) => {
             let before = render::build(valid, cluster, &before)
                 .and_then(|c| c.objects())
@@ -81,12 +82,9 @@ pub(super) fn build(
 }
 
 /// The rendering inputs of the last converged status, where they differ from `now`: the
-/// certificate (by serial) and the pinned image. `None` when nothing Moat dereferences changed.
-fn before_facts(
-    valid: &Valid<'_>,
-    now: &Resolved,
-    certified: &certs::Certified,
-) -> Option<Resolved> {
+/// certificate (by its hash, or the serial `now_serial`), the pinned image and Moat's own helper
+/// image. `None` when nothing Moat dereferences changed.
+fn before_facts(valid: &Valid<'_>, now: &Resolved, now_serial: &str) -> Option<Resolved> {
     let status = valid.smd().status.as_ref()?;
     // The certificate or its trust bundle changed: by the recorded hash of both, or (a status
     // written before the hash was recorded) by the serial.
@@ -95,14 +93,19 @@ fn before_facts(
         .as_ref()
         .is_some_and(|c| match &c.tls_hash {
             Some(hash) => *hash != now.tls.hash(),
-            None => c.serial != certified.info.serial,
+            None => c.serial != now_serial,
         });
     let earlier_pin = status
         .image
         .as_ref()
         .map(|i| i.pinned.clone())
         .filter(|p| *p != now.image);
-    if !cert_changed && earlier_pin.is_none() {
+    let earlier_helper = status
+        .image
+        .as_ref()
+        .and_then(|i| i.helper.clone())
+        .filter(|h| *h != now.helper_image && !now.helper_image.is_empty());
+    if !cert_changed && earlier_pin.is_none() && earlier_helper.is_none() {
         return None;
     }
     Some(Resolved {
@@ -113,6 +116,84 @@ fn before_facts(
             now.tls.clone()
         },
         image: earlier_pin.unwrap_or_else(|| now.image.clone()),
-        helper_image: now.helper_image.clone(),
+        helper_image: earlier_helper.unwrap_or_else(|| now.helper_image.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::{api::ImageStatus, fixture};
+
+    const OLD: &str = "registry.example.com/moat@sha256:1111111111111111111111111111111111111111111111111111111111111111";
+    const NEW: &str = "registry.example.com/moat@sha256:2222222222222222222222222222222222222222222222222222222222222222";
+
+    fn resolved(image: &str, helper: &str) -> Resolved {
+        Resolved {
+            tls: ServingTls::placeholder(),
+            image: image.into(),
+            helper_image: helper.into(),
+        }
+    }
+
+    fn smd_with(image: Option<ImageStatus>) -> crate::api::SecureModelDeployment {
+        let mut smd = fixture::smd("m")
+            .namespace("n")
+            .uid("00000000-0000-0000-0000-000000000001")
+            .build()
+            .expect("valid");
+        smd.status = Some(crate::api::SecureModelDeploymentStatus {
+            image,
+            ..Default::default()
+        });
+        smd
+    }
+
+    fn image(pinned: &str, helper: Option<&str>) -> ImageStatus {
+        ImageStatus {
+            requested: pinned.into(),
+            pinned: pinned.into(),
+            resolved_at: None,
+            resolve_request: None,
+            helper: helper.map(str::to_string),
+        }
+    }
+
+    /// Which earlier inputs are rebuilt to tell Moat's own changes from drift: a new pin, a new
+    /// helper image (an operator upgrade), each alone; nothing when neither changed, and no
+    /// helper when the model has none or the status predates the field.
+    #[test]
+    fn before_facts_rebuild_the_earlier_pin_and_helper_image() {
+        let img = fixture::IMAGE;
+        let other = "registry.example.com/serving/model-server@sha256:3333333333333333333333333333333333333333333333333333333333333333";
+        for (recorded, now, want) in [
+            (image(img, Some(OLD)), resolved(img, OLD), None),
+            (image(img, Some(OLD)), resolved(img, NEW), Some((img, OLD))),
+            (
+                image(other, Some(OLD)),
+                resolved(img, OLD),
+                Some((other, OLD)),
+            ),
+            (
+                image(other, Some(OLD)),
+                resolved(img, NEW),
+                Some((other, OLD)),
+            ),
+            (image(img, None), resolved(img, NEW), None),
+            (image(img, Some(OLD)), resolved(img, ""), None),
+        ] {
+            let smd = smd_with(Some(recorded.clone()));
+            let valid = render::validated(&smd).expect("valid");
+            let got = before_facts(&valid, &now, "serial").map(|b| (b.image, b.helper_image));
+            let want = want.map(|(i, h): (&str, &str)| (i.to_string(), h.to_string()));
+            assert_eq!(
+                got,
+                want,
+                "recorded {recorded:?}, now {:?}",
+                json!([now.image, now.helper_image])
+            );
+        }
+    }
 }

@@ -26,7 +26,10 @@ use kube::{
 };
 use tracing::warn;
 
-use super::{Context, Disposition, Error, context};
+use super::{
+    Context, Disposition, Error, context,
+    guard::{self, Guarded},
+};
 use crate::{api::SecureModelDeployment, render};
 
 /// One reconcile of one SecureModelDeployment. Everything it logs carries the object's
@@ -90,12 +93,36 @@ async fn converge(
         // kept as desired; the failure is reported and retried.
         return Err(Error::Image(e));
     }
-    status::report(ctx, smd, facts.pin, facts.certified, applied, now).await
+    status::report(
+        ctx,
+        smd,
+        facts.pin,
+        facts.helper_image,
+        facts.certified,
+        applied,
+        now,
+    )
+    .await
+}
+
+/// A SecureModelDeployment that does not decode: reported on its own ([`guard::report_malformed`]),
+/// while every other model is reconciled. ModelClients that refer to it re-check consent.
+pub(super) async fn malformed(
+    smd: &Guarded<SecureModelDeployment>,
+    why: &str,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile_started();
+    let _ = ctx
+        .smd_changes
+        .send((smd.namespace().unwrap_or_default(), smd.name_any()));
+    ctx.metrics.reconcile_failed("malformed");
+    guard::report_malformed(smd, why, ctx).await
 }
 
 /// Retries with exponential backoff per object (see [`Context::backoff`]).
 pub(super) fn error_policy(
-    smd: Arc<SecureModelDeployment>,
+    smd: Arc<Guarded<SecureModelDeployment>>,
     error: &Error,
     ctx: Arc<Context>,
 ) -> Action {

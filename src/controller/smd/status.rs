@@ -7,7 +7,6 @@ use std::time::Duration;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
     runtime::{controller::Action, events::EventType},
 };
 use tracing::warn;
@@ -31,6 +30,7 @@ pub(super) async fn report(
     ctx: &Context,
     smd: &SecureModelDeployment,
     pin: resolve::Pin,
+    helper_image: String,
     certified: certs::Certified,
     applied: Applied,
     now: Timestamp,
@@ -67,7 +67,10 @@ pub(super) async fn report(
         status::model_failed(&mut new_status, smd, message, at);
     }
     new_status.certificate = Some(certified.status(&render::tls_secret_name(&smd.name_any())));
-    new_status.image = Some(pin.status);
+    new_status.image = Some(crate::api::ImageStatus {
+        helper: Some(helper_image).filter(|h| !h.is_empty()),
+        ..pin.status
+    });
     if !repairs.is_empty() {
         // The cached object may not show the previous reconcile's count yet: read it fresh.
         let api: Api<SecureModelDeployment> =
@@ -157,14 +160,6 @@ async fn write(
     ) {
         status.remove("drift");
     }
-    ctx.metrics
-        .api_write("SecureModelDeployment", "patch-status");
-    api.patch_status(
-        &smd.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await
-    .map_err(Error::Status)?;
-    Ok(())
+    super::super::apply::patch_status(ctx, &api, "SecureModelDeployment", &smd.name_any(), &patch)
+        .await
 }
