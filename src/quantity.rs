@@ -43,6 +43,17 @@ pub fn parse(s: &str) -> Option<f64> {
     v.is_finite().then_some(v)
 }
 
+/// One mebibyte, in bytes.
+pub const MI: f64 = 1024.0 * 1024.0;
+
+/// A quantity of bytes in whole mebibytes, rounded up (`1.5Gi` is 1536, `1G` is 954), or `None`
+/// when `s` is not a non-negative quantity.
+pub fn mebibytes_ceil(s: &str) -> Option<u64> {
+    let v = parse(s)?;
+    // A quantity above u64::MAX mebibytes saturates, which no memory limit ever reaches.
+    (v >= 0.0).then(|| (v / MI).ceil() as u64)
+}
+
 /// Whether two quantity spellings denote the same value.
 pub fn same(a: &str, b: &str) -> bool {
     match (parse(a), parse(b)) {
@@ -54,6 +65,17 @@ pub fn same(a: &str, b: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mebibytes_round_up() {
+        assert_eq!(mebibytes_ceil("2Gi"), Some(2048));
+        assert_eq!(mebibytes_ceil("1.5Gi"), Some(1536));
+        assert_eq!(mebibytes_ceil("1G"), Some(954));
+        assert_eq!(mebibytes_ceil("1"), Some(1));
+        assert_eq!(mebibytes_ceil("0"), Some(0));
+        assert_eq!(mebibytes_ceil("-1Mi"), None);
+        assert_eq!(mebibytes_ceil("lots"), None);
+    }
 
     #[test]
     fn parses_suffixes() {

@@ -281,6 +281,17 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                 // RequireDigest only where the image names a digest (otherwise it is invalid).
                 let image_policy =
                     (strict && image.contains("@sha256:")).then_some(ImagePolicy::RequireDigest);
+                // With a model, the memory limit also holds the plaintext and 256Mi (else it is
+                // invalid: see the explicit tests below).
+                let memory = match &model {
+                    Some(m) => format!(
+                        "{}Mi",
+                        moat::quantity::mebibytes_ceil(&m.size_limit).unwrap_or(0)
+                            + 256
+                            + u64::from(mem)
+                    ),
+                    None => format!("{mem}{mu}"),
+                };
                 SecureModelDeploymentSpec {
                     replicas,
                     server: ServerSpec {
@@ -292,7 +303,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                         resources: Resources {
                             limits: ResourceLimits {
                                 cpu: format!("{cpu}{cu}"),
-                                memory: format!("{mem}{mu}"),
+                                memory,
                             },
                             requests: None,
                         },
@@ -405,6 +416,18 @@ proptest! {
                 let sha_arg = format!("--sha256={}", model.sha256);
                 prop_assert!(args.contains(&sha_arg), "args {:?}", args);
                 prop_assert!(args.iter().any(|a| a.starts_with("--source=https://") || a.starts_with("--source=file:///var/run/moat/model-source/")));
+                // The plaintext is charged to the init container's memory: its limit (and its
+                // request) hold sizeLimit plus its own 256Mi, and so does the server's limit.
+                let size = moat::quantity::parse(&model.size_limit).expect("size");
+                let resources = init.resources.clone().expect("init resources");
+                for (what, q) in [("limit", resources.limits), ("request", resources.requests)] {
+                    let memory = q.and_then(|q| q.get("memory").map(|m| m.0.clone())).unwrap_or_default();
+                    let memory = moat::quantity::parse(&memory).unwrap_or(0.0);
+                    prop_assert!(memory >= size + 256.0 * moat::quantity::MI, "init memory {} {} for {}", what, memory, size);
+                }
+                let server = pod.containers.iter().find(|c| c.name == "server").expect("server");
+                let server_memory = server.resources.as_ref().and_then(|r| r.limits.as_ref()).and_then(|l| l.get("memory")).map(|m| m.0.clone()).unwrap_or_default();
+                prop_assert!(moat::quantity::parse(&server_memory).unwrap_or(0.0) >= size + 256.0 * moat::quantity::MI);
             }
         }
         let pull: Vec<String> = pod.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();

@@ -989,6 +989,8 @@ async fn drive(
         .await?;
     let mut weights = serde_json::to_value(model(1, json!([]))?)?;
     weights["metadata"]["name"] = json!("weights");
+    // Room for the 1Gi of plaintext and the server beside it.
+    weights["spec"]["server"]["resources"]["limits"]["memory"] = json!("2Gi");
     weights["spec"]["model"] = json!({
         "source": {"pvc": {"claimName": "weights-store", "path": "fraud.tar.age"}},
         "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",

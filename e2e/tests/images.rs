@@ -353,7 +353,7 @@ async fn moats_own_helper_image_is_pinned_too() {
             "stringData": {"identity": "AGE-SECRET-KEY-1QQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQQ"}
         }))?;
         env.api::<Secret>().create(&PostParams::default(), &key).await?;
-        let model = smd("model", moat_e2e::TEST_IMAGE, &[]).model(json!({
+        let model = smd("model", moat_e2e::TEST_IMAGE, &[]).limits("1", "2Gi").model(json!({
             "source": {"url": "https://artifacts.example.com/m.tar.age"},
             "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
             "decryptionKeySecretRef": {"name": "key", "key": "identity"},

@@ -178,8 +178,9 @@ pub struct ModelSpec {
     pub mount_path: String,
 
     /// Size limit of the memory-backed volume the model is decrypted into, such as `20Gi`;
-    /// extraction stops with an error past it. The volume's pages count against the pod's
-    /// memory, so set `server.resources.limits.memory` above it.
+    /// extraction stops with an error past it. The plaintext is charged to the memory of the pod:
+    /// the init container's memory is `sizeLimit` plus 256Mi, and `server.resources.limits.memory`
+    /// must be at least `sizeLimit` plus 256Mi (a smaller limit is refused as InvalidSpec).
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("sizeLimit must be a positive quantity such as 20Gi"))]
     #[schemars(length(max = 64))]
     pub size_limit: String,

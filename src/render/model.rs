@@ -22,13 +22,33 @@ pub const CA_PATH: &str = "/var/run/moat/model-ca";
 const IDENTITY_FILE: &str = "identity";
 const CA_FILE: &str = "ca.crt";
 
-/// Resource bounds of the init container: `moat decrypt` keeps its memory bounded whatever the
-/// artifact's size (the plaintext it writes is charged to the memory-backed volume). It uses up
-/// to two cores while decrypting but asks the scheduler for less: an init container's request
-/// counts against the node even though it runs before the server.
+/// CPU bounds of the init container: it uses up to two cores while decrypting but asks the
+/// scheduler for less, since an init container's request counts against the node even though it
+/// runs before the server.
 const INIT_CPU_LIMIT: &str = "2";
 const INIT_CPU_REQUEST: &str = "250m";
-const INIT_MEMORY: &str = "256Mi";
+
+/// Memory, in MiB, that `moat decrypt` needs for itself (buffers of the parallel decryption;
+/// bounded whatever the artifact's size), and the least the server must have beside the model.
+pub const WORKING_MEMORY_MI: u64 = 256;
+
+/// The init container's memory limit and request: the plaintext it writes into the
+/// `medium: Memory` volume is charged to its memory cgroup, so its limit must hold `sizeLimit`
+/// plus its working memory. A fixed 256Mi got it OOM-killed on any model above about 200 MiB.
+/// After it exits the pages stay charged to the pod, which is why validation requires the
+/// server's memory limit to hold them too ([`server_memory_floor_mi`]).
+pub fn init_memory(model: &ModelSpec) -> String {
+    let size = crate::quantity::mebibytes_ceil(&model.size_limit).unwrap_or(0);
+    format!("{}Mi", size.saturating_add(WORKING_MEMORY_MI))
+}
+
+/// The least `server.resources.limits.memory` (MiB) for a model of `sizeLimit`: the plaintext,
+/// which stays charged to the pod's memory after the init container exits, plus the server's
+/// own working memory. `None` when `sizeLimit` is not a quantity.
+pub fn server_memory_floor_mi(model: &ModelSpec) -> Option<u64> {
+    crate::quantity::mebibytes_ceil(&model.size_limit)
+        .map(|size| size.saturating_add(WORKING_MEMORY_MI))
+}
 
 /// What `spec.model` adds to the pod.
 pub(crate) struct ModelPod {
@@ -91,13 +111,14 @@ pub(crate) fn render(model: &ModelSpec, resolved: &Resolved) -> ModelPod {
             "defaultMode": 0o440,
         }}));
     }
+    let init_memory = init_memory(model);
     let init_container = json!({
         "name": INIT_CONTAINER,
         "image": resolved.helper_image,
         "args": decrypt_args(model),
         "resources": {
-            "limits": {"cpu": INIT_CPU_LIMIT, "memory": INIT_MEMORY},
-            "requests": {"cpu": INIT_CPU_REQUEST, "memory": INIT_MEMORY},
+            "limits": {"cpu": INIT_CPU_LIMIT, "memory": init_memory},
+            "requests": {"cpu": INIT_CPU_REQUEST, "memory": init_memory},
         },
         "securityContext": container_security_context(),
         "volumeMounts": mounts,

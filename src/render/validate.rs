@@ -273,6 +273,22 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     }
     if let Some(model) = &spec.model {
         validate_model(model, &mut err);
+        let memory = crate::quantity::parse(&spec.server.resources.limits.memory);
+        if let (Some(floor), Some(memory)) = (super::model::server_memory_floor_mi(model), memory)
+            && memory < floor as f64 * crate::quantity::MI
+        {
+            err(
+                "spec.server.resources.limits.memory".into(),
+                format!(
+                    "{} cannot hold the decrypted model: the plaintext in the memory-backed volume \
+                     (spec.model.sizeLimit {}) stays charged to the pod's memory, and the server \
+                     needs {}Mi beside it; set at least {floor}Mi, or lower sizeLimit",
+                    spec.server.resources.limits.memory,
+                    model.size_limit,
+                    super::model::WORKING_MEMORY_MI
+                ),
+            );
+        }
     }
     if errors.is_empty() {
         Ok(())
@@ -406,5 +422,46 @@ mod tests {
         assert_eq!(parse_cidr("::/0"), Some(0));
         assert_eq!(parse_cidr("10.0.0.0/33"), None);
         assert_eq!(parse_cidr("nonsense"), None);
+    }
+
+    /// The server's memory limit must hold the decrypted model plus 256Mi: table of limits and
+    /// sizes, in the spellings users write.
+    #[test]
+    fn the_server_memory_limit_must_hold_the_model_and_the_server() {
+        use crate::fixture;
+        for (memory, size, ok) in [
+            ("4Gi", "2Gi", true),
+            ("2304Mi", "2Gi", true),
+            ("2303Mi", "2Gi", false),
+            ("2Gi", "2Gi", false),
+            ("1Gi", "2Gi", false),
+            ("3G", "2Gi", true),
+            ("16Gi", "15Gi", true),
+            ("16Gi", "15.9Gi", false),
+        ] {
+            let smd = fixture::smd("m")
+                .limits("1", memory)
+                .model(serde_json::json!({
+                    "source": {"url": "https://artifacts.example.com/m.tar.age"},
+                    "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+                    "decryptionKeySecretRef": {"name": "k", "key": "identity"},
+                    "mountPath": "/models/m", "sizeLimit": size
+                }))
+                .build()
+                .expect("decodes");
+            let result = validate(&smd.spec, "m");
+            assert_eq!(result.is_ok(), ok, "{memory} for {size}: {result:?}");
+            if let Err(errors) = result {
+                let e = errors
+                    .iter()
+                    .find(|e| e.field == "spec.server.resources.limits.memory")
+                    .expect("the memory limit is named");
+                assert!(
+                    e.message.contains("cannot hold the decrypted model"),
+                    "{}",
+                    e.message
+                );
+            }
+        }
     }
 }
