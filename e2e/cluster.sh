@@ -175,6 +175,16 @@ resources:
       - identity: {}
 EOF
   fi
+  # Every component listens on loopback only: kwokctl's default binds etcd (plaintext, no
+  # authentication), the API server, the scheduler, the controller manager and the kwok
+  # controller to all interfaces, which on a shared network hands the cluster to anyone nearby.
+  # kwokctl has no flag for it; it is options.bindAddress of its configuration file.
+  cat >"$STATE/kwokctl.yaml" <<'EOF'
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokctlConfiguration
+options:
+  bindAddress: 127.0.0.1
+EOF
   # Audit: metadata for every request (never request bodies, so no Secret value reaches the log).
   cat >"$STATE/audit-policy.yaml" <<'EOF'
 apiVersion: audit.k8s.io/v1
@@ -202,7 +212,7 @@ up() {
   say "starting cluster '$CLUSTER' (kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
   # kwokctl v0.8.0 indexes repeated --extra-args by flag position: every component's first flag
   # must come before any component's second one (as below), or kwokctl panics.
-  if ! kwokctl create cluster --runtime binary --secure-port=true \
+  if ! kwokctl -c "$STATE/kwokctl.yaml" create cluster --runtime binary --secure-port=true \
       --kube-authorization=true --kube-admission=true \
       --kube-audit-policy "$STATE/audit-policy.yaml" \
       --kube-apiserver-binary "$K8S_BIN/kube-apiserver" \

@@ -291,3 +291,121 @@ async fn test_namespaces_are_labelled_and_cleaned_up() {
     .await
     .expect("namespace cleaned up");
 }
+
+/// A listening TCP socket: its local address and the process that holds it.
+#[derive(Debug)]
+struct Listener {
+    address: std::net::IpAddr,
+    port: u16,
+    process: String,
+}
+
+/// Every listening TCP socket held by a process whose executable path starts with `prefix`,
+/// from `/proc` (the socket inodes of each process's descriptors, looked up in `/proc/net/tcp`
+/// and `tcp6`), so the test needs no `ss` and sees every address family.
+fn listeners_of(prefix: &str) -> Result<Vec<Listener>> {
+    use std::collections::HashMap;
+    let mut owner: HashMap<u64, String> = HashMap::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let dir = entry?.path();
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        let exe = String::from_utf8_lossy(cmdline.split(|b| *b == 0).next().unwrap_or_default())
+            .to_string();
+        if !exe.starts_with(prefix) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let target = target.to_string_lossy().to_string();
+                if let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                    .and_then(|i| i.parse().ok())
+                {
+                    owner.insert(inode, exe.clone());
+                }
+            }
+        }
+    }
+    let mut found = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // local_address, state (0A is LISTEN), ..., inode
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            let Some(process) = inode.parse::<u64>().ok().and_then(|i| owner.get(&i)) else {
+                continue;
+            };
+            if *state != "0A" {
+                continue;
+            }
+            let (addr, port) = local.split_once(':').context("local address")?;
+            let port = u16::from_str_radix(port, 16)?;
+            let bytes: Vec<u8> = (0..addr.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&addr[i..i + 2], 16))
+                .collect::<Result<_, _>>()?;
+            // /proc prints each 32-bit word of the address in host (little-endian) order.
+            let fixed: Vec<u8> = bytes
+                .chunks(4)
+                .flat_map(|w| w.iter().rev().copied())
+                .collect();
+            let address = if v6 {
+                let octets: [u8; 16] = fixed.try_into().map_err(|_| anyhow::anyhow!("ipv6"))?;
+                std::net::IpAddr::from(octets)
+            } else {
+                let octets: [u8; 4] = fixed.try_into().map_err(|_| anyhow::anyhow!("ipv4"))?;
+                std::net::IpAddr::from(octets)
+            };
+            found.push(Listener {
+                address,
+                port,
+                process: process.clone(),
+            });
+        }
+    }
+    Ok(found)
+}
+
+/// The cluster is reachable from this machine only: every port a control-plane component
+/// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) listens on is bound to
+/// loopback, never to all interfaces or a public address.
+#[tokio::test]
+async fn every_cluster_component_listens_on_loopback_only() -> Result<()> {
+    let dir = tool("MOAT_CLUSTER_DIR")?;
+    let listeners = listeners_of(&format!("{dir}/bin/"))?;
+    for component in [
+        "etcd",
+        "kube-apiserver",
+        "kube-controller-manager",
+        "kube-scheduler",
+    ] {
+        ensure!(
+            listeners.iter().any(|l| l.process.ends_with(component)),
+            "no listening socket of {component} was found (the check would see nothing): {listeners:?}"
+        );
+    }
+    let public: Vec<&Listener> = listeners
+        .iter()
+        .filter(|l| !l.address.is_loopback())
+        .collect();
+    ensure!(
+        public.is_empty(),
+        "cluster ports reachable from other machines: {}",
+        public
+            .iter()
+            .map(|l| format!("{} on {}:{}", l.process, l.address, l.port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
