@@ -22,6 +22,12 @@ ETCD_VERSION=$(sed -n 's/^\tgo.etcd.io\/etcd\/server\/v3 \(v[0-9.]*\)$/\1/p' "$E
 KSTATUS_VERSION=$(sed -n 's/^\tsigs.k8s.io\/cli-utils \(v[0-9.]*\)$/\1/p' "$E2E_DIR/kstatus/go.mod")
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v4.3.1
+# The real node's network policy controller and cluster DNS (Go modules; the proxy's checksum
+# database verifies them). kubelet and kube-proxy come from the same k8s.io/kubernetes module as
+# the control plane (e2e/k8s/tools.go); the pause binary is compiled from that module's
+# build/pause/linux/pause.c.
+KUBE_ROUTER_VERSION=v2.1.0
+COREDNS_VERSION=v1.15.0
 
 # The Argo CD and Flux CRDs the GitOps examples are checked against: taken from the published Go
 # module zips (module version, sha256 of the zip, files inside it).
@@ -40,6 +46,7 @@ K8S_BIN=$BIN/kubernetes-$K8S_VERSION-$RECIPE
 ETCD_BIN=$BIN/etcd-$ETCD_VERSION
 KWOK_BIN=$BIN/kwok-$KWOK_VERSION
 HELM_BIN=$BIN/helm-$HELM_VERSION
+NODE_BIN=$BIN/node-$K8S_VERSION-kube-router-$KUBE_ROUTER_VERSION-coredns-$COREDNS_VERSION-$RECIPE
 KSTATUS_BIN=$BIN/kstatus-$KSTATUS_VERSION
 GITOPS_CRDS=$BIN/gitops-crds-$(printf '%s\n' "${GITOPS_MODULES[@]}" | sha256sum | cut -c1-12)
 LOGS=$CACHE/logs
@@ -49,6 +56,8 @@ KUBECONFIG_PATH=$CLUSTER_DIR/kubeconfig.yaml
 STATE=$CACHE/state/$CLUSTER
 
 say() { printf 'cluster: %s\n' "$*" >&2; }
+# shellcheck source=e2e/node.sh
+. "$E2E_DIR/node.sh"
 die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
 
 for v in K8S_VERSION ETCD_VERSION KSTATUS_VERSION; do
@@ -112,12 +121,30 @@ build() {
     build_into kstatus-$KSTATUS_VERSION "$KSTATUS_BIN" bash -c "cd kstatus && go build -ldflags='-s -w' -o '$KSTATUS_BIN.partial.$$/kstatus' ."
     rm -rf "$KSTATUS_BIN"; mv "$KSTATUS_BIN.partial.$$" "$KSTATUS_BIN"; built=1
   fi
+  if node_enabled && ! have "$NODE_BIN" kubelet kube-proxy kube-router coredns pause; then
+    build_node; built=1
+  fi
   if [ ! -d "$GITOPS_CRDS" ]; then
     fetch_gitops_crds; built=1
   fi
   if [ $built -eq 1 ]; then
     say "cold build of the pinned components took $((SECONDS - start))s"
   fi
+}
+
+# The real node's binaries, into one cache entry.
+build_node() {
+  local minor pkg ldflags="-s -w" tmp=$NODE_BIN.partial.$$
+  minor=${K8S_VERSION#v1.}; minor=${minor%%.*}
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor -X $pkg.gitTreeState=clean"
+  done
+  build_into node-$K8S_VERSION "$NODE_BIN" bash -c "cd k8s && go build -ldflags='$ldflags' -o '$tmp/' \
+      k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-proxy \
+    && gcc -Os -Wall -static -DVERSION=$K8S_VERSION -o '$tmp/pause' \"\$(go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c\" \
+    && GOBIN='$tmp' go install -ldflags='-s -w' github.com/cloudnativelabs/kube-router/v2/cmd/kube-router@$KUBE_ROUTER_VERSION \
+    && GOBIN='$tmp' go install -ldflags='-s -w' github.com/coredns/coredns@$COREDNS_VERSION"
+  rm -rf "$NODE_BIN"; mv "$tmp" "$NODE_BIN"
 }
 
 # The GOPROXY's first URL (the Go default when unset); the zips are what `go mod download` gets.
@@ -161,7 +188,8 @@ write_configs() {
   chmod 700 "$STATE"
   # Secrets are encrypted at rest with secretbox (XSalsa20-Poly1305); a fresh key per cluster.
   if [ ! -s "$STATE/encryption.yaml" ]; then
-    umask 077
+    touch "$STATE/encryption.yaml"
+    chmod 600 "$STATE/encryption.yaml"
     cat >"$STATE/encryption.yaml" <<EOF
 apiVersion: apiserver.config.k8s.io/v1
 kind: EncryptionConfiguration
@@ -179,12 +207,50 @@ EOF
   # authentication), the API server, the scheduler, the controller manager and the kwok
   # controller to all interfaces, which on a shared network hands the cluster to anyone nearby.
   # kwokctl has no flag for it; it is options.bindAddress of its configuration file.
-  cat >"$STATE/kwokctl.yaml" <<'EOF'
+  {
+    cat <<EOF
 apiVersion: config.kwok.x-k8s.io/v1alpha1
 kind: KwokctlConfiguration
 options:
   bindAddress: 127.0.0.1
 EOF
+    # In-cluster clients (CoreDNS, Moat) call the kubernetes Service: 10.96.0.1.
+    node_enabled && echo "  kubeApiserverCertSANs: [$NODE_HOST_IP, 10.96.0.1]"
+    cat <<EOF
+componentsPatches:
+- name: kube-controller-manager
+  extraArgs:
+  - {key: kube-api-qps, value: "200"}
+  - {key: kube-api-burst, value: "400"}
+- name: kube-scheduler
+  extraArgs:
+  - {key: kube-api-qps, value: "200"}
+  - {key: kube-api-burst, value: "400"}
+- name: kube-apiserver
+  extraArgs:
+  - {key: encryption-provider-config, value: $STATE/encryption.yaml}
+  - {key: service-cluster-ip-range, value: 10.96.0.0/16}
+EOF
+    if node_enabled; then
+      # The real node reaches the API server through a relay on the host end of its veth:
+      # the certificate must name that address, the kubernetes Service points there, and the
+      # API server reaches the kubelet by its InternalIP with a client certificate. NodeRestriction
+      # limits what the kubelet may write; PodNodeSelector and PodTolerationRestriction let a
+      # namespace send its pods to the (tainted) real node. The kwok controller manages only its
+      # own nodes (kwokctl's default would take over the real one and fake its pods).
+      cat <<EOF
+  - {key: advertise-address, value: $NODE_HOST_IP}
+  - {key: kubelet-preferred-address-types, value: InternalIP}
+  - {key: kubelet-client-certificate, value: $CLUSTER_DIR/pki/admin.crt}
+  - {key: kubelet-client-key, value: $CLUSTER_DIR/pki/admin.key}
+  - {key: enable-admission-plugins, value: "NodeRestriction,PodNodeSelector,PodTolerationRestriction"}
+- name: kwok-controller
+  extraArgs:
+  - {key: manage-all-nodes, value: "false", override: true}
+  - {key: manage-nodes-with-annotation-selector, value: kwok.x-k8s.io/node=fake}
+EOF
+    fi
+  } >"$STATE/kwokctl.yaml"
   # Audit: metadata for every request (never request bodies, so no Secret value reaches the log).
   cat >"$STATE/audit-policy.yaml" <<'EOF'
 apiVersion: audit.k8s.io/v1
@@ -208,10 +274,13 @@ up() {
   fi
   write_configs
   mkdir -p "$LOGS"
+  if node_enabled; then
+    node_network_up || fail_start "setting up the real node's network namespace failed"
+  fi
   local start=$SECONDS log=$LOGS/kwokctl-create.log
   say "starting cluster '$CLUSTER' (kube-apiserver $K8S_VERSION, etcd $ETCD_VERSION, kwok $KWOK_VERSION)"
-  # kwokctl v0.8.0 indexes repeated --extra-args by flag position: every component's first flag
-  # must come before any component's second one (as below), or kwokctl panics.
+  # Extra component flags are componentsPatches in $STATE/kwokctl.yaml (kwokctl v0.8.0's
+  # --extra-args indexes repeated flags by position and panics on some orders).
   if ! kwokctl -c "$STATE/kwokctl.yaml" create cluster --runtime binary --secure-port=true \
       --kube-authorization=true --kube-admission=true \
       --kube-audit-policy "$STATE/audit-policy.yaml" \
@@ -220,12 +289,6 @@ up() {
       --kube-scheduler-binary "$K8S_BIN/kube-scheduler" \
       --kwok-controller-binary "$KWOK_BIN/kwok" \
       --etcd-binary "$ETCD_BIN/etcd" \
-      --extra-args "kube-apiserver=encryption-provider-config=$STATE/encryption.yaml" \
-      --extra-args "kube-controller-manager=kube-api-qps=200" \
-      --extra-args "kube-scheduler=kube-api-qps=200" \
-      --extra-args "kube-controller-manager=kube-api-burst=400" \
-      --extra-args "kube-scheduler=kube-api-burst=400" \
-      --extra-args "kube-apiserver=service-cluster-ip-range=10.96.0.0/16" \
       --kubeconfig "$STATE/user-kubeconfig.yaml" \
       --wait 2m --timeout 3m >"$log" 2>&1; then
     tail -n 30 "$log" >&2 || true
@@ -246,7 +309,10 @@ up() {
     [ $SECONDS -lt $deadline ] || fail_start "the default ServiceAccount never appeared (log: $CLUSTER_DIR/logs/kube-controller-manager.log)"
     sleep 1
   done
-  say "cluster '$CLUSTER' is up with $NODES kwok nodes in $((SECONDS - start))s"
+  if node_enabled; then
+    node_up || fail_start "starting the real node failed (logs: $LOGS/node-*.log)"
+  fi
+  say "cluster '$CLUSTER' is up with $NODES kwok nodes$(node_enabled && echo " and the real node $NODE_NAME") in $((SECONDS - start))s"
   echo "export KUBECONFIG=$KUBECONFIG_PATH"
 }
 
@@ -270,6 +336,7 @@ report_component_logs() {
 }
 
 down() {
+  node_down
   if [ -x "$KWOK_BIN/kwokctl" ] && [ -d "$CLUSTER_DIR" ]; then
     kwokctl delete cluster >"$LOGS/kwokctl-delete.log" 2>&1 || say "kwokctl delete cluster reported an error (log: $LOGS/kwokctl-delete.log)"
   fi
@@ -311,6 +378,11 @@ case ${1:-} in
     echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
     echo "export MOAT_CLUSTER_DIR=$CLUSTER_DIR"
     echo "export KWOK_WORKDIR=$KWOK_WORKDIR"
+    echo "export MOAT_REAL_NODE=${MOAT_REAL_NODE:-1}"
+    echo "export MOAT_NODE_NAME=$NODE_NAME"
+    echo "export MOAT_NODE_NETNS=$NODE_NETNS"
+    echo "export MOAT_NODE_HOST_IP=$NODE_HOST_IP"
+    [ ! -s "$NODE_DIR/busybox.digest" ] || echo "export MOAT_NODE_BUSYBOX_IMAGE=${BUSYBOX_IMAGE%:*}@$(cat "$NODE_DIR/busybox.digest")"
     echo "export MOAT_KWOKCTL=\"$KWOK_BIN/kwokctl --name $CLUSTER\""
     echo "export PATH=$K8S_BIN:$HELM_BIN:$ETCD_BIN:$KWOK_BIN:\$PATH"
     ;;

@@ -14,7 +14,13 @@ set -euo pipefail
 # skopeo: pushes the OCI layouts the tests write to that registry and inspects digests.
 # apache2-utils: htpasswd, for the registry's bcrypt basic-auth file.
 # stress-ng: keeps both cores busy during `make test-e2e-stress`, as a build beside the tests does.
-PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng)
+# The real node (e2e/node.sh): containerd and runc run its containers; containernetworking-plugins
+#   (bridge, host-local, portmap) its pod network; nftables (kube-proxy's mode and the node's guard
+#   table), iptables and ipset (kube-router's NetworkPolicy rules); iproute2 and util-linux (ip,
+#   nsenter) its network namespace; socat the API server relay; busybox-static the test workload
+#   image. gcc with libc6-dev also builds the pause binary.
+PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng
+  containerd runc containernetworking-plugins nftables iptables ipset iproute2 util-linux socat busybox-static)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -95,6 +95,8 @@ impl TestEnv {
 pub struct NamespaceOptions {
     /// Extra labels, for example `pod-security.kubernetes.io/enforce: restricted`.
     pub labels: Vec<(String, String)>,
+    /// Annotations, for example the real node's scheduling annotations ([`Self::on_real_node`]).
+    pub annotations: Vec<(String, String)>,
 }
 
 impl NamespaceOptions {
@@ -111,8 +113,57 @@ impl NamespaceOptions {
                     "latest".into(),
                 ),
             ],
+            annotations: Vec::new(),
         }
     }
+
+    /// Pods of this namespace run on the real node (kubelet, containerd, runc) instead of a kwok
+    /// node: the API server's PodNodeSelector and PodTolerationRestriction plugins give every
+    /// pod the node selector and the toleration of its taint (`e2e/node.sh`).
+    pub fn on_real_node(mut self) -> Self {
+        self.annotations.push((
+            "scheduler.alpha.kubernetes.io/node-selector".into(),
+            format!("{REAL_NODE_LABEL}=true"),
+        ));
+        self.annotations.push((
+            "scheduler.alpha.kubernetes.io/defaultTolerations".into(),
+            json!([{"key": REAL_NODE_LABEL, "operator": "Exists", "effect": "NoSchedule"}])
+                .to_string(),
+        ));
+        self
+    }
+}
+
+/// The label (and taint key) of the real node.
+pub const REAL_NODE_LABEL: &str = "moat.dev/real-node";
+
+/// The test workload image imported on the real node (Debian's busybox-static: sh, httpd, nc,
+/// wget, nslookup), pinned by digest.
+pub fn real_node_image() -> Result<String> {
+    tool("MOAT_NODE_BUSYBOX_IMAGE")
+}
+
+/// Runs `command` in `container` of the running pod `namespace/pod` (`kubectl exec`: the API
+/// server, the kubelet's exec endpoint and runc, as a user's debugging session would); returns
+/// whether it succeeded, its standard output and its standard error.
+pub async fn exec(
+    namespace: &str,
+    pod: &str,
+    container: &str,
+    command: &[&str],
+) -> Result<(bool, String, String)> {
+    let kubectl = tool("MOAT_KUBECTL")?;
+    let out = tokio::process::Command::new(&kubectl)
+        .args(["exec", "-n", namespace, pod, "-c", container, "--"])
+        .args(command)
+        .output()
+        .await
+        .with_context(|| format!("running {kubectl} exec"))?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// Connects to the cluster named by `KUBECONFIG`, failing with advice when none is running.
@@ -167,8 +218,13 @@ async fn create_namespace(
     for (k, v) in &opts.labels {
         labels.insert(k.clone(), json!(v));
     }
+    let annotations: serde_json::Map<String, serde_json::Value> = opts
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     let ns: Namespace = serde_json::from_value(json!({
-        "metadata": { "generateName": format!("{}-", label_value.chars().take(40).collect::<String>()), "labels": labels }
+        "metadata": { "generateName": format!("{}-", label_value.chars().take(40).collect::<String>()), "labels": labels, "annotations": annotations }
     }))?;
     let created = Api::<Namespace>::all(client.clone())
         .create(&PostParams::default(), &ns)
