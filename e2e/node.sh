@@ -105,6 +105,7 @@ node_up() {
   node_containerd || return 1
   node_images || return 1
   node_kubelet || return 1
+  node_wait_ready || return 1
   node_kube_proxy || return 1
   node_kube_router || return 1
   node_coredns || return 1
@@ -248,7 +249,7 @@ node_images() {
   oci_archive "$root/pause.tar" "$PAUSE_IMAGE" "$root/pause" '["/pause"]' 65535:65535 >/dev/null
   cp "$NODE_BIN/coredns" "$root/coredns/coredns"
   oci_archive "$root/coredns.tar" "$COREDNS_IMAGE" "$root/coredns" '["/coredns"]' 65532:65532 >/dev/null
-  mkdir -p "$root/busybox/bin" "$root/busybox/tmp"
+  mkdir -p "$root/busybox/bin"
   cp /bin/busybox "$root/busybox/bin/busybox"
   local applet
   for applet in $(/bin/busybox --list); do
@@ -336,17 +337,29 @@ node_kube_router() {
   node_daemon kube-router "$NODE_BIN/kube-router" --kubeconfig "$NODE_DIR/kube-router.kubeconfig" \
     --run-firewall=true --run-router=false --run-service-proxy=false --enable-cni=false \
     --hostname-override "$NODE_NAME" --metrics-port 0 --health-port 20244
+  # It needs the registered Node, and enforces nothing if it stops: wait for its health check.
+  local deadline=$((SECONDS + 60))
+  until in_node curl -fsS -o /dev/null http://127.0.0.1:20244/healthz 2>/dev/null; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$(cat "$NODE_DIR/kube-router.pid")" 2>/dev/null; then
+      node_say "error: kube-router is not healthy (log: $LOGS/node-kube-router.log)"
+      return 1
+    fi
+    sleep 0.3
+  done
 }
 
 node_kubectl() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
-# Cluster DNS as real pods on the real node (NetworkPolicies select them by label).
-node_coredns() {
+node_wait_ready() {
   local deadline=$((SECONDS + 120))
   until node_kubectl get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -q True; do
     [ $SECONDS -lt $deadline ] || { node_say "error: node $NODE_NAME not Ready within 120s (log: $LOGS/node-kubelet.log)"; return 1; }
     sleep 0.5
   done
+}
+
+# Cluster DNS as real pods on the real node (NetworkPolicies select them by label).
+node_coredns() {
   node_kubectl apply -f - >/dev/null <<EOF
 apiVersion: v1
 kind: ServiceAccount
