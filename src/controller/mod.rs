@@ -111,31 +111,36 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
             .into_iter()
             .map(|ns| {
                 let (store, writer) = reflector::store();
-                (ns, store, writer)
+                let (synced_tx, synced) = watch::channel(false);
+                (ns, store, writer, synced_tx, synced)
             })
             .collect();
         let models = models::Models::new(
             reflectors
                 .iter()
-                .map(|(ns, store, _)| (ns.clone(), store.clone()))
+                .map(|(ns, store, _, _, synced)| (ns.clone(), store.clone(), synced.clone()))
                 .collect(),
         );
-        futures::future::join_all(reflectors.into_iter().map(|(ns, store, writer)| {
-            run_one(
-                client.clone(),
-                Scope {
-                    ns,
-                    store,
-                    writer,
-                    models: models.clone(),
-                },
-                settings.clone(),
-                metrics.clone(),
-                ca_rx.clone(),
-                smd_changes.clone(),
-                unsynced.clone(),
-            )
-        }))
+        futures::future::join_all(reflectors.into_iter().map(
+            |(ns, store, writer, synced_tx, synced)| {
+                run_one(
+                    client.clone(),
+                    Scope {
+                        ns,
+                        store,
+                        writer,
+                        synced_tx,
+                        synced,
+                        models: models.clone(),
+                    },
+                    settings.clone(),
+                    metrics.clone(),
+                    ca_rx.clone(),
+                    smd_changes.clone(),
+                    unsynced.clone(),
+                )
+            },
+        ))
         .await;
     };
     tokio::select! {
@@ -160,6 +165,9 @@ struct Scope {
     ns: Option<String>,
     store: models::ModelStore,
     writer: reflector::store::Writer<Guarded<SecureModelDeployment>>,
+    /// Set once the SMD watch has listed everything ([`models::Synced`]).
+    synced_tx: watch::Sender<bool>,
+    synced: models::Synced,
     models: models::Models,
 }
 
@@ -176,6 +184,8 @@ async fn run_one(
         ns,
         store: smd_store,
         writer,
+        synced_tx,
+        synced,
         models,
     } = scope;
     let smds: Api<Guarded<SecureModelDeployment>> = api(&client, ns.as_deref());
@@ -210,10 +220,14 @@ async fn run_one(
     let smd_stream = watcher(smds, watcher::Config::default().any_semantic())
         .default_backoff()
         .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(watcher::Event::Delete(smd)) = event {
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Delete(smd)) => {
                 let _ = deleted.send((smd.namespace().unwrap_or_default(), smd.name_any()));
             }
+            Ok(watcher::Event::InitDone) => {
+                synced_tx.send_replace(true);
+            }
+            _ => {}
         })
         .applied_objects();
     let controller = Controller::for_stream(smd_stream, smd_store.clone())
@@ -237,8 +251,13 @@ async fn run_one(
     let mut ca_ready = ca_rx.clone();
     let ready_metrics = ctx.metrics.clone();
     let ready = async move {
+        let mut smd_synced = synced;
         let _ = futures::join!(
-            smd_store.wait_until_ready(),
+            // Not smd_store.wait_until_ready(): the controller waits there already, and a Store
+            // wakes only one of its waiters (see models::Synced).
+            async move {
+                let _ = smd_synced.wait_for(|filled| *filled).await.map(|_| ());
+            },
             caches.service_accounts.wait_until_ready(),
             caches.network_policies.wait_until_ready(),
             caches.services.wait_until_ready(),

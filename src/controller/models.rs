@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use kube::runtime::reflector::{ObjectRef, Store};
+use tokio::sync::watch;
 
 use super::guard::Guarded;
 use crate::api::SecureModelDeployment;
@@ -12,10 +13,16 @@ use crate::api::SecureModelDeployment;
 /// The SMD cache of one watch scope.
 pub type ModelStore = Store<Guarded<SecureModelDeployment>>;
 
+/// Whether a scope's SMD cache has filled (its watch listed everything once). A `watch` channel,
+/// not `Store::wait_until_ready`: that wakes only the last of several concurrent waiters (one
+/// oneshot waker slot), so a ModelClient reconcile waiting there beside the controller could
+/// hang for good.
+pub type Synced = watch::Receiver<bool>;
+
 /// The SMD caches of all watch scopes (`None`: every namespace).
 #[derive(Clone, Default)]
 pub struct Models {
-    scopes: Arc<Vec<(Option<String>, ModelStore)>>,
+    scopes: Arc<Vec<(Option<String>, ModelStore, Synced)>>,
 }
 
 /// What the caches say about one model.
@@ -33,7 +40,7 @@ pub enum Lookup {
 
 impl Models {
     /// The caches of `scopes`.
-    pub fn new(scopes: Vec<(Option<String>, ModelStore)>) -> Self {
+    pub fn new(scopes: Vec<(Option<String>, ModelStore, Synced)>) -> Self {
         Self {
             scopes: Arc::new(scopes),
         }
@@ -43,14 +50,15 @@ impl Models {
     /// must never read as "missing", which would withdraw a client's consent and delete its
     /// certificate.
     pub async fn get(&self, namespace: &str, name: &str) -> Lookup {
-        let Some((_, store)) = self
+        let Some((_, store, synced)) = self
             .scopes
             .iter()
-            .find(|(scope, _)| scope.as_deref().is_none_or(|s| s == namespace))
+            .find(|(scope, _, _)| scope.as_deref().is_none_or(|s| s == namespace))
         else {
             return Lookup::NotWatched;
         };
-        if store.wait_until_ready().await.is_err() {
+        let mut synced = synced.clone();
+        if synced.wait_for(|filled| *filled).await.is_err() {
             // The scope's controller stopped (shutdown): treat as unwatched, never as missing.
             return Lookup::NotWatched;
         }
@@ -89,7 +97,12 @@ mod tests {
         ml_writer.apply_watcher_event(&watcher::Event::InitDone);
         other_writer.apply_watcher_event(&watcher::Event::Init);
         other_writer.apply_watcher_event(&watcher::Event::InitDone);
-        let models = Models::new(vec![(Some("ml".into()), ml), (Some("other".into()), other)]);
+        let (_ml_synced, ml_rx) = watch::channel(true);
+        let (_other_synced, other_rx) = watch::channel(true);
+        let models = Models::new(vec![
+            (Some("ml".into()), ml, ml_rx),
+            (Some("other".into()), other, other_rx),
+        ]);
         assert!(
             matches!(models.get("ml", "fraud").await, Lookup::Found(m) if m.spec.server.port == 8000)
         );
@@ -107,7 +120,8 @@ mod tests {
         all_writer.apply_watcher_event(&watcher::Event::Init);
         all_writer.apply_watcher_event(&watcher::Event::InitApply(guarded("fraud", "ml")));
         all_writer.apply_watcher_event(&watcher::Event::InitDone);
-        let models = Models::new(vec![(None, all)]);
+        let (_all_synced, all_rx) = watch::channel(true);
+        let models = Models::new(vec![(None, all, all_rx)]);
         assert!(matches!(models.get("ml", "fraud").await, Lookup::Found(_)));
         assert!(matches!(
             models.get("elsewhere", "fraud").await,
@@ -117,12 +131,40 @@ mod tests {
 
     #[tokio::test]
     async fn a_stopped_scope_is_unwatched_never_missing() {
-        let (store, writer) = reflector::store::<Guarded<SecureModelDeployment>>();
-        drop(writer);
-        let models = Models::new(vec![(Some("ml".into()), store)]);
+        let (store, _writer) = reflector::store::<Guarded<SecureModelDeployment>>();
+        let (synced, rx) = watch::channel(false);
+        drop(synced);
+        let models = Models::new(vec![(Some("ml".into()), store, rx)]);
         assert!(matches!(
             models.get("ml", "fraud").await,
             Lookup::NotWatched
         ));
+    }
+
+    /// Many lookups wait for one scope to fill at once, from different tasks; all of them
+    /// finish when it does (a Store's own readiness would wake only the last one).
+    #[tokio::test]
+    async fn concurrent_lookups_all_wake_when_the_cache_fills() {
+        let (store, mut writer) = reflector::store();
+        let (synced, rx) = watch::channel(false);
+        let models = Models::new(vec![(Some("ml".into()), store, rx)]);
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let models = models.clone();
+                tokio::spawn(async move { models.get("ml", "fraud").await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        writer.apply_watcher_event(&watcher::Event::Init);
+        writer.apply_watcher_event(&watcher::Event::InitApply(guarded("fraud", "ml")));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        synced.send_replace(true);
+        for waiter in waiters {
+            let found = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+                .await
+                .expect("every waiter wakes")
+                .expect("joined");
+            assert!(matches!(found, Lookup::Found(_)), "{found:?}");
+        }
     }
 }
