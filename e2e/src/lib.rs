@@ -143,6 +143,33 @@ pub fn real_node_image() -> Result<String> {
     tool("MOAT_NODE_BUSYBOX_IMAGE")
 }
 
+/// Moat's own image (the binary the tests build, with its libraries), imported on the real node
+/// and pinned by digest (`e2e/moat-image.sh`); built once per test process.
+pub fn real_node_moat_image() -> Result<String> {
+    static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let build = || -> Result<String> {
+                let binary = moat_binary()?;
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/moat-image.sh");
+                let out = std::process::Command::new("bash")
+                    .arg(script)
+                    .arg(&binary)
+                    .output()
+                    .with_context(|| format!("running {script}"))?;
+                ensure!(
+                    out.status.success(),
+                    "{script} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+            };
+            build().map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)
+}
+
 /// Runs `command` in `container` of the running pod `namespace/pod` (`kubectl exec`: the API
 /// server, the kubelet's exec endpoint and runc, as a user's debugging session would); returns
 /// whether it succeeded, its standard output and its standard error.
@@ -559,8 +586,16 @@ impl OperatorBuilder {
         self
     }
 
-    /// Installs Moat's CRDs (as the admin) and starts the operator in this process.
+    /// Installs Moat's CRDs (as the admin) and starts the operator in this process. With
+    /// `MOAT_E2E_LOG` set (an `EnvFilter` such as `moat=debug`), the operator logs to standard
+    /// error (shown for failing tests, or all with `--nocapture`).
     pub async fn start(self) -> Result<Operator> {
+        static LOGGING: std::sync::Once = std::sync::Once::new();
+        if let Ok(level) = std::env::var("MOAT_E2E_LOG") {
+            LOGGING.call_once(|| {
+                moat::telemetry::init_logging(moat::telemetry::LogFormat::Text, &level)
+            });
+        }
         install_crds(&client().await?).await?;
         let config = match self.config {
             Some(config) => config,

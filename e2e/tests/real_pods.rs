@@ -9,7 +9,7 @@ use moat::{
     fixture,
 };
 use moat_e2e::{
-    NamespaceOptions, TestEnv, exec, real_node_image, wait_condition, wait_for_value,
+    NamespaceOptions, TestEnv, exec, real_node_image, wait_condition, wait_for_value, wait_until,
     with_namespace,
 };
 use serde_json::json;
@@ -222,6 +222,129 @@ async fn resolve(ns: &str, pod: &str, container: &str, name: &str) -> Result<Str
         .with_context(|| format!("no address for {name} in:\n{out}"))
 }
 
+/// The model `web` (busybox httpd answering "model" on 8000) in the test's namespace, allowing
+/// pods labelled `app: caller` of `clients` in, and `egress` out; Ready. Returns its pod's name.
+async fn web_model(env: &TestEnv, clients: &str, egress: serde_json::Value) -> Result<String> {
+    let smd: SecureModelDeployment = fixture::smd("web")
+        .replicas(1)
+        .image(&real_node_image()?)
+        .limits("200m", "64Mi")
+        .set(&["spec", "server", "command"], json!(["/bin/sh", "-c"]))
+        .set(
+            &["spec", "server", "args"],
+            json!(["echo model > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]),
+        )
+        .clients(json!([{"namespace": clients, "podSelector": {"app": "caller"}}]))
+        .egress(egress)
+        .build()?;
+    env.api::<SecureModelDeployment>()
+        .create(&Default::default(), &smd)
+        .await?;
+    wait_condition(env, "web", conditions::READY, "RolloutComplete").await?;
+    Ok(running_pod(env, "web").await?.name_any())
+}
+
+/// Drift repair on real pods: deleted NetworkPolicies come back and traffic from an undeclared
+/// pod is blocked again; a privileged sidecar added to the Deployment never runs (Pod Security
+/// rejects its pods while Moat reverts the template), and the pods left are the hardened ones.
+#[tokio::test]
+async fn drift_repair_restores_isolation_and_hardening_on_real_pods() {
+    with_namespace(
+        "real-drift",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let clients = env
+                .another_namespace(&NamespaceOptions::restricted().on_real_node())
+                .await?;
+            plain_pod(&env, &clients, "caller", "caller").await?;
+            plain_pod(&env, &clients, "stranger", "other").await?;
+            let _op = env.operator().start().await?;
+            web_model(&env, &clients, json!([])).await?;
+            let service_ip = resolve(
+                &clients,
+                "caller",
+                "main",
+                &format!("web.{}.svc.cluster.local", env.namespace),
+            )
+            .await?;
+            let got = reach(&clients, "stranger", "main", &service_ip, 8000).await?;
+            ensure!(got == Reach::Blocked, "before: the stranger got {got:?}");
+
+            // Both policies deleted: Moat recreates them and the stranger is blocked again.
+            let policies = env.api::<k8s_openapi::api::networking::v1::NetworkPolicy>();
+            let deleted = std::time::Instant::now();
+            for name in ["web-deny-all", "web-allow"] {
+                policies.delete(name, &Default::default()).await?;
+            }
+            wait_until("both NetworkPolicies back", || async {
+                Ok(policies.get_opt("web-deny-all").await?.is_some()
+                    && policies.get_opt("web-allow").await?.is_some())
+            })
+            .await?;
+            let back = deleted.elapsed();
+            wait_until("the stranger blocked again", || async {
+                Ok(reach(&clients, "stranger", "main", &service_ip, 8000).await? == Reach::Blocked)
+            })
+            .await?;
+            eprintln!(
+                "NetworkPolicies back {back:?} after deletion; stranger blocked again {:?} after deletion",
+                deleted.elapsed()
+            );
+            let got = reach(&clients, "caller", "main", &service_ip, 8000).await?;
+            ensure!(got == Reach::Answered("model".into()), "after: the caller got {got:?}");
+
+            // A privileged sidecar patched into the Deployment.
+            let deployments = env.api::<k8s_openapi::api::apps::v1::Deployment>();
+            deployments
+                .patch(
+                    "web",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Strategic(json!({"spec": {"template": {"spec": {"containers": [{
+                        "name": "sidecar", "image": real_node_image()?,
+                        "command": ["/bin/sleep", "3600"],
+                        "securityContext": {"privileged": true}
+                    }]}}}})),
+                )
+                .await?;
+            wait_until("the sidecar reverted and the rollout complete", || async {
+                let d = deployments.get("web").await?;
+                let names: Vec<String> = d
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.template.spec.as_ref())
+                    .map(|p| p.containers.iter().map(|c| c.name.clone()).collect())
+                    .unwrap_or_default();
+                let status = d.status.unwrap_or_default();
+                Ok(names == ["server"]
+                    && status.observed_generation == d.metadata.generation
+                    && status.updated_replicas == Some(1)
+                    && status.ready_replicas == Some(1)
+                    && status.replicas == Some(1))
+            })
+            .await?;
+            let pods = env
+                .api::<Pod>()
+                .list(&ListParams::default().labels("moat.dev/deployment=web"))
+                .await?;
+            for pod in &pods.items {
+                let containers: Vec<&str> = pod
+                    .spec
+                    .iter()
+                    .flat_map(|s| s.containers.iter().map(|c| c.name.as_str()))
+                    .collect();
+                ensure!(containers == ["server"], "{} runs {containers:?}", pod.name_any());
+            }
+            let model = running_pod(&env, "web").await?.name_any();
+            let (ok, status, err) =
+                exec(&env.namespace, &model, "server", &["cat", "/proc/self/status"]).await?;
+            ensure!(ok, "{err}");
+            ensure!(status_field(&status, "CapEff")? == "0000000000000000", "{status}");
+            Ok(())
+        },
+    )
+    .await;
+}
+
 /// NetworkPolicy on the wire (kube-router on the real node): only the declared clients reach the
 /// model, through cluster DNS and the Service; the model reaches only its declared egress and
 /// DNS, not other pods and not the API server.
@@ -247,23 +370,12 @@ async fn network_policies_hold_on_the_wire() {
             let (caller_ip, stranger_ip) = (ip(&caller), ip(&stranger));
 
             let _op = env.operator().start().await?;
-            let smd: SecureModelDeployment = fixture::smd("web")
-                .replicas(1)
-                .image(&real_node_image()?)
-                .limits("200m", "64Mi")
-                .set(&["spec", "server", "command"], json!(["/bin/sh", "-c"]))
-                .set(
-                    &["spec", "server", "args"],
-                    json!(["echo model > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]),
-                )
-                .clients(json!([{"namespace": clients, "podSelector": {"app": "caller"}}]))
-                .egress(json!([{"cidr": format!("{caller_ip}/32"), "ports": [8080]}]))
-                .build()?;
-            env.api::<SecureModelDeployment>()
-                .create(&Default::default(), &smd)
-                .await?;
-            wait_condition(&env, "web", conditions::READY, "RolloutComplete").await?;
-            let model = running_pod(&env, "web").await?.name_any();
+            let model = web_model(
+                &env,
+                &clients,
+                json!([{"cidr": format!("{caller_ip}/32"), "ports": [8080]}]),
+            )
+            .await?;
 
             // In: through the Service, found by cluster DNS, from the declared client only.
             let service = format!("web.{model_ns}.svc.cluster.local");
@@ -320,6 +432,269 @@ async fn network_policies_hold_on_the_wire() {
                 "the model reached the API server: {got:?}"
             );
             let _ = outsider;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// Output of a command on this machine; fails with its standard error.
+fn run_here(program: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {program}"))?;
+    ensure!(
+        out.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn sha256_of(path: &std::path::Path) -> Result<String> {
+    let out = run_here("sha256sum", &[&path.to_string_lossy()])?;
+    Ok(out
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string())
+}
+
+/// An age identity from `age-keygen`: (the AGE-SECRET-KEY line, the recipient).
+fn age_identity(dir: &std::path::Path, name: &str) -> Result<(String, String)> {
+    let path = dir.join(name);
+    run_here("age-keygen", &["-o", &path.to_string_lossy()])?;
+    let text = std::fs::read_to_string(&path)?;
+    let secret = text
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .context("no identity in age-keygen's output")?
+        .to_string();
+    let recipient = text
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .context("no public key in age-keygen's output")?
+        .to_string();
+    Ok((secret, recipient))
+}
+
+/// A model directory holding `weights.bin` of `mib` MiB (not compressible), encrypted with
+/// `moat encrypt` to `recipient` into `store/<name>.tar.age`; returns the weights' sha256.
+fn encrypted_model(
+    dir: &std::path::Path,
+    name: &str,
+    mib: usize,
+    recipient: &str,
+) -> Result<String> {
+    use std::io::Write;
+    let model = dir.join(format!("{name}-model"));
+    std::fs::create_dir_all(&model)?;
+    let weights = model.join("weights.bin");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&weights)?);
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ (mib as u64);
+    let mut chunk = vec![0u8; 1 << 20];
+    for _ in 0..mib {
+        for b in chunk.chunks_mut(8) {
+            // xorshift64: fast, and never repeats within a model.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
+        }
+        file.write_all(&chunk)?;
+    }
+    file.flush()?;
+    drop(file);
+    let digest = sha256_of(&weights)?;
+    let artifact = dir.join("store").join(format!("{name}.tar.age"));
+    let moat = moat_e2e::moat_binary()?;
+    run_here(
+        &moat.to_string_lossy(),
+        &[
+            "encrypt",
+            "-r",
+            recipient,
+            "-o",
+            &artifact.to_string_lossy(),
+            &model.to_string_lossy(),
+        ],
+    )?;
+    std::fs::remove_dir_all(&model)?;
+    Ok(digest)
+}
+
+/// An encrypted model of 1 GiB is fetched from a PersistentVolume, verified and decrypted by
+/// Moat's real init container into the memory-backed volume, and the server reads every byte of
+/// it; the key never reaches the server container. A tampered artifact (its recorded digest
+/// updated too, so only the MAC can tell) and an artifact for another key each stop the pod in
+/// its init container, and the SecureModelDeployment says why with the container's own message.
+#[tokio::test]
+async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
+    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
+    use std::os::unix::fs::PermissionsExt;
+    with_namespace(
+        "real-model",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let ns = env.namespace.clone();
+            // The store: a directory on this machine, served to the pods as a hostPath
+            // PersistentVolume of a StorageClass the operator is told is encrypted.
+            let dir = tempfile::Builder::new().prefix("moat-real-model-").tempdir_in("/tmp")?;
+            let store = dir.path().join("store");
+            std::fs::create_dir_all(&store)?;
+            for d in [dir.path(), store.as_path()] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+            }
+            let (secret, recipient) = age_identity(dir.path(), "key.txt")?;
+            let (_, other_recipient) = age_identity(dir.path(), "other.txt")?;
+            let weights = encrypted_model(dir.path(), "fraud", 1024, &recipient)?;
+            encrypted_model(dir.path(), "tampered", 4, &recipient)?;
+            encrypted_model(dir.path(), "wrongkey", 4, &other_recipient)?;
+            // Flip one byte in the payload, past the header.
+            let tampered = store.join("tampered.tar.age");
+            let mut bytes = std::fs::read(&tampered)?;
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x01;
+            std::fs::write(&tampered, &bytes)?;
+            for f in std::fs::read_dir(&store)? {
+                std::fs::set_permissions(f?.path(), std::fs::Permissions::from_mode(0o644))?;
+            }
+
+            let class = "moat-e2e-encrypted-local";
+            let pv_name = format!("{ns}-store");
+            let pvs: kube::Api<PersistentVolume> = kube::Api::all(env.client.clone());
+            let pv: PersistentVolume = serde_json::from_value(json!({
+                "metadata": {"name": pv_name, "labels": {"moat.dev/e2e": "true"}},
+                "spec": {
+                    "capacity": {"storage": "5Gi"}, "accessModes": ["ReadOnlyMany"],
+                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": class,
+                    "hostPath": {"path": store.to_string_lossy(), "type": "Directory"},
+                    "claimRef": {"namespace": ns, "name": "store"}
+                }
+            }))?;
+            pvs.create(&Default::default(), &pv).await?;
+            let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+                "metadata": {"name": "store"},
+                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": class,
+                         "volumeName": pv_name, "resources": {"requests": {"storage": "5Gi"}}}
+            }))?;
+            env.api::<PersistentVolumeClaim>().create(&Default::default(), &claim).await?;
+            let key: Secret = serde_json::from_value(json!({
+                "metadata": {"name": "model-key"}, "stringData": {"identity": secret}
+            }))?;
+            env.api::<Secret>().create(&Default::default(), &key).await?;
+
+            let helper = moat_e2e::real_node_moat_image()?;
+            let _op = env
+                .operator()
+                .settings(|s| {
+                    s.encrypted_storage_classes = vec![class.into()];
+                    s.image.helper_image = helper.clone();
+                })
+                .start()
+                .await?;
+            let model = |name: &str, digest: &str, size: &str, memory: &str| {
+                fixture::smd(name)
+                    .replicas(1)
+                    .image(&real_node_image().unwrap_or_default())
+                    // The node has two cores; three models with a whole one each would not fit.
+                    .limits("250m", memory)
+                    .set(&["spec", "server", "command"], json!(["/bin/sh", "-c"]))
+                    .set(
+                        &["spec", "server", "args"],
+                        json!(["sha256sum /models/m/weights.bin > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]),
+                    )
+                    .model(json!({
+                        "source": {"pvc": {"claimName": "store", "path": format!("{name}.tar.age")}},
+                        "sha256": digest,
+                        "decryptionKeySecretRef": {"name": "model-key", "key": "identity"},
+                        "mountPath": "/models/m",
+                        "sizeLimit": size
+                    }))
+                    .build()
+            };
+            let smds = env.api::<SecureModelDeployment>();
+            let digest = |name: &str| sha256_of(&store.join(format!("{name}.tar.age")));
+            smds.create(&Default::default(), &model("fraud", &digest("fraud")?, "1100Mi", "1536Mi")?)
+                .await?;
+            for bad in ["tampered", "wrongkey"] {
+                smds.create(&Default::default(), &model(bad, &digest(bad)?, "64Mi", "512Mi")?)
+                    .await?;
+            }
+
+            // The good one: decrypted in the pod, every byte read by the server.
+            wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
+            let pod = running_pod(&env, "fraud").await?;
+            let name = pod.name_any();
+            let (ok, served, err) = exec(&ns, &name, "server", &["cat", "/tmp/index.html"]).await?;
+            ensure!(ok, "{err}");
+            ensure!(served.starts_with(&weights), "the server read {served:?}, the weights are {weights}");
+            let (ok, out, _) = exec(&ns, &name, "server", &["ls", "/var/run/moat/model-key"]).await?;
+            ensure!(!ok, "the key is visible in the server container: {out}");
+            let (_, mounts, _) = exec(&ns, &name, "server", &["cat", "/proc/self/mounts"]).await?;
+            ensure!(!mounts.contains("model-key"), "the key volume is mounted in the server:\n{mounts}");
+            let (ok, _, err) = exec(&ns, &name, "server", &["touch", "/models/m/probe"]).await?;
+            ensure!(!ok && err.contains("Read-only"), "the model volume took a write: {err}");
+            // The init container's time, and the pod's peak memory (which includes the plaintext
+            // the init container wrote into the memory-backed volume).
+            let init = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.init_container_statuses.as_ref())
+                .and_then(|c| c.first())
+                .and_then(|c| c.state.as_ref())
+                .and_then(|s| s.terminated.as_ref())
+                .context("the init container's end")?;
+            let took = match (&init.started_at, &init.finished_at) {
+                (Some(a), Some(b)) => b.0.as_second() - a.0.as_second(),
+                _ => -1,
+            };
+            let uid = pod.uid().unwrap_or_default();
+            let peak = ["burstable", "guaranteed", ""]
+                .iter()
+                .find_map(|qos| {
+                    let path = format!(
+                        "/sys/fs/cgroup/memory/moat-{}/kubepods/{qos}/pod{uid}/memory.max_usage_in_bytes",
+                        std::env::var("MOAT_CLUSTER").unwrap_or_else(|_| "moat".into())
+                    )
+                    .replace("//", "/");
+                    std::fs::read_to_string(path).ok()
+                })
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            eprintln!(
+                "1 GiB model: init container ran {took} s (exit {}), pod peak memory {} MiB",
+                init.exit_code,
+                peak >> 20
+            );
+            ensure!(init.exit_code == 0, "the init container exited {}", init.exit_code);
+
+            // The bad ones: stopped in the init container, with its own message in the status.
+            for (bad, needle) in [
+                ("tampered", "does not authenticate"),
+                ("wrongkey", "wrong key"),
+            ] {
+                let message =
+                    wait_condition(&env, bad, conditions::STALLED, conditions::reason::MODEL_DECRYPTION_FAILED)
+                        .await?;
+                ensure!(message.contains(needle), "{bad}: {message}");
+                let pods = env
+                    .api::<Pod>()
+                    .list(&ListParams::default().labels(&format!("moat.dev/deployment={bad}")))
+                    .await?;
+                for p in &pods.items {
+                    let started = p
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.container_statuses.as_ref())
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.name == "server" && c.state.as_ref().is_some_and(|s| s.waiting.is_none()));
+                    ensure!(!started, "{bad}: the server started in {}", p.name_any());
+                }
+            }
+            pvs.delete(&pv_name, &Default::default()).await?;
             Ok(())
         },
     )
