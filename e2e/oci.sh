@@ -24,26 +24,27 @@ oci_archive() {
   tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner --format=posix --mode='u+rwX,go+rX,go-w' \
     --pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime \
     -C "$rootfs" -cf "$work/layer.tar" .
-  local layer_digest layer_size
-  layer_digest=$(sha256sum "$work/layer.tar" | cut -d' ' -f1)
-  layer_size=$(stat -c %s "$work/layer.tar")
-  mv "$work/layer.tar" "$work/blobs/sha256/$layer_digest"
+  local layer config manifest
+  read -r layer < <(oci_blob "$work" "$work/layer.tar")
   printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"User":"%s","Env":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-    "$entrypoint" "$user" "$env" "$layer_digest" >"$work/config.json"
-  local config_digest config_size
-  config_digest=$(sha256sum "$work/config.json" | cut -d' ' -f1)
-  config_size=$(stat -c %s "$work/config.json")
-  mv "$work/config.json" "$work/blobs/sha256/$config_digest"
+    "$entrypoint" "$user" "$env" "${layer% *}" >"$work/config.json"
+  read -r config < <(oci_blob "$work" "$work/config.json")
   printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
-    "$config_digest" "$config_size" "$layer_digest" "$layer_size" >"$work/manifest.json"
-  local manifest_digest manifest_size
-  manifest_digest=$(sha256sum "$work/manifest.json" | cut -d' ' -f1)
-  manifest_size=$(stat -c %s "$work/manifest.json")
-  mv "$work/manifest.json" "$work/blobs/sha256/$manifest_digest"
+    "${config% *}" "${config#* }" "${layer% *}" "${layer#* }" >"$work/manifest.json"
+  read -r manifest < <(oci_blob "$work" "$work/manifest.json")
   printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"io.containerd.image.name":"%s","org.opencontainers.image.ref.name":"%s"}}]}' \
-    "$manifest_digest" "$manifest_size" "$ref" "${ref##*:}" >"$work/index.json"
+    "${manifest% *}" "${manifest#* }" "$ref" "${ref##*:}" >"$work/index.json"
   printf '{"imageLayoutVersion":"1.0.0"}' >"$work/oci-layout"
   tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work" -cf "$out" oci-layout index.json blobs
   rm -rf "$work"
-  echo "sha256:$manifest_digest"
+  echo "sha256:${manifest% *}"
+}
+
+# oci_blob WORK FILE: moves FILE into WORK's blob store under its digest; prints "DIGEST SIZE".
+oci_blob() {
+  local digest size
+  digest=$(sha256sum "$2" | cut -d' ' -f1)
+  size=$(stat -c %s "$2")
+  mv "$2" "$1/blobs/sha256/$digest"
+  echo "$digest $size"
 }
