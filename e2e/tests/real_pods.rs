@@ -700,3 +700,75 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
     )
     .await;
 }
+
+/// The packets counted by the real node's guard (`inet moat-guard leaving`): what tried to leave
+/// the node for anywhere but the API relay.
+fn guard_count() -> Result<u64> {
+    let netns = moat_e2e::tool("MOAT_NODE_NETNS")?;
+    let out = run_here(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{netns}"),
+            "--",
+            "nft",
+            "list",
+            "counter",
+            "inet",
+            "moat-guard",
+            "leaving",
+        ],
+    )?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no packet count in:\n{out}"))
+}
+
+/// Nothing a pod sends leaves the machine: the node's namespace has no default route (an
+/// address outside is unreachable), and the guard drops and counts what a pod sends to the host
+/// other than the API relay.
+#[tokio::test]
+async fn nothing_a_pod_sends_leaves_the_machine() {
+    with_namespace(
+        "real-egress",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let netns = moat_e2e::tool("MOAT_NODE_NETNS")?;
+            let routes = run_here("ip", &["-n", &netns, "route", "show", "default"])?;
+            ensure!(
+                routes.trim().is_empty(),
+                "the node has a default route: {routes}"
+            );
+            plain_pod(&env, &env.namespace, "prober", "prober").await?;
+            let ns = &env.namespace;
+            // TEST-NET-2: an address on no machine here.
+            let (ok, _, err) = exec(
+                ns,
+                "prober",
+                "main",
+                &["nc", "-w", "3", "198.51.100.1", "80"],
+            )
+            .await?;
+            ensure!(!ok, "a pod connected to an address outside the machine");
+            ensure!(
+                err.contains("unreachable") || err.contains("timed out"),
+                "connecting outside failed for another reason: {err}"
+            );
+            let host = moat_e2e::tool("MOAT_NODE_HOST_IP")?;
+            let before = guard_count()?;
+            let got = reach(ns, "prober", "main", &host, 9).await?;
+            ensure!(
+                got == Reach::Blocked,
+                "a pod reached the host beyond the API relay: {got:?}"
+            );
+            let after = guard_count()?;
+            ensure!(
+                after > before,
+                "the guard did not count the attempt ({before} then {after})"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
