@@ -4,18 +4,19 @@
 # and a manifest, in the OCI layout that `ctr images import` and `skopeo copy oci-archive:` read.
 # The same inputs always give the same digests.
 #
-#   oci_archive OUT REF ROOTFS ENTRYPOINT_JSON USER [ENV_JSON]
+#   oci_archive OUT REF ROOTFS ENTRYPOINT_JSON USER [ENV_JSON [CMD_JSON]]
 #     OUT             the .tar to write
 #     REF             the image's name, for example moat.local/pause:3.10.2
 #     ROOTFS          the directory that becomes the filesystem
 #     ENTRYPOINT_JSON for example '["/pause"]'
 #     USER            for example 65535:65535
 #     ENV_JSON        for example '["PATH=/bin"]' (default: [])
+#     CMD_JSON        the default arguments, for example '["operator"]' (default: [])
 #
 # Sourced by e2e/node.sh; prints the manifest digest.
 
 oci_archive() {
-  local out=$1 ref=$2 rootfs=$3 entrypoint=$4 user=$5 env=${6:-[]}
+  local out=$1 ref=$2 rootfs=$3 entrypoint=$4 user=$5 env=${6:-[]} cmd=${7:-[]}
   local work
   work=$(mktemp -d)
   mkdir -p "$work/blobs/sha256"
@@ -26,8 +27,8 @@ oci_archive() {
     -C "$rootfs" -cf "$work/layer.tar" .
   local layer config manifest
   read -r layer < <(oci_blob "$work" "$work/layer.tar")
-  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"User":"%s","Env":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
-    "$entrypoint" "$user" "$env" "${layer% *}" >"$work/config.json"
+  printf '{"architecture":"amd64","os":"linux","config":{"Entrypoint":%s,"Cmd":%s,"User":"%s","Env":%s,"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]}}' \
+    "$entrypoint" "$cmd" "$user" "$env" "${layer% *}" >"$work/config.json"
   read -r config < <(oci_blob "$work" "$work/config.json")
   printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:%s","size":%s}]}' \
     "${config% *}" "${config#* }" "${layer% *}" "${layer#* }" >"$work/manifest.json"
