@@ -437,6 +437,24 @@ pub fn tool(var: &str) -> Result<String> {
         .with_context(|| format!("{var} is not set: run the e2e tests through `make test-e2e`"))
 }
 
+/// Runs the cluster's `etcdctl` against its etcd with `args`; its standard output.
+pub async fn etcdctl(args: &[&str]) -> Result<Vec<u8>> {
+    let etcdctl = tool("MOAT_ETCDCTL")?;
+    let endpoint = tool("MOAT_ETCD_ENDPOINT")?;
+    let out = tokio::process::Command::new(&etcdctl)
+        .args(["--endpoints", &endpoint])
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {etcdctl}"))?;
+    ensure!(
+        out.status.success(),
+        "etcdctl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
 /// Names of the objects in a list, sorted, for readable assertions.
 pub fn names<K: ResourceExt>(items: &[K]) -> Vec<String> {
     let mut v: Vec<String> = items.iter().map(|o| o.name_any()).collect();

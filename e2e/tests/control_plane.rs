@@ -167,20 +167,8 @@ async fn secrets_are_encrypted_at_rest_in_etcd() {
                 .create(&PostParams::default(), &secret)
                 .await?;
 
-            let etcdctl = tool("MOAT_ETCDCTL")?;
-            let endpoint = tool("MOAT_ETCD_ENDPOINT")?;
             let key = format!("/registry/secrets/{}/weights-key", env.namespace);
-            let out = tokio::process::Command::new(&etcdctl)
-                .args(["--endpoints", &endpoint, "get", &key, "--print-value-only"])
-                .output()
-                .await
-                .with_context(|| format!("running {etcdctl}"))?;
-            ensure!(
-                out.status.success(),
-                "etcdctl failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let raw = out.stdout;
+            let raw = moat_e2e::etcdctl(&["get", &key, "--print-value-only"]).await?;
             ensure!(!raw.is_empty(), "no value stored in etcd under {key}");
             ensure!(
                 raw.starts_with(b"k8s:enc:secretbox:v1:"),

@@ -15,7 +15,7 @@ use moat::{
     fixture,
 };
 use moat_e2e::{
-    NamespaceOptions, Operator, TestEnv, tool, wait_condition, wait_event, wait_for_value,
+    NamespaceOptions, Operator, TestEnv, etcdctl, wait_condition, wait_event, wait_for_value,
     wait_until, with_namespace,
 };
 use serde_json::{Value, json};
@@ -25,23 +25,6 @@ fn raw_api(env: &TestEnv) -> Api<DynamicObject> {
     let gvk = GroupVersionKind::gvk("moat.dev", "v1alpha1", "SecureModelDeployment");
     let resource = ApiResource::from_gvk_with_plural(&gvk, "securemodeldeployments");
     Api::namespaced_with(env.client.clone(), &env.namespace, &resource)
-}
-
-async fn etcdctl(args: &[&str]) -> Result<Vec<u8>> {
-    let etcdctl = tool("MOAT_ETCDCTL")?;
-    let endpoint = tool("MOAT_ETCD_ENDPOINT")?;
-    let out = tokio::process::Command::new(&etcdctl)
-        .args(["--endpoints", &endpoint])
-        .args(args)
-        .output()
-        .await
-        .with_context(|| format!("running {etcdctl}"))?;
-    ensure!(
-        out.status.success(),
-        "etcdctl {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(out.stdout)
 }
 
 /// Rewrites the stored SMD `name` so that `spec.server.port` is a string: the API server serves

@@ -138,7 +138,6 @@ async fn reconcile(
     mc: Arc<Guarded<ModelClient>>,
     ctx: Arc<ClientContext>,
 ) -> Result<Action, Error> {
-    tracing::debug!("ModelClient reconcile");
     let result = match &mc.object {
         Ok(decoded) => converge(decoded.clone(), &ctx).await,
         Err(why) => guard::report_malformed(&mc, why, &ctx.shared).await,
@@ -187,10 +186,9 @@ async fn converge(mc: Arc<ModelClient>, ctx: &ClientContext) -> Result<Action, E
         return conflict(&mc, shared, other).await;
     }
 
-    tracing::debug!("looking up the model");
-    let verdict = verdict(&mc, &ctx.models).await;
-    tracing::debug!(?verdict, "consent");
-    if let Err(why) = verdict {
+    let consented = verdict(&mc, &ctx.models).await;
+    tracing::debug!(?consented, "consent of the model");
+    if let Err(why) = consented {
         // Withdrawn (or never given) consent: no certificate, no renewal.
         if let Some(secret) = &cached
             && apply::delete_exact(shared, &secrets, &secret_name, secret.uid()).await?
