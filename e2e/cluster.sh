@@ -383,7 +383,10 @@ case ${1:-} in
     echo "export MOAT_NODE_NETNS=$NODE_NETNS"
     echo "export MOAT_NODE_HOST_IP=$NODE_HOST_IP"
     echo "export MOAT_NODE_CONTAINERD=$NODE_RUN/containerd.sock"
-    [ ! -s "$NODE_DIR/busybox.digest" ] || echo "export MOAT_NODE_BUSYBOX_IMAGE=${BUSYBOX_IMAGE%:*}@$(cat "$NODE_DIR/busybox.digest")"
+    echo "export MOAT_NODE_REGISTRY=$NODE_REGISTRY"
+    echo "export MOAT_NODE_REGISTRY_CA=$NODE_DIR/registry/ca.crt"
+    echo "export MOAT_NODE_REGISTRY_CERTS=$NODE_DIR/registry/certs.d/$NODE_REGISTRY"
+    [ ! -s "$NODE_DIR/busybox.image" ] || echo "export MOAT_NODE_BUSYBOX_IMAGE=$(cat "$NODE_DIR/busybox.image")"
     echo "export MOAT_KWOKCTL=\"$KWOK_BIN/kwokctl --name $CLUSTER\""
     echo "export PATH=$K8S_BIN:$HELM_BIN:$ETCD_BIN:$KWOK_BIN:\$PATH"
     ;;

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Moat's own image, built without a container daemon from a moat binary and the libraries it
-# links (glibc), and imported into the real node's containerd, named by digest as a pull by digest
-# would name it. Prints the pinned reference (moat.local/moat@sha256:...). The same entrypoint,
+# links (glibc), and pushed to the local cluster's registry, from which the real node pulls it by
+# digest. Prints the pinned reference (<registry>/moat@sha256:...). The same entrypoint,
 # default command, user and files as the Dockerfile's image (tests/image.rs compares them), plus
 # the glibc libraries the Dockerfile's static musl build does not need.
 #
-#   e2e/moat-image.sh BINARY                 build and import (needs MOAT_NODE_CONTAINERD, the
-#                                            node's containerd socket, from `e2e/cluster.sh env`)
+#   e2e/moat-image.sh BINARY                 build and push (needs MOAT_NODE_REGISTRY and
+#                                            MOAT_NODE_REGISTRY_CERTS from `e2e/cluster.sh env`)
 #   e2e/moat-image.sh --archive OUT BINARY   only write the OCI archive
 set -euo pipefail
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -35,7 +35,7 @@ if [ -n "$archive" ]; then
   echo "$digest"
   exit 0
 fi
-sock=${MOAT_NODE_CONTAINERD:?run through the e2e tests (MOAT_NODE_CONTAINERD is not set)}
-ctr --address "$sock" -n k8s.io images import "$work/moat.tar" >/dev/null
-ctr --address "$sock" -n k8s.io images tag --force "$ref" "moat.local/moat@$digest" >/dev/null
-echo "moat.local/moat@$digest"
+registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
+pinned=$(oci_push "$work/moat.tar" "$registry/moat:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
+[ "$pinned" = "$registry/moat@$digest" ] || { echo "the registry holds $pinned, not the digest built ($digest)" >&2; exit 1; }
+echo "$pinned"

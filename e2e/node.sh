@@ -31,10 +31,15 @@ NODE_TAINT=moat.dev/real-node
 NODE_DIR=$STATE/node
 NODE_RUN=/run/moat-$CLUSTER
 NODE_CGROUP=moat-$CLUSTER
-PAUSE_IMAGE=moat.local/pause:3.10.2
-COREDNS_IMAGE=moat.local/coredns:1.15.0
+# The cluster's registry (Debian's docker-registry) on the host end of the veth, with TLS from a
+# CA of its own: the node's containerd pulls every image from it, and an operator in the cluster
+# resolves tags in it, as in production. Anonymous: only the host and the node can reach it.
+NODE_REGISTRY_PORT=5000
+NODE_REGISTRY=$NODE_HOST_IP:$NODE_REGISTRY_PORT
+PAUSE_IMAGE=$NODE_REGISTRY/pause:e2e
+COREDNS_IMAGE=$NODE_REGISTRY/coredns:e2e
 # A stand-in workload for tests: Debian's busybox-static (sh, httpd, nc, wget, nslookup, ...).
-BUSYBOX_IMAGE=moat.local/busybox:1.35
+BUSYBOX_IMAGE=$NODE_REGISTRY/busybox:e2e
 # Kernel settings the kubelet writes at start; no namespace contains them, so they are saved
 # before and restored after.
 NODE_SYSCTLS=(vm.overcommit_memory vm.panic_on_oom kernel.panic kernel.panic_on_oops kernel.keys.root_maxkeys kernel.keys.root_maxbytes)
@@ -102,6 +107,7 @@ node_up() {
   echo $! >"$NODE_DIR/relay.pid"
   # Under `||` (as cluster.sh calls this) errexit is off: every step says when it failed.
   node_guard "$port" || return 1
+  node_registry || return 1
   node_containerd || return 1
   node_images || return 1
   node_kubelet || return 1
@@ -169,7 +175,7 @@ EOF
 }
 
 # The node's firewall of last resort, in its own namespace: pod traffic to the host is
-# masqueraded and allowed only to the API relay; anything else leaving the node is dropped and
+# masqueraded and allowed only to the API relay and the registry; anything else leaving the node is dropped and
 # counted (`nft list counter inet moat-guard leaving`; it must stay at the attempts the tests
 # make).
 node_guard() {
@@ -180,7 +186,7 @@ table inet moat-guard {
   chain forward {
     type filter hook forward priority -10; policy accept;
     ct state established,related accept
-    oifname "$NODE_IF" ip daddr $NODE_HOST_IP tcp dport $port accept
+    oifname "$NODE_IF" ip daddr $NODE_HOST_IP tcp dport { $port, $NODE_REGISTRY_PORT } accept
     oifname "$NODE_IF" counter name leaving drop
   }
   chain output {
@@ -194,6 +200,54 @@ table inet moat-guard {
   }
 }
 EOF
+}
+
+# The registry: its CA and certificate (for $NODE_HOST_IP), its configuration, the daemon.
+node_registry() {
+  local dir=$NODE_DIR/registry
+  mkdir -p "$dir/storage" "$dir/certs.d/$NODE_REGISTRY"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+    -subj "/CN=moat local registry CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null &&
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj "/CN=$NODE_HOST_IP" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null &&
+    openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+      -days 30 -extfile <(printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\n' "$NODE_HOST_IP") \
+      -out "$dir/server.crt" 2>/dev/null ||
+    { node_say "error: creating the registry's certificates failed"; return 1; }
+  rm -f "$dir/ca.key" "$dir/server.csr"
+  # skopeo's --dest-cert-dir and containerd's hosts.toml both read the CA from here.
+  cp "$dir/ca.crt" "$dir/certs.d/$NODE_REGISTRY/ca.crt"
+  cat >"$dir/certs.d/$NODE_REGISTRY/hosts.toml" <<TOML
+server = "https://$NODE_REGISTRY"
+[host."https://$NODE_REGISTRY"]
+  capabilities = ["pull", "resolve"]
+  ca = "$dir/ca.crt"
+TOML
+  cat >"$dir/config.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $dir/storage}
+  delete: {enabled: true}
+http:
+  addr: $NODE_REGISTRY
+  tls: {certificate: $dir/server.crt, key: $dir/server.key}
+YAML
+  docker-registry serve "$dir/config.yml" >"$LOGS/node-registry.log" 2>&1 &
+  echo $! >"$NODE_DIR/registry.pid"
+  local deadline=$((SECONDS + 60))
+  until curl -fsS --cacert "$dir/ca.crt" -o /dev/null "https://$NODE_REGISTRY/v2/" 2>/dev/null; do
+    if [ $SECONDS -ge $deadline ] || ! kill -0 "$(cat "$NODE_DIR/registry.pid")" 2>/dev/null; then
+      node_say "error: the registry did not answer on https://$NODE_REGISTRY/v2/ (log: $LOGS/node-registry.log)"
+      return 1
+    fi
+    sleep 0.2
+  done
+}
+
+# node_push ARCHIVE NAME:TAG: oci_push to the registry.
+node_push() {
+  oci_push "$1" "$NODE_REGISTRY/$2" "$NODE_DIR/registry/certs.d/$NODE_REGISTRY"
 }
 
 node_containerd() {
@@ -228,6 +282,8 @@ state = "$NODE_RUN/containerd"
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$NODE_DIR/registry/certs.d"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$NODE_DIR/cni"
@@ -240,7 +296,9 @@ EOF
   done
 }
 
-# The pause and CoreDNS images, built here from files on this machine and imported.
+# The pause, CoreDNS and busybox images, built here from files on this machine and pushed to the
+# registry; the kubelet pulls them from there by digest (pause by tag: containerd's
+# sandbox_image).
 node_images() {
   local root=$NODE_DIR/images
   rm -rf "$root"
@@ -255,19 +313,14 @@ node_images() {
   for applet in $(/bin/busybox --list); do
     [ "$applet" = busybox ] || ln -sf busybox "$root/busybox/bin/$applet"
   done
-  # Pods pin it by digest, as Moat pins every image.
-  oci_archive "$root/busybox.tar" "$BUSYBOX_IMAGE" "$root/busybox" '["/bin/sh"]' 65534:65534 '["PATH=/bin"]' \
-    >"$NODE_DIR/busybox.digest"
-  local image
+  oci_archive "$root/busybox.tar" "$BUSYBOX_IMAGE" "$root/busybox" '["/bin/sh"]' 65534:65534 '["PATH=/bin"]' >/dev/null
+  local image ref
   for image in pause coredns busybox; do
-    ctr --address "$NODE_RUN/containerd.sock" -n k8s.io images import "$root/$image.tar" \
-      >>"$LOGS/node-images.log" 2>&1 || { node_say "error: importing $image failed (log: $LOGS/node-images.log)"; return 1; }
+    ref=$(node_push "$root/$image.tar" "$image:e2e" 2>>"$LOGS/node-images.log") ||
+      { node_say "error: pushing the $image image failed (log: $LOGS/node-images.log)"; return 1; }
+    echo "$ref" >"$NODE_DIR/$image.image"
   done
-  # The CRI finds an image by digest only under a name with that digest (the name a pull by
-  # digest would have created).
-  ctr --address "$NODE_RUN/containerd.sock" -n k8s.io images tag "$BUSYBOX_IMAGE" \
-    "${BUSYBOX_IMAGE%:*}@$(cat "$NODE_DIR/busybox.digest")" >>"$LOGS/node-images.log" 2>&1 \
-    || { node_say "error: naming the busybox image by its digest failed (log: $LOGS/node-images.log)"; return 1; }
+  rm -rf "$root"
 }
 
 node_kubelet() {
@@ -422,8 +475,7 @@ spec:
         sysctls: [{name: net.ipv4.ip_unprivileged_port_start, value: "53"}]
       containers:
       - name: coredns
-        image: $COREDNS_IMAGE
-        imagePullPolicy: Never
+        image: $(cat "$NODE_DIR/coredns.image")
         args: ["-conf", "/etc/coredns/Corefile"]
         ports:
         - {name: dns, containerPort: 53, protocol: UDP}
@@ -486,7 +538,8 @@ node_down() {
   [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
   node_stop_pid containerd
   node_stop_pid relay
-  pids=$(pgrep -f "^containerd --config $NODE_DIR/containerd.toml|^socat TCP-LISTEN:[0-9]*,bind=$NODE_HOST_IP," || true)
+  node_stop_pid registry
+  pids=$(pgrep -f "^containerd --config $NODE_DIR/containerd.toml|^socat TCP-LISTEN:[0-9]*,bind=$NODE_HOST_IP,|^docker-registry serve $NODE_DIR/" || true)
   [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
   # Mounts under the node's directories, deepest first.
   awk -v a="$NODE_DIR/" -v b="$NODE_RUN/" 'index($5, a) == 1 || index($5, b) == 1 || $5 == substr(b, 1, length(b) - 1) {print $5}' /proc/self/mountinfo \

@@ -14,6 +14,10 @@
 #     CMD_JSON        the default arguments, for example '["operator"]' (default: [])
 #
 # Sourced by e2e/node.sh; prints the manifest digest.
+#
+#   oci_push ARCHIVE REGISTRY/NAME:TAG CERT_DIR
+#     pushes the archive with skopeo, unchanged (the same manifest digest), trusting the CA in
+#     CERT_DIR; prints the pinned reference REGISTRY/NAME@sha256:...
 
 oci_archive() {
   local out=$1 ref=$2 rootfs=$3 entrypoint=$4 user=$5 env=${6:-[]} cmd=${7:-[]}
@@ -48,4 +52,12 @@ oci_blob() {
   size=$(stat -c %s "$2")
   mv "$2" "$1/blobs/sha256/$digest"
   echo "$digest $size"
+}
+
+oci_push() {
+  local archive=$1 ref=$2 certs=$3 digest
+  skopeo copy --quiet --preserve-digests --dest-cert-dir "$certs" "oci-archive:$archive" "docker://$ref" >&2 ||
+    return 1
+  digest=$(skopeo inspect --raw --cert-dir "$certs" "docker://$ref" | sha256sum | cut -d' ' -f1) || return 1
+  echo "${ref%:*}@sha256:$digest"
 }

@@ -367,7 +367,7 @@ fn listeners_of(prefix: &str) -> Result<Vec<Listener>> {
 /// The cluster is reachable from this machine only: every port a control-plane component
 /// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok) listens on is bound to
 /// loopback, never to all interfaces or a public address; the real node's API relay listens on
-/// the host end of the node's veth alone.
+/// the host end of the node's veth alone, and so does its registry.
 #[tokio::test]
 async fn every_cluster_component_listens_on_loopback_only() -> Result<()> {
     let dir = tool("MOAT_CLUSTER_DIR")?;
@@ -387,19 +387,30 @@ async fn every_cluster_component_listens_on_loopback_only() -> Result<()> {
         .iter()
         .filter(|l| !l.address.is_loopback())
         .collect();
-    // The real node's API relay listens on the host end of the node's veth, and only there.
+    // The real node's API relay and its registry listen on the host end of the node's veth,
+    // and only there.
     if std::env::var("MOAT_REAL_NODE").as_deref() == Ok("1") {
         let veth: std::net::IpAddr = tool("MOAT_NODE_HOST_IP")?.parse()?;
+        let registry_port: u16 = tool("MOAT_NODE_REGISTRY")?
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse().ok())
+            .context("MOAT_NODE_REGISTRY is host:port")?;
         let relay = listeners_of("socat")?;
-        ensure!(
-            !relay.is_empty(),
-            "no API relay for the real node is listening"
-        );
-        let elsewhere: Vec<&Listener> = relay.iter().filter(|l| l.address != veth).collect();
-        ensure!(
-            elsewhere.is_empty(),
-            "the API relay listens beyond the node's veth: {elsewhere:?}"
-        );
+        let registry: Vec<Listener> = listeners_of("docker-registry")?
+            .into_iter()
+            .filter(|l| l.port == registry_port)
+            .collect();
+        for (what, found) in [("API relay", &relay), ("registry", &registry)] {
+            ensure!(
+                !found.is_empty(),
+                "the real node's {what} is not listening"
+            );
+            let elsewhere: Vec<&Listener> = found.iter().filter(|l| l.address != veth).collect();
+            ensure!(
+                elsewhere.is_empty(),
+                "the real node's {what} listens beyond the node's veth: {elsewhere:?}"
+            );
+        }
     }
     ensure!(
         public.is_empty(),
