@@ -115,3 +115,56 @@ fn the_built_image_runs_like_the_dockerfiles_and_is_reproducible() {
         "no CA bundle in:\n{listing}"
     );
 }
+
+/// The model server image of the local cluster (`e2e/model-server-image.sh`, Debian's Python and
+/// `e2e/model-server/serve.py`) is reproducible too, and runs the server as a non-root user.
+#[test]
+fn the_model_server_image_is_reproducible() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let build = |name: &str| {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/model-server-image.sh");
+        let built = Command::new("bash")
+            .arg(script)
+            .arg("--archive")
+            .arg(dir.path().join(name))
+            .output()
+            .expect("run e2e/model-server-image.sh");
+        assert!(
+            built.status.success(),
+            "{}",
+            String::from_utf8_lossy(&built.stderr)
+        );
+        String::from_utf8_lossy(&built.stdout).trim().to_string()
+    };
+    let digest = build("a.tar");
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    assert_eq!(
+        build("b.tar"),
+        digest,
+        "the same inputs gave another digest"
+    );
+
+    let layout = dir.path().join("layout");
+    std::fs::create_dir(&layout).expect("mkdir");
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(dir.path().join("a.tar"))
+        .arg("-C")
+        .arg(&layout)
+        .status()
+        .expect("tar");
+    assert!(untar.success());
+    let manifest: Value = serde_json::from_slice(&blob(&layout, &digest)).expect("manifest");
+    let config: Value = serde_json::from_slice(&blob(
+        &layout,
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
+    ))
+    .expect("config");
+    assert_eq!(
+        config["config"]["Entrypoint"],
+        serde_json::json!(["/usr/bin/python3.11", "-B", "/app/serve.py"])
+    );
+    assert_eq!(config["config"]["User"], "65532:65532");
+}

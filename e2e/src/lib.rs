@@ -137,24 +137,43 @@ impl NamespaceOptions {
 /// The label (and taint key) of the real node.
 pub const REAL_NODE_LABEL: &str = "moat.dev/real-node";
 
-/// The test workload image imported on the real node (Debian's busybox-static: sh, httpd, nc,
-/// wget, nslookup), pinned by digest.
+/// The test workload image in the local cluster's registry (Debian's busybox-static: sh, httpd,
+/// nc, wget, nslookup), pinned by digest.
 pub fn real_node_image() -> Result<String> {
     tool("MOAT_NODE_BUSYBOX_IMAGE")
 }
 
-/// Moat's own image (the binary the tests build, with its libraries), imported on the real node
-/// and pinned by digest (`e2e/moat-image.sh`); built once per test process.
+/// Moat's own image (the binary the tests build, with its libraries), pushed to the local
+/// cluster's registry and pinned by digest (`e2e/moat-image.sh`); built once per test process.
 pub fn real_node_moat_image() -> Result<String> {
     static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
-    BUILT
+    pushed_image(&BUILT, "moat-image.sh", || {
+        Ok(vec![moat_binary()?.into_os_string()])
+    })
+}
+
+/// The model server image (`e2e/model-server/serve.py` on Debian's Python: a logistic-regression
+/// model served over mTLS, an HTTPS artifact store, and a client), pushed to the local cluster's
+/// registry and pinned by digest (`e2e/model-server-image.sh`); built once per test process.
+pub fn real_node_model_server_image() -> Result<String> {
+    static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    pushed_image(&BUILT, "model-server-image.sh", || Ok(Vec::new()))
+}
+
+/// Runs the image script `script` of this crate once per process (the first caller builds and
+/// pushes, the others wait) and returns the pinned reference it prints.
+fn pushed_image(
+    built: &'static std::sync::OnceLock<Result<String, String>>,
+    script: &str,
+    args: impl FnOnce() -> Result<Vec<std::ffi::OsString>>,
+) -> Result<String> {
+    built
         .get_or_init(|| {
             let build = || -> Result<String> {
-                let binary = moat_binary()?;
-                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/moat-image.sh");
+                let script = format!("{}/{script}", env!("CARGO_MANIFEST_DIR"));
                 let out = std::process::Command::new("bash")
-                    .arg(script)
-                    .arg(&binary)
+                    .arg(&script)
+                    .args(args()?)
                     .output()
                     .with_context(|| format!("running {script}"))?;
                 ensure!(

@@ -401,10 +401,7 @@ async fn every_cluster_component_listens_on_loopback_only() -> Result<()> {
             .filter(|l| l.port == registry_port)
             .collect();
         for (what, found) in [("API relay", &relay), ("registry", &registry)] {
-            ensure!(
-                !found.is_empty(),
-                "the real node's {what} is not listening"
-            );
+            ensure!(!found.is_empty(), "the real node's {what} is not listening");
             let elsewhere: Vec<&Listener> = found.iter().filter(|l| l.address != veth).collect();
             ensure!(
                 elsewhere.is_empty(),

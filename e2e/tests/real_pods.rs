@@ -772,3 +772,285 @@ async fn nothing_a_pod_sends_leaves_the_machine() {
     )
     .await;
 }
+
+/// A pod of the model server image (Python, `e2e/model-server/serve.py`) that runs `command` under
+/// ServiceAccount `sa` without a token, hardened as Pod Security "restricted" asks, with
+/// `volumes` (name, Secret or ConfigMap source, mount path) mounted read-only.
+async fn python_pod(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    command: &[&str],
+    volumes: &[(&str, serde_json::Value, &str)],
+) -> Result<Pod> {
+    let sas: kube::Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        kube::Api::namespaced(env.client.clone(), ns);
+    if sas.get_opt(sa).await?.is_none() {
+        sas.create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": sa}}))?,
+        )
+        .await?;
+    }
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "serviceAccountName": sa,
+            "automountServiceAccountToken": false,
+            "securityContext": {"runAsNonRoot": true, "runAsUser": 10003, "runAsGroup": 10003,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "main",
+                "image": moat_e2e::real_node_model_server_image()?,
+                "command": command,
+                "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                                    "readOnlyRootFilesystem": true},
+                "resources": {"limits": {"cpu": "200m", "memory": "128Mi"}},
+                "volumeMounts": volumes.iter().map(|(v, _, path)| json!({"name": v, "mountPath": path, "readOnly": true})).collect::<Vec<_>>()
+            }],
+            "volumes": volumes.iter().map(|(v, source, _)| {
+                let mut volume = source.clone();
+                volume["name"] = json!(v);
+                volume
+            }).collect::<Vec<_>>()
+        }
+    }))?;
+    let pods: kube::Api<Pod> = kube::Api::namespaced(env.client.clone(), ns);
+    pods.create(&Default::default(), &pod).await?;
+    wait_for_value(
+        moat_e2e::DEADLINE,
+        &format!("pod {ns}/{name} running"),
+        || async {
+            let p = pods.get(name).await?;
+            let running = p
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .all(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+                });
+            Ok(running.then_some(p))
+        },
+    )
+    .await
+}
+
+/// The model server image's interpreter and program.
+const PYTHON: &str = "/usr/bin/python3.11";
+const SERVE: &str = "/app/serve.py";
+
+/// mTLS on the wire, with a real model server: the model's encrypted weights come over HTTPS from
+/// an artifact store in the cluster (its own CA, trusted through `caConfigMapRef`), are verified
+/// and decrypted by Moat's init container, and the Python server reads them. A client pod holding
+/// its ModelClient Secret completes a handshake with the model's Service DNS name and gets a
+/// score, under its SPIFFE identity; the same pod without a certificate, or with one from another
+/// CA naming the same identity, is refused in the handshake.
+#[tokio::test]
+async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others() {
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+    use moat::api::ModelClient;
+    use moat::pki;
+    with_namespace(
+        "real-mtls",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let ns = env.namespace.clone();
+            let opts = NamespaceOptions::restricted().on_real_node();
+            let store_ns = env.another_namespace(&opts).await?;
+            let clients = env.another_namespace(&opts).await?;
+
+            // The model: a logistic regression and its (random) weights, encrypted.
+            let dir = tempfile::Builder::new().prefix("moat-real-mtls-").tempdir_in("/tmp")?;
+            let model = dir.path().join("fraud");
+            std::fs::create_dir_all(&model)?;
+            std::fs::write(
+                model.join("model.json"),
+                r#"{"features": ["amount", "night"], "weights": [0.002, 1.5], "bias": -3.0}"#,
+            )?;
+            let weights: Vec<u8> = (0..256 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+            std::fs::write(model.join("weights.bin"), &weights)?;
+            let weights_sha = pki::sha256_hex(&weights);
+            let (identity, recipient) = age_identity(dir.path(), "key.txt")?;
+            let artifact = dir.path().join("fraud.tar.age");
+            let moat = moat_e2e::moat_binary()?;
+            run_here(
+                &moat.to_string_lossy(),
+                &["encrypt", "-r", &recipient, "-o", &artifact.to_string_lossy(), &model.to_string_lossy()],
+            )?;
+            let artifact_bytes = std::fs::read(&artifact)?;
+            let artifact_sha = pki::sha256_hex(&artifact_bytes);
+
+            // The artifact store: HTTPS with a certificate from a CA of its own.
+            let now = k8s_openapi::jiff::Timestamp::now().as_second();
+            let day = std::time::Duration::from_secs(86_400);
+            let store_ca = pki::generate_ca("store.example", now, day)?;
+            let store_cert = pki::Ca::load(&store_ca, now)?.issue(
+                &pki::Identity::server(&store_ns, "store", "store", "cluster.local"),
+                "store.example",
+                now,
+                day,
+            )?;
+            let secret = |name: &str, data: serde_json::Value| -> Result<Secret> {
+                Ok(serde_json::from_value(json!({"metadata": {"name": name}, "stringData": data}))?)
+            };
+            kube::Api::<Secret>::namespaced(env.client.clone(), &store_ns)
+                .create(&Default::default(), &secret("store-tls", json!({"tls.crt": store_cert.cert_pem, "tls.key": store_cert.key_pem}))?)
+                .await?;
+            let files: ConfigMap = serde_json::from_value(json!({
+                "metadata": {"name": "store-files"},
+                "binaryData": {"fraud.tar.age": k8s_openapi::ByteString(artifact_bytes)}
+            }))?;
+            kube::Api::<ConfigMap>::namespaced(env.client.clone(), &store_ns)
+                .create(&Default::default(), &files)
+                .await?;
+            let service: Service = serde_json::from_value(json!({
+                "metadata": {"name": "store"},
+                "spec": {"selector": {"app": "store"}, "ports": [{"port": 8443, "targetPort": 8443}]}
+            }))?;
+            kube::Api::<Service>::namespaced(env.client.clone(), &store_ns)
+                .create(&Default::default(), &service)
+                .await?;
+            python_pod(
+                &env,
+                &store_ns,
+                "store",
+                "store",
+                &[PYTHON, SERVE, "files", "--dir", "/srv", "--port", "8443", "--cert", "/tls/tls.crt", "--key", "/tls/tls.key"],
+                &[
+                    ("files", json!({"configMap": {"name": "store-files"}}), "/srv"),
+                    ("tls", json!({"secret": {"secretName": "store-tls"}}), "/tls"),
+                ],
+            )
+            .await?;
+
+            // The model, served by the Python server over Moat's certificate.
+            env.api::<Secret>()
+                .create(&Default::default(), &secret("model-key", json!({"identity": identity}))?)
+                .await?;
+            let ca_map: ConfigMap = serde_json::from_value(json!({
+                "metadata": {"name": "store-ca"}, "data": {"ca.crt": store_ca.cert_pem}
+            }))?;
+            env.api::<ConfigMap>().create(&Default::default(), &ca_map).await?;
+            let helper = moat_e2e::real_node_moat_image()?;
+            let _op = env
+                .operator()
+                .watching(&[&ns, &clients])
+                .settings(|s| s.image.helper_image = helper.clone())
+                .start()
+                .await?;
+            let smd = fixture::smd("fraud")
+                .replicas(1)
+                .image(&moat_e2e::real_node_model_server_image()?)
+                .port(8000)
+                .limits("250m", "320Mi")
+                .set(&["spec", "server", "args"], json!(["serve", "--model", "/models/fraud", "--port", "8000"]))
+                .clients(json!([{"namespace": clients, "podSelector": {"app": "checkout"}, "serviceAccounts": ["checkout"]}]))
+                .egress(json!([{"namespace": store_ns, "podSelector": {"app": "store"}, "ports": [8443]}]))
+                .model(json!({
+                    "source": {"url": format!("https://store.{store_ns}.svc.cluster.local:8443/fraud.tar.age"),
+                               "caConfigMapRef": {"name": "store-ca", "key": "ca.crt"}},
+                    "sha256": artifact_sha,
+                    "decryptionKeySecretRef": {"name": "model-key", "key": "identity"},
+                    "mountPath": "/models/fraud",
+                    "sizeLimit": "16Mi"
+                }))
+                .build()?;
+            env.api::<SecureModelDeployment>().create(&Default::default(), &smd).await?;
+
+            // The client: its ModelClient's Secret, and a forged one (another CA, the same
+            // SPIFFE ID).
+            kube::Api::<ModelClient>::namespaced(env.client.clone(), &clients)
+                .create(&Default::default(), &fixture::model_client("checkout", &ns, "fraud").build()?)
+                .await?;
+            let client_secrets: kube::Api<Secret> = kube::Api::namespaced(env.client.clone(), &clients);
+            wait_for_value(moat_e2e::DEADLINE, "the client certificate Secret", || async {
+                Ok(client_secrets.get_opt("checkout-client").await?)
+            })
+            .await?;
+            let other_ca = pki::generate_ca("cluster.local", now, day)?;
+            let forged = pki::Ca::load(&other_ca, now)?.issue(
+                &pki::Identity::client(&clients, "checkout"),
+                "cluster.local",
+                now,
+                day,
+            )?;
+            client_secrets
+                .create(&Default::default(), &secret("forged", json!({"tls.crt": forged.cert_pem, "tls.key": forged.key_pem}))?)
+                .await?;
+            python_pod(
+                &env,
+                &clients,
+                "checkout",
+                "checkout",
+                &[PYTHON, "-c", "import time; time.sleep(86400)"],
+                &[
+                    ("client", json!({"secret": {"secretName": "checkout-client"}}), "/var/run/client"),
+                    ("forged", json!({"secret": {"secretName": "forged"}}), "/var/run/forged"),
+                ],
+            )
+            .await?;
+
+            wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
+            let url = |path: &str| format!("https://fraud.{ns}.svc.cluster.local:8000{path}");
+            let request = |path: &str, cert: Option<&str>| {
+                let mut argv = vec![PYTHON.to_string(), SERVE.into(), "request".into(), url(path),
+                                    "--ca".into(), "/var/run/client/ca.crt".into()];
+                if let Some(dir) = cert {
+                    argv.extend([format!("--cert={dir}/tls.crt"), format!("--key={dir}/tls.key")]);
+                }
+                if path == "/v1/score" {
+                    argv.push(r#"--data={"features": {"amount": 1200, "night": 1}}"#.into());
+                }
+                argv
+            };
+            let call = |argv: Vec<String>| {
+                let clients = clients.clone();
+                async move {
+                    let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+                    exec(&clients, "checkout", "main", &argv).await
+                }
+            };
+
+            // The consented client: a handshake with the Service's DNS name, and a score.
+            let (ok, out, err) = call(request("/v1/score", Some("/var/run/client"))).await?;
+            ensure!(ok && out.starts_with("200"), "the client with Moat's certificate got: {out} {err}");
+            let answer: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap_or_default())?;
+            let want_id = format!("spiffe://cluster.local/ns/{clients}/sa/checkout");
+            ensure!(answer["client"] == json!(want_id), "the server saw the client as {}", answer["client"]);
+            let score = answer["score"].as_f64().context("no score")?;
+            // sigmoid(-3 + 0.002 * 1200 + 1.5 * 1)
+            ensure!((score - 1.0 / (1.0 + (-0.9f64).exp())).abs() < 1e-9, "score {score}");
+            // The server read the weights that came over HTTPS and were decrypted in the pod.
+            let (ok, out, err) = call(request("/v1/model", Some("/var/run/client"))).await?;
+            ensure!(ok && out.starts_with("200"), "{out} {err}");
+            let model: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap_or_default())?;
+            ensure!(
+                model["files"]["weights.bin"]["sha256"] == json!(weights_sha),
+                "the server holds other weights: {model}"
+            );
+
+            // No certificate, or one from another CA: refused in the handshake.
+            for (what, cert) in [("no certificate", None), ("another CA's certificate", Some("/var/run/forged"))] {
+                let (ok, out, err) = call(request("/v1/score", cert)).await?;
+                ensure!(!ok && err.contains("refused:"), "a client with {what} got: {out} {err}");
+                eprintln!("a client with {what}: {}", err.trim());
+            }
+            // And it was the server that refused them (not a NetworkPolicy): its log says why.
+            let server = running_pod(&env, "fraud").await?.name_any();
+            let log = env
+                .api::<Pod>()
+                .logs(&server, &kube::api::LogParams { container: Some("server".into()), ..Default::default() })
+                .await?;
+            for why in ["PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"] {
+                ensure!(
+                    log.lines().any(|l| l.contains("TLS handshake") && l.contains(why)),
+                    "the server's log has no refused handshake with {why}:\n{log}"
+                );
+            }
+            Ok(())
+        },
+    )
+    .await;
+}

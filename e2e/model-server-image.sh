@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The model server image of the local cluster (e2e/model-server/serve.py: a logistic-regression
+# model served over mTLS, an HTTPS artifact store and a client), built without a container
+# daemon from Debian's Python 3.11 packages on this machine (python3.11-minimal,
+# libpython3.11-minimal, libpython3.11-stdlib: their files, less tests and bytecode) and the
+# libraries they link. Pushed to the local cluster's registry; prints the pinned reference
+# (<registry>/model-server@sha256:...).
+#
+#   e2e/model-server-image.sh                 build and push (needs MOAT_NODE_REGISTRY and
+#                                             MOAT_NODE_REGISTRY_CERTS from `e2e/cluster.sh env`)
+#   e2e/model-server-image.sh --archive OUT   only write the OCI archive
+set -euo pipefail
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=e2e/oci.sh
+. "$E2E_DIR/oci.sh"
+archive=
+if [ "${1:-}" = --archive ]; then
+  archive=${2:?usage: e2e/model-server-image.sh --archive OUT}
+fi
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/rootfs
+mkdir -p "$root/app" "$root/tmp"
+dpkg -L python3.11-minimal libpython3.11-minimal libpython3.11-stdlib |
+  grep -E '^/usr/(bin/python3\.11$|lib/python3\.11/)' |
+  grep -vE '/(__pycache__|test|tests|idlelib|tkinter|turtledemo|ensurepip|lib2to3|pydoc_data)(/|$)' |
+  while read -r f; do
+    [ -f "$f" ] && [ ! -L "$f" ] || continue
+    mkdir -p "$root$(dirname "$f")"
+    cp "$f" "$root$f"
+  done
+ln -s python3.11 "$root/usr/bin/python3"
+# Every library the interpreter and its extension modules link (ldd's "name => path" lines, and
+# the dynamic loader's own).
+for lib in $(ldd /usr/bin/python3.11 /usr/lib/python3.11/lib-dynload/*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u); do
+  mkdir -p "$root$(dirname "$lib")"
+  cp -L "$lib" "$root$lib"
+done
+cp "$E2E_DIR/model-server/serve.py" "$root/app/serve.py"
+digest=$(oci_archive "$work/model-server.tar" model-server:e2e "$root" '["/usr/bin/python3.11", "-B", "/app/serve.py"]' \
+  65532:65532 '["PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]' '["serve", "--model", "/models/model", "--port", "8000"]')
+if [ -n "$archive" ]; then
+  cp "$work/model-server.tar" "$archive"
+  echo "$digest"
+  exit 0
+fi
+registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
+pinned=$(oci_push "$work/model-server.tar" "$registry/model-server:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
+[ "$pinned" = "$registry/model-server@$digest" ] || { echo "the registry holds $pinned, not the digest built ($digest)" >&2; exit 1; }
+echo "$pinned"
