@@ -101,7 +101,7 @@ operator_alive() {
 }
 deadline=$((SECONDS + DEADLINE))
 until holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null) &&
-  [ "$holder" = "demo-operator-$$" ]; do
+  [ "${holder%_*}" = "demo-operator-$$" ]; do
   operator_alive || exit 1
   [ $SECONDS -lt $deadline ] || { echo "the operator did not take the Lease within ${DEADLINE}s (holder: ${holder:-none})" >&2; exit 1; }
   sleep 0.2

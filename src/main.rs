@@ -427,8 +427,13 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
                 controller::run(client, settings, metrics).await;
                 return Ok(());
             }
-            let identity = std::env::var("POD_NAME")
-                .unwrap_or_else(|_| format!("moat-{}", std::process::id()));
+            let mut nonce = [0u8; 4];
+            ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+                .map_err(|_| anyhow::anyhow!("no randomness for the leader election identity"))?;
+            let identity = controller::leader::identity(
+                std::env::var("POD_NAME").ok().as_deref(),
+                nonce,
+            );
             let lease = controller::leader::LeaseSettings {
                 name: args.lease_name,
                 namespace: args.lease_namespace.unwrap_or(args.operator_namespace),

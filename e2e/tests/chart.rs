@@ -844,8 +844,7 @@ async fn drive(
             .await?
             .and_then(|l| l.spec)
             .and_then(|s| s.holder_identity)
-            .as_deref()
-            == Some(identity))
+            .is_some_and(|h| h.starts_with(&format!("{identity}_"))))
     })
     .await?;
 
@@ -1067,4 +1066,188 @@ async fn drive(
 
 fn op_alive(op: &MoatProcess) -> Result<()> {
     op.check_running()
+}
+
+/// The host processes of the container `container` of pod `uid` on the real node, found by the
+/// kubelet's cgroups (`/sys/fs/cgroup/pids/<cgroup root>/kubepods/.../pod<uid>/<container id>`)
+/// and named by their command line: (pid, command line with spaces).
+fn container_processes(uid: &str, program: &str) -> Result<Vec<(u32, String)>> {
+    let cluster = std::env::var("MOAT_CLUSTER").unwrap_or_else(|_| "moat".into());
+    let root = std::path::PathBuf::from(format!("/sys/fs/cgroup/pids/moat-{cluster}/kubepods"));
+    let mut pending = vec![root];
+    let mut found = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in
+            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
+        {
+            let path = entry?.path();
+            if !path.is_dir() {
+                continue;
+            }
+            if path
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy() == format!("pod{uid}"))
+            {
+                for container in std::fs::read_dir(&path)? {
+                    let procs = container?.path().join("cgroup.procs");
+                    for pid in std::fs::read_to_string(&procs).unwrap_or_default().lines() {
+                        let Ok(pid) = pid.trim().parse::<u32>() else {
+                            continue;
+                        };
+                        let cmdline =
+                            std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                        if cmdline.starts_with(program) {
+                            found.push((pid, cmdline.trim().to_string()));
+                        }
+                    }
+                }
+            } else {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// High availability on real pods: Helm installs the chart with Moat's image (from the local
+/// cluster's registry, by digest) and the operator runs as two leader-elected pods on the real
+/// node, under the chart's ServiceAccount, RBAC and NetworkPolicy. It reconciles a model. Then
+/// the leader's process is killed (SIGKILL, from this machine: no Lease release, no goodbye), and
+/// in that moment a NetworkPolicy of the model is deleted. A new process takes the Lease once it
+/// expires and repairs the drift; the killed container is restarted by the kubelet.
+#[tokio::test]
+async fn the_operator_runs_as_pods_and_a_killed_leader_hands_over() {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use kube::ResourceExt;
+    let _turn = CLUSTER_WIDE.lock().await;
+    with_namespace("chart-ha", NamespaceOptions::restricted().on_real_node(), |env| async move {
+        install_crds(&env.client).await?;
+        let ns = env.namespace.clone();
+        let models = env.another_namespace(&NamespaceOptions::restricted()).await?;
+        let release = format!("r{}", &ns[ns.len() - 5..]);
+        let name = format!("{release}-moat");
+        let image = moat_e2e::real_node_moat_image()?;
+        let (repository, digest) = image.split_once('@').context("a pinned image")?;
+        // The port the API server's endpoint listens on: policies see it after the Service's
+        // translation.
+        let slices: Api<EndpointSlice> = Api::namespaced(env.client.clone(), "default");
+        let slice = slices
+            .list(&ListParams::default().labels("kubernetes.io/service-name=kubernetes"))
+            .await?
+            .items
+            .into_iter()
+            .next()
+            .context("the kubernetes Service's EndpointSlice")?;
+        let api_port = slice.ports.into_iter().flatten().find_map(|p| p.port).context("its port")?;
+        let values = [
+            "--set".to_string(), "installCRDs=false".into(),
+            "--set".into(), format!("image.repository={repository}"),
+            "--set".into(), format!("image.digest={digest}"),
+            "--set".into(), format!("watchNamespaces={{{ns},{models}}}"),
+            "--set".into(), format!("networkPolicy.apiServerPorts={{{api_port}}}"),
+            "--set".into(), "leaderElection.leaseDurationSeconds=8".into(),
+            "--set".into(), "logging.format=text".into(),
+        ];
+        let mut install = vec!["install", release.as_str(), CHART, "-n", ns.as_str()];
+        install.extend(values.iter().map(String::as_str));
+        ok(helm(&install)?, "helm install")?;
+
+        let pods = env.api::<Pod>();
+        let selector = format!("app.kubernetes.io/instance={release}");
+        let ready_pods = || {
+            let pods = pods.clone();
+            let selector = selector.clone();
+            async move {
+                Ok::<_, anyhow::Error>(pods
+                    .list(&ListParams::default().labels(&selector))
+                    .await?
+                    .items
+                    .into_iter()
+                    .filter(|p| {
+                        p.metadata.deletion_timestamp.is_none()
+                            && p.status
+                                .as_ref()
+                                .and_then(|s| s.conditions.as_ref())
+                                .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                    })
+                    .collect::<Vec<_>>())
+            }
+        };
+        wait_until("2 operator pods running and ready on the real node", || async {
+            Ok(ready_pods().await?.len() == 2)
+        })
+        .await?;
+        for p in ready_pods().await? {
+            let node = p.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
+            ensure!(node == tool("MOAT_NODE_NAME")?, "operator pod {} runs on {node}", p.name_any());
+        }
+        let leases: Api<Lease> = env.api();
+        let holder = || {
+            let leases = leases.clone();
+            let name = name.clone();
+            async move {
+                Ok::<_, anyhow::Error>(leases
+                    .get_opt(&name)
+                    .await?
+                    .and_then(|l| l.spec)
+                    .and_then(|s| s.holder_identity)
+                    .filter(|h| !h.is_empty()))
+            }
+        };
+        let leader = moat_e2e::wait_for_value(moat_e2e::DEADLINE, "a leader", holder).await?;
+        let leader_pod = leader.rsplit_once('_').map(|p| p.0).unwrap_or(&leader).to_string();
+
+        let smds: Api<SecureModelDeployment> = Api::namespaced(env.client.clone(), &models);
+        smds.create(&PostParams::default(), &fixture::smd("model").build()?).await?;
+        wait_ready(&smds, "model").await.context("Ready, reconciled by the in-cluster operator")?;
+        let policies: Api<NetworkPolicy> = Api::namespaced(env.client.clone(), &models);
+        let model_policies = ListParams::default().labels("moat.dev/deployment=model");
+        let want = policies.list(&model_policies).await?.items.len();
+        ensure!(want > 0, "the model has no NetworkPolicy");
+
+        // Kill the leader's process, and change the model's children while nobody leads.
+        let pod = pods.get(&leader_pod).await?;
+        let uid = pod.uid().context("pod uid")?;
+        let restarts_before = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|c| c.first())
+            .map_or(0, |c| c.restart_count);
+        let procs = container_processes(&uid, "/moat operator")?;
+        ensure!(procs.len() == 1, "the leader's operator process: {procs:?}");
+        let killed = std::time::Instant::now();
+        let kill = Command::new("kill").args(["-KILL", &procs[0].0.to_string()]).status()?;
+        ensure!(kill.success(), "kill -KILL {}", procs[0].0);
+        for p in policies.list(&model_policies).await?.items {
+            policies.delete(&p.name_any(), &Default::default()).await?;
+        }
+
+        let new_leader = moat_e2e::wait_for_value(moat_e2e::DEADLINE, "a new leader", || async {
+            Ok(holder().await?.filter(|h| *h != leader))
+        })
+        .await?;
+        let took_over = killed.elapsed();
+        wait_until("the deleted NetworkPolicies back", || async {
+            Ok(policies.list(&model_policies).await?.items.len() == want)
+        })
+        .await?;
+        let repaired = killed.elapsed();
+        wait_ready(&smds, "model").await?;
+        wait_until("the killed container restarted", || async {
+            let p = pods.get(&leader_pod).await?;
+            Ok(p.status
+                .and_then(|s| s.container_statuses)
+                .and_then(|c| c.first().map(|c| c.restart_count))
+                .is_some_and(|n| n > restarts_before))
+        })
+        .await?;
+        eprintln!(
+            "leader {leader} killed; {new_leader} took the Lease after {took_over:?}, the drift was repaired after {repaired:?}"
+        );
+        ok(helm(&["uninstall", &release, "-n", &ns])?, "helm uninstall")?;
+        Ok(())
+    })
+    .await;
 }

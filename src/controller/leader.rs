@@ -19,12 +19,22 @@ pub struct LeaseSettings {
     pub name: String,
     /// Namespace of the Lease (the operator's own).
     pub namespace: String,
-    /// This replica's identity in the Lease (its pod name).
+    /// This process's identity in the Lease ([`identity`]: its pod name and a random suffix).
     pub identity: String,
     /// Seconds a Lease stays valid after its last renewal; a follower takes over after it.
     pub duration_seconds: u64,
     /// Seconds before expiry at which the leader renews.
     pub grace_seconds: u64,
+}
+
+/// The identity of this process in the Lease: `<pod>_<8 hex digits>`, the pod name (or `moat`
+/// outside a pod) and `nonce`, random for each start. A container restarted after a crash keeps
+/// its pod name but is a new process, with none of the old one's state: it must not renew the
+/// Lease its predecessor held as if it were its own, and `kubectl get lease` tells the two apart.
+pub fn identity(pod_name: Option<&str>, nonce: [u8; 4]) -> String {
+    let pod = pod_name.filter(|p| !p.is_empty()).unwrap_or("moat");
+    let hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{pod}_{hex}")
 }
 
 /// How long a shutting-down leader waits for the Lease to be released.
@@ -132,5 +142,25 @@ impl AbortOnDrop {
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::identity;
+
+    #[test]
+    fn the_identity_is_the_pod_name_and_a_suffix_of_each_start() {
+        assert_eq!(
+            identity(Some("moat-7d4f-abcde"), [0, 1, 0xab, 0xff]),
+            "moat-7d4f-abcde_0001abff"
+        );
+        assert_eq!(identity(None, [1, 2, 3, 4]), "moat_01020304");
+        assert_eq!(identity(Some(""), [1, 2, 3, 4]), "moat_01020304");
+        assert_ne!(
+            identity(Some("p"), [1, 2, 3, 4]),
+            identity(Some("p"), [1, 2, 3, 5]),
+            "a restarted container must not take over its predecessor's identity"
+        );
     }
 }
