@@ -1,112 +1,50 @@
 #!/usr/bin/env bash
-# `make demo`: Moat installed with its Helm chart on the local control plane, serving
-# examples/quickstart.yaml.
+# `make demo`: Moat installed with its Helm chart on the local cluster, serving
+# examples/quickstart.yaml as real pods on the cluster's real node.
 #
-# The chart installs the CRDs, the operator's Deployment (two replicas, leader election), its
-# ServiceAccount and least-privilege RBAC. The local control plane has no container runtime: kwok
-# simulates the operator's pods, so they never take the leader Lease. The process that does the
-# work is the `moat` binary the image would run, started here with a token of the chart's
-# ServiceAccount (TokenRequest): the identity and permissions of a real operator pod. It takes the
-# Lease, reconciles the example, and reverts a change made behind its back. The cluster stays up
-# afterwards; the operator stops.
+# - Moat's image is built from the release binary (no container daemon: e2e/moat-image.sh) and
+#   pushed to the cluster's registry; the chart runs it as two leader-elected operator pods with
+#   its ServiceAccount, RBAC and NetworkPolicy, and the model's pods use it as the decrypting
+#   init container. The operator watches the demo's namespaces only (RoleBindings there), so the
+#   e2e tests' own operators never meet it.
+# - The model server is a small real one (e2e/model-server: Python, a logistic regression,
+#   vLLM's TLS flags), pushed under a tag that the operator resolves to a digest and pins.
+# - The encrypted model comes over HTTPS from an artifact store in the cluster (namespace
+#   model-artifacts, a certificate from its own CA).
+# - A pod of the consented client calls the model over mutual TLS and gets an answer; a pod the
+#   model did not declare is stopped by the NetworkPolicy, and one without a certificate by the
+#   TLS handshake. Then a change behind Moat's back is reverted.
 #
-# The example's image comes from a real registry on loopback (Debian's docker-registry, TLS and
-# basic auth), so Moat resolves its tag to a digest; its model is encrypted here with
-# `moat encrypt`, and `moat decrypt` then does what the init container does in a pod.
+# The cluster and the demo's objects stay up afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 e2e/cluster.sh up >/dev/null
 eval "$(e2e/cluster.sh env)"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
-# How long the demo waits for a state (the registry up, the Lease taken, the model Ready, a drift
+# How long the demo waits for a state (pods ready, the Lease taken, the model Ready, a drift
 # repaired) before it gives up. A deadline only bounds a failure: on an idle machine each of these
 # takes seconds, but a machine whose cores are busy with other builds can take minutes.
 DEADLINE=${MOAT_DEMO_DEADLINE:-300}
 NS=moat-system
 RELEASE=moat
-SA=moat
 STATE=${MOAT_CACHE:-$HOME/.cache/moat}/demo
-mkdir -p "$STATE" "$HOME/.cache/moat/logs"
+mkdir -p "$STATE"
+[ "${MOAT_REAL_NODE:-1}" = 1 ] || { echo "make demo runs Moat on the real node; MOAT_REAL_NODE=0 turns it off" >&2; exit 1; }
+REGISTRY=$MOAT_NODE_REGISTRY
+PYTHON=/usr/bin/python3.11
+SERVE=/app/serve.py
 
-step "building moat"
-cargo build --quiet --bin moat && cargo build --quiet -p moat-e2e --bin moat-registry
-MOAT=${CARGO_TARGET_DIR:-target}/debug/moat
-pids=()
-trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true' EXIT
-
-step "a private registry on loopback (TLS from its own CA, basic auth) with serving/vllm:v0.6.3"
-rm -f "$STATE/registry.env"
-"${CARGO_TARGET_DIR:-target}/debug/moat-registry" "$STATE/registry.env" serving/vllm:v0.6.3 moat:0.1.0 \
-  >"$HOME/.cache/moat/logs/registry-demo.log" 2>&1 &
-registry_pid=$!
-pids+=($registry_pid)
-deadline=$((SECONDS + DEADLINE))
-until [ -s "$STATE/registry.env" ]; do
-  if ! kill -0 "$registry_pid" 2>/dev/null || [ $SECONDS -ge $deadline ]; then
-    echo "the registry did not come up (within ${DEADLINE}s):" >&2
-    cat "$HOME/.cache/moat/logs/registry-demo.log" >&2
-    exit 1
-  fi
-  sleep 0.2
-done
-# shellcheck disable=SC1091
-. "$STATE/registry.env"
-REGISTRY=$MOAT_REGISTRY_HOST
-echo "registry $REGISTRY: serving/vllm:v0.6.3 is $MOAT_REGISTRY_DIGEST_0"
-
-step "installing the chart (helm upgrade --install $RELEASE charts/moat -n $NS)"
-kubectl create namespace "$NS" --dry-run=client -o yaml |
-  kubectl label --local -f - -o yaml \
-    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest |
-  kubectl apply -f - >/dev/null
-# A CRD left by an earlier install or by `make install` is handed to this release, as the README
-# describes (Helm refuses to adopt objects it did not create otherwise).
-for crd in securemodeldeployments.moat.dev modelclients.moat.dev; do
-  if kubectl get crd "$crd" >/dev/null 2>&1; then
-    kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
-    kubectl annotate crd "$crd" --overwrite \
-      meta.helm.sh/release-name=$RELEASE meta.helm.sh/release-namespace=$NS >/dev/null
-  fi
-done
-helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout "${DEADLINE}s"
-kubectl get deployment,serviceaccount,networkpolicy,poddisruptionbudget,service -n "$NS" \
-  -l app.kubernetes.io/instance=$RELEASE
-echo "What the chart lets the operator do (kubectl auth can-i --list):"
-kubectl auth can-i --list --as "system:serviceaccount:$NS:$SA" | grep -E 'moat.dev|apps|networking|policy|serviceaccounts|services|events|leases'
-
-step "starting the operator as the chart's ServiceAccount (log: $HOME/.cache/moat/logs/operator-demo.log)"
-# A kubeconfig for the ServiceAccount: the cluster's address and CA, a one-hour token. The token
-# is written to a file only this user can read and never printed.
-kubeconfig=$STATE/operator.kubeconfig
-(umask 077 && kubectl config view --raw --minify --flatten >"$kubeconfig")
-token=$(kubectl create token "$SA" -n "$NS" --duration=1h)
-KUBECONFIG=$kubeconfig kubectl config set-credentials "$SA" --token="$token" >/dev/null
-KUBECONFIG=$kubeconfig kubectl config set-context --current --user="$SA" >/dev/null
-unset token
-# Only the loopback registry is allowed; its CA is trusted; Moat's own image (the decrypting init
-# container) is given by digest, as the chart does with image.digest.
-KUBECONFIG=$kubeconfig POD_NAME=demo-operator-$$ POD_NAMESPACE=$NS "$MOAT" operator \
-  --leader-elect --lease-name "$RELEASE" --lease-namespace "$NS" \
-  --metrics-addr 127.0.0.1:18080 --health-probe-addr 127.0.0.1:18081 \
-  --allowed-registries "$REGISTRY" --registry-ca-file "$MOAT_REGISTRY_CA_FILE" \
-  --helper-image "$REGISTRY/moat@$MOAT_REGISTRY_DIGEST_1" \
-  >"$HOME/.cache/moat/logs/operator-demo.log" 2>&1 &
-operator=$!
-pids+=($operator)
-operator_alive() {
-  kill -0 "$operator" 2>/dev/null && return 0
-  echo "the operator exited; its log ends:" >&2
-  tail -n 20 "$HOME/.cache/moat/logs/operator-demo.log" >&2
-  return 1
+# Namespaces whose pods run on the real node (the API server's PodNodeSelector and
+# PodTolerationRestriction plugins), enforcing Pod Security "restricted". Labelled and annotated
+# imperatively: `kubectl apply` of the quickstart's Namespaces later keeps what it did not set.
+real_namespace() {
+  kubectl get namespace "$1" >/dev/null 2>&1 || kubectl create namespace "$1" --save-config >/dev/null
+  kubectl label namespace "$1" --overwrite >/dev/null \
+    pod-security.kubernetes.io/enforce=restricted pod-security.kubernetes.io/enforce-version=latest
+  kubectl annotate namespace "$1" --overwrite >/dev/null \
+    scheduler.alpha.kubernetes.io/node-selector=moat.dev/real-node=true \
+    'scheduler.alpha.kubernetes.io/defaultTolerations=[{"key":"moat.dev/real-node","operator":"Exists","effect":"NoSchedule"}]'
 }
-deadline=$((SECONDS + DEADLINE))
-until holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null) &&
-  [ "${holder%_*}" = "demo-operator-$$" ]; do
-  operator_alive || exit 1
-  [ $SECONDS -lt $deadline ] || { echo "the operator did not take the Lease within ${DEADLINE}s (holder: ${holder:-none})" >&2; exit 1; }
-  sleep 0.2
-done
-echo "leader: $holder (Lease $NS/$RELEASE)"
 
 # Waits until SecureModelDeployment $1 in namespace $2 is Ready for its current spec: Ready=True,
 # and status.observedGeneration and the condition's observedGeneration equal metadata.generation
@@ -121,74 +59,180 @@ wait_ready() {
       echo "securemodeldeployment.moat.dev/$1 condition met (Ready at generation $generation)"
       return 0
     fi
-    operator_alive || return 1
     if [ $SECONDS -ge $deadline ]; then
       echo "smd/$1 was not Ready at its current generation within ${DEADLINE}s (generation, observed, Ready, its generation: $state)" >&2
       kubectl get smd "$1" -n "$2" -o jsonpath='{.status.conditions}' >&2 || true
+      kubectl get pods -n "$2" -o wide >&2 || true
       return 1
     fi
     sleep 0.5
   done
 }
 
-step "the model's team: a pull Secret, a key (moat keygen) and an encrypted model (moat encrypt)"
-kubectl create namespace moat-demo --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl create secret generic registry-credentials -n moat-demo --dry-run=client -o yaml \
-  --type=kubernetes.io/dockerconfigjson --from-file=.dockerconfigjson="$MOAT_REGISTRY_DOCKERCONFIGJSON" |
-  kubectl apply -f - >/dev/null
+# A pod of the model server image in namespace $1, named $2 (label app=$2), as ServiceAccount $3
+# (no token), running `$4...`; waits until it runs. MOUNT="secret:NAME:PATH" or
+# "configmap:NAME:PATH" entries in the array MOUNTS are mounted read-only.
+python_pod() {
+  local ns=$1 name=$2 sa=$3; shift 3
+  local command volumes="" mounts="" m kind ref path i=0
+  command=$(printf '"%s",' "$@")
+  for m in "${MOUNTS[@]}"; do
+    IFS=: read -r kind ref path <<<"$m"
+    i=$((i + 1))
+    if [ "$kind" = secret ]; then
+      volumes+="{\"name\": \"v$i\", \"secret\": {\"secretName\": \"$ref\"}},"
+    else
+      volumes+="{\"name\": \"v$i\", \"configMap\": {\"name\": \"$ref\"}},"
+    fi
+    mounts+="{\"name\": \"v$i\", \"mountPath\": \"$path\", \"readOnly\": true},"
+  done
+  kubectl create serviceaccount "$sa" -n "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl delete pod "$name" -n "$ns" --ignore-not-found --wait=true >/dev/null
+  kubectl apply -f - >/dev/null <<EOF
+{"apiVersion": "v1", "kind": "Pod",
+ "metadata": {"name": "$name", "namespace": "$ns", "labels": {"app": "$name"}},
+ "spec": {
+   "serviceAccountName": "$sa", "automountServiceAccountToken": false,
+   "securityContext": {"runAsNonRoot": true, "runAsUser": 10003, "runAsGroup": 10003,
+                       "seccompProfile": {"type": "RuntimeDefault"}},
+   "containers": [{"name": "main", "image": "$SERVER_IMAGE", "command": [${command%,}],
+     "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
+                         "readOnlyRootFilesystem": true},
+     "resources": {"limits": {"cpu": "200m", "memory": "128Mi"}},
+     "volumeMounts": [${mounts%,}]}],
+   "volumes": [${volumes%,}]}}
+EOF
+  kubectl wait pod "$name" -n "$ns" --for=condition=Ready --timeout="${DEADLINE}s" >/dev/null
+}
+
+# The demo's own namespaces start afresh (an earlier demo's pods, Events and certificates go).
+kubectl delete namespace moat-demo payments model-artifacts --ignore-not-found --wait=true --timeout="${DEADLINE}s" >/dev/null
+
+step "building moat (release) and the images, without a container daemon"
+cargo build --quiet --release --bin moat
+MOAT=${CARGO_TARGET_DIR:-target}/release/moat
+MOAT_IMAGE=$(bash e2e/moat-image.sh "$MOAT")
+SERVER_IMAGE=$(bash e2e/model-server-image.sh)
+# The model's team publishes the server under a tag; Moat resolves it and pins the digest.
+skopeo copy --quiet --src-cert-dir "$MOAT_NODE_REGISTRY_CERTS" --dest-cert-dir "$MOAT_NODE_REGISTRY_CERTS" \
+  "docker://$SERVER_IMAGE" "docker://$REGISTRY/serving/fraud-scorer:v3"
+echo "moat:         $MOAT_IMAGE"
+echo "model server: $REGISTRY/serving/fraud-scorer:v3 (is $SERVER_IMAGE)"
+
+step "installing the chart (helm upgrade --install $RELEASE charts/moat -n $NS): two operator pods"
+# The operator's namespace, and the two it watches (its RoleBindings go there).
+for ns in "$NS" moat-demo payments; do real_namespace "$ns"; done
+# A CRD left by an earlier install or by `make install` is handed to this release, as the README
+# describes (Helm refuses to adopt objects it did not create otherwise).
+for crd in securemodeldeployments.moat.dev modelclients.moat.dev; do
+  if kubectl get crd "$crd" >/dev/null 2>&1; then
+    kubectl label crd "$crd" app.kubernetes.io/managed-by=Helm --overwrite >/dev/null
+    kubectl annotate crd "$crd" --overwrite \
+      meta.helm.sh/release-name=$RELEASE meta.helm.sh/release-namespace=$NS >/dev/null
+  fi
+done
+kubectl create configmap registry-ca -n "$NS" --from-file=ca.crt="$MOAT_NODE_REGISTRY_CA" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# NetworkPolicies see the API server's endpoint (the host end of the node's veth), not the
+# kubernetes Service.
+api_port=$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes -o jsonpath='{.items[0].ports[0].port}')
+helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout "${DEADLINE}s" \
+  --set image.repository="${MOAT_IMAGE%@*}" --set image.digest="${MOAT_IMAGE#*@}" \
+  --set registries.allowed="{$REGISTRY}" --set registries.caBundleConfigMap=registry-ca \
+  --set registries.egress.cidrs="{$MOAT_NODE_HOST_IP/32}" --set registries.egress.ports="{${REGISTRY##*:}}" \
+  --set networkPolicy.apiServerCIDRs="{$MOAT_NODE_HOST_IP/32}" --set networkPolicy.apiServerPorts="{$api_port}" \
+  --set watchNamespaces="{moat-demo,payments}" --set logging.format=text
+kubectl get pods -n "$NS" -l app.kubernetes.io/instance=$RELEASE -o wide
+deadline=$((SECONDS + DEADLINE))
+until holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null) && [ -n "$holder" ]; do
+  [ $SECONDS -lt $deadline ] || { echo "no operator pod took the Lease within ${DEADLINE}s" >&2; exit 1; }
+  sleep 0.5
+done
+leader_pod=${holder%_*}
+echo "leader: $holder (Lease $NS/$RELEASE); the other replica stands by"
+echo "What the chart lets the operator do in moat-demo (kubectl auth can-i --list -n moat-demo):"
+kubectl auth can-i --list -n moat-demo --as "system:serviceaccount:$NS:$RELEASE" | grep -E 'moat.dev|apps|networking|policy|serviceaccounts|services|events|leases'
+
+step "an artifact store in the cluster (namespace model-artifacts, HTTPS from its own CA)"
+real_namespace model-artifacts
+store=$STATE/store
+rm -rf "$store" && mkdir -p "$store/model"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
+  -subj "/CN=model-artifacts CA" -keyout "$store/ca.key" -out "$store/ca.crt" 2>/dev/null
+openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -subj "/CN=artifact-store" \
+  -keyout "$store/tls.key" -out "$store/tls.csr" 2>/dev/null
+openssl x509 -req -in "$store/tls.csr" -CA "$store/ca.crt" -CAkey "$store/ca.key" -CAcreateserial -days 30 \
+  -extfile <(printf 'subjectAltName=DNS:artifact-store.model-artifacts.svc.cluster.local,DNS:artifact-store.model-artifacts.svc\nextendedKeyUsage=serverAuth\n') \
+  -out "$store/tls.crt" 2>/dev/null
+rm -f "$store/ca.key" "$store/tls.csr"
+kubectl create secret tls artifact-store-tls -n model-artifacts --cert="$store/tls.crt" --key="$store/tls.key" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+step "the model's team: a key (moat keygen), the model, encrypted (moat encrypt) and uploaded"
 # The identity goes straight into the cluster; only the recipient (public) is kept here.
 "$MOAT" keygen --name fraud-scorer-key --namespace moat-demo --recipient-file "$STATE/recipient.txt" |
   kubectl apply -f -
-rm -rf "$STATE/fraud-model" "$STATE/v3.tar.age"
-mkdir -p "$STATE/fraud-model"
-echo '{"architecture": "demo", "layers": 4}' >"$STATE/fraud-model/config.json"
-head -c 64M /dev/urandom >"$STATE/fraud-model/weights.bin"
-"$MOAT" encrypt -R "$STATE/recipient.txt" "$STATE/fraud-model" -o "$STATE/v3.tar.age"
-sha=$(sha256sum "$STATE/v3.tar.age" | cut -d' ' -f1)
-echo "encrypted model: $(du -h "$STATE/v3.tar.age" | cut -f1), sha256 $sha"
+# A logistic regression over two features, and its weights file.
+echo '{"features": ["amount", "night"], "weights": [0.002, 1.5], "bias": -3.0}' >"$store/model/model.json"
+head -c 512K /dev/urandom >"$store/model/weights.bin"
+"$MOAT" encrypt -R "$STATE/recipient.txt" "$store/model" -o "$store/v3.tar.age"
+sha=$(sha256sum "$store/v3.tar.age" | cut -d' ' -f1)
+echo "encrypted model: $(du -h "$store/v3.tar.age" | cut -f1), sha256 $sha"
+# Server-side apply: a client-side one would copy the artifact into an annotation.
+kubectl create configmap fraud-v3 -n model-artifacts --from-file=v3.tar.age="$store/v3.tar.age" \
+  --dry-run=client -o yaml | kubectl apply --server-side --force-conflicts -f - >/dev/null
+kubectl create service clusterip artifact-store -n model-artifacts --tcp=8443:8443 \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+MOUNTS=("configmap:fraud-v3:/srv/fraud" "secret:artifact-store-tls:/tls")
+python_pod model-artifacts artifact-store artifact-store \
+  "$PYTHON" "$SERVE" files --dir /srv --port 8443 --cert /tls/tls.crt --key /tls/tls.key
+echo "serving https://artifact-store.model-artifacts.svc.cluster.local:8443/fraud/v3.tar.age"
+kubectl create configmap artifacts-ca -n moat-demo --from-file=ca.crt="$store/ca.crt" \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+# The cluster's registry is anonymous; a private one needs these credentials.
+printf '{"auths": {"%s": {"auth": "%s"}}}' "$REGISTRY" "$(printf 'demo:demo' | base64)" >"$STATE/dockerconfig.json"
+kubectl create secret generic registry-credentials -n moat-demo --type=kubernetes.io/dockerconfigjson \
+  --from-file=.dockerconfigjson="$STATE/dockerconfig.json" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 
-step "applying examples/quickstart.yaml (its registry is this loopback one, its sha256 this model's)"
-sed -e "s#registry.example.com/serving/#$REGISTRY/serving/#" \
+step "applying examples/quickstart.yaml (its registry is the cluster's, its sha256 this model's)"
+sed -e "s#registry.example.com/serving/vllm:v0.6.3#$REGISTRY/serving/fraud-scorer:v3#" \
   -e "s#^    sha256: .*#    sha256: $sha#" examples/quickstart.yaml | kubectl apply -f -
 wait_ready fraud-scorer moat-demo
 kubectl get smd -n moat-demo
+kubectl get pods -n moat-demo -o wide
 
 step "the tag was resolved once and pinned; the pods run the digest"
 kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.image: "}{.status.image}{"\n"}'
-kubectl get deployment fraud-scorer -n moat-demo \
-  -o jsonpath='{"server:        "}{.spec.template.spec.containers[0].image}{"\ndecrypt-model: "}{.spec.template.spec.initContainers[0].image}{"\n"}'
 kubectl get events.events.k8s.io -n moat-demo --field-selector reason=ImagePinned -o custom-columns=NOTE:.note
+pod=$(kubectl get pods -n moat-demo -l moat.dev/deployment=fraud-scorer -o jsonpath='{.items[0].metadata.name}')
 
-step "the encrypted model: init container, memory-backed volume, key in the init container only"
-kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.initContainers[*]}{.name}{": "}{.args}{"\n"}{end}'
-kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.volumes[*]}{.name}{": "}{.emptyDir}{.secret.secretName}{.configMap.name}{"\n"}{end}'
-kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{range .spec.template.spec.containers[*]}{.name}{" mounts: "}{range .volumeMounts[*]}{.name}{"("}{.readOnly}{") "}{end}{"\n"}{end}'
+step "in pod $pod: the init container fetched, verified and decrypted the model; the server read it"
+kubectl logs -n moat-demo "$pod" -c decrypt-model
+kubectl logs -n moat-demo "$pod" -c server | head -n 2
+echo "the key is mounted in the init container only:"
+kubectl get pod "$pod" -n moat-demo -o jsonpath='{range .spec.initContainers[*]}{.name}{": "}{range .volumeMounts[*]}{.name}{" "}{end}{"\n"}{end}{range .spec.containers[*]}{.name}{": "}{range .volumeMounts[*]}{.name}{" "}{end}{"\n"}{end}'
 
-step "what the init container does (no container runtime here: the same moat decrypt, run directly)"
-keyfile=$(mktemp)
-kubectl get secret fraud-scorer-key -n moat-demo -o jsonpath='{.data.identity}' | base64 -d >"$keyfile"
-rm -rf "$STATE/decrypted"
-start=$(date +%s%N)
-"$MOAT" decrypt --source "file://$STATE/v3.tar.age" --sha256 "$sha" --identity "$keyfile" \
-  --target "$STATE/decrypted" --size-limit 2Gi
-echo "verified and decrypted in $(( ($(date +%s%N) - start) / 1000000 )) ms:"
-ls -l "$STATE/decrypted"
-cp "$STATE/v3.tar.age" "$STATE/tampered.tar.age"
-printf 'X' | dd of="$STATE/tampered.tar.age" bs=1 seek=100000 conv=notrunc status=none
-rm -rf "$STATE/decrypted-tampered"
-echo "one byte changed in transit:"
-"$MOAT" decrypt --source "file://$STATE/tampered.tar.age" --sha256 "$sha" --identity "$keyfile" \
-  --target "$STATE/decrypted-tampered" --size-limit 2Gi || echo "exit status $?; files left: $(find "$STATE/decrypted-tampered" -type f 2>/dev/null | wc -l)"
-rm -f "$keyfile"
-
-step "what Moat created (all labelled moat.dev/deployment=fraud-scorer)"
-kubectl get serviceaccounts,secrets,networkpolicies,services,poddisruptionbudgets,deployments,pods \
-  -n moat-demo -l moat.dev/deployment=fraud-scorer
-
-step "mTLS: the serving certificate Moat issued from its CA (Secret moat-system/moat-ca)"
-kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.certificate: "}{.status.certificate}{"\n"}'
-kubectl get secret fraud-scorer-tls -n moat-demo -o jsonpath='{.data.tls\.crt}' | base64 -d |
-  openssl x509 -noout -subject -issuer -enddate -ext subjectAltName
+step "the consented client (payments/checkout, ServiceAccount checkout) calls the model over mTLS"
+deadline=$((SECONDS + DEADLINE))
+until kubectl get secret fraud-scorer-client -n payments >/dev/null 2>&1; do
+  [ $SECONDS -lt $deadline ] || { echo "the client certificate Secret did not appear within ${DEADLINE}s" >&2; kubectl get modelclient -n payments -o yaml >&2; exit 1; }
+  sleep 0.5
+done
+MOUNTS=("secret:fraud-scorer-client:/var/run/client")
+python_pod payments checkout checkout "$PYTHON" -c "import time; time.sleep(10**9)"
+MOUNTS=()
+python_pod payments stranger stranger "$PYTHON" -c "import time; time.sleep(10**9)"
+url=https://fraud-scorer.moat-demo.svc.cluster.local:8000/v1/score
+data='{"features": {"amount": 1200, "night": 1}}'
+echo "\$ kubectl exec -n payments checkout -- serve.py request $url --cert ... --data '$data'"
+kubectl exec -n payments checkout -- "$PYTHON" "$SERVE" request "$url" --ca /var/run/client/ca.crt \
+  --cert /var/run/client/tls.crt --key /var/run/client/tls.key --data "$data"
+echo "the same pod without its certificate (refused in the TLS handshake):"
+kubectl exec -n payments checkout -- "$PYTHON" "$SERVE" request "$url" --ca /var/run/client/ca.crt --data "$data" &&
+  { echo "a client without a certificate was answered" >&2; exit 1; } || true
+echo "a pod the model did not declare (payments/stranger: stopped by the NetworkPolicy):"
+kubectl exec -n payments stranger -- "$PYTHON" "$SERVE" request "$url" --timeout 3 --data "$data" &&
+  { echo "an undeclared pod was answered" >&2; exit 1; } || true
 
 step "drift: someone swaps the image and turns on hostNetwork behind Moat's back"
 want=$(kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.image.pinned}')
@@ -208,7 +252,6 @@ while :; do
   image=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.containers[0].image}')
   host=$(kubectl get deployment fraud-scorer -n moat-demo -o jsonpath='{.spec.template.spec.hostNetwork}')
   [ "$image" = "$want" ] && [ "$host" != "true" ] && break
-  operator_alive || exit 1
   [ $SECONDS -lt $deadline ] || { echo "the drift was not reverted within ${DEADLINE}s: image=$image hostNetwork=$host" >&2; exit 1; }
   sleep 0.05
 done
@@ -216,18 +259,20 @@ echo "reverted in $(( ($(date +%s%N) - start) / 1000000 )) ms: image=$image host
 # Moat counts the repair in status.drift after it has applied every child, and records the Event
 # in the background: wait for both rather than for a fixed time.
 until [ "$(repairs)" -gt "${repairs_before:-0}" ] 2>/dev/null && [ "$(drift_events)" != "$events_before" ]; do
-  operator_alive || exit 1
   [ $SECONDS -lt $deadline ] || { echo "the repair was not recorded within ${DEADLINE}s (status.drift.repairs $(repairs), before ${repairs_before:-none})" >&2; exit 1; }
   sleep 0.2
 done
 kubectl get events.events.k8s.io -n moat-demo --field-selector reason=DriftRepaired -o custom-columns=KIND:.related.kind,OBJECT:.related.name,NOTE:.note
-kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{"status.drift: "}{.status.drift}{"\n"}'
 wait_ready fraud-scorer moat-demo
+echo "the pods left are the hardened ones (Pod Security refused the hostNetwork pods):"
+kubectl get pods -n moat-demo -l moat.dev/deployment=fraud-scorer -o custom-columns=NAME:.metadata.name,STATUS:.status.phase,IMAGE:.spec.containers[0].image
 
-step "metrics (http://127.0.0.1:18080/metrics)"
-curl -fsS http://127.0.0.1:18080/metrics | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects|image_resolutions_total)' || true
+step "the leader's metrics (pod $leader_pod)"
+leader_ip=$(kubectl get pod "$leader_pod" -n "$NS" -o jsonpath='{.status.podIP}')
+curl -fsS "http://$leader_ip:8080/metrics" | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects|image_resolutions_total)' || true
 
 step "done"
 echo "The cluster is still running: export KUBECONFIG=$KUBECONFIG  (stop it with 'make cluster-down')."
+echo "Call the model again: kubectl exec -n payments checkout -- $PYTHON $SERVE request $url --ca /var/run/client/ca.crt --cert /var/run/client/tls.crt --key /var/run/client/tls.key --data '$data'"
 echo "Remove the chart with 'helm uninstall $RELEASE -n $NS' (the CRDs and your models stay)."
 echo "Render the children offline: $MOAT render -f examples/quickstart.yaml"

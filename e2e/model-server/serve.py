@@ -1,6 +1,8 @@
 """A small but real model server for Moat's local cluster, on Python's standard library only.
 
-    serve.py serve --model DIR --port PORT     the model server
+    serve.py [serve] --model DIR --port PORT [--ssl-certfile C --ssl-keyfile K
+             [--ssl-ca-certs CA] [--ssl-cert-reqs 0|2]]
+                                               the model server (vLLM's flags)
     serve.py files --dir DIR --port PORT --cert C --key K
                                                an HTTPS file server (the model artifact store)
     serve.py request URL [--cert C --key K] [--ca CA] [--data JSON]
@@ -11,9 +13,11 @@ The model is a logistic regression, `model.json` in DIR: {"features": [names], "
 Moat mounts read-only) and reports their bytes and sha256 at GET /v1/model. POST /v1/score with
 {"features": {name: number}} answers {"score": ..., "client": <the caller's URI SAN>}.
 
-TLS: with MOAT_TLS_CERT_FILE and MOAT_TLS_KEY_FILE (Moat's serving certificate) the server speaks
-HTTPS; with MOAT_TLS_CA_FILE as well it requires a client certificate from that CA (mTLS), and
-refuses the handshake of any client without one.
+TLS, as vLLM takes it: --ssl-certfile and --ssl-keyfile (Moat's serving certificate, for example
+$(MOAT_TLS_CERT_FILE)) make the server speak HTTPS; --ssl-ca-certs with --ssl-cert-reqs 2 make it
+require a client certificate from that CA (mTLS), and refuse the handshake of any client without
+one. Without the flags, the files named by MOAT_TLS_CERT_FILE, MOAT_TLS_KEY_FILE and
+MOAT_TLS_CA_FILE are used, with client certificates required.
 """
 
 import argparse
@@ -133,9 +137,14 @@ def serve(args):
             log(f"{self.client_address[0]} {peer_identity(self.connection)} {format % a}")
 
     httpd = TlsServer(("", args.port), Handler)
-    cert, key = os.environ.get("MOAT_TLS_CERT_FILE"), os.environ.get("MOAT_TLS_KEY_FILE")
+    if args.ssl_certfile:
+        cert, key = args.ssl_certfile, args.ssl_keyfile
+        ca = args.ssl_ca_certs if args.ssl_cert_reqs == 2 else None
+    else:
+        cert, key = os.environ.get("MOAT_TLS_CERT_FILE"), os.environ.get("MOAT_TLS_KEY_FILE")
+        ca = os.environ.get("MOAT_TLS_CA_FILE")
     if cert and key:
-        httpd.context = server_context(cert, key, os.environ.get("MOAT_TLS_CA_FILE"))
+        httpd.context = server_context(cert, key, ca)
     log(f"serving on :{args.port} ({'mTLS' if httpd.context and httpd.context.verify_mode == ssl.CERT_REQUIRED else 'TLS' if httpd.context else 'plain HTTP'})")
     httpd.serve_forever()
 
@@ -182,6 +191,10 @@ def main():
     p = sub.add_parser("serve")
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--ssl-certfile")
+    p.add_argument("--ssl-keyfile")
+    p.add_argument("--ssl-ca-certs")
+    p.add_argument("--ssl-cert-reqs", type=int, choices=[0, 1, 2], default=0)
     p = sub.add_parser("files")
     p.add_argument("--dir", required=True)
     p.add_argument("--port", type=int, required=True)
@@ -194,7 +207,10 @@ def main():
     p.add_argument("--ca")
     p.add_argument("--data")
     p.add_argument("--timeout", type=float, default=5)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve"] + argv  # vLLM's form: the server's flags alone
+    args = parser.parse_args(argv)
     return {"serve": serve, "files": files, "request": request}[args.command](args) or 0
 
 
