@@ -59,7 +59,11 @@ test-unit: deps ## Unit and integration tests (no cluster needed).
 	$(CARGO) test --workspace --exclude moat-e2e
 
 .PHONY: test-e2e
-test-e2e: cluster-up ## End-to-end tests against the local control plane, then its lifecycle test.
+test-e2e: deps ## End-to-end tests against a fresh local cluster, then its lifecycle test.
+	@# A fresh cluster: nothing of an earlier run or of `make demo` (whose pods hold the real node's
+	@# CPUs) is left to compete with the tests; the lifecycle test stops the cluster afterwards anyway.
+	@$(CLUSTER) down >/dev/null
+	@$(CLUSTER) up >/dev/null
 	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
 	@bash e2e/lifecycle-test.sh
 

@@ -98,7 +98,7 @@ python_pod() {
    "containers": [{"name": "main", "image": "$SERVER_IMAGE", "command": [${command%,}],
      "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
                          "readOnlyRootFilesystem": true},
-     "resources": {"limits": {"cpu": "200m", "memory": "128Mi"}},
+     "resources": {"limits": {"cpu": "200m", "memory": "128Mi"}, "requests": {"cpu": "10m", "memory": "32Mi"}},
      "volumeMounts": [${mounts%,}]}],
    "volumes": [${volumes%,}]}}
 EOF

@@ -362,6 +362,9 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 maxPods: 110
 serializeImagePulls: false
+# How often the kubelet measures each pod's volumes (default 1m); an emptyDir past its sizeLimit
+# is evicted at the next measurement.
+volumeStatsAggPeriod: 5s
 EOF
   node_daemon kubelet "$NODE_BIN/kubelet" --config "$NODE_DIR/kubelet.yaml" \
     --kubeconfig "$NODE_DIR/kubelet.kubeconfig" --root-dir "$NODE_DIR/kubelet" \

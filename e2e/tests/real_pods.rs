@@ -132,6 +132,35 @@ async fn moat_pods_run_restricted_on_the_real_node() {
                 !mounts.contains("serviceaccount"),
                 "a ServiceAccount volume is mounted:\n{mounts}"
             );
+
+            // /tmp holds up to its size limit (256Mi, on disk): past it, the kubelet evicts the
+            // pod at its next measurement, and the Deployment replaces it.
+            let (ok, _, err) = run(&[
+                "dd",
+                "if=/dev/zero",
+                "of=/tmp/fill",
+                "bs=1048576",
+                "count=300",
+            ])
+            .await?;
+            ensure!(ok, "writing 300 MiB to /tmp failed: {err}");
+            let pods = env.api::<Pod>();
+            let evicted = wait_for_value(
+                moat_e2e::DEADLINE,
+                &format!("pod {name} evicted for its /tmp"),
+                || async {
+                    let status = pods.get_opt(&name).await?.and_then(|p| p.status);
+                    Ok(status.filter(|s| s.reason.as_deref() == Some("Evicted")))
+                },
+            )
+            .await?;
+            let message = evicted.message.unwrap_or_default();
+            ensure!(
+                message.contains("tmp") && message.contains("256Mi"),
+                "evicted for another reason: {message}"
+            );
+            let replacement = running_pod(&env, "web").await?;
+            ensure!(replacement.name_any() != name, "no replacement pod");
             Ok(())
         },
     )
