@@ -9,7 +9,8 @@
 # one veth pair ($NODE_HOST_IP on the host, $NODE_IP in the node). The host gets only that veth
 # end and two routes (pods and Services via the node), which vanish with the namespace. The node
 # namespace has no default route, and a guard table drops (and counts) anything that would leave
-# it for anywhere but the host end of the veth; from the host, pods reach only the API relay.
+# it for anywhere but the host end of the veth; from the host, pods reach only the API relay and
+# the registry.
 # Nothing a pod sends can leave the machine.
 #
 # The node is tainted moat.dev/real-node=true:NoSchedule, so the kwok-backed tests never land
@@ -175,8 +176,8 @@ EOF
 }
 
 # The node's firewall of last resort, in its own namespace: pod traffic to the host is
-# masqueraded and allowed only to the API relay and the registry; anything else leaving the node is dropped and
-# counted (`nft list counter inet moat-guard leaving`; it must stay at the attempts the tests
+# masqueraded and allowed only to the API relay and the registry; anything else leaving the node
+# is dropped and counted (`nft list counter inet moat-guard leaving`; it must stay at the attempts the tests
 # make).
 node_guard() {
   local port=$1

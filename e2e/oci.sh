@@ -13,7 +13,8 @@
 #     ENV_JSON        for example '["PATH=/bin"]' (default: [])
 #     CMD_JSON        the default arguments, for example '["operator"]' (default: [])
 #
-# Sourced by e2e/node.sh; prints the manifest digest.
+# Sourced by e2e/node.sh and the image scripts (e2e/moat-image.sh, e2e/model-server-image.sh);
+# prints the manifest digest.
 #
 #   oci_push ARCHIVE REGISTRY/NAME:TAG CERT_DIR
 #     pushes the archive with skopeo, unchanged (the same manifest digest), trusting the CA in
