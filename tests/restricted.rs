@@ -264,6 +264,16 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
             prop::collection::btree_set("[a-z][a-z0-9-]{0,10}", 0..3),
             any::<bool>(),
         ),
+        (
+            prop::collection::btree_map(
+                prop::sample::select(vec!["nvidia.com/gpu", "amd.com/gpu", "example.com/fpga"])
+                    .prop_map(String::from),
+                1i64..=8,
+                0..3,
+            ),
+            prop::option::of(1u32..4096),
+            prop::option::of(placement()),
+        ),
     )
         .prop_map(
             |(
@@ -277,20 +287,27 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                 clients,
                 egress,
                 (model, pull_secrets, strict),
+                (extended, shm, placement),
             )| {
                 // RequireDigest only where the image names a digest (otherwise it is invalid).
                 let image_policy =
                     (strict && image.contains("@sha256:")).then_some(ImagePolicy::RequireDigest);
                 // With a model, the memory limit also holds the plaintext and 256Mi (else it is
                 // invalid: see the explicit tests below).
-                let memory = match &model {
-                    Some(m) => format!(
+                // The same with a /dev/shm, which is charged to the pod's memory too.
+                let shared_memory = shm.map(|mi| format!("{mi}Mi"));
+                let memory = match (&model, shm) {
+                    (None, None) => format!("{mem}{mu}"),
+                    _ => format!(
                         "{}Mi",
-                        moat::quantity::mebibytes_ceil(&m.size_limit).unwrap_or(0)
+                        model
+                            .as_ref()
+                            .map_or(0, |m| moat::quantity::mebibytes_ceil(&m.size_limit)
+                                .unwrap_or(0))
+                            + u64::from(shm.unwrap_or(0))
                             + 256
                             + u64::from(mem)
                     ),
-                    None => format!("{mem}{mu}"),
                 };
                 SecureModelDeploymentSpec {
                     replicas,
@@ -306,11 +323,13 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                                 memory,
                             },
                             requests: None,
+                            extended,
                         },
                         readiness_probe: probe.map(|path| Probe {
                             http_get: path.map(|path| HttpGetProbe { path, scheme: None }),
                             ..Probe::default()
                         }),
+                        shared_memory,
                     },
                     access: AccessSpec { clients, egress },
                     tls: Default::default(),
@@ -320,9 +339,45 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                         .map(|name| SecretRef { name })
                         .collect(),
                     model,
+                    placement,
                 }
             },
         )
+}
+
+/// `spec.placement`: node selectors, tolerations, a required node affinity, priority and runtime
+/// classes.
+fn placement() -> impl Strategy<Value = Placement> {
+    (
+        prop::collection::btree_map("[a-z]{1,8}(\\.[a-z]{1,5}/[a-z]{1,8})?", "[a-z0-9]{0,8}", 0..3),
+        prop::collection::vec(("[a-z]{1,8}\\.com/[a-z]{1,8}", any::<bool>()), 0..3),
+        prop::option::of("[a-z]{1,8}"),
+        prop::option::of("[a-z]{1,8}"),
+        prop::option::of("[a-z]{1,8}"),
+    )
+        .prop_map(|(node_selector, tolerations, zone, priority, runtime)| Placement {
+            node_selector,
+            tolerations: tolerations
+                .into_iter()
+                .map(|(key, exists)| k8s_openapi::api::core::v1::Toleration {
+                    key: Some(key),
+                    operator: Some(if exists { "Exists" } else { "Equal" }.into()),
+                    value: (!exists).then(|| "true".into()),
+                    effect: Some("NoSchedule".into()),
+                    ..Default::default()
+                })
+                .collect(),
+            node_affinity: zone.map(|zone| {
+                serde_json::from_value(serde_json::json!({
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": [zone]}]}
+                    ]}
+                }))
+                .expect("node affinity")
+            }),
+            priority_class_name: priority,
+            runtime_class_name: runtime,
+        })
 }
 
 /// The volumes each container of `pod` mounts, by container name.
@@ -430,6 +485,27 @@ proptest! {
                 prop_assert!(moat::quantity::parse(&server_memory).unwrap_or(0.0) >= size + 256.0 * moat::quantity::MI);
             }
         }
+        // Extended resources: requested exactly as limited; placement: passed as given.
+        let server = &pod.containers[0];
+        let res = server.resources.clone().expect("resources");
+        for (name, count) in &spec.server.resources.extended {
+            for q in [&res.limits, &res.requests] {
+                prop_assert_eq!(q.as_ref().and_then(|q| q.get(name)).map(|q| q.0.clone()), Some(count.to_string()));
+            }
+        }
+        let placement = spec.placement.clone().unwrap_or_default();
+        prop_assert_eq!(pod.node_selector.clone().unwrap_or_default(), placement.node_selector.clone());
+        prop_assert_eq!(pod.tolerations.clone().unwrap_or_default(), placement.tolerations.clone());
+        prop_assert_eq!(pod.affinity.clone().and_then(|a| a.node_affinity), placement.node_affinity.clone());
+        prop_assert_eq!(pod.priority_class_name.clone(), placement.priority_class_name.clone());
+        prop_assert_eq!(pod.runtime_class_name.clone(), placement.runtime_class_name.clone());
+        if let Some(shm) = &spec.server.shared_memory {
+            let vol = pod.volumes.iter().flatten().find(|v| v.name == "shm").expect("shm volume");
+            let empty = vol.empty_dir.clone().expect("emptyDir");
+            prop_assert_eq!(empty.medium.as_deref(), Some("Memory"));
+            prop_assert_eq!(empty.size_limit.map(|q| q.0), Some(shm.clone()));
+            prop_assert!(server.volume_mounts.iter().flatten().any(|m| m.name == "shm" && m.mount_path == "/dev/shm"));
+        }
         let pull: Vec<String> = pod.image_pull_secrets.iter().flatten().map(|r| r.name.clone()).collect();
         let want: Vec<String> = spec.image_pull_secrets.iter().map(|r| r.name.clone()).collect();
         prop_assert_eq!(pull, want);
@@ -454,14 +530,16 @@ proptest! {
                 args: vec![],
                 env: vec![EnvVar { name: env_name.clone(), value: Some("x".into()), value_from: None }],
                 port,
-                resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into() }, requests: None },
+                resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into() }, requests: None, extended: BTreeMap::new() },
                 readiness_probe: None,
+                shared_memory: None,
             },
             access: AccessSpec::default(),
             tls: Default::default(),
             image_policy: None,
             image_pull_secrets: Vec::new(),
             model: None,
+            placement: None,
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

@@ -1,6 +1,7 @@
 //! The Argo CD health check in `examples/gitops/argocd/health.lua`, run by a real Lua interpreter
 //! (Debian's lua5.4, installed by `make deps`) against statuses that Moat's own status code
-//! produces: Healthy, Progressing and Degraded, and unchanged by status fields it does not read.
+//! produces: Healthy, Progressing and Degraded (every Stalled reason), and unchanged by status
+//! fields it does not read.
 //! Needs no cluster; `e2e/tests/gitops.rs` runs the same check on a live status.
 
 use k8s_openapi::{
@@ -124,4 +125,49 @@ fn invalid_specs_and_failed_rollouts_are_degraded() {
         .0,
         "Degraded"
     );
+}
+
+/// Degraded follows `Stalled=True` whatever its reason: every reason Moat can stall with (the
+/// list in `conditions::reason::STALLED`, so a new one is covered without editing this test)
+/// gives Degraded with Moat's message, and a reason the script has never heard of does too.
+#[test]
+fn every_stalled_reason_is_degraded() {
+    let s = smd(2);
+    let mut reasons: Vec<&str> = moat::api::conditions::reason::STALLED.to_vec();
+    reasons.push("AReasonOfAFutureVersion");
+    for reason in reasons {
+        let failure = status::Failure {
+            reason,
+            message: format!("stalled because {reason}"),
+        };
+        let (status, message) = health(&with_status(
+            s.clone(),
+            status::stalled(&s, &failure, now()),
+        ));
+        assert_eq!(status, "Degraded", "Stalled/{reason} gave {status}");
+        assert_eq!(message, format!("stalled because {reason}"));
+    }
+    // A transient failure being retried is progress, not a stall.
+    let failure = status::Failure {
+        reason: moat::api::conditions::reason::REGISTRY_UNREACHABLE,
+        message: "the registry did not answer".into(),
+    };
+    let stalled_first = with_status(
+        s.clone(),
+        status::stalled(
+            &s,
+            &status::Failure {
+                reason: moat::api::conditions::reason::DECRYPTION_KEY_MISSING,
+                message: "no key".into(),
+            },
+            now(),
+        ),
+    );
+    let mut again: SecureModelDeployment = serde_json::from_value(stalled_first).expect("smd");
+    again.metadata.generation = Some(2);
+    let (status, _) = health(&with_status(
+        again.clone(),
+        status::retrying(&again, &failure, now()),
+    ));
+    assert_eq!(status, "Progressing");
 }

@@ -89,6 +89,45 @@ pub struct SecureModelDeploymentSpec {
     #[schemars(length(max = 8))]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub image_pull_secrets: Vec<SecretRef>,
+
+    /// Where the model's pods may run: the nodes (selector, tolerations, node affinity), their
+    /// PriorityClass, and their RuntimeClass (a sandbox such as gVisor or Kata for models you do
+    /// not fully trust).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub placement: Option<Placement>,
+}
+
+/// Where the model's pods run. Every field is passed to the pod template as is.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Labels a node must carry to run the pods, for example `nvidia.com/gpu.present: "true"`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the pods tolerate, for example `nvidia.com/gpu` with effect `NoSchedule` on GPU
+    /// nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+
+    /// Node affinity, as in a pod's `affinity.nodeAffinity`: required and preferred node
+    /// selector terms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_affinity: Option<k8s_openapi::api::core::v1::NodeAffinity>,
+
+    /// PriorityClass of the pods, which decides who is preempted when the cluster is full.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("priorityClassName must be a PriorityClass name (a DNS-1123 subdomain)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
+
+    /// RuntimeClass of the pods, for example `gvisor` or `kata`: a sandboxed runtime that puts
+    /// another kernel boundary between the model server and the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("runtimeClassName must be a RuntimeClass name (a DNS-1123 subdomain)"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
 }
 
 /// How images are pinned.
@@ -283,6 +322,15 @@ pub struct ServerSpec {
     /// How Kubernetes decides a pod is ready to serve. Without it, a TCP connection to `port`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
+
+    /// Size of a memory-backed `/dev/shm` for the server, for example `2Gi`: vLLM and PyTorch
+    /// share tensors between processes through it, and the container runtime's default is
+    /// 64Mi. It is charged to the pod's memory, so `resources.limits.memory` must hold it too
+    /// (with the decrypted model and 256Mi).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("sharedMemory must be a positive quantity such as 1Gi"))]
+    #[schemars(length(max = 64))]
+    pub shared_memory: Option<String>,
 }
 
 /// An environment variable of the model server.
@@ -344,6 +392,12 @@ pub struct Resources {
     /// What the scheduler reserves. Each defaults to the limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub requests: Option<ResourceRequests>,
+
+    /// Extended resources such as accelerators, as `vendor-domain/name: count`, for example
+    /// `nvidia.com/gpu: 1` or `amd.com/gpu: 2`. Whole numbers from 1 to 1024; Kubernetes
+    /// requires an extended resource's request to equal its limit, so Moat sets both.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub extended: BTreeMap<String, i64>,
 }
 
 /// Resource limits (Kubernetes quantities such as `500m`, `4`, `16Gi`).

@@ -11,7 +11,7 @@ use super::{
     Ctx, RUN_AS_ID, RenderError, Resolved, SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH,
     TMP_SIZE_LIMIT, container_security_context, model, tls_secret, typed,
 };
-use crate::api::{Probe, ProbeScheme};
+use crate::api::{Placement, Probe, ProbeScheme};
 
 pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, RenderError> {
     let server = &ctx.smd.spec.server;
@@ -56,16 +56,19 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
             cpu: None,
             memory: None,
         });
-    container.insert(
-        "resources".into(),
-        json!({
-            "limits": {"cpu": limits.cpu, "memory": limits.memory},
-            "requests": {
-                "cpu": requests.cpu.as_ref().unwrap_or(&limits.cpu),
-                "memory": requests.memory.as_ref().unwrap_or(&limits.memory),
-            },
-        }),
-    );
+    let mut resources = json!({
+        "limits": {"cpu": limits.cpu, "memory": limits.memory},
+        "requests": {
+            "cpu": requests.cpu.as_ref().unwrap_or(&limits.cpu),
+            "memory": requests.memory.as_ref().unwrap_or(&limits.memory),
+        },
+    });
+    // Extended resources (accelerators): Kubernetes requires the request to equal the limit.
+    for (name, count) in &server.resources.extended {
+        resources["limits"][name] = json!(count.to_string());
+        resources["requests"][name] = json!(count.to_string());
+    }
+    container.insert("resources".into(), resources);
     container.insert(
         "readinessProbe".into(),
         readiness_probe(server.readiness_probe.as_ref()),
@@ -83,6 +86,9 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
     ];
     if let Some(m) = &model {
         mounts.push(m.server_mount.clone());
+    }
+    if server.shared_memory.is_some() {
+        mounts.push(json!({"name": "shm", "mountPath": "/dev/shm"}));
     }
     container.insert("volumeMounts".into(), Value::Array(mounts));
     let mut template_meta = json!({"labels": ctx.labels()});
@@ -130,6 +136,15 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
             volumes.extend(m.volumes);
         }
     }
+    if let Some(size) = &server.shared_memory
+        && let Some(volumes) = pod_spec["volumes"].as_array_mut()
+    {
+        // Charged to the pod's memory, like the model's volume (validation counts both).
+        volumes.push(json!({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}));
+    }
+    if let Some(placement) = &ctx.smd.spec.placement {
+        place(&mut pod_spec, placement);
+    }
     // The Secrets Moat resolved the image with let the kubelet pull it too.
     if !ctx.smd.spec.image_pull_secrets.is_empty() {
         pod_spec["imagePullSecrets"] = json!(ctx.smd.spec.image_pull_secrets);
@@ -155,6 +170,25 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
             },
         }),
     )
+}
+
+/// `spec.placement` in the pod spec, field by field; absent fields stay unset.
+fn place(pod_spec: &mut Value, placement: &Placement) {
+    if !placement.node_selector.is_empty() {
+        pod_spec["nodeSelector"] = json!(placement.node_selector);
+    }
+    if !placement.tolerations.is_empty() {
+        pod_spec["tolerations"] = json!(placement.tolerations);
+    }
+    if let Some(affinity) = &placement.node_affinity {
+        pod_spec["affinity"] = json!({"nodeAffinity": affinity});
+    }
+    if let Some(class) = &placement.priority_class_name {
+        pod_spec["priorityClassName"] = json!(class);
+    }
+    if let Some(class) = &placement.runtime_class_name {
+        pod_spec["runtimeClassName"] = json!(class);
+    }
 }
 
 fn readiness_probe(probe: Option<&Probe>) -> Value {

@@ -42,12 +42,26 @@ pub fn init_memory(model: &ModelSpec) -> String {
     format!("{}Mi", size.saturating_add(WORKING_MEMORY_MI))
 }
 
-/// The least `server.resources.limits.memory` (MiB) for a model of `sizeLimit`: the plaintext,
-/// which stays charged to the pod's memory after the init container exits, plus the server's
-/// own working memory. `None` when `sizeLimit` is not a quantity.
-pub fn server_memory_floor_mi(model: &ModelSpec) -> Option<u64> {
-    crate::quantity::mebibytes_ceil(&model.size_limit)
-        .map(|size| size.saturating_add(WORKING_MEMORY_MI))
+/// The least `server.resources.limits.memory` (MiB) for a model of `sizeLimit` and a
+/// `/dev/shm` of `shared_memory`: the plaintext, which stays charged to the pod's memory after
+/// the init container exits, what the server puts in shared memory, and the server's own working
+/// memory. `None` when there is neither, or when a size is not a quantity.
+pub fn server_memory_floor_mi(
+    model: Option<&ModelSpec>,
+    shared_memory: Option<&str>,
+) -> Option<u64> {
+    if model.is_none() && shared_memory.is_none() {
+        return None;
+    }
+    let size = match model {
+        Some(m) => crate::quantity::mebibytes_ceil(&m.size_limit)?,
+        None => 0,
+    };
+    let shm = match shared_memory {
+        Some(q) => crate::quantity::mebibytes_ceil(q)?,
+        None => 0,
+    };
+    Some(size.saturating_add(shm).saturating_add(WORKING_MEMORY_MI))
 }
 
 /// What `spec.model` adds to the pod.

@@ -273,21 +273,78 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     }
     if let Some(model) = &spec.model {
         validate_model(model, &mut err);
-        let memory = crate::quantity::parse(&spec.server.resources.limits.memory);
-        if let (Some(floor), Some(memory)) = (super::model::server_memory_floor_mi(model), memory)
-            && memory < floor as f64 * crate::quantity::MI
-        {
+    }
+    let shm = spec.server.shared_memory.as_deref();
+    if let Some(q) = shm
+        && crate::quantity::parse(q).is_none_or(|v| v <= 0.0)
+    {
+        err(
+            "spec.server.sharedMemory".into(),
+            format!("{q:?} is not a positive quantity such as 1Gi"),
+        );
+    }
+    let memory = crate::quantity::parse(&spec.server.resources.limits.memory);
+    if let (Some(floor), Some(memory)) = (
+        super::model::server_memory_floor_mi(spec.model.as_ref(), shm),
+        memory,
+    ) && memory < floor as f64 * crate::quantity::MI
+    {
+        let mut held = Vec::new();
+        if let Some(model) = &spec.model {
+            held.push(format!(
+                "the decrypted model (spec.model.sizeLimit {}, in a memory-backed volume)",
+                model.size_limit
+            ));
+        }
+        if let Some(q) = shm {
+            held.push(format!("/dev/shm (spec.server.sharedMemory {q})"));
+        }
+        err(
+            "spec.server.resources.limits.memory".into(),
+            format!(
+                "{} cannot hold {}: both stay charged to the pod's memory, and the server needs \
+                 {}Mi beside them; set at least {floor}Mi, or lower the sizes",
+                spec.server.resources.limits.memory,
+                held.join(" and "),
+                super::model::WORKING_MEMORY_MI
+            ),
+        );
+    }
+    for (name, count) in &spec.server.resources.extended {
+        let field = format!("spec.server.resources.extended[{name:?}]");
+        if !is_extended_resource_name(name) {
             err(
-                "spec.server.resources.limits.memory".into(),
-                format!(
-                    "{} cannot hold the decrypted model: the plaintext in the memory-backed volume \
-                     (spec.model.sizeLimit {}) stays charged to the pod's memory, and the server \
-                     needs {}Mi beside it; set at least {floor}Mi, or lower sizeLimit",
-                    spec.server.resources.limits.memory,
-                    model.size_limit,
-                    super::model::WORKING_MEMORY_MI
-                ),
+                field.clone(),
+                "must be an extended resource name such as nvidia.com/gpu: a vendor domain, \
+                 '/', and a name; not a kubernetes.io resource (cpu and memory go in limits)"
+                    .into(),
             );
+        }
+        if !(1..=1024).contains(count) {
+            err(
+                field,
+                format!("{count} is not a whole number from 1 to 1024"),
+            );
+        }
+    }
+    if let Some(placement) = &spec.placement {
+        check_labels(
+            Some(&placement.node_selector),
+            "spec.placement.nodeSelector",
+            &mut err,
+        );
+        for (field, class) in [
+            ("priorityClassName", &placement.priority_class_name),
+            ("runtimeClassName", &placement.runtime_class_name),
+        ] {
+            if let Some(class) = class
+                && !(class.len() <= 253 && matches(&DNS_SUBDOMAIN, class))
+            {
+                err(
+                    format!("spec.placement.{field}"),
+                    format!("{class:?} is not a DNS-1123 subdomain"),
+                );
+            }
         }
     }
     if errors.is_empty() {
@@ -295,6 +352,25 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     } else {
         Err(errors)
     }
+}
+
+/// Whether `name` is an extended resource name: `<domain>/<name>`, the domain a DNS subdomain
+/// with at least one dot and not Kubernetes' own (`kubernetes.io`, `*.kubernetes.io`,
+/// `k8s.io`), the name a label name of at most 63 characters.
+pub fn is_extended_resource_name(name: &str) -> bool {
+    static NAME: LazyLock<Option<Regex>> =
+        LazyLock::new(|| Regex::new("^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$").ok());
+    let Some((domain, resource)) = name.split_once('/') else {
+        return false;
+    };
+    let kubernetes = ["kubernetes.io", "k8s.io"]
+        .iter()
+        .any(|k| domain == *k || domain.ends_with(&format!(".{k}")));
+    domain.contains('.')
+        && domain.len() <= 253
+        && matches(&DNS_SUBDOMAIN, domain)
+        && !kubernetes
+        && matches(&NAME, resource)
 }
 
 /// Whether a path has a `..` component.
@@ -462,6 +538,113 @@ mod tests {
                     e.message
                 );
             }
+        }
+    }
+
+    /// /dev/shm is charged to the pod's memory too: with and without a model.
+    #[test]
+    fn the_server_memory_limit_must_hold_shared_memory_too() {
+        use crate::fixture;
+        let model = serde_json::json!({
+            "source": {"url": "https://artifacts.example.com/m.tar.age"},
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "decryptionKeySecretRef": {"name": "k", "key": "identity"},
+            "mountPath": "/models/m", "sizeLimit": "2Gi"
+        });
+        for (memory, shm, with_model, ok) in [
+            ("1280Mi", "1Gi", false, true),
+            ("1279Mi", "1Gi", false, false),
+            ("3328Mi", "1Gi", true, true),
+            ("3327Mi", "1Gi", true, false),
+            ("64Gi", "0", false, false),
+            ("64Gi", "lots", false, false),
+        ] {
+            let mut f = fixture::smd("m")
+                .limits("1", memory)
+                .set(&["spec", "server", "sharedMemory"], serde_json::json!(shm));
+            if with_model {
+                f = f.model(model.clone());
+            }
+            let smd = f.build().expect("decodes");
+            let result = validate(&smd.spec, "m");
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "{memory} for shm {shm}, model {with_model}: {result:?}"
+            );
+            if let Err(errors) = result
+                && shm == "1Gi"
+            {
+                let e = errors
+                    .iter()
+                    .find(|e| e.field == "spec.server.resources.limits.memory")
+                    .expect("the memory limit is named");
+                assert!(
+                    e.message
+                        .contains("/dev/shm (spec.server.sharedMemory 1Gi)"),
+                    "{}",
+                    e.message
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn extended_resources_are_vendor_names_with_whole_counts() {
+        for ok in [
+            "nvidia.com/gpu",
+            "amd.com/gpu",
+            "example.com/fpga_v2",
+            "gpu.intel.com/i915",
+        ] {
+            assert!(is_extended_resource_name(ok), "{ok}");
+        }
+        for bad in [
+            "gpu",
+            "nvidia/gpu",
+            "cpu",
+            "kubernetes.io/gpu",
+            "foo.kubernetes.io/x",
+            "k8s.io/x",
+            "Nvidia.com/gpu",
+            "nvidia.com/",
+            "nvidia.com/-x",
+        ] {
+            assert!(!is_extended_resource_name(bad), "{bad}");
+        }
+        for (count, ok) in [
+            (1, true),
+            (1024, true),
+            (0, false),
+            (-1, false),
+            (1025, false),
+        ] {
+            let smd = crate::fixture::smd("m")
+                .set(
+                    &["spec", "server", "resources", "extended"],
+                    serde_json::json!({"nvidia.com/gpu": count}),
+                )
+                .build()
+                .expect("decodes");
+            let result = validate(&smd.spec, "m");
+            assert_eq!(result.is_ok(), ok, "{count}: {result:?}");
+        }
+        let smd = crate::fixture::smd("m")
+            .set(&["spec", "server", "resources", "extended"], serde_json::json!({"memory": 1}))
+            .set(&["spec", "placement"], serde_json::json!({"priorityClassName": "Bad_Name", "nodeSelector": {"bad key": "v"}}))
+            .build()
+            .expect("decodes");
+        let fields: Vec<String> = validate(&smd.spec, "m")
+            .expect_err("invalid")
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        for want in [
+            "spec.server.resources.extended[\"memory\"]",
+            "spec.placement.priorityClassName",
+            "spec.placement.nodeSelector",
+        ] {
+            assert!(fields.iter().any(|f| f == want), "{want} not in {fields:?}");
         }
     }
 }
