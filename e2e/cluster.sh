@@ -384,6 +384,8 @@ case ${1:-} in
     echo "export MOAT_NODE_HOST_IP=$NODE_HOST_IP"
     echo "export MOAT_NODE_CONTAINERD=$NODE_RUN/containerd.sock"
     echo "export MOAT_NODE_REGISTRY=$NODE_REGISTRY"
+    echo "export MOAT_NODE_REGISTRY_PUSH=$NODE_REGISTRY_PUSH"
+    echo "export MOAT_NODE_CGROUP=$NODE_CGROUP"
     echo "export MOAT_NODE_REGISTRY_CA=$NODE_DIR/registry/ca.crt"
     echo "export MOAT_NODE_REGISTRY_CERTS=$NODE_DIR/registry/certs.d/$NODE_REGISTRY"
     [ ! -s "$NODE_DIR/busybox.image" ] || echo "export MOAT_NODE_BUSYBOX_IMAGE=$(cat "$NODE_DIR/busybox.image")"

@@ -19,11 +19,11 @@ set -euo pipefail
 #   table), iptables and ipset (kube-router's NetworkPolicy rules); iproute2 and util-linux (ip,
 #   nsenter) its network namespace; socat the API server relay; busybox-static the test workload
 #   image. gcc with libc6-dev also builds the pause binary.
-# python3.11-minimal and libpython3.11-stdlib: the files of the model server image
-#   (e2e/model-server-image.sh).
+# python3-minimal and libpython3-stdlib: Debian's default Python, the files of the model server
+#   image (e2e/model-server-image.sh).
 PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng
   containerd runc containernetworking-plugins nftables iptables ipset iproute2 util-linux socat busybox-static
-  python3.11-minimal libpython3.11-stdlib)
+  python3-minimal libpython3-stdlib)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

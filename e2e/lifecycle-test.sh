@@ -68,8 +68,8 @@ if [ "$before" = "$after" ]; then
 else
   fail "the host changed: $(diff <(echo "$before") <(echo "$after") | grep '^[<>]' | tr '\n' ';')"
 fi
-if pgrep -f "^$MOAT_CACHE_BIN/node-|containerd --config .*/node/containerd.toml" >/dev/null; then
-  fail "real-node processes left: $(pgrep -af "containerd --config .*/node/containerd.toml|/node-v")"
+if pgrep -f "^$MOAT_CACHE_BIN/node-|containerd --config .*/node/containerd.toml|^docker-registry serve .*/node/registry/" >/dev/null; then
+  fail "real-node processes left: $(pgrep -af "containerd --config .*/node/containerd.toml|/node-v|docker-registry serve .*/node/registry/")"
 else
   pass "no real-node process is left"
 fi

@@ -36,6 +36,6 @@ if [ -n "$archive" ]; then
   exit 0
 fi
 registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
-pinned=$(oci_push "$work/moat.tar" "$registry/moat:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
-[ "$pinned" = "$registry/moat@$digest" ] || { echo "the registry holds $pinned, not the digest built ($digest)" >&2; exit 1; }
-echo "$pinned"
+pushed=$(oci_push "$work/moat.tar" "${MOAT_NODE_REGISTRY_PUSH:?}/moat:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
+[ "$pushed" = "$digest" ] || { echo "the registry holds $pushed, not the digest built ($digest)" >&2; exit 1; }
+echo "$registry/moat@$digest"

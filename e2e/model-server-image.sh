@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The model server image of the local cluster (e2e/model-server/serve.py: a logistic-regression
 # model served over mTLS, an HTTPS artifact store and a client), built without a container
-# daemon from Debian's Python 3.11 packages on this machine (python3.11-minimal,
-# libpython3.11-minimal, libpython3.11-stdlib: their files, less tests and bytecode) and the
+# daemon from the packages of Debian's default Python on this machine (python3.X-minimal,
+# libpython3.X-minimal, libpython3.X-stdlib: their files, less tests and bytecode) and the
 # libraries they link. Pushed to the local cluster's registry; prints the pinned reference
 # (<registry>/model-server@sha256:...).
 #
@@ -21,23 +21,25 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 mkdir -p "$root/app" "$root/tmp"
-dpkg -L python3.11-minimal libpython3.11-minimal libpython3.11-stdlib |
-  grep -E '^/usr/(bin/python3\.11$|lib/python3\.11/)' |
+# The interpreter /usr/bin/python3 points to (python3.11 on Debian 12).
+py=$(basename "$(readlink -f /usr/bin/python3)")
+dpkg -L "$py-minimal" "lib$py-minimal" "lib$py-stdlib" |
+  grep -E "^/usr/(bin/$py\$|lib/$py/)" |
   grep -vE '/(__pycache__|test|tests|idlelib|tkinter|turtledemo|ensurepip|lib2to3|pydoc_data)(/|$)' |
   while read -r f; do
     [ -f "$f" ] && [ ! -L "$f" ] || continue
     mkdir -p "$root$(dirname "$f")"
     cp "$f" "$root$f"
   done
-ln -s python3.11 "$root/usr/bin/python3"
+ln -s "$py" "$root/usr/bin/python3"
 # Every library the interpreter and its extension modules link (ldd's "name => path" lines, and
 # the dynamic loader's own).
-for lib in $(ldd /usr/bin/python3.11 /usr/lib/python3.11/lib-dynload/*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u); do
+for lib in $(ldd "/usr/bin/$py" "/usr/lib/$py"/lib-dynload/*.so | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\/.*ld-linux/ {print $1}' | sort -u); do
   mkdir -p "$root$(dirname "$lib")"
   cp -L "$lib" "$root$lib"
 done
 cp "$E2E_DIR/model-server/serve.py" "$root/app/serve.py"
-digest=$(oci_archive "$work/model-server.tar" model-server:e2e "$root" '["/usr/bin/python3.11", "-B", "/app/serve.py"]' \
+digest=$(oci_archive "$work/model-server.tar" model-server:e2e "$root" '["/usr/bin/python3", "-B", "/app/serve.py"]' \
   65532:65532 '["PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]' '["serve", "--model", "/models/model", "--port", "8000"]')
 if [ -n "$archive" ]; then
   cp "$work/model-server.tar" "$archive"
@@ -45,6 +47,6 @@ if [ -n "$archive" ]; then
   exit 0
 fi
 registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
-pinned=$(oci_push "$work/model-server.tar" "$registry/model-server:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
-[ "$pinned" = "$registry/model-server@$digest" ] || { echo "the registry holds $pinned, not the digest built ($digest)" >&2; exit 1; }
-echo "$pinned"
+pushed=$(oci_push "$work/model-server.tar" "${MOAT_NODE_REGISTRY_PUSH:?}/model-server:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
+[ "$pushed" = "$digest" ] || { echo "the registry holds $pushed, not the digest built ($digest)" >&2; exit 1; }
+echo "$registry/model-server@$digest"

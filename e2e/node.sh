@@ -32,11 +32,15 @@ NODE_TAINT=moat.dev/real-node
 NODE_DIR=$STATE/node
 NODE_RUN=/run/moat-$CLUSTER
 NODE_CGROUP=moat-$CLUSTER
-# The cluster's registry (Debian's docker-registry) on the host end of the veth, with TLS from a
-# CA of its own: the node's containerd pulls every image from it, and an operator in the cluster
-# resolves tags in it, as in production. Anonymous: only the host and the node can reach it.
-NODE_REGISTRY_PORT=5000
+# The cluster's registry (Debian's docker-registry), TLS from a CA of its own, as two processes
+# over one storage directory: a read-only one on the host end of the veth, from which the node's
+# containerd pulls every image and an operator in the cluster resolves tags (as in production),
+# and a writable one on loopback, which only this machine can reach, for pushes. Anonymous: a pod
+# can read what the cluster runs, never change it. Not Debian's default port 5000, which the
+# package's own service may hold.
+NODE_REGISTRY_PORT=5443
 NODE_REGISTRY=$NODE_HOST_IP:$NODE_REGISTRY_PORT
+NODE_REGISTRY_PUSH=127.0.0.1:5444
 PAUSE_IMAGE=$NODE_REGISTRY/pause:e2e
 COREDNS_IMAGE=$NODE_REGISTRY/coredns:e2e
 # A stand-in workload for tests: Debian's busybox-static (sh, httpd, nc, wget, nslookup, ...).
@@ -203,16 +207,23 @@ table inet moat-guard {
 EOF
 }
 
-# The registry: its CA and certificate (for $NODE_HOST_IP), its configuration, the daemon.
+# The registry: its CA and certificate (for $NODE_HOST_IP and 127.0.0.1), the configurations,
+# the two daemons.
 node_registry() {
-  local dir=$NODE_DIR/registry
+  local dir=$NODE_DIR/registry addr
+  for addr in "$NODE_REGISTRY" "$NODE_REGISTRY_PUSH"; do
+    if [ -n "$(ss -Hltn "sport = :${addr##*:}")" ]; then
+      node_say "error: port ${addr##*:} is in use ($(ss -Hltnp "sport = :${addr##*:}" | head -n1)); the local registry needs it"
+      return 1
+    fi
+  done
   mkdir -p "$dir/storage" "$dir/certs.d/$NODE_REGISTRY"
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
     -subj "/CN=moat local registry CA" -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null &&
     openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
       -subj "/CN=$NODE_HOST_IP" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null &&
     openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
-      -days 30 -extfile <(printf 'subjectAltName=IP:%s\nextendedKeyUsage=serverAuth\n' "$NODE_HOST_IP") \
+      -days 30 -extfile <(printf 'subjectAltName=IP:%s,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$NODE_HOST_IP") \
       -out "$dir/server.crt" 2>/dev/null ||
     { node_say "error: creating the registry's certificates failed"; return 1; }
   rm -f "$dir/ca.key" "$dir/server.csr"
@@ -224,31 +235,43 @@ server = "https://$NODE_REGISTRY"
   capabilities = ["pull", "resolve"]
   ca = "$dir/ca.crt"
 TOML
-  cat >"$dir/config.yml" <<YAML
+  local name readonly
+  for name in registry registry-push; do
+    addr=$NODE_REGISTRY readonly=true
+    [ "$name" = registry ] || addr=$NODE_REGISTRY_PUSH readonly=false
+    cat >"$dir/$name.yml" <<YAML
 version: 0.1
 log: {level: warn}
 storage:
   filesystem: {rootdirectory: $dir/storage}
-  delete: {enabled: true}
+  maintenance: {readonly: {enabled: $readonly}, uploadpurging: {enabled: false}}
 http:
-  addr: $NODE_REGISTRY
+  addr: $addr
   tls: {certificate: $dir/server.crt, key: $dir/server.key}
 YAML
-  docker-registry serve "$dir/config.yml" >"$LOGS/node-registry.log" 2>&1 &
-  echo $! >"$NODE_DIR/registry.pid"
+    docker-registry serve "$dir/$name.yml" >"$LOGS/node-$name.log" 2>&1 &
+    echo $! >"$NODE_DIR/$name.pid"
+  done
   local deadline=$((SECONDS + 60))
-  until curl -fsS --cacert "$dir/ca.crt" -o /dev/null "https://$NODE_REGISTRY/v2/" 2>/dev/null; do
-    if [ $SECONDS -ge $deadline ] || ! kill -0 "$(cat "$NODE_DIR/registry.pid")" 2>/dev/null; then
-      node_say "error: the registry did not answer on https://$NODE_REGISTRY/v2/ (log: $LOGS/node-registry.log)"
-      return 1
-    fi
-    sleep 0.2
+  for name in registry registry-push; do
+    addr=$NODE_REGISTRY
+    [ "$name" = registry ] || addr=$NODE_REGISTRY_PUSH
+    until curl -fsS --cacert "$dir/ca.crt" -o /dev/null "https://$addr/v2/" 2>/dev/null; do
+      if [ $SECONDS -ge $deadline ] || ! kill -0 "$(cat "$NODE_DIR/$name.pid")" 2>/dev/null; then
+        node_say "error: the registry did not answer on https://$addr/v2/ (log: $LOGS/node-$name.log)"
+        return 1
+      fi
+      sleep 0.2
+    done
   done
 }
 
-# node_push ARCHIVE NAME:TAG: oci_push to the registry.
+# node_push ARCHIVE NAME:TAG: pushes an OCI archive through the loopback registry and prints the
+# reference the cluster pulls it by ($NODE_REGISTRY/NAME@sha256:...).
 node_push() {
-  oci_push "$1" "$NODE_REGISTRY/$2" "$NODE_DIR/registry/certs.d/$NODE_REGISTRY"
+  local digest
+  digest=$(oci_push "$1" "$NODE_REGISTRY_PUSH/$2" "$NODE_DIR/registry/certs.d/$NODE_REGISTRY") || return 1
+  echo "$NODE_REGISTRY/${2%:*}@$digest"
 }
 
 node_containerd() {
@@ -357,7 +380,9 @@ podLogsDir: "$NODE_DIR/pod-logs"
 failSwapOn: false
 rotateCertificates: false
 registerWithTaints: [{key: $NODE_TAINT, value: "true", effect: NoSchedule}]
-# Locally imported images are never collected, and no eviction on this shared disk.
+# The images are never collected (the registry holds them, but a pull costs time), and the node
+# is never short of memory or disk on this shared machine; a pod past its own limits (an emptyDir
+# over its sizeLimit) is still evicted.
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: "1Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
@@ -543,6 +568,7 @@ node_down() {
   node_stop_pid containerd
   node_stop_pid relay
   node_stop_pid registry
+  node_stop_pid registry-push
   pids=$(pgrep -f "^containerd --config $NODE_DIR/containerd.toml|^socat TCP-LISTEN:[0-9]*,bind=$NODE_HOST_IP,|^docker-registry serve $NODE_DIR/" || true)
   [ -z "$pids" ] || kill -9 $pids 2>/dev/null || true
   # Mounts under the node's directories, deepest first.

@@ -18,7 +18,7 @@
 #
 #   oci_push ARCHIVE REGISTRY/NAME:TAG CERT_DIR
 #     pushes the archive with skopeo, unchanged (the same manifest digest), trusting the CA in
-#     CERT_DIR; prints the pinned reference REGISTRY/NAME@sha256:...
+#     CERT_DIR; prints the digest skopeo wrote (sha256:...)
 
 oci_archive() {
   local out=$1 ref=$2 rootfs=$3 entrypoint=$4 user=$5 env=${6:-[]} cmd=${7:-[]}
@@ -56,9 +56,11 @@ oci_blob() {
 }
 
 oci_push() {
-  local archive=$1 ref=$2 certs=$3 digest
-  skopeo copy --quiet --preserve-digests --dest-cert-dir "$certs" "oci-archive:$archive" "docker://$ref" >&2 ||
-    return 1
-  digest=$(skopeo inspect --raw --cert-dir "$certs" "docker://$ref" | sha256sum | cut -d' ' -f1) || return 1
-  echo "${ref%:*}@sha256:$digest"
+  local archive=$1 ref=$2 certs=$3 digestfile
+  digestfile=$(mktemp)
+  skopeo copy --quiet --preserve-digests --digestfile "$digestfile" --dest-cert-dir "$certs" \
+    "oci-archive:$archive" "docker://$ref" >&2 || { rm -f "$digestfile"; return 1; }
+  cat "$digestfile"
+  echo
+  rm -f "$digestfile"
 }

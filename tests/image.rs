@@ -117,7 +117,8 @@ fn the_built_image_runs_like_the_dockerfiles_and_is_reproducible() {
 }
 
 /// The model server image of the local cluster (`e2e/model-server-image.sh`, Debian's Python and
-/// `e2e/model-server/serve.py`) is reproducible too, and runs the server as a non-root user.
+/// `e2e/model-server/serve.py`) is reproducible too, and its config names a non-root user and the
+/// server as the entrypoint.
 #[test]
 fn the_model_server_image_is_reproducible() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -164,7 +165,7 @@ fn the_model_server_image_is_reproducible() {
     .expect("config");
     assert_eq!(
         config["config"]["Entrypoint"],
-        serde_json::json!(["/usr/bin/python3.11", "-B", "/app/serve.py"])
+        serde_json::json!(["/usr/bin/python3", "-B", "/app/serve.py"])
     );
     assert_eq!(config["config"]["User"], "65532:65532");
 }

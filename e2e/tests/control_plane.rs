@@ -420,3 +420,54 @@ async fn every_cluster_component_listens_on_loopback_only() -> Result<()> {
     );
     Ok(())
 }
+
+/// The real node's registry: what the node and its pods can reach (the host end of the veth)
+/// serves pulls and refuses pushes; pushes go through the loopback endpoint only this machine
+/// reaches. A blob upload (`POST /v2/<name>/blobs/uploads/`) is the first step of every push.
+#[tokio::test]
+async fn the_registry_the_cluster_reaches_is_read_only() -> Result<()> {
+    if std::env::var("MOAT_REAL_NODE").as_deref() != Ok("1") {
+        return Ok(());
+    }
+    let ca = tool("MOAT_NODE_REGISTRY_CA")?;
+    let upload = |registry: &str| -> Result<String> {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--cacert",
+                &ca,
+                "-X",
+                "POST",
+            ])
+            .arg(format!("https://{registry}/v2/probe/blobs/uploads/"))
+            .output()
+            .context("running curl")?;
+        ensure!(
+            out.status.success(),
+            "curl failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let pull = tool("MOAT_NODE_REGISTRY")?;
+    let push = tool("MOAT_NODE_REGISTRY_PUSH")?;
+    ensure!(
+        push.starts_with("127.0.0.1:"),
+        "the push endpoint is not on loopback: {push}"
+    );
+    let refused = upload(&pull)?;
+    ensure!(
+        refused != "202",
+        "the registry on the veth accepted an upload ({refused})"
+    );
+    let accepted = upload(&push)?;
+    ensure!(
+        accepted == "202",
+        "control: the loopback registry answered {accepted}"
+    );
+    Ok(())
+}
