@@ -18,6 +18,7 @@
 # The cluster and the demo's objects stay up afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+[ "${MOAT_REAL_NODE:-1}" = 1 ] || { echo "make demo runs Moat on the real node; unset MOAT_REAL_NODE=0" >&2; exit 1; }
 e2e/cluster.sh up >/dev/null
 eval "$(e2e/cluster.sh env)"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -29,9 +30,9 @@ NS=moat-system
 RELEASE=moat
 STATE=${MOAT_CACHE:-$HOME/.cache/moat}/demo
 mkdir -p "$STATE"
-[ "${MOAT_REAL_NODE:-1}" = 1 ] || { echo "make demo runs Moat on the real node; MOAT_REAL_NODE=0 turns it off" >&2; exit 1; }
 REGISTRY=$MOAT_NODE_REGISTRY
-PYTHON=/usr/bin/python3.11
+REGISTRY_PUSH=$MOAT_NODE_REGISTRY_PUSH
+PYTHON=/usr/bin/python3
 SERVE=/app/serve.py
 
 # Namespaces whose pods run on the real node (the API server's PodNodeSelector and
@@ -114,8 +115,9 @@ MOAT=${CARGO_TARGET_DIR:-target}/release/moat
 MOAT_IMAGE=$(bash e2e/moat-image.sh "$MOAT")
 SERVER_IMAGE=$(bash e2e/model-server-image.sh)
 # The model's team publishes the server under a tag; Moat resolves it and pins the digest.
+# (Pushed through the registry's loopback endpoint; the cluster's end of it is read-only.)
 skopeo copy --quiet --src-cert-dir "$MOAT_NODE_REGISTRY_CERTS" --dest-cert-dir "$MOAT_NODE_REGISTRY_CERTS" \
-  "docker://$SERVER_IMAGE" "docker://$REGISTRY/serving/fraud-scorer:v3"
+  "docker://$REGISTRY_PUSH/${SERVER_IMAGE#*/}" "docker://$REGISTRY_PUSH/serving/fraud-scorer:v3"
 echo "moat:         $MOAT_IMAGE"
 echo "model server: $REGISTRY/serving/fraud-scorer:v3 (is $SERVER_IMAGE)"
 
@@ -143,12 +145,21 @@ helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait 
   --set networkPolicy.apiServerCIDRs="{$MOAT_NODE_HOST_IP/32}" --set networkPolicy.apiServerPorts="{$api_port}" \
   --set watchNamespaces="{moat-demo,payments}" --set logging.format=text
 kubectl get pods -n "$NS" -l app.kubernetes.io/instance=$RELEASE -o wide
-deadline=$((SECONDS + DEADLINE))
-until holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null) && [ -n "$holder" ]; do
-  [ $SECONDS -lt $deadline ] || { echo "no operator pod took the Lease within ${DEADLINE}s" >&2; exit 1; }
-  sleep 0.5
-done
-leader_pod=${holder%_*}
+# The leader: the holder of the Lease, a pod of this release that is ready and not going away (a
+# pod of an earlier release may still hold it while it terminates).
+leader() {
+  local deadline=$((SECONDS + DEADLINE)) holder state
+  while :; do
+    holder=$(kubectl get lease "$RELEASE" -n "$NS" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+    if [ -n "$holder" ]; then
+      state=$(kubectl get pod "${holder%_*}" -n "$NS" -o jsonpath='{.metadata.deletionTimestamp}/{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null || true)
+      [ "$state" = "/True" ] && { echo "$holder"; return 0; }
+    fi
+    [ $SECONDS -lt $deadline ] || { echo "no ready operator pod held the Lease within ${DEADLINE}s (holder: ${holder:-none})" >&2; return 1; }
+    sleep 0.5
+  done
+}
+holder=$(leader)
 echo "leader: $holder (Lease $NS/$RELEASE); the other replica stands by"
 echo "What the chart lets the operator do in moat-demo (kubectl auth can-i --list -n moat-demo):"
 kubectl auth can-i --list -n moat-demo --as "system:serviceaccount:$NS:$RELEASE" | grep -E 'moat.dev|apps|networking|policy|serviceaccounts|services|events|leases'
@@ -167,6 +178,7 @@ openssl x509 -req -in "$store/tls.csr" -CA "$store/ca.crt" -CAkey "$store/ca.key
 rm -f "$store/ca.key" "$store/tls.csr"
 kubectl create secret tls artifact-store-tls -n model-artifacts --cert="$store/tls.crt" --key="$store/tls.key" \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+rm -f "$store/tls.key"
 
 step "the model's team: a key (moat keygen), the model, encrypted (moat encrypt) and uploaded"
 # The identity goes straight into the cluster; only the recipient (public) is kept here.
@@ -208,7 +220,7 @@ pod=$(kubectl get pods -n moat-demo -l moat.dev/deployment=fraud-scorer -o jsonp
 
 step "in pod $pod: the init container fetched, verified and decrypted the model; the server read it"
 kubectl logs -n moat-demo "$pod" -c decrypt-model
-kubectl logs -n moat-demo "$pod" -c server | head -n 2
+kubectl logs -n moat-demo "$pod" -c server | sed -n 1,2p
 echo "the key is mounted in the init container only:"
 kubectl get pod "$pod" -n moat-demo -o jsonpath='{range .spec.initContainers[*]}{.name}{": "}{range .volumeMounts[*]}{.name}{" "}{end}{"\n"}{end}{range .spec.containers[*]}{.name}{": "}{range .volumeMounts[*]}{.name}{" "}{end}{"\n"}{end}'
 
@@ -220,19 +232,36 @@ until kubectl get secret fraud-scorer-client -n payments >/dev/null 2>&1; do
 done
 MOUNTS=("secret:fraud-scorer-client:/var/run/client")
 python_pod payments checkout checkout "$PYTHON" -c "import time; time.sleep(10**9)"
-MOUNTS=()
+# The stranger trusts Moat's CA (public), so only the NetworkPolicy can stop it.
+kubectl get secret fraud-scorer-client -n payments -o jsonpath='{.data.ca\.crt}' | base64 -d >"$STATE/moat-ca.crt"
+kubectl create configmap moat-ca -n payments --from-file=ca.crt="$STATE/moat-ca.crt" --dry-run=client -o yaml |
+  kubectl apply -f - >/dev/null
+MOUNTS=("configmap:moat-ca:/var/run/client")
 python_pod payments stranger stranger "$PYTHON" -c "import time; time.sleep(10**9)"
 url=https://fraud-scorer.moat-demo.svc.cluster.local:8000/v1/score
 data='{"features": {"amount": 1200, "night": 1}}'
+# `call POD [ARGS...]`: the request from POD; its output (status and body, or why it failed).
+call() {
+  local pod=$1; shift
+  kubectl exec -n payments "$pod" -- "$PYTHON" "$SERVE" request "$url" --timeout 3 --data "$data" "$@" 2>&1
+}
 echo "\$ kubectl exec -n payments checkout -- serve.py request $url --cert ... --data '$data'"
-kubectl exec -n payments checkout -- "$PYTHON" "$SERVE" request "$url" --ca /var/run/client/ca.crt \
-  --cert /var/run/client/tls.crt --key /var/run/client/tls.key --data "$data"
+# Asked until answered: kube-router admits a new client pod once it has added the pod's address
+# to the model's ingress rules.
+deadline=$((SECONDS + DEADLINE))
+until out=$(call checkout --ca /var/run/client/ca.crt --cert /var/run/client/tls.crt --key /var/run/client/tls.key); do
+  [ $SECONDS -lt $deadline ] || { echo "the consented client got no answer within ${DEADLINE}s: $out" >&2; exit 1; }
+  sleep 0.5
+done
+echo "$out"
 echo "the same pod without its certificate (refused in the TLS handshake):"
-kubectl exec -n payments checkout -- "$PYTHON" "$SERVE" request "$url" --ca /var/run/client/ca.crt --data "$data" &&
-  { echo "a client without a certificate was answered" >&2; exit 1; } || true
+out=$(call checkout --ca /var/run/client/ca.crt) && { echo "a client without a certificate was answered: $out" >&2; exit 1; }
+echo "$out"
+case $out in *CERTIFICATE_REQUIRED*) ;; *) echo "refused for another reason" >&2; exit 1 ;; esac
 echo "a pod the model did not declare (payments/stranger: stopped by the NetworkPolicy):"
-kubectl exec -n payments stranger -- "$PYTHON" "$SERVE" request "$url" --timeout 3 --data "$data" &&
-  { echo "an undeclared pod was answered" >&2; exit 1; } || true
+out=$(call stranger --ca /var/run/client/ca.crt) && { echo "an undeclared pod was answered: $out" >&2; exit 1; }
+echo "$out"
+case $out in *"Connection refused"* | *"timed out"*) ;; *) echo "refused for another reason" >&2; exit 1 ;; esac
 
 step "drift: someone swaps the image and turns on hostNetwork behind Moat's back"
 want=$(kubectl get smd fraud-scorer -n moat-demo -o jsonpath='{.status.image.pinned}')
@@ -267,8 +296,9 @@ wait_ready fraud-scorer moat-demo
 echo "the pods left are the hardened ones (Pod Security refused the hostNetwork pods):"
 kubectl get pods -n moat-demo -l moat.dev/deployment=fraud-scorer -o custom-columns=NAME:.metadata.name,STATUS:.status.phase,IMAGE:.spec.containers[0].image
 
-step "the leader's metrics (pod $leader_pod)"
-leader_ip=$(kubectl get pod "$leader_pod" -n "$NS" -o jsonpath='{.status.podIP}')
+holder=$(leader)
+step "the leader's metrics (pod ${holder%_*})"
+leader_ip=$(kubectl get pod "${holder%_*}" -n "$NS" -o jsonpath='{.status.podIP}')
 curl -fsS "http://$leader_ip:8080/metrics" | grep -E '^moat_(leader|reconcile_total|drift_repairs_total|managed_objects|image_resolutions_total)' || true
 
 step "done"

@@ -6,7 +6,9 @@
     serve.py files --dir DIR --port PORT --cert C --key K
                                                an HTTPS file server (the model artifact store)
     serve.py request URL [--cert C --key K] [--ca CA] [--data JSON]
-                                               a client: prints the HTTP status and the body
+                                               a client: prints the HTTP status and the body;
+                                               exits 0 on 2xx, 4 on another status, 3 when no
+                                               answer came (refused, timed out, TLS failed)
 
 The model is a logistic regression, `model.json` in DIR: {"features": [names], "weights":
 [numbers], "bias": number}. At start the server reads every file in DIR (the decrypted model
@@ -14,10 +16,11 @@ Moat mounts read-only) and reports their bytes and sha256 at GET /v1/model. POST
 {"features": {name: number}} answers {"score": ..., "client": <the caller's URI SAN>}.
 
 TLS, as vLLM takes it: --ssl-certfile and --ssl-keyfile (Moat's serving certificate, for example
-$(MOAT_TLS_CERT_FILE)) make the server speak HTTPS; --ssl-ca-certs with --ssl-cert-reqs 2 make it
-require a client certificate from that CA (mTLS), and refuse the handshake of any client without
-one. Without the flags, the files named by MOAT_TLS_CERT_FILE, MOAT_TLS_KEY_FILE and
-MOAT_TLS_CA_FILE are used, with client certificates required.
+$(MOAT_TLS_CERT_FILE)) make the server speak HTTPS; --ssl-cert-reqs 2 with --ssl-ca-certs makes
+it require a client certificate from that CA (mTLS) and refuse the handshake of any client
+without one (1: verify one if offered). Without the flags, the files named by
+MOAT_TLS_CERT_FILE, MOAT_TLS_KEY_FILE and MOAT_TLS_CA_FILE are used, with client certificates
+required; with neither, the server refuses to start rather than serve plain HTTP.
 """
 
 import argparse
@@ -88,12 +91,12 @@ class TlsServer(http.server.ThreadingHTTPServer):
         super().finish_request(request, client_address)
 
 
-def server_context(cert, key, ca):
+def server_context(cert, key, ca, verify=ssl.CERT_REQUIRED):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     if ca:
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = verify
         context.load_verify_locations(ca)
     return context
 
@@ -131,21 +134,29 @@ def serve(args):
             except (ValueError, KeyError, TypeError) as e:
                 return self.reply(400, {"error": f"bad request: {e}"})
             z = model["bias"] + sum(w * v for w, v in zip(model["weights"], x))
-            self.reply(200, {"score": 1 / (1 + math.exp(-z)), "client": peer_identity(self.connection)})
+            # The logistic function, without overflowing for large |z|.
+            score = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
+            self.reply(200, {"score": score, "client": peer_identity(self.connection)})
 
         def log_message(self, format, *a):
             log(f"{self.client_address[0]} {peer_identity(self.connection)} {format % a}")
 
     httpd = TlsServer(("", args.port), Handler)
-    if args.ssl_certfile:
+    verify = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 2: ssl.CERT_REQUIRED}[args.ssl_cert_reqs]
+    if args.ssl_certfile or args.ssl_keyfile:
+        if not (args.ssl_certfile and args.ssl_keyfile):
+            sys.exit("serve.py: --ssl-certfile and --ssl-keyfile go together")
+        if verify != ssl.CERT_NONE and not args.ssl_ca_certs:
+            sys.exit("serve.py: --ssl-cert-reqs 1 or 2 needs --ssl-ca-certs")
         cert, key = args.ssl_certfile, args.ssl_keyfile
-        ca = args.ssl_ca_certs if args.ssl_cert_reqs == 2 else None
+        ca = args.ssl_ca_certs if verify != ssl.CERT_NONE else None
     else:
         cert, key = os.environ.get("MOAT_TLS_CERT_FILE"), os.environ.get("MOAT_TLS_KEY_FILE")
-        ca = os.environ.get("MOAT_TLS_CA_FILE")
-    if cert and key:
-        httpd.context = server_context(cert, key, ca)
-    log(f"serving on :{args.port} ({'mTLS' if httpd.context and httpd.context.verify_mode == ssl.CERT_REQUIRED else 'TLS' if httpd.context else 'plain HTTP'})")
+        ca, verify = os.environ.get("MOAT_TLS_CA_FILE"), ssl.CERT_REQUIRED
+        if not (cert and key and ca):
+            sys.exit("serve.py: no TLS flags and no MOAT_TLS_* files: refusing to serve plain HTTP")
+    httpd.context = server_context(cert, key, ca, verify)
+    log(f"serving on :{args.port} ({'mTLS' if httpd.context.verify_mode == ssl.CERT_REQUIRED else 'TLS'})")
     httpd.serve_forever()
 
 
@@ -178,6 +189,7 @@ def request(args):
     except urllib.error.HTTPError as e:
         print(e.code)
         print(e.read().decode())
+        return 4
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         print(f"refused: {reason}", file=sys.stderr)

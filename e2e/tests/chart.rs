@@ -1072,15 +1072,21 @@ fn op_alive(op: &MoatProcess) -> Result<()> {
 /// kubelet's cgroups (`/sys/fs/cgroup/pids/<cgroup root>/kubepods/.../pod<uid>/<container id>`)
 /// and named by their command line: (pid, command line with spaces).
 fn container_processes(uid: &str, program: &str) -> Result<Vec<(u32, String)>> {
-    let cluster = std::env::var("MOAT_CLUSTER").unwrap_or_else(|_| "moat".into());
-    let root = std::path::PathBuf::from(format!("/sys/fs/cgroup/pids/moat-{cluster}/kubepods"));
+    let root = std::path::PathBuf::from(format!(
+        "/sys/fs/cgroup/pids/{}/kubepods",
+        tool("MOAT_NODE_CGROUP")?
+    ));
     let mut pending = vec![root];
     let mut found = Vec::new();
     while let Some(dir) = pending.pop() {
-        for entry in
-            std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?
-        {
-            let path = entry?.path();
+        // Pods come and go while this walks: a directory gone is skipped.
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.display())),
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
             if !path.is_dir() {
                 continue;
             }
@@ -1088,8 +1094,8 @@ fn container_processes(uid: &str, program: &str) -> Result<Vec<(u32, String)>> {
                 .file_name()
                 .is_some_and(|n| n.to_string_lossy() == format!("pod{uid}"))
             {
-                for container in std::fs::read_dir(&path)? {
-                    let procs = container?.path().join("cgroup.procs");
+                for container in std::fs::read_dir(&path).into_iter().flatten().flatten() {
+                    let procs = container.path().join("cgroup.procs");
                     for pid in std::fs::read_to_string(&procs).unwrap_or_default().lines() {
                         let Ok(pid) = pid.trim().parse::<u32>() else {
                             continue;
@@ -1217,6 +1223,10 @@ async fn the_operator_runs_as_pods_and_a_killed_leader_hands_over() {
             .map_or(0, |c| c.restart_count);
         let procs = container_processes(&uid, "/moat operator")?;
         ensure!(procs.len() == 1, "the leader's operator process: {procs:?}");
+        ensure!(
+            holder().await?.as_deref() == Some(leader.as_str()),
+            "the Lease moved before the kill"
+        );
         let killed = std::time::Instant::now();
         let kill = Command::new("kill").args(["-KILL", &procs[0].0.to_string()]).status()?;
         ensure!(kill.success(), "kill -KILL {}", procs[0].0);
@@ -1243,8 +1253,15 @@ async fn the_operator_runs_as_pods_and_a_killed_leader_hands_over() {
                 .is_some_and(|n| n > restarts_before))
         })
         .await?;
+        // Either new process may win: the standby replica, or the killed pod's restarted
+        // container (a new identity, with none of the old one's state).
+        let winner = if new_leader.starts_with(&format!("{leader_pod}_")) {
+            "the killed pod's restarted container"
+        } else {
+            "the standby replica"
+        };
         eprintln!(
-            "leader {leader} killed; {new_leader} took the Lease after {took_over:?}, the drift was repaired after {repaired:?}"
+            "leader {leader} killed; {new_leader} ({winner}) took the Lease after {took_over:?}, the drift was repaired after {repaired:?}"
         );
         ok(helm(&["uninstall", &release, "-n", &ns])?, "helm uninstall")?;
         Ok(())

@@ -134,8 +134,9 @@ async fn moat_pods_run_restricted_on_the_real_node() {
             );
 
             // /tmp holds up to its size limit (256Mi, on disk): past it, the kubelet evicts the
-            // pod at its next measurement, and the Deployment replaces it.
-            let (ok, _, err) = run(&[
+            // pod at its next measurement (the write itself may not finish before it does), and
+            // the Deployment replaces it.
+            run(&[
                 "dd",
                 "if=/dev/zero",
                 "of=/tmp/fill",
@@ -143,7 +144,6 @@ async fn moat_pods_run_restricted_on_the_real_node() {
                 "count=300",
             ])
             .await?;
-            ensure!(ok, "writing 300 MiB to /tmp failed: {err}");
             let pods = env.api::<Pod>();
             let evicted = wait_for_value(
                 moat_e2e::DEADLINE,
@@ -684,8 +684,8 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
                 .iter()
                 .find_map(|qos| {
                     let path = format!(
-                        "/sys/fs/cgroup/memory/moat-{}/kubepods/{qos}/pod{uid}/memory.max_usage_in_bytes",
-                        std::env::var("MOAT_CLUSTER").unwrap_or_else(|_| "moat".into())
+                        "/sys/fs/cgroup/memory/{}/kubepods/{qos}/pod{uid}/memory.max_usage_in_bytes",
+                        moat_e2e::tool("MOAT_NODE_CGROUP").unwrap_or_else(|_| "moat-moat".into())
                     )
                     .replace("//", "/");
                     std::fs::read_to_string(path).ok()
@@ -731,7 +731,7 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
 }
 
 /// The packets counted by the real node's guard (`inet moat-guard leaving`): what tried to leave
-/// the node for anywhere but the API relay.
+/// the node for anywhere but the API relay and the registry.
 fn guard_count() -> Result<u64> {
     let netns = moat_e2e::tool("MOAT_NODE_NETNS")?;
     let out = run_here(
@@ -756,7 +756,7 @@ fn guard_count() -> Result<u64> {
 
 /// Nothing a pod sends leaves the machine: the node's namespace has no default route (an
 /// address outside is unreachable), and the guard drops and counts what a pod sends to the host
-/// other than the API relay.
+/// other than the API relay and the registry's read-only endpoint.
 #[tokio::test]
 async fn nothing_a_pod_sends_leaves_the_machine() {
     with_namespace(
@@ -835,7 +835,8 @@ async fn python_pod(
                 "command": command,
                 "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
                                     "readOnlyRootFilesystem": true},
-                "resources": {"limits": {"cpu": "200m", "memory": "128Mi"}},
+                "resources": {"limits": {"cpu": "200m", "memory": "128Mi"},
+                              "requests": {"cpu": "10m", "memory": "32Mi"}},
                 "volumeMounts": volumes.iter().map(|(v, _, path)| json!({"name": v, "mountPath": path, "readOnly": true})).collect::<Vec<_>>()
             }],
             "volumes": volumes.iter().map(|(v, source, _)| {
@@ -867,7 +868,7 @@ async fn python_pod(
 }
 
 /// The model server image's interpreter and program.
-const PYTHON: &str = "/usr/bin/python3.11";
+const PYTHON: &str = "/usr/bin/python3";
 const SERVE: &str = "/app/serve.py";
 
 /// mTLS on the wire, with a real model server: the model's encrypted weights come over HTTPS from
@@ -974,7 +975,12 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 .image(&moat_e2e::real_node_model_server_image()?)
                 .port(8000)
                 .limits("250m", "320Mi")
-                .set(&["spec", "server", "args"], json!(["serve", "--model", "/models/fraud", "--port", "8000"]))
+                // The quickstart's flags (vLLM's): mTLS with Moat's certificate and CA.
+                .set(&["spec", "server", "args"], json!([
+                    "--model=/models/fraud", "--port=8000",
+                    "--ssl-certfile=$(MOAT_TLS_CERT_FILE)", "--ssl-keyfile=$(MOAT_TLS_KEY_FILE)",
+                    "--ssl-ca-certs=$(MOAT_TLS_CA_FILE)", "--ssl-cert-reqs=2"
+                ]))
                 .clients(json!([{"namespace": clients, "podSelector": {"app": "checkout"}, "serviceAccounts": ["checkout"]}]))
                 .egress(json!([{"namespace": store_ns, "podSelector": {"app": "store"}, "ports": [8443]}]))
                 .model(json!({
@@ -1042,9 +1048,21 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 }
             };
 
-            // The consented client: a handshake with the Service's DNS name, and a score.
-            let (ok, out, err) = call(request("/v1/score", Some("/var/run/client"))).await?;
-            ensure!(ok && out.starts_with("200"), "the client with Moat's certificate got: {out} {err}");
+            // The consented client: a handshake with the Service's DNS name, and a score. Asked
+            // until answered: kube-router admits a new client pod once it has added the pod's
+            // address to the model's ingress rules, and a call before that is blocked.
+            let out = wait_for_value(moat_e2e::DEADLINE, "an answer for the consented client", || async {
+                let (ok, out, err) = call(request("/v1/score", Some("/var/run/client"))).await?;
+                if ok && out.starts_with("200") {
+                    return Ok(Some(out));
+                }
+                ensure!(
+                    err.contains("timed out") || err.contains("Connection refused"),
+                    "the client with Moat's certificate got: {out} {err}"
+                );
+                Ok(None)
+            })
+            .await?;
             let answer: serde_json::Value = serde_json::from_str(out.lines().nth(1).unwrap_or_default())?;
             let want_id = format!("spiffe://cluster.local/ns/{clients}/sa/checkout");
             ensure!(answer["client"] == json!(want_id), "the server saw the client as {}", answer["client"]);
@@ -1066,17 +1084,18 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 ensure!(!ok && err.contains("refused:"), "a client with {what} got: {out} {err}");
                 eprintln!("a client with {what}: {}", err.trim());
             }
-            // And it was the server that refused them (not a NetworkPolicy): its log says why.
+            // And it was the server that refused them (not a NetworkPolicy): its log says why,
+            // once the kubelet has written the lines.
             let server = running_pod(&env, "fraud").await?.name_any();
-            let log = env
-                .api::<Pod>()
-                .logs(&server, &kube::api::LogParams { container: Some("server".into()), ..Default::default() })
-                .await?;
+            let pods = env.api::<Pod>();
             for why in ["PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"] {
-                ensure!(
-                    log.lines().any(|l| l.contains("TLS handshake") && l.contains(why)),
-                    "the server's log has no refused handshake with {why}:\n{log}"
-                );
+                wait_until(&format!("a refused handshake with {why} in the server's log"), || async {
+                    let log = pods
+                        .logs(&server, &kube::api::LogParams { container: Some("server".into()), ..Default::default() })
+                        .await?;
+                    Ok(log.lines().any(|l| l.contains("TLS handshake") && l.contains(why)))
+                })
+                .await?;
             }
             Ok(())
         },
