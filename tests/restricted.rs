@@ -434,6 +434,10 @@ proptest! {
         let strategy = children.deployment.spec.and_then(|s| s.strategy).and_then(|s| s.rolling_update).expect("rolling update");
         prop_assert_eq!(serde_json::to_value(strategy.max_unavailable).expect("json"), serde_json::json!(0));
         prop_assert_eq!(children.pod_disruption_budget.is_some(), spec.replicas >= 2);
+        if let Some(pdb) = &children.pod_disruption_budget {
+            let policy = pdb.spec.as_ref().and_then(|s| s.unhealthy_pod_eviction_policy.clone());
+            prop_assert_eq!(policy.as_deref(), Some("AlwaysAllow"));
+        }
         // Default deny of both directions always exists.
         let deny = &children.network_policies[0];
         let deny_spec = deny.spec.clone().expect("spec");

@@ -321,6 +321,39 @@ fn chart_lints_strictly_and_grants_no_wildcard_or_escalating_permission() -> Res
     ] {
         ensure!(args.iter().any(|a| a == flag), "{flag} not in {args:?}");
     }
+
+    // Availability: the replicas spread over nodes, a PriorityClass when asked for, and a
+    // disruption budget that never keeps an unready replica.
+    let docs = rendered(&["--set", "priorityClassName=operators"])?;
+    let find = |kind: &str| docs.iter().find(|d| d["kind"] == kind).cloned();
+    let pod =
+        find("Deployment").context("the operator Deployment")?["spec"]["template"]["spec"].clone();
+    ensure!(
+        pod["priorityClassName"] == "operators",
+        "priorityClassName: {:?}",
+        pod["priorityClassName"]
+    );
+    let spread = &pod["topologySpreadConstraints"][0];
+    ensure!(
+        spread["topologyKey"] == "kubernetes.io/hostname"
+            && spread["labelSelector"]["matchLabels"]["app.kubernetes.io/name"] == "moat",
+        "topology spread: {spread:?}"
+    );
+    let pdb = find("PodDisruptionBudget").context("the operator's PDB")?;
+    ensure!(
+        pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow",
+        "PDB: {:?}",
+        pdb["spec"]
+    );
+    let defaults = rendered(&[])?;
+    let pod = &defaults
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .context("Deployment")?["spec"]["template"]["spec"];
+    ensure!(
+        pod.get("priorityClassName").is_none(),
+        "a PriorityClass by default"
+    );
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! PodDisruptionBudget: with two or more replicas, voluntary disruptions (node drains) take at
-//! most one pod at a time.
+//! most one pod at a time. A pod that is not ready (a crash loop, a model that failed to load)
+//! may always be evicted (`unhealthyPodEvictionPolicy: AlwaysAllow`): it serves nothing, and
+//! keeping it would block node drains for no one's benefit.
 
 use serde_json::json;
 
@@ -18,6 +20,7 @@ pub(crate) fn render(ctx: &Ctx) -> Result<Option<PodDisruptionBudget>, RenderErr
             "spec": {
                 "maxUnavailable": 1,
                 "selector": {"matchLabels": ctx.selector()},
+                "unhealthyPodEvictionPolicy": "AlwaysAllow",
             }
         }),
     )
