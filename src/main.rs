@@ -141,6 +141,13 @@ struct OperatorArgs {
     /// Namespace of the cluster DNS pods (the only destination allowed by default).
     #[arg(long, env = "MOAT_DNS_NAMESPACE", default_value = "kube-system")]
     dns_namespace: String,
+    /// PriorityClass of every model's pods whose spec.placement names none.
+    #[arg(long, env = "MOAT_DEFAULT_PRIORITY_CLASS_NAME")]
+    default_priority_class_name: Option<String>,
+    /// RuntimeClass (for example gvisor or kata) of every model's pods whose spec.placement
+    /// names none.
+    #[arg(long, env = "MOAT_DEFAULT_RUNTIME_CLASS_NAME")]
+    default_runtime_class_name: Option<String>,
     /// Elect a leader through a Lease so several replicas can run; only the leader reconciles.
     #[arg(long, env = "MOAT_LEADER_ELECT", default_value_t = false)]
     leader_elect: bool,
@@ -348,6 +355,16 @@ fn render_file(file: &PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// A default class name from `flag`: empty means none; otherwise a DNS-1123 subdomain, as
+/// PriorityClass and RuntimeClass names are.
+fn class_name(flag: &str, value: Option<String>) -> Result<Option<String>> {
+    match value.filter(|v| !v.is_empty()) {
+        None => Ok(None),
+        Some(v) if moat::render::is_dns1123_subdomain(&v) => Ok(Some(v)),
+        Some(v) => anyhow::bail!("{flag}: {v:?} is not a class name (a DNS-1123 subdomain)"),
+    }
+}
+
 fn run_operator(args: OperatorArgs) -> Result<()> {
     telemetry::init_logging(args.log_format, &args.log_level);
     let (key, value) = args
@@ -384,6 +401,17 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
         facts: Facts {
             dns_namespace: args.dns_namespace,
             dns_pod_labels: [(key.to_string(), value.to_string())].into(),
+            placement_defaults: moat::api::Placement {
+                priority_class_name: class_name(
+                    "--default-priority-class-name",
+                    args.default_priority_class_name,
+                )?,
+                runtime_class_name: class_name(
+                    "--default-runtime-class-name",
+                    args.default_runtime_class_name,
+                )?,
+                ..Default::default()
+            },
         },
         ca: CaSettings {
             namespace: args

@@ -73,7 +73,7 @@ fn help_lists_the_flags_operators_expect() {
 #[test]
 fn bad_flags_are_refused_with_the_reason() {
     let dir = tempdir();
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 4] = [
         (
             &["--namespaces", "team-a,Team_B"],
             "\"Team_B\" is not a namespace name",
@@ -82,6 +82,10 @@ fn bad_flags_are_refused_with_the_reason() {
         (
             &["--dns-pod-label", "kube-dns"],
             "--dns-pod-label must be key=value",
+        ),
+        (
+            &["--default-runtime-class-name", "G Visor"],
+            "--default-runtime-class-name: \"G Visor\" is not a class name",
         ),
     ];
     for (args, want) in cases {

@@ -211,3 +211,45 @@ fn examples_render_and_reference_only_defined_variables() {
     }
     assert!(rendered >= 4, "only {rendered} examples found");
 }
+
+/// The operator's placement defaults reach the pod template where the spec names none, and the
+/// spec's own choice wins over them.
+#[test]
+fn placement_defaults_reach_the_pods() {
+    let facts = Facts {
+        placement_defaults: moat::api::Placement {
+            priority_class_name: Some("models".into()),
+            runtime_class_name: Some("gvisor".into()),
+            ..Default::default()
+        },
+        ..Facts::default()
+    };
+    let pod = |smd: &SecureModelDeployment| {
+        render(smd, &facts)
+            .expect("renders")
+            .deployment
+            .spec
+            .and_then(|s| s.template.spec)
+            .expect("pod")
+    };
+    let plain = moat::fixture::smd("m")
+        .namespace("ml")
+        .uid("00000000-0000-0000-0000-000000000001")
+        .build()
+        .expect("smd");
+    let p = pod(&plain);
+    assert_eq!(p.priority_class_name.as_deref(), Some("models"));
+    assert_eq!(p.runtime_class_name.as_deref(), Some("gvisor"));
+    let own = moat::fixture::smd("m")
+        .namespace("ml")
+        .uid("00000000-0000-0000-0000-000000000001")
+        .set(
+            &["spec", "placement"],
+            serde_json::json!({"priorityClassName": "critical"}),
+        )
+        .build()
+        .expect("smd");
+    let p = pod(&own);
+    assert_eq!(p.priority_class_name.as_deref(), Some("critical"));
+    assert_eq!(p.runtime_class_name.as_deref(), Some("gvisor"));
+}

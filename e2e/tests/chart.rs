@@ -354,6 +354,31 @@ fn chart_lints_strictly_and_grants_no_wildcard_or_escalating_permission() -> Res
         pod.get("priorityClassName").is_none(),
         "a PriorityClass by default"
     );
+    ensure!(
+        !strings(&pod["containers"][0]["args"])
+            .iter()
+            .any(|a| a.starts_with("--default-")),
+        "model placement defaults without values"
+    );
+    // The models' placement defaults become the operator's flags.
+    let docs = rendered(&[
+        "--set",
+        "model.priorityClassName=models",
+        "--set",
+        "model.runtimeClassName=gvisor",
+    ])?;
+    let args = strings(
+        &docs
+            .iter()
+            .find(|d| d["kind"] == "Deployment")
+            .context("Deployment")?["spec"]["template"]["spec"]["containers"][0]["args"],
+    );
+    for flag in [
+        "--default-priority-class-name=models",
+        "--default-runtime-class-name=gvisor",
+    ] {
+        ensure!(args.iter().any(|a| a == flag), "{flag} not in {args:?}");
+    }
     Ok(())
 }
 

@@ -13,7 +13,11 @@ use super::{
 };
 use crate::api::{Placement, Probe, ProbeScheme};
 
-pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, RenderError> {
+pub(crate) fn render(
+    ctx: &Ctx,
+    resolved: &Resolved,
+    placement_defaults: &Placement,
+) -> Result<Deployment, RenderError> {
     let server = &ctx.smd.spec.server;
     let selector = ctx.selector();
 
@@ -142,9 +146,10 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
         // Charged to the pod's memory, like the model's volume (validation counts both).
         volumes.push(json!({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}));
     }
-    if let Some(placement) = &ctx.smd.spec.placement {
-        place(&mut pod_spec, placement);
-    }
+    place(
+        &mut pod_spec,
+        &effective_placement(ctx.smd.spec.placement.as_ref(), placement_defaults),
+    );
     // The Secrets Moat resolved the image with let the kubelet pull it too.
     if !ctx.smd.spec.image_pull_secrets.is_empty() {
         pod_spec["imagePullSecrets"] = json!(ctx.smd.spec.image_pull_secrets);
@@ -172,7 +177,33 @@ pub(crate) fn render(ctx: &Ctx, resolved: &Resolved) -> Result<Deployment, Rende
     )
 }
 
-/// `spec.placement` in the pod spec, field by field; absent fields stay unset.
+/// The model's placement: each field of `spec` where it is set, else the operator's default.
+pub fn effective_placement(spec: Option<&Placement>, defaults: &Placement) -> Placement {
+    let spec = spec.cloned().unwrap_or_default();
+    Placement {
+        node_selector: if spec.node_selector.is_empty() {
+            defaults.node_selector.clone()
+        } else {
+            spec.node_selector
+        },
+        tolerations: if spec.tolerations.is_empty() {
+            defaults.tolerations.clone()
+        } else {
+            spec.tolerations
+        },
+        node_affinity: spec
+            .node_affinity
+            .or_else(|| defaults.node_affinity.clone()),
+        priority_class_name: spec
+            .priority_class_name
+            .or_else(|| defaults.priority_class_name.clone()),
+        runtime_class_name: spec
+            .runtime_class_name
+            .or_else(|| defaults.runtime_class_name.clone()),
+    }
+}
+
+/// The placement in the pod spec, field by field; absent fields stay unset.
 fn place(pod_spec: &mut Value, placement: &Placement) {
     if !placement.node_selector.is_empty() {
         pod_spec["nodeSelector"] = json!(placement.node_selector);
@@ -221,4 +252,35 @@ fn readiness_probe(probe: Option<&Probe>) -> Value {
         }
     }
     Value::Object(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The operator's defaults fill what the spec leaves unset, and never override what it sets.
+    #[test]
+    fn placement_defaults_fill_only_unset_fields() {
+        let defaults = Placement {
+            priority_class_name: Some("models".into()),
+            runtime_class_name: Some("gvisor".into()),
+            node_selector: [("pool".to_string(), "models".to_string())].into(),
+            ..Placement::default()
+        };
+        let none = effective_placement(None, &defaults);
+        assert_eq!(none, defaults);
+        let spec = Placement {
+            priority_class_name: Some("critical".into()),
+            node_selector: [("pool".to_string(), "gpu".to_string())].into(),
+            ..Placement::default()
+        };
+        let merged = effective_placement(Some(&spec), &defaults);
+        assert_eq!(merged.priority_class_name.as_deref(), Some("critical"));
+        assert_eq!(merged.runtime_class_name.as_deref(), Some("gvisor"));
+        assert_eq!(merged.node_selector, spec.node_selector);
+        assert_eq!(
+            effective_placement(Some(&spec), &Placement::default()),
+            spec
+        );
+    }
 }

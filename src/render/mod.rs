@@ -30,7 +30,9 @@ use crate::api::SecureModelDeployment;
 
 pub use client_secret::{MODEL_CLIENT_LABEL, client_secret};
 pub use tls_secret::secret_name as tls_secret_name;
-pub use validate::{ValidationError, certificate_lifetime, is_dns1123_label, validate};
+pub use validate::{
+    ValidationError, certificate_lifetime, is_dns1123_label, is_dns1123_subdomain, validate,
+};
 
 /// Where the serving certificate Secret is mounted in the model pods.
 pub const TLS_MOUNT_PATH: &str = "/var/run/moat/tls";
@@ -129,12 +131,16 @@ pub const SERVING_PORT_NAME: &str = "serving";
 
 /// Facts about the cluster and the operator's configuration that rendering depends on.
 /// The reconciler reads them; rendering never does I/O.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Facts {
     /// Namespace of the cluster DNS pods.
     pub dns_namespace: String,
     /// Labels of the cluster DNS pods.
     pub dns_pod_labels: BTreeMap<String, String>,
+    /// The platform team's placement for every model: each field applies where the model's
+    /// `spec.placement` leaves it unset (operator flags `--default-priority-class-name`,
+    /// `--default-runtime-class-name`).
+    pub placement_defaults: crate::api::Placement,
 }
 
 impl Default for Facts {
@@ -142,6 +148,7 @@ impl Default for Facts {
         Self {
             dns_namespace: "kube-system".into(),
             dns_pod_labels: BTreeMap::from([("k8s-app".into(), "kube-dns".into())]),
+            placement_defaults: crate::api::Placement::default(),
         }
     }
 }
@@ -262,7 +269,7 @@ pub fn build(valid: &Valid, facts: &Facts, resolved: &Resolved) -> Result<Childr
         network_policies: network_policy::render(&ctx, facts)?,
         service: service::render(&ctx)?,
         pod_disruption_budget: pdb::render(&ctx)?,
-        deployment: deployment::render(&ctx, resolved)?,
+        deployment: deployment::render(&ctx, resolved, &facts.placement_defaults)?,
     })
 }
 

@@ -64,6 +64,12 @@ pub fn certificate_lifetime(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Whether `s` is a DNS-1123 subdomain of at most 253 characters (the names of PriorityClasses,
+/// RuntimeClasses, Secrets, ...).
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    s.len() <= 253 && matches(&DNS_SUBDOMAIN, s)
+}
+
 /// Whether `s` is a valid namespace name: a DNS-1123 label of at most 63 characters.
 pub fn is_dns1123_label(s: &str) -> bool {
     s.len() <= 63 && matches(&DNS_LABEL, s)
@@ -338,7 +344,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             ("runtimeClassName", &placement.runtime_class_name),
         ] {
             if let Some(class) = class
-                && !(class.len() <= 253 && matches(&DNS_SUBDOMAIN, class))
+                && !is_dns1123_subdomain(class)
             {
                 err(
                     format!("spec.placement.{field}"),
@@ -366,11 +372,7 @@ pub fn is_extended_resource_name(name: &str) -> bool {
     let kubernetes = ["kubernetes.io", "k8s.io"]
         .iter()
         .any(|k| domain == *k || domain.ends_with(&format!(".{k}")));
-    domain.contains('.')
-        && domain.len() <= 253
-        && matches(&DNS_SUBDOMAIN, domain)
-        && !kubernetes
-        && matches(&NAME, resource)
+    domain.contains('.') && is_dns1123_subdomain(domain) && !kubernetes && matches(&NAME, resource)
 }
 
 /// Whether a path has a `..` component.
