@@ -330,6 +330,8 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                             ..Probe::default()
                         }),
                         shared_memory,
+                        startup_probe: None,
+                        liveness_probe: None,
                     },
                     access: AccessSpec { clients, egress },
                     tls: Default::default(),
@@ -491,6 +493,10 @@ proptest! {
         }
         // Extended resources: requested exactly as limited; placement: passed as given.
         let server = &pod.containers[0];
+        // Every server is probed for liveness, only after a startup probe that allows a long load.
+        let startup = server.startup_probe.clone().expect("a startup probe");
+        prop_assert!(startup.period_seconds.unwrap_or(10) * startup.failure_threshold.unwrap_or(3) >= 1800);
+        prop_assert!(server.liveness_probe.is_some());
         let res = server.resources.clone().expect("resources");
         for (name, count) in &spec.server.resources.extended {
             for q in [&res.limits, &res.requests] {
@@ -537,6 +543,8 @@ proptest! {
                 resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into() }, requests: None, extended: BTreeMap::new() },
                 readiness_probe: None,
                 shared_memory: None,
+                startup_probe: None,
+                liveness_probe: None,
             },
             access: AccessSpec::default(),
             tls: Default::default(),

@@ -323,6 +323,19 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub readiness_probe: Option<Probe>,
 
+    /// How Kubernetes decides the server has started: a model server may load weights for many
+    /// minutes, and liveness is checked only after this succeeds. Without it, a TCP connection
+    /// to `port` every 10 s for up to 30 minutes (`failureThreshold` 180); fields you set
+    /// replace those defaults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_probe: Option<Probe>,
+
+    /// How Kubernetes decides the server hangs, and restarts it. Without it, a TCP connection to
+    /// `port` every 20 s, restarting after 3 failures in a row; fields you set replace those
+    /// defaults. Behind mTLS use TCP (the kubelet has no client certificate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness_probe: Option<Probe>,
+
     /// Size of a memory-backed `/dev/shm` for the server, for example `2Gi`: vLLM and PyTorch
     /// share tensors between processes through it, and the container runtime's default is
     /// 64Mi. It is charged to the pod's memory, so `resources.limits.memory` must hold it too
@@ -430,7 +443,7 @@ pub struct ResourceRequests {
     pub memory: Option<String>,
 }
 
-/// A readiness probe against the serving port.
+/// A probe against the serving port.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct Probe {

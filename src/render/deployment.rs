@@ -75,7 +75,27 @@ pub(crate) fn render(
     container.insert("resources".into(), resources);
     container.insert(
         "readinessProbe".into(),
-        readiness_probe(server.readiness_probe.as_ref()),
+        probe(server.readiness_probe.as_ref(), &[]),
+    );
+    // A slow model load never counts as a hang: liveness starts once the startup probe passes,
+    // which allows 30 minutes by default.
+    container.insert(
+        "startupProbe".into(),
+        probe(
+            server.startup_probe.as_ref(),
+            &[("periodSeconds", 10), ("failureThreshold", 180)],
+        ),
+    );
+    container.insert(
+        "livenessProbe".into(),
+        probe(
+            server.liveness_probe.as_ref(),
+            &[
+                ("periodSeconds", 20),
+                ("timeoutSeconds", 5),
+                ("failureThreshold", 3),
+            ],
+        ),
     );
     container.insert("securityContext".into(), container_security_context());
     let model = ctx
@@ -222,7 +242,9 @@ fn place(pod_spec: &mut Value, placement: &Placement) {
     }
 }
 
-fn readiness_probe(probe: Option<&Probe>) -> Value {
+/// A probe of the serving port: `probe` as given (TCP without `httpGet`), its unset timings from
+/// `defaults`.
+fn probe(probe: Option<&Probe>, defaults: &[(&str, i32)]) -> Value {
     let default = Probe::default();
     let probe = probe.unwrap_or(&default);
     let mut out = serde_json::Map::new();
@@ -247,7 +269,8 @@ fn readiness_probe(probe: Option<&Probe>) -> Value {
         ("timeoutSeconds", probe.timeout_seconds),
         ("failureThreshold", probe.failure_threshold),
     ] {
-        if let Some(v) = value {
+        if let Some(v) = value.or_else(|| defaults.iter().find(|(k, _)| *k == key).map(|(_, v)| *v))
+        {
             out.insert(key.into(), json!(v));
         }
     }
