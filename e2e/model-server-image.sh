@@ -41,12 +41,4 @@ done
 cp "$E2E_DIR/model-server/serve.py" "$root/app/serve.py"
 digest=$(oci_archive "$work/model-server.tar" model-server:e2e "$root" '["/usr/bin/python3", "-B", "/app/serve.py"]' \
   65532:65532 '["PYTHONDONTWRITEBYTECODE=1", "PYTHONUNBUFFERED=1"]' '["serve", "--model", "/models/model", "--port", "8000"]')
-if [ -n "$archive" ]; then
-  cp "$work/model-server.tar" "$archive"
-  echo "$digest"
-  exit 0
-fi
-registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
-pushed=$(oci_push "$work/model-server.tar" "${MOAT_NODE_REGISTRY_PUSH:?}/model-server:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}")
-[ "$pushed" = "$digest" ] || { echo "the registry holds $pushed, not the digest built ($digest)" >&2; exit 1; }
-echo "$registry/model-server@$digest"
+oci_publish "$work/model-server.tar" "$digest" model-server "$archive"

@@ -16,6 +16,12 @@
 # Sourced by e2e/node.sh and the image scripts (e2e/moat-image.sh, e2e/model-server-image.sh);
 # prints the manifest digest.
 #
+#   oci_publish ARCHIVE DIGEST NAME OUT
+#     what the image scripts end with: with OUT, copies the archive there and prints DIGEST;
+#     without, pushes it as NAME:e2e through the local cluster's loopback registry
+#     ($MOAT_NODE_REGISTRY_PUSH), checks that the registry holds DIGEST, and prints the reference
+#     the cluster pulls ($MOAT_NODE_REGISTRY/NAME@DIGEST)
+#
 #   oci_push ARCHIVE REGISTRY/NAME:TAG CERT_DIR
 #     pushes the archive with skopeo, unchanged (the same manifest digest), trusting the CA in
 #     CERT_DIR; prints the digest skopeo wrote (sha256:...)
@@ -53,6 +59,19 @@ oci_blob() {
   size=$(stat -c %s "$2")
   mv "$2" "$1/blobs/sha256/$digest"
   echo "$digest $size"
+}
+
+oci_publish() {
+  local archive=$1 digest=$2 name=$3 out=$4 registry pushed
+  if [ -n "$out" ]; then
+    cp "$archive" "$out"
+    echo "$digest"
+    return 0
+  fi
+  registry=${MOAT_NODE_REGISTRY:?run with the environment of e2e/cluster.sh env (MOAT_NODE_REGISTRY is not set)}
+  pushed=$(oci_push "$archive" "${MOAT_NODE_REGISTRY_PUSH:?}/$name:e2e" "${MOAT_NODE_REGISTRY_CERTS:?}") || return 1
+  [ "$pushed" = "$digest" ] || { echo "the registry holds $pushed, not the digest built ($digest)" >&2; return 1; }
+  echo "$registry/$name@$digest"
 }
 
 oci_push() {

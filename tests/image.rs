@@ -49,6 +49,28 @@ fn build(out: &Path) -> String {
     String::from_utf8_lossy(&built.stdout).trim().to_string()
 }
 
+/// Unpacks the OCI archive into `layout`; returns the manifest `digest` names and its config.
+fn unpack(archive: &Path, layout: &Path, digest: &str) -> (Value, Value) {
+    std::fs::create_dir(layout).expect("mkdir");
+    let untar = Command::new("tar")
+        .arg("-xf")
+        .arg(archive)
+        .arg("-C")
+        .arg(layout)
+        .status()
+        .expect("tar");
+    assert!(untar.success());
+    let manifest: Value = serde_json::from_slice(&blob(layout, digest)).expect("manifest");
+    let config: Value = serde_json::from_slice(&blob(
+        layout,
+        manifest["config"]["digest"]
+            .as_str()
+            .expect("config digest"),
+    ))
+    .expect("config");
+    (manifest, config)
+}
+
 fn blob(dir: &Path, digest: &str) -> Vec<u8> {
     let hex = digest.strip_prefix("sha256:").expect("a sha256 digest");
     std::fs::read(dir.join("blobs/sha256").join(hex)).expect("read a blob")
@@ -64,23 +86,7 @@ fn the_built_image_runs_like_the_dockerfiles_and_is_reproducible() {
     assert_eq!(build(&again), digest, "the same binary gave another digest");
 
     let layout = dir.path().join("layout");
-    std::fs::create_dir(&layout).expect("mkdir");
-    let untar = Command::new("tar")
-        .arg("-xf")
-        .arg(&archive)
-        .arg("-C")
-        .arg(&layout)
-        .status()
-        .expect("tar");
-    assert!(untar.success());
-    let manifest: Value = serde_json::from_slice(&blob(&layout, &digest)).expect("manifest");
-    let config: Value = serde_json::from_slice(&blob(
-        &layout,
-        manifest["config"]["digest"]
-            .as_str()
-            .expect("config digest"),
-    ))
-    .expect("config");
+    let (manifest, config) = unpack(&archive, &layout, &digest);
     let (entrypoint, cmd, user, copies) = dockerfile();
     assert_eq!(config["config"]["Entrypoint"], entrypoint);
     assert_eq!(config["config"]["Cmd"], cmd);
@@ -146,23 +152,7 @@ fn the_model_server_image_is_reproducible() {
     );
 
     let layout = dir.path().join("layout");
-    std::fs::create_dir(&layout).expect("mkdir");
-    let untar = Command::new("tar")
-        .arg("-xf")
-        .arg(dir.path().join("a.tar"))
-        .arg("-C")
-        .arg(&layout)
-        .status()
-        .expect("tar");
-    assert!(untar.success());
-    let manifest: Value = serde_json::from_slice(&blob(&layout, &digest)).expect("manifest");
-    let config: Value = serde_json::from_slice(&blob(
-        &layout,
-        manifest["config"]["digest"]
-            .as_str()
-            .expect("config digest"),
-    ))
-    .expect("config");
+    let (_, config) = unpack(&dir.path().join("a.tar"), &layout, &digest);
     assert_eq!(
         config["config"]["Entrypoint"],
         serde_json::json!(["/usr/bin/python3", "-B", "/app/serve.py"])
