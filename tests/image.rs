@@ -32,21 +32,27 @@ fn dockerfile() -> (Value, Value, String, Vec<String>) {
     (entrypoint, cmd, user.expect("a USER"), copies)
 }
 
-fn build(out: &Path) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/moat-image.sh");
+/// Runs the image script `script` (under `e2e/`) with `--archive out` and `args`; returns the
+/// digest it prints.
+fn build_archive(script: &str, out: &Path, args: &[&str]) -> String {
     let built = Command::new("bash")
-        .arg(script)
+        .arg(format!("{}/e2e/{script}", env!("CARGO_MANIFEST_DIR")))
         .arg("--archive")
         .arg(out)
-        .arg(env!("CARGO_BIN_EXE_moat"))
+        .args(args)
         .output()
-        .expect("run e2e/moat-image.sh");
+        .unwrap_or_else(|e| panic!("run e2e/{script}: {e}"));
     assert!(
         built.status.success(),
         "{}",
         String::from_utf8_lossy(&built.stderr)
     );
     String::from_utf8_lossy(&built.stdout).trim().to_string()
+}
+
+/// Moat's image from the binary this test run built.
+fn build(out: &Path) -> String {
+    build_archive("moat-image.sh", out, &[env!("CARGO_BIN_EXE_moat")])
 }
 
 /// Unpacks the OCI archive into `layout`; returns the manifest `digest` names and its config.
@@ -128,21 +134,7 @@ fn the_built_image_runs_like_the_dockerfiles_and_is_reproducible() {
 #[test]
 fn the_model_server_image_is_reproducible() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let build = |name: &str| {
-        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/e2e/model-server-image.sh");
-        let built = Command::new("bash")
-            .arg(script)
-            .arg("--archive")
-            .arg(dir.path().join(name))
-            .output()
-            .expect("run e2e/model-server-image.sh");
-        assert!(
-            built.status.success(),
-            "{}",
-            String::from_utf8_lossy(&built.stderr)
-        );
-        String::from_utf8_lossy(&built.stdout).trim().to_string()
-    };
+    let build = |name: &str| build_archive("model-server-image.sh", &dir.path().join(name), &[]);
     let digest = build("a.tar");
     assert!(digest.starts_with("sha256:"), "{digest}");
     assert_eq!(
