@@ -813,8 +813,11 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
             // The quiet window is counted in resyncs, not seconds: at least 4 complete reconciles
             // (one per second when idle, as the 6 s window this replaces allowed), none of which
             // may write.
-            let audit_offset = std::fs::metadata(&audit)?.len() as usize;
             let writes_before = op.metrics.api_writes_total();
+            // A request belongs to the quiet window if the API server received it after this
+            // instant (the same clock): an audit line is written when the response completes,
+            // so a write Moat finished before the window can still be appended after it began.
+            let quiet_since = k8s_openapi::jiff::Timestamp::now();
             let reconciles_before = reconciles_started(&op.metrics)?;
             let window = Instant::now();
             op.wait_reconciles_after(reconciles_before, 4, "4 resyncs of the converged model")
@@ -831,8 +834,8 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
             // The API server's own audit log agrees: Moat wrote while converging (so the filter
             // finds its requests), and not once while converged.
             let log = std::fs::read(&audit)?;
-            // The offsets were taken while the API server was writing, so they may fall inside a
-            // line: a request belongs to the range its line starts in, and only complete lines
+            // The start offset was taken while the API server was writing, so it may fall inside
+            // a line: a request belongs to the range its line starts in, and only complete lines
             // (ending in a newline) are read.
             let lines: Vec<(usize, &[u8])> = {
                 let mut start = 0;
@@ -843,30 +846,40 @@ async fn a_converged_smd_costs_no_writes_over_several_resyncs() {
                 }
                 lines
             };
-            let moat_requests = |from: usize, to: usize| -> Result<Vec<(String, String)>> {
-                let mut out = Vec::new();
-                let in_range = lines
-                    .iter()
-                    .filter(|(at, l)| (from..to).contains(at) && !l.is_empty());
-                for (_, line) in in_range {
-                    let e: Value = serde_json::from_slice(line)?;
-                    let ua = e["userAgent"].as_str().unwrap_or("");
-                    if e["objectRef"]["namespace"] == json!(env.namespace)
-                        && ua.starts_with("moat-operator/")
-                    {
-                        let verb = e["verb"].as_str().unwrap_or("").to_string();
-                        out.push((verb, e["requestURI"].to_string()));
-                    }
+            // Moat's requests in this test's namespace since `start_offset`, each with whether the
+            // API server received it in the quiet window.
+            let mut requests: Vec<(bool, String, String)> = Vec::new();
+            for (_, line) in lines
+                .iter()
+                .filter(|(at, l)| *at >= start_offset && !l.is_empty())
+            {
+                let e: Value = serde_json::from_slice(line)?;
+                let ua = e["userAgent"].as_str().unwrap_or("");
+                if e["objectRef"]["namespace"] == json!(env.namespace)
+                    && ua.starts_with("moat-operator/")
+                {
+                    let received: k8s_openapi::jiff::Timestamp = e["requestReceivedTimestamp"]
+                        .as_str()
+                        .context("an audit event without requestReceivedTimestamp")?
+                        .parse()?;
+                    let verb = e["verb"].as_str().unwrap_or("").to_string();
+                    requests.push((received >= quiet_since, verb, e["requestURI"].to_string()));
                 }
-                Ok(out)
+            }
+            let moat_requests = |in_window: bool| -> Vec<(String, String)> {
+                requests
+                    .iter()
+                    .filter(|(w, _, _)| *w == in_window)
+                    .map(|(_, v, u)| (v.clone(), u.clone()))
+                    .collect()
             };
             let is_write = |verb: &str| !matches!(verb, "get" | "list" | "watch");
-            let converging = moat_requests(start_offset, audit_offset)?;
+            let converging = moat_requests(false);
             ensure!(
                 converging.iter().any(|(v, _)| is_write(v)),
                 "the audit log shows no write by Moat while converging: is the User-Agent set?"
             );
-            let quiet = moat_requests(audit_offset, log.len())?;
+            let quiet = moat_requests(true);
             if let Some((verb, uri)) = quiet.iter().find(|(v, _)| is_write(v)) {
                 bail!("Moat wrote while converged: {verb} {uri}");
             }
