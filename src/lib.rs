@@ -11,6 +11,7 @@ pub mod api;
 pub mod controller;
 pub mod core;
 pub mod fixture;
+pub mod gate;
 pub mod image;
 pub mod model;
 pub mod pki;

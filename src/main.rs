@@ -40,6 +40,53 @@ enum Command {
     Encrypt(EncryptArgs),
     /// Generate an age identity as a Kubernetes Secret manifest; print its recipient on stderr.
     Keygen(KeygenArgs),
+    /// The model endpoint's sidecar: terminate mTLS, authorize each caller by its SPIFFE ID,
+    /// enforce limits, write one audit line per request on stdout, and forward to the model
+    /// server on loopback.
+    Gate(GateArgs),
+}
+
+#[derive(clap::Args)]
+struct GateArgs {
+    /// Address to serve TLS on (the Service's target port).
+    #[arg(long, env = "MOAT_GATE_LISTEN", default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// The model server, on the pod's loopback, such as 127.0.0.1:8000.
+    #[arg(long, env = "MOAT_GATE_UPSTREAM")]
+    upstream: SocketAddr,
+    /// The model server's protocol: http1, or http2 (cleartext, prior knowledge; for gRPC).
+    #[arg(long, env = "MOAT_GATE_UPSTREAM_PROTOCOL", value_enum, default_value_t = moat::gate::UpstreamProtocol::Http1)]
+    upstream_protocol: moat::gate::UpstreamProtocol,
+    /// The serving certificate chain (PEM).
+    #[arg(long, env = "MOAT_TLS_CERT_FILE")]
+    cert: PathBuf,
+    /// The serving certificate's private key (PEM).
+    #[arg(long, env = "MOAT_TLS_KEY_FILE")]
+    key: PathBuf,
+    /// The CA bundle client certificates must chain to (PEM).
+    #[arg(long, env = "MOAT_TLS_CA_FILE")]
+    ca: PathBuf,
+    /// The policy written by the operator (JSON).
+    #[arg(long, env = "MOAT_GATE_POLICY")]
+    policy: PathBuf,
+    /// Address of the plaintext /healthz and /readyz endpoints, for the kubelet.
+    #[arg(long, env = "MOAT_GATE_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    health_listen: SocketAddr,
+    /// Address of the plaintext /metrics endpoint.
+    #[arg(long, env = "MOAT_GATE_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// How long open requests may finish after SIGTERM, such as 20s.
+    #[arg(long, env = "MOAT_GATE_DRAIN", default_value = "20s", value_parser = humantime::parse_duration)]
+    drain: Duration,
+    /// How often the policy and certificate files are read again, such as 200ms.
+    #[arg(long, env = "MOAT_GATE_RELOAD_INTERVAL", default_value = "200ms", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+    /// Worker threads (default: one per core, at most 4).
+    #[arg(long, env = "MOAT_GATE_THREADS")]
+    threads: Option<usize>,
+    /// Log format (diagnostics, on stderr; the audit log is always JSON on stdout).
+    #[arg(long, env = "MOAT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    log_format: LogFormat,
 }
 
 #[derive(clap::Args)]
@@ -225,6 +272,7 @@ fn main() -> ExitCode {
         }
         Command::Encrypt(args) => encrypt(args),
         Command::Keygen(args) => keygen(args),
+        Command::Gate(args) => gate(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -247,6 +295,35 @@ fn one_line(e: &anyhow::Error) -> String {
         line.truncate(end);
     }
     line
+}
+
+fn gate(args: GateArgs) -> Result<()> {
+    telemetry::init_logging(args.log_format, "info");
+    let threads = args.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(4)
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .enable_all()
+        .build()?;
+    let settings = moat::gate::Settings {
+        listen: args.listen,
+        upstream: args.upstream,
+        upstream_protocol: args.upstream_protocol,
+        cert: args.cert,
+        key: args.key,
+        ca: args.ca,
+        policy: args.policy,
+        health_listen: args.health_listen,
+        metrics_listen: args.metrics_listen,
+        drain: args.drain,
+        reload_interval: args.reload_interval,
+    };
+    runtime.block_on(moat::gate::run(settings))?;
+    Ok(())
 }
 
 fn decrypt(args: DecryptArgs) -> Result<()> {
