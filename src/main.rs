@@ -49,7 +49,7 @@ enum Command {
 #[derive(clap::Args)]
 struct GateArgs {
     /// Address to serve TLS on (the Service's target port).
-    #[arg(long, env = "MOAT_GATE_LISTEN", default_value = "0.0.0.0:8443")]
+    #[arg(long, env = "MOAT_GATE_LISTEN", default_value = "0.0.0.0:15443")]
     listen: SocketAddr,
     /// The model server, on the pod's loopback, such as 127.0.0.1:8000.
     #[arg(long, env = "MOAT_GATE_UPSTREAM")]
@@ -70,7 +70,7 @@ struct GateArgs {
     #[arg(long, env = "MOAT_GATE_POLICY")]
     policy: PathBuf,
     /// Address of the plaintext /healthz and /readyz endpoints, for the kubelet.
-    #[arg(long, env = "MOAT_GATE_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    #[arg(long, env = "MOAT_GATE_HEALTH_LISTEN", default_value = "0.0.0.0:15081")]
     health_listen: SocketAddr,
     /// Address of the plaintext /metrics endpoint.
     #[arg(long, env = "MOAT_GATE_METRICS_LISTEN")]
@@ -195,6 +195,10 @@ struct OperatorArgs {
     /// names none.
     #[arg(long, env = "MOAT_DEFAULT_RUNTIME_CLASS_NAME")]
     default_runtime_class_name: Option<String>,
+    /// Namespace whose pods may scrape the gates' metrics (port 15090 of every model pod); without
+    /// it, no NetworkPolicy opens that port.
+    #[arg(long, env = "MOAT_MONITORING_NAMESPACE")]
+    monitoring_namespace: Option<String>,
     /// Elect a leader through a Lease so several replicas can run; only the leader reconciles.
     #[arg(long, env = "MOAT_LEADER_ELECT", default_value_t = false)]
     leader_elect: bool,
@@ -489,6 +493,7 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
                 )?,
                 ..Default::default()
             },
+            monitoring_namespace: args.monitoring_namespace.clone(),
         },
         ca: CaSettings {
             namespace: args

@@ -115,6 +115,7 @@ fn moat_render_prints_the_children_and_rejects_bad_input() {
             "NetworkPolicy",
             "NetworkPolicy",
             "Service",
+            "ConfigMap",
             "PodDisruptionBudget",
             "Deployment"
         ]

@@ -130,6 +130,17 @@ struct Gate {
 
 impl Gate {
     async fn start(pki: &Pki, upstream: SocketAddr, protocol: &str, policy: &Value) -> Self {
+        let gate = Self::spawn(pki, upstream, protocol, policy);
+        gate.wait_ready().await;
+        gate
+    }
+
+    /// Started, not waited for.
+    fn start_unready(pki: &Pki, upstream: SocketAddr, policy: &Value) -> Self {
+        Self::spawn(pki, upstream, "http1", policy)
+    }
+
+    fn spawn(pki: &Pki, upstream: SocketAddr, protocol: &str, policy: &Value) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let tls = dir.path().join("tls");
         let gate = dir.path().join("gate");
@@ -177,7 +188,7 @@ impl Gate {
                 lines.lock().expect("lock").push(value);
             }
         });
-        let gate = Self {
+        Self {
             child,
             port,
             health,
@@ -185,9 +196,7 @@ impl Gate {
             dir,
             audit,
             ca_pem: pki.ca.cert_pem.clone(),
-        };
-        gate.wait_ready().await;
-        gate
+        }
     }
 
     fn policy_dir(&self) -> PathBuf {
@@ -490,6 +499,10 @@ impl Model {
                     ))))
                     .expect("response")
             }
+            "/fail" => Response::builder()
+                .status(500)
+                .body(body("broken"))
+                .expect("response"),
             _ => Response::builder()
                 .status(200)
                 .body(body("{\"data\": []}"))
@@ -1098,4 +1111,61 @@ async fn sigterm_drains_open_requests_then_exits() {
     .await
     .expect("wait");
     assert!(exit.0.expect("exit").success());
+}
+
+/// The kubelet probes the model server through the gate's health port (the server listens on
+/// loopback): a connection, or a GET of the probe's path; and `/readyz` follows the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_probes_pass_through_the_health_port_and_readiness_follows_the_server() {
+    let alice = spiffe("payments", "checkout");
+    let pki = Pki::new();
+    let model = Arc::new(Model::default());
+    let addr = serve_model(model.clone()).await;
+    let gate = Gate::start(&pki, addr, "http1", &policy(&[&alice])).await;
+    assert_eq!(
+        plain_get(gate.health, "/upstream").await.expect("probe").0,
+        200
+    );
+    let ok = plain_get(gate.health, "/upstream?path=%2Fv1%2Fmodels")
+        .await
+        .expect("probe");
+    assert_eq!(ok.0, 200, "{}", ok.1);
+    let failing = plain_get(gate.health, "/upstream?path=%2Ffail")
+        .await
+        .expect("probe");
+    assert_eq!(failing.0, 503, "{}", failing.1);
+    assert!(failing.1.contains("500"), "{}", failing.1);
+    assert_eq!(
+        plain_get(gate.health, "/upstream?path=%2F..%2Fx")
+            .await
+            .expect("probe")
+            .0,
+        400
+    );
+    // A gate whose server is gone is not ready.
+    let port = free_port();
+    let orphan = Gate::start_unready(
+        &pki,
+        format!("127.0.0.1:{port}").parse().expect("addr"),
+        &policy(&[&alice]),
+    );
+    tokio::time::timeout(FAILURE, async {
+        loop {
+            if let Ok((code, why)) = plain_get(orphan.health, "/readyz").await {
+                assert_eq!(code, 503);
+                assert!(why.contains("not accepting"), "{why}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the health endpoint never answered");
+    assert_eq!(
+        plain_get(orphan.health, "/upstream")
+            .await
+            .expect("probe")
+            .0,
+        503
+    );
 }

@@ -273,6 +273,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
             ),
             prop::option::of(1u32..4096),
             prop::option::of(placement()),
+            any::<bool>(),
         ),
     )
         .prop_map(
@@ -287,8 +288,18 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                 clients,
                 egress,
                 (model, pull_secrets, strict),
-                (extended, shm, placement),
+                (extended, shm, placement, gated),
             )| {
+                // With the gate, the server keeps clear of the gate's ports in the pod.
+                let port = if gated && [15443, 15081, 15090].contains(&port) {
+                    port + 1
+                } else {
+                    port
+                };
+                let gate = (!gated).then(|| moat::api::GateSpec {
+                    mode: Some(moat::api::GateMode::Disabled),
+                    ..Default::default()
+                });
                 // RequireDigest only where the image names a digest (otherwise it is invalid).
                 let image_policy =
                     (strict && image.contains("@sha256:")).then_some(ImagePolicy::RequireDigest);
@@ -342,6 +353,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                         .collect(),
                     model,
                     placement,
+                    gate,
                 }
             },
         )
@@ -452,8 +464,26 @@ proptest! {
             prop_assert!(server.image.as_deref().is_some_and(|i| i.ends_with(digest)));
         }
         let by_container = mounts(&pod);
+        let inits: Vec<_> = pod.init_containers.clone().unwrap_or_default();
+        let gated = moat::render::gate::enforced_spec(&spec);
+        // The gate: a native sidecar with the serving port, the certificate and the policy
+        // read-only; the server keeps the Service's port name only without it.
+        let gate = inits.iter().find(|c| c.name == "gate");
+        prop_assert_eq!(gate.is_some(), gated);
+        if let Some(gate) = gate {
+            prop_assert_eq!(gate.restart_policy.as_deref(), Some("Always"));
+            prop_assert!(by_container["gate"].contains(&("tls".to_string(), true)));
+            prop_assert!(by_container["gate"].contains(&("gate-policy".to_string(), true)));
+            let serving = gate.ports.iter().flatten().find(|p| p.name.as_deref() == Some("serving"));
+            prop_assert_eq!(serving.map(|p| p.container_port), Some(moat::render::gate::DEFAULT_PORT));
+            prop_assert!(!pod.containers[0].ports.iter().flatten().any(|p| p.name.as_deref() == Some("serving")));
+            prop_assert!(children.gate_policy.is_some());
+            prop_assert!(!by_container["server"].iter().any(|(n, _)| n == "gate-policy"));
+        } else {
+            prop_assert!(children.gate_policy.is_none());
+        }
         match &spec.model {
-            None => prop_assert!(pod.init_containers.is_none()),
+            None => prop_assert!(!inits.iter().any(|c| c.name == "decrypt-model")),
             Some(model) => {
                 // The plaintext: a memory-backed, size-limited volume, read-only for the server.
                 let vol = pod.volumes.iter().flatten().find(|v| v.name == "model").expect("model volume");
@@ -552,6 +582,7 @@ proptest! {
             image_pull_secrets: Vec::new(),
             model: None,
             placement: None,
+            gate: None,
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

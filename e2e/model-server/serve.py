@@ -1,6 +1,6 @@
 """A small but real model server for Moat's local cluster, on Python's standard library only.
 
-    serve.py [serve] --model DIR --port PORT [--ssl-certfile C --ssl-keyfile K
+    serve.py [serve] --model DIR --port PORT [--host H] [--ssl-certfile C --ssl-keyfile K
              [--ssl-ca-certs CA] [--ssl-cert-reqs 0|2]]
                                                the model server (vLLM's flags)
     serve.py files --dir DIR --port PORT --cert C --key K
@@ -20,7 +20,9 @@ $(MOAT_TLS_CERT_FILE)) make the server speak HTTPS; --ssl-cert-reqs 2 with --ssl
 it require a client certificate from that CA (mTLS) and refuse the handshake of any client
 without one (1: verify one if offered). Without the flags, the files named by
 MOAT_TLS_CERT_FILE, MOAT_TLS_KEY_FILE and MOAT_TLS_CA_FILE are used, with client certificates
-required; with neither, the server refuses to start rather than serve plain HTTP.
+required; with neither, the server refuses to start rather than serve plain HTTP, unless it
+listens on loopback only (--host 127.0.0.1): behind Moat's gate, which terminates mTLS in the
+same pod and names the caller in the header x-moat-client-identity.
 """
 
 import argparse
@@ -136,12 +138,22 @@ def serve(args):
             z = model["bias"] + sum(w * v for w, v in zip(model["weights"], x))
             # The logistic function, without overflowing for large |z|.
             score = 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
-            self.reply(200, {"score": score, "client": peer_identity(self.connection)})
+            self.reply(200, {"score": score, "client": self.caller()})
+
+        def caller(self):
+            # Behind the gate (plain HTTP on loopback) the gate names the verified caller.
+            if behind_gate:
+                return self.headers.get("x-moat-client-identity")
+            return peer_identity(self.connection)
 
         def log_message(self, format, *a):
-            log(f"{self.client_address[0]} {peer_identity(self.connection)} {format % a}")
+            log(f"{self.client_address[0]} {self.caller()} {format % a}")
 
-    httpd = TlsServer(("", args.port), Handler)
+    behind_gate = args.host in ("127.0.0.1", "::1") and not (args.ssl_certfile or args.ssl_keyfile)
+    httpd = TlsServer((args.host, args.port), Handler)
+    if behind_gate:
+        log(f"serving on {args.host}:{args.port} (plain HTTP on loopback, behind Moat's gate)")
+        return httpd.serve_forever()
     verify = {0: ssl.CERT_NONE, 1: ssl.CERT_OPTIONAL, 2: ssl.CERT_REQUIRED}[args.ssl_cert_reqs]
     if args.ssl_certfile or args.ssl_keyfile:
         if not (args.ssl_certfile and args.ssl_keyfile):
@@ -203,6 +215,7 @@ def main():
     p = sub.add_parser("serve")
     p.add_argument("--model", required=True)
     p.add_argument("--port", type=int, required=True)
+    p.add_argument("--host", default="")
     p.add_argument("--ssl-certfile")
     p.add_argument("--ssl-keyfile")
     p.add_argument("--ssl-ca-certs")

@@ -27,6 +27,11 @@ pub mod reason {
     pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
     /// The spec cannot be turned into a workload; the message says what to change.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// The model is quarantined: its gate refuses every request (Ready=False; the pods keep
+    /// running for forensics).
+    pub const QUARANTINED: &str = "Quarantined";
+    /// The policy of a model's gate changed (identities, quarantine or limits).
+    pub const GATE_POLICY_UPDATED: &str = "GatePolicyUpdated";
     /// Moat is applying the generated objects.
     pub const APPLYING: &str = "Applying";
     /// Applying the generated objects failed; Moat retries with backoff.

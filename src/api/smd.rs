@@ -95,6 +95,133 @@ pub struct SecureModelDeploymentSpec {
     /// not fully trust).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub placement: Option<Placement>,
+
+    /// Moat's gate: a sidecar in every model pod that terminates mTLS on the serving port and
+    /// lets through only callers this model consented to (a client certificate from Moat's CA
+    /// whose ServiceAccount is listed in `access.clients` and holds a ModelClient for this model),
+    /// within the limits below; it writes one audit line per request and can quarantine the
+    /// model. On by default; the model server then listens on `127.0.0.1:<server.port>` in plain
+    /// HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateSpec>,
+}
+
+/// The gate in front of the model server.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.port) || self.port != 15081 && self.port != 15090").message("gate.port 15081 and 15090 are the gate's health and metrics ports"))]
+pub struct GateSpec {
+    /// `Enforce` (default): every request passes the gate. `Disabled`: no gate; the model
+    /// server gets the serving port and certificate and must enforce identity itself (its
+    /// status then says the endpoint is not enforced by Moat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<GateMode>,
+
+    /// Port the gate listens on in the pod; the Service's port forwards to it. Defaults to
+    /// 15443. Must differ from `server.port`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: Option<i32>,
+
+    /// What the model server speaks on loopback: `HTTP1` (default; HTTP/2 clients are served
+    /// too) or `HTTP2` (cleartext, for gRPC servers such as Triton's KServe v2 endpoint).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream_protocol: Option<GateUpstreamProtocol>,
+
+    /// Limits on every request. Going over one is answered at once with 413, 404, 405 or 429
+    /// and a reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<GateLimits>,
+
+    /// Record the SHA-256 of every request body in the audit log (sizes are always recorded;
+    /// bodies never are).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub audit_body_hash: bool,
+
+    /// Quarantine from the spec: the gate refuses every request and closes every open
+    /// connection, the NetworkPolicy denies all ingress, and the pods keep running for
+    /// forensics. The annotation `moat.dev/quarantine: <reason>` does the same without a
+    /// change to the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineSpec>,
+}
+
+/// Whether the gate runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateMode {
+    /// The gate enforces identity, limits, audit and quarantine.
+    Enforce,
+    /// No gate: the model server alone guards its endpoint.
+    Disabled,
+}
+
+/// The model server's protocol behind the gate.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateUpstreamProtocol {
+    /// HTTP/1.1.
+    #[serde(rename = "HTTP1")]
+    Http1,
+    /// HTTP/2 without TLS (prior knowledge), for gRPC.
+    #[serde(rename = "HTTP2")]
+    Http2,
+}
+
+/// The gate's limits; each unset field has a safe default.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GateLimits {
+    /// Largest request body, a quantity such as `16Mi` (the default). Larger: 413.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 32))]
+    pub max_request_bytes: Option<String>,
+
+    /// Methods allowed (default GET, HEAD and POST). Others: 405.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(m, m in ['GET', 'HEAD', 'POST', 'PUT', 'PATCH', 'DELETE', 'OPTIONS'])").message("methods must be HTTP methods in upper case"))]
+    #[schemars(length(max = 7))]
+    pub methods: Vec<String>,
+
+    /// Paths allowed: exact (`/v1/models`) or a prefix ending in `*` (`/v1/*`). Default: every
+    /// path. Others: 404. Paths with dot segments or encoded separators are always refused (400).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(validation = Rule::new("self.all(p, p.startsWith('/') && !p.contains('..') && (!p.contains('*') || (p.endsWith('*') && p.indexOf('*') == size(p) - 1)))").message("paths must start with / and may only end in *"))]
+    #[schemars(length(max = 32), inner(length(min = 1, max = 256)))]
+    pub paths: Vec<String>,
+
+    /// Requests per second one caller (identity) may make on average, per gate (pod). Default 100.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub requests_per_second: Option<i32>,
+
+    /// Requests one caller may make at once above that rate. Default 200.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub burst: Option<i32>,
+
+    /// Requests one caller may have in flight at once, per gate. Default 64. More: 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrent_requests: Option<i32>,
+
+    /// Seconds a client has for the TLS handshake and a request's headers. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub header_timeout_seconds: Option<i32>,
+
+    /// Seconds a connection may stay open with no request in flight. Default 300. A request in
+    /// flight, a long stream included, is never cut by a timeout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub idle_timeout_seconds: Option<i32>,
+}
+
+/// A quarantine and why.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineSpec {
+    /// Why, for the refusals, the audit log and the status (for example an incident number).
+    #[schemars(length(min = 1, max = 256))]
+    pub reason: String,
 }
 
 /// Where the model's pods run. Every field is passed to the pod template as is.
@@ -615,6 +742,31 @@ pub struct SecureModelDeploymentStatus {
     /// The serving certificate Moat issued.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateStatus>,
+
+    /// Whether Moat's gate guards the endpoint, and what it enforces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<GateStatus>,
+}
+
+/// What guards the model's endpoint.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GateStatus {
+    /// True when Moat's gate enforces identity, limits, audit and quarantine; false when
+    /// `spec.gate.mode` is `Disabled` and the model server alone guards its endpoint.
+    pub enforced: bool,
+    /// One line for people: what guards the endpoint.
+    pub message: String,
+    /// Client identities (SPIFFE IDs) the gate lets through.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<String>,
+    /// Why the model is quarantined, while it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantined: Option<String>,
+    /// SHA-256 of the policy last given to the gate (tells Moat's own policy changes from
+    /// someone else's edits of the policy ConfigMap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
 }
 
 /// The pinned image.

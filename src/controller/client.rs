@@ -13,7 +13,10 @@ use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    runtime::{Controller, controller::Action, events::EventType, reflector::ObjectRef, watcher},
+    runtime::{
+        Controller, WatchStreamExt, controller::Action, events::EventType, reflector::ObjectRef,
+        watcher,
+    },
 };
 use tracing::warn;
 
@@ -65,6 +68,15 @@ fn refers_to(mc: &Guarded<ModelClient>, namespace: &str, name: &str) -> bool {
     })
 }
 
+/// What the ModelClient watch of one scope feeds: the shared cache (the gates' identities are
+/// read from it), its fill signal, and the announcement of the model a changed or deleted
+/// ModelClient names.
+pub(super) struct Reflector {
+    pub writer: kube::runtime::reflector::store::Writer<Guarded<ModelClient>>,
+    pub synced: tokio::sync::watch::Sender<bool>,
+    pub changes: tokio::sync::broadcast::Sender<(String, String)>,
+}
+
 /// Runs the ModelClient controller for one watch scope until dropped. It has no watch of its own
 /// on SecureModelDeployments: every reconcile (and deletion) of a model, in any scope, is
 /// announced on `smd_changes`, and the model is then read from `models`.
@@ -74,10 +86,34 @@ pub(super) async fn run(
     shared: Arc<Context>,
     models: Models,
     ca_changes: impl futures::Stream<Item = ()> + Send + 'static,
+    reflector: Reflector,
 ) {
     let mcs: Api<Guarded<ModelClient>> = super::api(&client, ns.as_deref());
     let secrets: Api<Secret> = super::api(&client, ns.as_deref());
-    let controller = Controller::new(mcs, watcher::Config::default().any_semantic());
+    let Reflector {
+        writer,
+        synced,
+        changes,
+    } = reflector;
+    let announce = move |mc: &Guarded<ModelClient>| {
+        if let Ok(mc) = &mc.object {
+            let target = &mc.spec.deployment_ref;
+            let _ = changes.send((target.namespace.clone(), target.name.clone()));
+        }
+    };
+    let store = writer.as_reader();
+    let stream = watcher(mcs, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .inspect(move |event| match event {
+            Ok(watcher::Event::Apply(mc) | watcher::Event::Delete(mc)) => announce(mc),
+            Ok(watcher::Event::InitDone) => {
+                synced.send_replace(true);
+            }
+            _ => {}
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(stream, store);
     let referring = controller.store();
     // A change to a model's access list re-checks the ModelClients here that refer to it.
     let changed = futures::stream::unfold(shared.smd_changes.subscribe(), |mut rx| async move {

@@ -10,7 +10,7 @@ use std::{
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Secret, Service, ServiceAccount},
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -92,6 +92,8 @@ pub struct Caches {
     pub deployments: Store<Deployment>,
     /// Secrets labelled as Moat's (serving and client certificates).
     pub secrets: Store<Secret>,
+    /// ConfigMaps labelled as Moat's (the gates' policies).
+    pub config_maps: Store<ConfigMap>,
 }
 
 /// Shared state of the reconciler.
@@ -111,6 +113,8 @@ pub struct Context {
     /// `(namespace, name)` of every SecureModelDeployment reconciled, so ModelClients in other
     /// watch scopes re-check consent when a model's access list changes.
     pub smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
+    /// The ModelClients of every watch scope (the identities each gate lets through).
+    pub clients: super::clients::Clients,
     /// Per-object backoff of failed reconciles.
     failures: Backoff,
 }
@@ -176,6 +180,7 @@ impl Context {
         caches: Caches,
         ca: watch::Receiver<Option<Arc<ca::CaState>>>,
         smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
+        clients: super::clients::Clients,
     ) -> Self {
         let reporter = Reporter {
             controller: "moat".into(),
@@ -189,6 +194,7 @@ impl Context {
             metrics,
             ca,
             smd_changes,
+            clients,
             failures: Backoff::default(),
         }
     }

@@ -16,10 +16,12 @@ pub mod ca;
 mod census;
 mod certs;
 mod client;
+pub mod clients;
 mod connect;
 pub mod context;
 pub mod error;
 mod events;
+mod gate;
 pub mod guard;
 pub mod leader;
 pub mod models;
@@ -32,7 +34,7 @@ use std::{sync::Arc, time::Duration};
 use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    core::v1::{Secret, Service, ServiceAccount},
+    core::v1::{ConfigMap, Secret, Service, ServiceAccount},
     networking::v1::NetworkPolicy,
     policy::v1::PodDisruptionBudget,
 };
@@ -112,17 +114,30 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
             .map(|ns| {
                 let (store, writer) = reflector::store();
                 let (synced_tx, synced) = watch::channel(false);
-                (ns, store, writer, synced_tx, synced)
+                let (mc_store, mc_writer) = reflector::store();
+                let (mc_synced_tx, mc_synced) = watch::channel(false);
+                (
+                    ns,
+                    (store, writer, synced_tx, synced),
+                    (mc_store, mc_writer, mc_synced_tx, mc_synced),
+                )
             })
             .collect();
         let models = models::Models::new(
             reflectors
                 .iter()
-                .map(|(ns, store, _, _, synced)| (ns.clone(), store.clone(), synced.clone()))
+                .map(|(ns, (store, _, _, synced), _)| (ns.clone(), store.clone(), synced.clone()))
                 .collect(),
         );
+        let clients = clients::Clients::new(
+            reflectors
+                .iter()
+                .map(|(_, _, (store, _, _, synced))| (store.clone(), synced.clone()))
+                .collect(),
+        );
+        let (client_changes, _) = tokio::sync::broadcast::channel(1024);
         futures::future::join_all(reflectors.into_iter().map(
-            |(ns, store, writer, synced_tx, synced)| {
+            |(ns, (store, writer, synced_tx, synced), (_, mc_writer, mc_synced_tx, _))| {
                 run_one(
                     client.clone(),
                     Scope {
@@ -132,6 +147,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
                         synced_tx,
                         synced,
                         models: models.clone(),
+                        clients: clients.clone(),
+                        mc_writer,
+                        mc_synced_tx,
+                        client_changes: client_changes.clone(),
                     },
                     settings.clone(),
                     metrics.clone(),
@@ -159,6 +178,25 @@ fn ca_changes(
     })
 }
 
+/// The models named on `rx`, as references the controller reconciles (models outside this
+/// scope are not in its store and are skipped).
+fn model_refs(
+    rx: tokio::sync::broadcast::Receiver<(String, String)>,
+) -> impl futures::Stream<Item = reflector::ObjectRef<Guarded<SecureModelDeployment>>> + Send + 'static
+{
+    futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            match rx.recv().await {
+                Ok((namespace, name)) => {
+                    return Some((reflector::ObjectRef::new(&name).within(&namespace), rx));
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    })
+}
+
 /// One watch scope: its namespace (`None`: all), its SMD cache and the writer that fills it, and
 /// the SMD caches of every scope.
 struct Scope {
@@ -169,6 +207,13 @@ struct Scope {
     synced_tx: watch::Sender<bool>,
     synced: models::Synced,
     models: models::Models,
+    /// The ModelClient caches of every scope, and this scope's writer and fill signal.
+    clients: clients::Clients,
+    mc_writer: reflector::store::Writer<Guarded<crate::api::ModelClient>>,
+    mc_synced_tx: watch::Sender<bool>,
+    /// `(namespace, name)` of the model a ModelClient names, whenever that ModelClient changes
+    /// or goes: the model's gate policy is recomputed.
+    client_changes: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
 async fn run_one(
@@ -187,6 +232,10 @@ async fn run_one(
         synced_tx,
         synced,
         models,
+        clients,
+        mc_writer,
+        mc_synced_tx,
+        client_changes,
     } = scope;
     let smds: Api<Guarded<SecureModelDeployment>> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
@@ -195,6 +244,7 @@ async fn run_one(
     let (pdb_store, pdb_stream) = reflect::<PodDisruptionBudget>(&client, ns.as_deref());
     let (deploy_store, deploy_stream) = reflect::<Deployment>(&client, ns.as_deref());
     let (secret_store, secret_stream) = reflect::<Secret>(&client, ns.as_deref());
+    let (config_map_store, config_map_stream) = reflect::<ConfigMap>(&client, ns.as_deref());
     let caches = Caches {
         service_accounts: sa_store,
         network_policies: np_store,
@@ -202,6 +252,7 @@ async fn run_one(
         pod_disruption_budgets: pdb_store,
         deployments: deploy_store,
         secrets: secret_store,
+        config_maps: config_map_store,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -210,6 +261,7 @@ async fn run_one(
         caches.clone(),
         ca_rx.clone(),
         smd_changes,
+        clients.clone(),
     ));
     info!(
         namespace = ns.as_deref().unwrap_or("<all>"),
@@ -237,6 +289,8 @@ async fn run_one(
         .owns_stream(pdb_stream)
         .owns_stream(deploy_stream)
         .owns_stream(secret_stream)
+        .owns_stream(config_map_stream)
+        .reconcile_on(model_refs(client_changes.subscribe()))
         .reconcile_all_on(ca_changes(ca_rx.clone()))
         .shutdown_on_signal();
     let counting = census::count_managed(
@@ -264,6 +318,8 @@ async fn run_one(
             caches.pod_disruption_budgets.wait_until_ready(),
             caches.deployments.wait_until_ready(),
             caches.secrets.wait_until_ready(),
+            caches.config_maps.wait_until_ready(),
+            clients.synced(),
             tokio::time::timeout(CA_WAIT, async move {
                 // The guard wait_for returns is not Send; drop it at once.
                 let _ = ca_ready.wait_for(Option::is_some).await.map(|_| ());
@@ -275,7 +331,18 @@ async fn run_one(
     };
     let ready = futures::future::FutureExt::shared(ready);
     let synced = ready.clone();
-    let clients = client::run(client, ns.clone(), ctx.clone(), models, ca_changes(ca_rx));
+    let model_clients = client::run(
+        client,
+        ns.clone(),
+        ctx.clone(),
+        models,
+        ca_changes(ca_rx),
+        client::Reflector {
+            writer: mc_writer,
+            synced: mc_synced_tx,
+            changes: client_changes,
+        },
+    );
     let work = controller
         .run(
             move |smd: Arc<Guarded<SecureModelDeployment>>, ctx: Arc<Context>| {
@@ -304,7 +371,7 @@ async fn run_one(
     tokio::select! {
         () = work => {}
         () = counting => {}
-        () = clients => {}
+        () = model_clients => {}
         () = synced => {}
     }
     info!("controller stopped");

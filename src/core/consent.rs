@@ -35,6 +35,33 @@ pub fn consent(mc: &ModelClient, smd: Option<&SecureModelDeployment>) -> Result<
     }
 }
 
+/// The client identities the gate of `smd` lets through: the SPIFFE ID of every ModelClient in
+/// `clients` that names `smd`, is not being deleted, and has its consent. A ModelClient deleted,
+/// or a ServiceAccount taken off `spec.access.clients`, drops out at once.
+pub fn gate_identities<'a>(
+    smd: &SecureModelDeployment,
+    clients: impl IntoIterator<Item = &'a ModelClient>,
+    trust_domain: &str,
+) -> std::collections::BTreeSet<String> {
+    let (namespace, name) = (smd.namespace().unwrap_or_default(), smd.name_any());
+    clients
+        .into_iter()
+        .filter(|mc| {
+            mc.spec.deployment_ref.namespace == namespace
+                && mc.spec.deployment_ref.name == name
+                && mc.metadata.deletion_timestamp.is_none()
+                && consent(mc, Some(smd)).is_ok()
+        })
+        .map(|mc| {
+            crate::pki::Identity::client(
+                &mc.namespace().unwrap_or_default(),
+                &mc.spec.service_account_name,
+            )
+            .spiffe_id(trust_domain)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +98,31 @@ mod tests {
         assert!(consent(&mc("checkout"), Some(&other_ns)).is_err());
         let e = consent(&mc("checkout"), None).expect_err("missing model");
         assert!(e.contains("does not exist"), "{e}");
+    }
+
+    /// The gate lets through exactly the consented ModelClients of this model.
+    #[test]
+    fn gate_identities_are_the_consented_model_clients_of_this_model() {
+        let model =
+            smd(json!([{"namespace": "payments", "serviceAccounts": ["checkout", "refunds"]}]));
+        let mut deleting = mc("refunds");
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let other_model = fixture::model_client("o", "ml", "other")
+            .namespace("payments")
+            .service_account("checkout")
+            .secret("s")
+            .build()
+            .expect("mc");
+        let clients = [mc("checkout"), mc("intruder"), deleting, other_model];
+        let ids = gate_identities(&model, &clients, "cluster.local");
+        assert_eq!(
+            ids.into_iter().collect::<Vec<_>>(),
+            vec!["spiffe://cluster.local/ns/payments/sa/checkout".to_string()]
+        );
+        let none = smd(json!([{"namespace": "payments"}]));
+        assert!(gate_identities(&none, &clients, "cluster.local").is_empty());
     }
 }

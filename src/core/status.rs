@@ -233,6 +233,57 @@ pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) ->
         && conditions::same_ignoring_time(&a.conditions, &b.conditions)
 }
 
+/// What guards the endpoint of `smd`, for `status.gate`: Moat's gate with the identities it
+/// lets through, its quarantine and the hash of its policy; or, with the gate disabled, a plain
+/// statement that Moat does not enforce the endpoint.
+pub fn gate(
+    enforced: bool,
+    identities: &std::collections::BTreeSet<String>,
+    quarantine: Option<String>,
+    policy_hash: Option<String>,
+) -> crate::api::GateStatus {
+    if !enforced {
+        return crate::api::GateStatus {
+            enforced: false,
+            message: "the endpoint is not enforced by Moat: spec.gate.mode is Disabled, so the \
+                      model server alone checks callers, limits and audit"
+                .into(),
+            ..Default::default()
+        };
+    }
+    let message = match &quarantine {
+        Some(why) => format!("quarantined ({why}): every request is refused"),
+        None => format!(
+            "Moat's gate admits {} client identit{}",
+            identities.len(),
+            if identities.len() == 1 { "y" } else { "ies" }
+        ),
+    };
+    crate::api::GateStatus {
+        enforced: true,
+        message,
+        identities: identities.iter().cloned().collect(),
+        quarantined: quarantine,
+        policy_hash,
+    }
+}
+
+/// Marks a converged status as quarantined: Ready=False with the reason, the rest untouched.
+pub fn quarantined(st: &mut SecureModelDeploymentStatus, why: &str, now: Time) {
+    let generation = st.observed_generation;
+    conditions::set(
+        &mut st.conditions,
+        conditions::new(
+            READY,
+            false,
+            reason::QUARANTINED,
+            format!("quarantined ({why}): the gate refuses every request; the pods keep running"),
+            generation,
+            now,
+        ),
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

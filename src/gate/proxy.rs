@@ -708,7 +708,70 @@ pub(crate) fn health_router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/upstream", get(upstream_probe))
         .with_state(shared)
+}
+
+/// The model server's probes, for the kubelet: the server listens on the pod's loopback, which
+/// the kubelet cannot reach. `/upstream` succeeds when the server accepts a connection;
+/// `/upstream?path=/health` when a GET of that path answers 2xx or 3xx.
+async fn upstream_probe(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+) -> impl IntoResponse {
+    let path = uri.query().and_then(|q| {
+        form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "path")
+            .map(|(_, v)| v.into_owned())
+    });
+    let Some(path) = path else {
+        let connect = TcpStream::connect(shared.upstream.addr);
+        return match tokio::time::timeout(Duration::from_secs(5), connect).await {
+            Ok(Ok(_)) => (StatusCode::OK, "accepting connections".to_string()),
+            _ => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the model server is not accepting connections".to_string(),
+            ),
+        };
+    };
+    if !policy::path_is_canonical(&path) {
+        return (StatusCode::BAD_REQUEST, "not a probe path".to_string());
+    }
+    let uri = format!("http://{}{path}", shared.upstream.authority);
+    let Ok(request) = Request::get(uri).version(shared.upstream.version).body(
+        Full::new(Bytes::new())
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    ) else {
+        return (StatusCode::BAD_REQUEST, "not a probe path".to_string());
+    };
+    match tokio::time::timeout(
+        Duration::from_secs(10),
+        shared.upstream.client.request(request),
+    )
+    .await
+    {
+        Ok(Ok(response)) => {
+            let status = response.status();
+            let ok = status.is_success() || status.is_redirection();
+            (
+                if ok {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                },
+                format!("the model server answered {status}"),
+            )
+        }
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the model server failed: {e}"),
+        ),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the model server did not answer in 10 s".to_string(),
+        ),
+    }
 }
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> impl IntoResponse {

@@ -9,8 +9,11 @@ use k8s_openapi::api::apps::v1::Deployment;
 
 use super::{
     Ctx, RUN_AS_ID, RenderError, Resolved, SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH,
-    TMP_SIZE_LIMIT, container_security_context, model, tls_secret, typed,
+    TMP_SIZE_LIMIT, container_security_context, gate, model, tls_secret, typed,
 };
+
+/// Name of the model server's port when the gate is in front of it.
+pub const UPSTREAM_PORT_NAME: &str = "model";
 use crate::api::{Placement, Probe, ProbeScheme};
 
 pub(crate) fn render(
@@ -20,6 +23,14 @@ pub(crate) fn render(
 ) -> Result<Deployment, RenderError> {
     let server = &ctx.smd.spec.server;
     let selector = ctx.selector();
+    let gated = gate::enforced(ctx.smd);
+    // With the gate, the Service's port name belongs to the gate; the server's port is for
+    // the gate and the kubelet's probes only.
+    let server_port_name = if gated {
+        UPSTREAM_PORT_NAME
+    } else {
+        SERVING_PORT_NAME
+    };
 
     let mut container = serde_json::Map::new();
     container.insert("name".into(), json!("server"));
@@ -49,7 +60,7 @@ pub(crate) fn render(
     container.insert("env".into(), Value::Array(env));
     container.insert(
         "ports".into(),
-        json!([{"name": SERVING_PORT_NAME, "containerPort": server.port, "protocol": "TCP"}]),
+        json!([{"name": server_port_name, "containerPort": server.port, "protocol": "TCP"}]),
     );
     let limits = &server.resources.limits;
     let requests = server
@@ -75,7 +86,7 @@ pub(crate) fn render(
     container.insert("resources".into(), resources);
     container.insert(
         "readinessProbe".into(),
-        probe(server.readiness_probe.as_ref(), &[]),
+        probe(server.readiness_probe.as_ref(), server_port_name, &[]),
     );
     // A slow model load never counts as a hang: liveness starts once the startup probe passes,
     // which allows 30 minutes by default.
@@ -83,6 +94,7 @@ pub(crate) fn render(
         "startupProbe".into(),
         probe(
             server.startup_probe.as_ref(),
+            server_port_name,
             &[("periodSeconds", 10), ("failureThreshold", 180)],
         ),
     );
@@ -90,6 +102,7 @@ pub(crate) fn render(
         "livenessProbe".into(),
         probe(
             server.liveness_probe.as_ref(),
+            server_port_name,
             &[
                 ("periodSeconds", 20),
                 ("timeoutSeconds", 5),
@@ -116,7 +129,8 @@ pub(crate) fn render(
     }
     container.insert("volumeMounts".into(), Value::Array(mounts));
     let mut template_meta = json!({"labels": ctx.labels()});
-    if !ctx.smd.spec.tls.reloads_certificates {
+    // The gate reloads the certificate itself; without it most servers read it only at start.
+    if !gated && !ctx.smd.spec.tls.reloads_certificates {
         template_meta["annotations"] = json!({TLS_HASH_ANNOTATION: resolved.tls.hash()});
     }
     let mut pod_spec = json!({
@@ -154,11 +168,22 @@ pub(crate) fn render(
             },
         ],
     });
+    let mut init_containers = Vec::new();
     if let Some(m) = model {
-        pod_spec["initContainers"] = json!([m.init_container]);
+        init_containers.push(m.init_container);
         if let Some(volumes) = pod_spec["volumes"].as_array_mut() {
             volumes.extend(m.volumes);
         }
+    }
+    if gated {
+        // After the model is decrypted: the gate is ready only when the server is anyway.
+        init_containers.push(gate::container(ctx, resolved));
+        if let Some(volumes) = pod_spec["volumes"].as_array_mut() {
+            volumes.push(gate::volume(ctx));
+        }
+    }
+    if !init_containers.is_empty() {
+        pod_spec["initContainers"] = Value::Array(init_containers);
     }
     if let Some(size) = &server.shared_memory
         && let Some(volumes) = pod_spec["volumes"].as_array_mut()
@@ -244,11 +269,28 @@ fn place(pod_spec: &mut Value, placement: &Placement) {
 
 /// A probe of the serving port: `probe` as given (TCP without `httpGet`), its unset timings from
 /// `defaults`.
-fn probe(probe: Option<&Probe>, defaults: &[(&str, i32)]) -> Value {
+fn probe(probe: Option<&Probe>, port_name: &str, defaults: &[(&str, i32)]) -> Value {
     let default = Probe::default();
     let probe = probe.unwrap_or(&default);
     let mut out = serde_json::Map::new();
     match &probe.http_get {
+        // Behind the gate the server listens on loopback only: the gate's health port checks it
+        // there for the kubelet (a GET of the path, or a connection).
+        _ if port_name == UPSTREAM_PORT_NAME => {
+            let path = match &probe.http_get {
+                Some(http) => format!(
+                    "/upstream?{}",
+                    form_urlencoded::Serializer::new(String::new())
+                        .append_pair("path", &http.path)
+                        .finish()
+                ),
+                None => "/upstream".to_string(),
+            };
+            out.insert(
+                "httpGet".into(),
+                json!({"path": path, "port": gate::HEALTH_PORT, "scheme": "HTTP"}),
+            );
+        }
         Some(http) => {
             let scheme = match http.scheme.unwrap_or(ProbeScheme::Http) {
                 ProbeScheme::Http => "HTTP",
@@ -256,11 +298,11 @@ fn probe(probe: Option<&Probe>, defaults: &[(&str, i32)]) -> Value {
             };
             out.insert(
                 "httpGet".into(),
-                json!({"path": http.path, "port": SERVING_PORT_NAME, "scheme": scheme}),
+                json!({"path": http.path, "port": port_name, "scheme": scheme}),
             );
         }
         None => {
-            out.insert("tcpSocket".into(), json!({"port": SERVING_PORT_NAME}));
+            out.insert("tcpSocket".into(), json!({"port": port_name}));
         }
     }
     for (key, value) in [

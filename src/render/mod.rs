@@ -4,6 +4,7 @@
 
 mod client_secret;
 mod deployment;
+pub mod gate;
 pub mod model;
 mod network_policy;
 mod pdb;
@@ -17,7 +18,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Secret, Service, ServiceAccount},
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -89,8 +90,13 @@ pub struct Resolved {
     pub tls: ServingTls,
     /// The server image the pods run, `repository@sha256:...` once pinned.
     pub image: String,
-    /// Moat's own image for the decrypting init container, pinned like `image`.
+    /// Moat's own image for the decrypting init container and the gate, pinned like `image`.
     pub helper_image: String,
+    /// The client identities (SPIFFE IDs) the gate lets through: each ModelClient for this
+    /// model that its `spec.access.clients` consents to.
+    pub gate_identities: std::collections::BTreeSet<String>,
+    /// Why the model is quarantined ([`gate::quarantine`]), if it is.
+    pub quarantine: Option<String>,
 }
 
 /// Moat's own image, used for helper containers when the operator is not told otherwise
@@ -114,6 +120,8 @@ impl Resolved {
             tls: ServingTls::placeholder(),
             image,
             helper_image: DEFAULT_HELPER_IMAGE.into(),
+            gate_identities: std::collections::BTreeSet::new(),
+            quarantine: gate::quarantine(smd),
         }
     }
 }
@@ -141,6 +149,9 @@ pub struct Facts {
     /// `spec.placement` leaves it unset (operator flags `--default-priority-class-name`,
     /// `--default-runtime-class-name`).
     pub placement_defaults: crate::api::Placement,
+    /// Namespace whose pods may scrape the gates' metrics (operator flag
+    /// `--monitoring-namespace`); without it nobody outside the pod can.
+    pub monitoring_namespace: Option<String>,
 }
 
 impl Default for Facts {
@@ -149,6 +160,7 @@ impl Default for Facts {
             dns_namespace: "kube-system".into(),
             dns_pod_labels: BTreeMap::from([("k8s-app".into(), "kube-dns".into())]),
             placement_defaults: crate::api::Placement::default(),
+            monitoring_namespace: None,
         }
     }
 }
@@ -165,6 +177,8 @@ pub struct Children {
     pub network_policies: Vec<NetworkPolicy>,
     /// ClusterIP Service for the serving port.
     pub service: Service,
+    /// The gate's policy (absent when `spec.gate.mode` is `Disabled`).
+    pub gate_policy: Option<ConfigMap>,
     /// Present when `replicas >= 2`.
     pub pod_disruption_budget: Option<PodDisruptionBudget>,
     /// The model server pods.
@@ -266,8 +280,13 @@ pub fn build(valid: &Valid, facts: &Facts, resolved: &Resolved) -> Result<Childr
     Ok(Children {
         service_account: service_account::render(&ctx)?,
         tls_secret: tls_secret::render(&ctx, &resolved.tls),
-        network_policies: network_policy::render(&ctx, facts)?,
+        network_policies: network_policy::render(&ctx, facts, resolved)?,
         service: service::render(&ctx)?,
+        gate_policy: if gate::enforced(valid.smd) {
+            Some(gate::config_map(&ctx, &gate::policy(valid.smd, resolved))?)
+        } else {
+            None
+        },
         pod_disruption_budget: pdb::render(&ctx)?,
         deployment: deployment::render(&ctx, resolved, &facts.placement_defaults)?,
     })
@@ -372,6 +391,7 @@ impl Children {
             tls_secret,
             network_policies,
             service,
+            gate_policy,
             pod_disruption_budget,
             deployment,
         } = self;
@@ -380,6 +400,9 @@ impl Children {
             out.push(object(np)?);
         }
         out.push(object(service)?);
+        if let Some(cm) = gate_policy {
+            out.push(object(cm)?);
+        }
         if let Some(pdb) = pod_disruption_budget {
             out.push(object(pdb)?);
         }

@@ -6,13 +6,17 @@ use serde_json::{Value, json};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 
-use super::{Ctx, Facts, RenderError, typed};
+use super::{Ctx, Facts, RenderError, Resolved, typed};
 use crate::api::Protocol;
 
 /// Label every namespace carries with its own name (set by the API server).
 const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
-pub(crate) fn render(ctx: &Ctx, facts: &Facts) -> Result<Vec<NetworkPolicy>, RenderError> {
+pub(crate) fn render(
+    ctx: &Ctx,
+    facts: &Facts,
+    resolved: &Resolved,
+) -> Result<Vec<NetworkPolicy>, RenderError> {
     let deny = typed(
         "NetworkPolicy",
         json!({
@@ -28,7 +32,10 @@ pub(crate) fn render(ctx: &Ctx, facts: &Facts) -> Result<Vec<NetworkPolicy>, Ren
     let mut spec = serde_json::Map::new();
     spec.insert("podSelector".into(), json!({"matchLabels": ctx.selector()}));
     spec.insert("policyTypes".into(), json!(["Ingress", "Egress"]));
-    if !access.clients.is_empty() {
+    let quarantined = super::gate::enforced(ctx.smd) && resolved.quarantine.is_some();
+    let mut ingress = Vec::new();
+    // Quarantined: no ingress at all (the deny-all policy alone remains in force).
+    if !access.clients.is_empty() && !quarantined {
         let from: Vec<Value> = access
             .clients
             .iter()
@@ -39,13 +46,19 @@ pub(crate) fn render(ctx: &Ctx, facts: &Facts) -> Result<Vec<NetworkPolicy>, Ren
                 })
             })
             .collect();
-        spec.insert(
-            "ingress".into(),
-            json!([{
-                "from": from,
-                "ports": [{"protocol": "TCP", "port": ctx.smd.spec.server.port}],
-            }]),
-        );
+        ingress.push(json!({
+            "from": from,
+            "ports": [{"protocol": "TCP", "port": super::gate::entry_port(ctx.smd)}],
+        }));
+    }
+    if let (Some(ns), true) = (&facts.monitoring_namespace, super::gate::enforced(ctx.smd)) {
+        ingress.push(json!({
+            "from": [{"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: ns}}}],
+            "ports": [{"protocol": "TCP", "port": super::gate::METRICS_PORT}],
+        }));
+    }
+    if !ingress.is_empty() {
+        spec.insert("ingress".into(), Value::Array(ingress));
     }
     let mut egress = vec![json!({
         "to": [{

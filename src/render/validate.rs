@@ -134,6 +134,56 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             "must be between 1024 and 65535 (the pods run without the capability to bind lower ports)".into(),
         );
     }
+    if let Some(gate) = &spec.gate
+        && gate.mode != Some(crate::api::GateMode::Disabled)
+    {
+        let gate_port = gate.port.unwrap_or(super::gate::DEFAULT_PORT);
+        if !(1024..=65535).contains(&gate_port) {
+            err(
+                "spec.gate.port".into(),
+                "must be between 1024 and 65535 (the gate runs without the capability to bind lower ports)".into(),
+            );
+        }
+        if [super::gate::HEALTH_PORT, super::gate::METRICS_PORT].contains(&gate_port) {
+            err(
+                "spec.gate.port".into(),
+                format!("{gate_port} is taken by the gate's own health or metrics endpoint"),
+            );
+        }
+        if let Some(limits) = &gate.limits
+            && let Some(max) = &limits.max_request_bytes
+            && crate::quantity::parse(max).is_none_or(|b| b < 1.0)
+        {
+            err(
+                "spec.gate.limits.maxRequestBytes".into(),
+                format!("{max:?} is not a size such as 16Mi"),
+            );
+        }
+    }
+    if super::gate::enforced_spec(spec) {
+        let gate_port = spec
+            .gate
+            .as_ref()
+            .and_then(|g| g.port)
+            .unwrap_or(super::gate::DEFAULT_PORT);
+        if [
+            gate_port,
+            super::gate::HEALTH_PORT,
+            super::gate::METRICS_PORT,
+        ]
+        .contains(&server.port)
+        {
+            err(
+                "spec.server.port".into(),
+                format!(
+                    "{} is taken by Moat's gate in the pod (ports {gate_port}, {} and {}); choose another, or set spec.gate.port",
+                    server.port,
+                    super::gate::HEALTH_PORT,
+                    super::gate::METRICS_PORT
+                ),
+            );
+        }
+    }
     let mut seen = BTreeSet::new();
     for (i, env) in server.env.iter().enumerate() {
         let field = format!("spec.server.env[{i}]");

@@ -8,7 +8,7 @@ use kube::{Resource, ResourceExt, runtime::events::EventType};
 use super::{build::Built, dereference::Dereferenced};
 use crate::{
     api::{SecureModelDeployment, conditions::reason},
-    controller::{Context, Error, Repair, apply::Applier, events::publish, weights},
+    controller::{Context, Error, Repair, apply::Applier, events::publish, gate, weights},
     render::{self, Children},
 };
 
@@ -18,6 +18,8 @@ pub(super) struct Applied {
     pub deployment: Option<Deployment>,
     /// Changes by someone else that were reverted.
     pub repairs: Vec<Repair>,
+    /// What guards the endpoint, for the status.
+    pub gate: crate::api::GateStatus,
 }
 
 /// Makes the live children exactly `built`.
@@ -32,6 +34,7 @@ pub(super) async fn apply(
         children,
         converged_before,
         own,
+        gate,
     } = built;
     let namespace = smd.namespace().unwrap_or_default();
     let mut applier = Applier::new(ctx, smd, &namespace, converged_before, own, now);
@@ -42,6 +45,7 @@ pub(super) async fn apply(
         tls_secret,
         network_policies,
         service,
+        gate_policy,
         pod_disruption_budget,
         deployment,
     } = children;
@@ -73,6 +77,22 @@ pub(super) async fn apply(
         .ensure(network_policies, &live.network_policies)
         .await?;
     applier.ensure(vec![service], &live.services).await?;
+    // Before the Deployment: the pods mount it. A new policy is also announced to the running
+    // pods (below), so their kubelet refreshes the volume at once.
+    let policy_changed = gate_policy.as_ref().is_some_and(|want| {
+        live.config_maps
+            .iter()
+            .find(|cm| cm.name_any() == want.name_any())
+            .is_none_or(|cm| cm.data != want.data)
+    });
+    let policy_hash = gate_policy
+        .as_ref()
+        .and_then(|cm| cm.data.as_ref())
+        .and_then(|d| d.get(render::gate::POLICY_FILE))
+        .map(|text| crate::pki::sha256_hex(text.as_bytes())[..16].to_string());
+    applier
+        .ensure(gate_policy.into_iter().collect(), &live.config_maps)
+        .await?;
     applier
         .ensure(
             pod_disruption_budget.into_iter().collect(),
@@ -84,6 +104,9 @@ pub(super) async fn apply(
         .await?
         .into_iter()
         .next();
+    if let (true, Some(hash)) = (policy_changed, &policy_hash) {
+        gate::announce(ctx, smd, &namespace, hash).await?;
+    }
     if facts.pin.resolved {
         applier.note(
             EventType::Normal,
@@ -97,6 +120,7 @@ pub(super) async fn apply(
     Ok(Applied {
         deployment,
         repairs: applier.finish(),
+        gate,
     })
 }
 

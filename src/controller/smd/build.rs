@@ -22,6 +22,8 @@ pub(super) struct Built {
     pub converged_before: bool,
     /// The paths of each child that changed because Moat's own facts changed.
     pub own: OwnChanges,
+    /// What guards the endpoint, for the status.
+    pub gate: crate::api::GateStatus,
 }
 
 /// Renders the children of `valid` with `facts`.
@@ -36,8 +38,27 @@ pub(super) fn build(
         tls: certified.tls(),
         image: facts.pin.status.pinned.clone(),
         helper_image: facts.helper_image.clone(),
+        gate_identities: facts.gate_identities.clone(),
+        quarantine: render::gate::quarantine(smd),
     };
     let children = render::build(valid, cluster, &resolved).map_err(Error::Invalid)?;
+    let enforced = render::gate::enforced(smd);
+    let policy_hash = if enforced {
+        let policy = render::gate::policy(smd, &resolved);
+        Some(
+            render::gate::policy_json(&policy)
+                .map_err(Error::Invalid)?
+                .1,
+        )
+    } else {
+        None
+    };
+    let gate = crate::core::status::gate(
+        enforced,
+        &resolved.gate_identities,
+        resolved.quarantine.clone().filter(|_| enforced),
+        policy_hash,
+    );
     let converged_before = smd.status.as_ref().is_some_and(|s| {
         s.observed_generation == smd.metadata.generation
             && !conditions::is_true(&s.conditions, conditions::STALLED)
@@ -78,6 +99,7 @@ pub(super) fn build(
         children,
         converged_before,
         own,
+        gate,
     })
 }
 
@@ -105,7 +127,26 @@ fn before_facts(valid: &Valid<'_>, now: &Resolved, now_serial: &str) -> Option<R
         .as_ref()
         .and_then(|i| i.helper.clone())
         .filter(|h| *h != now.helper_image && !now.helper_image.is_empty());
-    if !cert_changed && earlier_pin.is_none() && earlier_helper.is_none() {
+    // The gate's identities and quarantine, as the last status recorded them (a status
+    // written before the gate existed records neither, and nothing is rebuilt for them).
+    let earlier_gate = status.gate.as_ref().filter(|g| g.enforced);
+    let earlier_identities = earlier_gate
+        .map(|g| {
+            g.identities
+                .iter()
+                .cloned()
+                .collect::<std::collections::BTreeSet<_>>()
+        })
+        .filter(|ids| *ids != now.gate_identities);
+    let earlier_quarantine = earlier_gate
+        .map(|g| g.quarantined.clone())
+        .filter(|q| *q != now.quarantine);
+    if !cert_changed
+        && earlier_pin.is_none()
+        && earlier_helper.is_none()
+        && earlier_identities.is_none()
+        && earlier_quarantine.is_none()
+    {
         return None;
     }
     Some(Resolved {
@@ -117,6 +158,8 @@ fn before_facts(valid: &Valid<'_>, now: &Resolved, now_serial: &str) -> Option<R
         },
         image: earlier_pin.unwrap_or_else(|| now.image.clone()),
         helper_image: earlier_helper.unwrap_or_else(|| now.helper_image.clone()),
+        gate_identities: earlier_identities.unwrap_or_else(|| now.gate_identities.clone()),
+        quarantine: earlier_quarantine.unwrap_or_else(|| now.quarantine.clone()),
     })
 }
 
@@ -135,6 +178,8 @@ mod tests {
             tls: ServingTls::placeholder(),
             image: image.into(),
             helper_image: helper.into(),
+            gate_identities: Default::default(),
+            quarantine: None,
         }
     }
 

@@ -8,7 +8,7 @@
 use k8s_openapi::{
     api::{
         apps::v1::Deployment,
-        core::v1::{Secret, Service, ServiceAccount},
+        core::v1::{ConfigMap, Secret, Service, ServiceAccount},
         networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
     },
@@ -31,8 +31,11 @@ pub(super) struct Dereferenced {
     pub image_failure: Option<ImageError>,
     /// The serving certificate.
     pub certified: certs::Certified,
-    /// Moat's own image for the decrypting init container, pinned (empty without a model).
+    /// Moat's own image for the decrypting init container and the gate, pinned (empty with
+    /// neither).
     pub helper_image: String,
+    /// The identities the gate lets through.
+    pub gate_identities: std::collections::BTreeSet<String>,
     /// The children as the caches hold them.
     pub live: Live,
 }
@@ -45,6 +48,7 @@ pub(super) struct Live {
     pub services: Vec<Service>,
     pub pod_disruption_budgets: Vec<PodDisruptionBudget>,
     pub deployments: Vec<Deployment>,
+    pub config_maps: Vec<ConfigMap>,
 }
 
 /// The key Secret of an encrypted model, checked with its PVC source (reads only).
@@ -85,10 +89,12 @@ pub(super) async fn read(
             None => return Err(Error::Image(e)),
         },
     };
-    let helper_image = match &smd.spec.model {
-        Some(_) => resolve::helper(ctx).await.map_err(Error::Image)?,
-        None => String::new(),
+    let helper_image = if smd.spec.model.is_some() || render::gate::enforced(smd) {
+        resolve::helper(ctx).await.map_err(Error::Image)?
+    } else {
+        String::new()
     };
+    let gate_identities = ctx.clients.identities(smd, &ctx.settings.ca.trust_domain);
     let c = &ctx.caches;
     let live = Live {
         service_accounts: cached(&c.service_accounts, &namespace, &name),
@@ -97,6 +103,7 @@ pub(super) async fn read(
         services: cached(&c.services, &namespace, &name),
         pod_disruption_budgets: cached(&c.pod_disruption_budgets, &namespace, &name),
         deployments: cached(&c.deployments, &namespace, &name),
+        config_maps: cached(&c.config_maps, &namespace, &name),
     };
     let secret_name = render::tls_secret_name(&name);
     let identity = Identity::server(&namespace, &name, &name, &ctx.settings.ca.cluster_domain);
@@ -115,6 +122,7 @@ pub(super) async fn read(
         image_failure,
         certified,
         helper_image,
+        gate_identities,
         live,
     })
 }

@@ -38,6 +38,7 @@ pub(super) async fn report(
     let Applied {
         deployment,
         repairs,
+        gate,
     } = applied;
     // While the pods are not all ready, a failed decrypting init container is the likely reason:
     // read it from the pods (not watched, so look again shortly).
@@ -64,8 +65,12 @@ pub(super) async fn report(
     let at = Time(now);
     let mut new_status = status::converged(smd, deployment.as_ref(), at.clone());
     if let Some(message) = decrypt_failure {
-        status::model_failed(&mut new_status, smd, message, at);
+        status::model_failed(&mut new_status, smd, message, at.clone());
     }
+    if let Some(why) = &gate.quarantined {
+        status::quarantined(&mut new_status, why, at.clone());
+    }
+    new_status.gate = Some(gate);
     new_status.certificate = Some(certified.status(&render::tls_secret_name(&smd.name_any())));
     new_status.image = Some(crate::api::ImageStatus {
         helper: Some(helper_image).filter(|h| !h.is_empty()),
