@@ -7,13 +7,15 @@
 #   its ServiceAccount, RBAC and NetworkPolicy, and the model's pods use it as the decrypting
 #   init container. The operator watches the demo's namespaces only (RoleBindings there), so the
 #   e2e tests' own operators never meet it.
-# - The model server is a small real one (e2e/model-server: Python, a logistic regression,
-#   vLLM's TLS flags), pushed under a tag that the operator resolves to a digest and pins.
+# - The model server is a small real one (e2e/model-server: Python, a logistic regression),
+#   listening on its pod's loopback behind Moat's gate; pushed under a tag that the operator
+#   resolves to a digest and pins.
 # - The encrypted model comes over HTTPS from an artifact store in the cluster (namespace
 #   model-artifacts, a certificate from its own CA).
-# - A pod of the consented client calls the model over mutual TLS and gets an answer; a pod the
-#   model did not declare is stopped by the NetworkPolicy, and one without a certificate by the
-#   TLS handshake. Then a change behind Moat's back is reverted.
+# - A pod of the consented client calls the model over mutual TLS through the gate and gets an
+#   answer; a pod the model did not declare is stopped by the NetworkPolicy, and one without a
+#   certificate by the gate (401, in its audit log). Then a change behind Moat's back is
+#   reverted.
 #
 # The cluster and the demo's objects stay up afterwards.
 set -euo pipefail
@@ -254,16 +256,17 @@ until out=$(call checkout --ca /var/run/client/ca.crt --cert /var/run/client/tls
   sleep 0.5
 done
 echo "$out"
-echo "the same pod without its certificate (refused in the TLS handshake):"
+echo "the same pod without its certificate (refused by Moat's gate):"
 out=$(call checkout --ca /var/run/client/ca.crt) && { echo "a client without a certificate was answered: $out" >&2; exit 1; }
 echo "$out"
-# The client sees the handshake end (an alert or a bare close, by timing); the server says why.
+case $out in 401*NoCertificate*) ;; *) echo "refused for another reason" >&2; exit 1 ;; esac
+# The gate's audit log has the refusal (one JSON line per request, on the gate's stdout).
 deadline=$((SECONDS + DEADLINE))
-until line=$(kubectl logs -n moat-demo -l moat.dev/deployment=fraud-scorer -c server --tail=-1 | grep -m1 PEER_DID_NOT_RETURN_A_CERTIFICATE); do
-  [ $SECONDS -lt $deadline ] || { echo "no server logged the refused handshake within ${DEADLINE}s" >&2; exit 1; }
+until line=$(kubectl logs -n moat-demo -l moat.dev/deployment=fraud-scorer -c gate --tail=-1 | grep -m1 '"reason":"NoCertificate"'); do
+  [ $SECONDS -lt $deadline ] || { echo "no gate logged the refusal within ${DEADLINE}s" >&2; exit 1; }
   sleep 0.5
 done
-echo "the model server: $line"
+echo "the gate's audit log: $line"
 echo "a pod the model did not declare (payments/stranger: stopped by the NetworkPolicy):"
 out=$(call stranger --ca /var/run/client/ca.crt) && { echo "an undeclared pod was answered: $out" >&2; exit 1; }
 echo "$out"

@@ -871,14 +871,18 @@ async fn python_pod(
 const PYTHON: &str = "/usr/bin/python3";
 const SERVE: &str = "/app/serve.py";
 
-/// mTLS on the wire, with a real model server: the model's encrypted weights come over HTTPS from
-/// an artifact store in the cluster (its own CA, trusted through `caConfigMapRef`), are verified
-/// and decrypted by Moat's init container, and the Python server reads them. A client pod holding
-/// its ModelClient Secret completes a handshake with the model's Service DNS name and gets a
-/// score, under its SPIFFE identity; the same pod without a certificate, or with one from another
-/// CA naming the same identity, is refused in the handshake.
+/// Moat's gate on the wire, in front of a real model server: the model's encrypted weights come
+/// over HTTPS from an artifact store in the cluster (its own CA, trusted through
+/// `caConfigMapRef`), are verified and decrypted by Moat's init container, and the Python server
+/// reads them, listening on the pod's loopback only. A client pod holding its ModelClient Secret
+/// calls the Service through the gate and gets a score under its SPIFFE identity (the gate names
+/// it to the server); a certificate from Moat's CA for an identity this model never consented to
+/// (what a client of another model holds) gets 403, no certificate 401, another CA's certificate
+/// and an expired one 403, each with its reason in the gate's audit log. Deleting the ModelClient
+/// revokes the identity, and quarantine by annotation cuts every caller off until lifted: each
+/// without a pod restart, timed.
 #[tokio::test]
-async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others() {
+async fn the_gate_admits_consented_clients_refuses_the_rest_and_revokes_and_quarantines_live() {
     use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
     use moat::api::ModelClient;
     use moat::pki;
@@ -975,12 +979,12 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 .image(&moat_e2e::real_node_model_server_image()?)
                 .port(8000)
                 .limits("250m", "320Mi")
-                // The quickstart's flags (vLLM's): mTLS with Moat's certificate and CA.
+                // The quickstart's flags: plain HTTP on loopback, behind the gate.
                 .set(&["spec", "server", "args"], json!([
-                    "--model=/models/fraud", "--port=8000",
-                    "--ssl-certfile=$(MOAT_TLS_CERT_FILE)", "--ssl-keyfile=$(MOAT_TLS_KEY_FILE)",
-                    "--ssl-ca-certs=$(MOAT_TLS_CA_FILE)", "--ssl-cert-reqs=2"
+                    "--model=/models/fraud", "--host=127.0.0.1", "--port=8000"
                 ]))
+                .set(&["spec", "server", "readinessProbe"], json!({"httpGet": {"path": "/health"}}))
+                .set(&["spec", "gate"], json!({"limits": {"paths": ["/v1/score", "/v1/model", "/health"]}}))
                 .clients(json!([{"namespace": clients, "podSelector": {"app": "checkout"}, "serviceAccounts": ["checkout"]}]))
                 .egress(json!([{"namespace": store_ns, "podSelector": {"app": "store"}, "ports": [8443]}]))
                 .model(json!({
@@ -1011,9 +1015,30 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 now,
                 day,
             )?;
-            client_secrets
-                .create(&Default::default(), &secret("forged", json!({"tls.crt": forged.cert_pem, "tls.key": forged.key_pem}))?)
-                .await?;
+            // Moat's own CA (the test's operator keeps it in the test namespace): a certificate
+            // for an identity this model never consented to, as a client of another model holds,
+            // and an expired one for the consented identity.
+            let moat_ca_secret = env.api::<Secret>().get("moat-ca").await?;
+            let text = |key: &str| -> Result<String> {
+                let data = moat_ca_secret.data.as_ref().and_then(|d| d.get(key)).context("CA Secret")?;
+                Ok(String::from_utf8(data.0.clone())?)
+            };
+            let moat_ca = pki::Ca::load(
+                &pki::KeyedCertificate { cert_pem: text("tls.crt")?, key_pem: text("tls.key")? },
+                now,
+            )?;
+            let elsewhere = moat_ca.issue(&pki::Identity::client(&clients, "billing"), "cluster.local", now, day)?;
+            let expired = moat_ca.issue(
+                &pki::Identity::client(&clients, "checkout"),
+                "cluster.local",
+                now - 30,
+                std::time::Duration::from_secs(1),
+            )?;
+            for (name, cert) in [("forged", &forged), ("elsewhere", &elsewhere), ("expired", &expired)] {
+                client_secrets
+                    .create(&Default::default(), &secret(name, json!({"tls.crt": cert.cert_pem, "tls.key": cert.key_pem}))?)
+                    .await?;
+            }
             python_pod(
                 &env,
                 &clients,
@@ -1023,6 +1048,8 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 &[
                     ("client", json!({"secret": {"secretName": "checkout-client"}}), "/var/run/client"),
                     ("forged", json!({"secret": {"secretName": "forged"}}), "/var/run/forged"),
+                    ("elsewhere", json!({"secret": {"secretName": "elsewhere"}}), "/var/run/elsewhere"),
+                    ("expired", json!({"secret": {"secretName": "expired"}}), "/var/run/expired"),
                 ],
             )
             .await?;
@@ -1048,16 +1075,19 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 }
             };
 
-            // The consented client: a handshake with the Service's DNS name, and a score. Asked
-            // until answered: kube-router admits a new client pod once it has added the pod's
+            // The consented client: a handshake with the gate under the Service's DNS name, and a
+            // score. Asked until answered: kube-router admits a new client pod once it has added the pod's
             // address to the model's ingress rules, and a call before that is blocked.
             let out = wait_for_value(moat_e2e::DEADLINE, "an answer for the consented client", || async {
                 let (ok, out, err) = call(request("/v1/score", Some("/var/run/client"))).await?;
                 if ok && out.starts_with("200") {
                     return Ok(Some(out));
                 }
+                // Also not yet: the gate's policy names the identity once Moat has seen the
+                // ModelClient and the kubelet has delivered the policy.
                 ensure!(
-                    err.contains("timed out") || err.contains("Connection refused"),
+                    err.contains("timed out") || err.contains("Connection refused")
+                        || (out.starts_with("403") && out.contains("NotConsented")),
                     "the client with Moat's certificate got: {out} {err}"
                 );
                 Ok(None)
@@ -1078,25 +1108,108 @@ async fn a_real_model_server_answers_mtls_clients_of_moats_ca_and_refuses_others
                 "the server holds other weights: {model}"
             );
 
-            // No certificate, or one from another CA: refused in the handshake.
-            for (what, cert) in [("no certificate", None), ("another CA's certificate", Some("/var/run/forged"))] {
+            // Everyone else gets an HTTP answer from the gate with the reason, and never reaches
+            // the server.
+            for (what, cert, status, reason) in [
+                ("no certificate", None, "401", "NoCertificate"),
+                ("another CA's certificate", Some("/var/run/forged"), "403", "UntrustedCertificate"),
+                ("an expired certificate", Some("/var/run/expired"), "403", "UntrustedCertificate"),
+                ("an identity consented elsewhere", Some("/var/run/elsewhere"), "403", "NotConsented"),
+            ] {
                 let (ok, out, err) = call(request("/v1/score", cert)).await?;
-                ensure!(!ok && err.contains("refused:"), "a client with {what} got: {out} {err}");
-                eprintln!("a client with {what}: {}", err.trim());
+                ensure!(!ok && out.starts_with(status) && out.contains(reason), "a client with {what} got: {out} {err}");
+                eprintln!("a client with {what}: {}", out.lines().next().unwrap_or_default());
             }
-            // And it was the server that refused them (not a NetworkPolicy): its log says why,
-            // once the kubelet has written the lines.
+            // A path outside the limits: 404 from the gate.
+            let (ok, out, _) = call(request("/admin", Some("/var/run/client"))).await?;
+            ensure!(!ok && out.starts_with("404") && out.contains("PathNotAllowed"), "{out}");
+            // The gate's audit log (its stdout) has a line per refusal, with the reason, and the
+            // consented call with its identity.
             let server = running_pod(&env, "fraud").await?.name_any();
             let pods = env.api::<Pod>();
-            for why in ["PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_VERIFY_FAILED"] {
-                wait_until(&format!("a refused handshake with {why} in the server's log"), || async {
-                    let log = pods
-                        .logs(&server, &kube::api::LogParams { container: Some("server".into()), ..Default::default() })
-                        .await?;
-                    Ok(log.lines().any(|l| l.contains("TLS handshake") && l.contains(why)))
-                })
+            let audit = || async {
+                let log = pods
+                    .logs(&server, &kube::api::LogParams { container: Some("gate".into()), ..Default::default() })
+                    .await?;
+                Ok::<_, anyhow::Error>(
+                    log.lines()
+                        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                        .filter(|l| l.get("request_id").is_some())
+                        .collect::<Vec<_>>(),
+                )
+            };
+            let elsewhere_id = format!("spiffe://cluster.local/ns/{clients}/sa/billing");
+            wait_until("the refusals in the gate's audit log", || async {
+                let lines = audit().await?;
+                let has = |reason: &str| lines.iter().any(|l| l["reason"] == reason);
+                Ok(has("NoCertificate") && has("UntrustedCertificate") && has("PathNotAllowed")
+                    && lines.iter().any(|l| l["reason"] == "NotConsented" && l["identity"] == json!(elsewhere_id) && l["status"] == 403)
+                    && lines.iter().any(|l| l["identity"] == json!(want_id) && l["status"] == 200 && l["path"] == "/v1/score"))
+            })
+            .await?;
+            // The status says who the gate admits.
+            let status = env.api::<SecureModelDeployment>().get_status("fraud").await?.status.context("status")?;
+            let gate = status.gate.context("status.gate")?;
+            ensure!(gate.enforced && gate.identities == vec![want_id.clone()], "{gate:?}");
+
+            // Revocation: the ModelClient goes, and the gate refuses its identity, without a
+            // restart. Timed from the deletion to the first refusal seen.
+            let restarts = |p: &Pod| -> i32 {
+                p.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default()
+                    .iter().chain(p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).into_iter().flatten())
+                    .map(|c| c.restart_count).sum()
+            };
+            let before = restarts(&pods.get(&server).await?);
+            let started = std::time::Instant::now();
+            kube::Api::<ModelClient>::namespaced(env.client.clone(), &clients)
+                .delete("checkout", &Default::default())
                 .await?;
-            }
+            wait_until("the revoked identity refused", || async {
+                let (ok, out, _) = call(request("/v1/score", Some("/var/run/client"))).await?;
+                Ok(!ok && out.starts_with("403") && out.contains("NotConsented"))
+            })
+            .await?;
+            eprintln!("revocation: refused {:.2} s after the ModelClient was deleted", started.elapsed().as_secs_f64());
+            // Consent back (a new ModelClient, a new certificate): served again.
+            kube::Api::<ModelClient>::namespaced(env.client.clone(), &clients)
+                .create(&Default::default(), &fixture::model_client("checkout", &ns, "fraud").build()?)
+                .await?;
+            wait_until("the identity admitted again", || async {
+                let (ok, out, _) = call(request("/v1/score", Some("/var/run/client"))).await?;
+                Ok(ok && out.starts_with("200"))
+            })
+            .await?;
+
+            // Quarantine, by annotation (no change to the spec): every caller is cut off (the
+            // gate refuses, and the NetworkPolicy denies ingress), Ready turns False; lifting it
+            // restores service. The pods keep running throughout.
+            let smds = env.api::<SecureModelDeployment>();
+            let annotate = |value: serde_json::Value| {
+                let smds = smds.clone();
+                async move {
+                    let patch = json!({"metadata": {"annotations": {"moat.dev/quarantine": value}}});
+                    smds.patch("fraud", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await
+                }
+            };
+            let started = std::time::Instant::now();
+            annotate(json!("INC-42 suspected exfiltration")).await?;
+            wait_until("every call refused under quarantine", || async {
+                let (ok, out, _) = call(request("/v1/score", Some("/var/run/client"))).await?;
+                Ok(!ok && (out.is_empty() || out.starts_with("503")))
+            })
+            .await?;
+            eprintln!("quarantine: refused {:.2} s after the annotation", started.elapsed().as_secs_f64());
+            wait_condition(&env, "fraud", conditions::READY, "Quarantined").await?;
+            let started = std::time::Instant::now();
+            annotate(serde_json::Value::Null).await?;
+            wait_until("service after the quarantine is lifted", || async {
+                let (ok, out, _) = call(request("/v1/score", Some("/var/run/client"))).await?;
+                Ok(ok && out.starts_with("200"))
+            })
+            .await?;
+            eprintln!("quarantine lifted: served {:.2} s after the annotation was removed", started.elapsed().as_secs_f64());
+            let after = pods.get(&server).await?;
+            ensure!(restarts(&after) == before, "a container restarted: {before} -> {}", restarts(&after));
             Ok(())
         },
     )
