@@ -65,6 +65,8 @@ async fn moat_pods_run_restricted_on_the_real_node() {
                     &["spec", "server", "args"],
                     json!(["-f", "-p", "8000", "-h", "/tmp"]),
                 )
+                // The server alone (the gate's pod is the mTLS test's).
+                .set(&["spec", "gate"], json!({"mode": "Disabled"}))
                 .build()?;
             env.api::<SecureModelDeployment>()
                 .create(&Default::default(), &smd)
@@ -263,6 +265,8 @@ async fn web_model(env: &TestEnv, clients: &str, egress: serde_json::Value) -> R
             &["spec", "server", "args"],
             json!(["echo model > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]),
         )
+        // NetworkPolicies on the wire, to the server's own port (plain HTTP, no gate).
+        .set(&["spec", "gate"], json!({"mode": "Disabled"}))
         .clients(json!([{"namespace": clients, "podSelector": {"app": "caller"}}]))
         .egress(egress)
         .build()?;
@@ -634,6 +638,8 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
                         &["spec", "server", "args"],
                         json!(["sha256sum /models/m/weights.bin > /tmp/index.html && exec httpd -f -p 8000 -h /tmp"]),
                     )
+                    // The decryption alone (the gate's pod is the mTLS test's).
+                    .set(&["spec", "gate"], json!({"mode": "Disabled"}))
                     .model(json!({
                         "source": {"pvc": {"claimName": "store", "path": format!("{name}.tar.age")}},
                         "sha256": digest,
@@ -1199,7 +1205,15 @@ async fn the_gate_admits_consented_clients_refuses_the_rest_and_revokes_and_quar
             })
             .await?;
             eprintln!("quarantine: refused {:.2} s after the annotation", started.elapsed().as_secs_f64());
-            wait_condition(&env, "fraud", conditions::READY, "Quarantined").await?;
+            wait_until("Ready=False, reason Quarantined", || async {
+                let smd = smds.get_status("fraud").await?;
+                Ok(smd.status.is_some_and(|s| {
+                    s.conditions.iter().any(|c| {
+                        c.type_ == conditions::READY && c.status == "False" && c.reason == "Quarantined"
+                    }) && s.gate.is_some_and(|g| g.quarantined.is_some_and(|q| q.contains("INC-42")))
+                }))
+            })
+            .await?;
             let started = std::time::Instant::now();
             annotate(serde_json::Value::Null).await?;
             wait_until("service after the quarantine is lifted", || async {
