@@ -80,10 +80,11 @@ demo: deps ## Install Moat with its chart on the local control plane, serve exam
 	@bash e2e/demo.sh
 
 .PHONY: bench
-bench: cluster-up ## Benchmarks: drift repair, convergence of N SMDs, 1000 certificates, moat decrypt vs age; writes docs/benchmarks.md.
+bench: cluster-up ## Benchmarks: drift repair, convergence of N SMDs, 1000 certificates, moat decrypt vs age, the gate vs direct and nginx; writes docs/benchmarks.md.
 	@$(CLUSTER_ENV); $(CARGO) run --release -p moat-e2e --bin moat-bench -- --output docs/benchmarks.md
 	@# moat-bench rewrites the file; the decryption benchmark then replaces only its own section.
 	@bash bench/decrypt.sh --output docs/benchmarks.md
+	@bash bench/gate.sh --output docs/benchmarks.md
 
 ##@ Build and deploy
 
