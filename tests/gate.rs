@@ -348,6 +348,26 @@ async fn h1(port: u16, tls: &TlsConnector) -> (Sender, Vec<u8>, tokio::task::Joi
     (send, server_cert, task)
 }
 
+/// An HTTP/2 connection to the gate (ALPN h2) with `client`'s certificate.
+async fn h2(
+    gate: &Gate,
+    client: &KeyedCertificate,
+) -> hyper::client::conn::http2::SendRequest<BoxBody<Bytes, std::io::Error>> {
+    let tls = gate.connector(Some(client), &[b"h2"]);
+    let tcp = TcpStream::connect(("127.0.0.1", gate.port))
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("fraud.ml.svc").expect("name");
+    let stream = tls.connect(name, tcp).await.expect("handshake");
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2");
+    tokio::spawn(conn);
+    send
+}
+
 fn body(bytes: impl Into<Bytes>) -> BoxBody<Bytes, std::io::Error> {
     Full::new(bytes.into())
         .map_err(|never| match never {})
@@ -583,23 +603,7 @@ async fn a_consented_identity_is_served_and_audited() {
         "a body reached the audit log: {line}"
     );
     // Over HTTP/2 too.
-    let tls = gate.connector(Some(&client), &[b"h2"]);
-    let tcp = TcpStream::connect(("127.0.0.1", gate.port))
-        .await
-        .expect("connect");
-    let stream = tls
-        .connect(
-            rustls::pki_types::ServerName::try_from("fraud.ml.svc").expect("name"),
-            tcp,
-        )
-        .await
-        .expect("handshake");
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let mut send = h2(&gate, &client).await;
     let res = send
         .send_request(
             Request::post("https://fraud.ml.svc/echo")
@@ -840,22 +844,7 @@ async fn grpc_trailers_pass_intact() {
     let addr = serve_model(model.clone()).await;
     let gate = Gate::start(&pki, addr, "http2", &policy(&[&alice])).await;
     let client = pki.client("payments", "checkout");
-    let tls = gate.connector(Some(&client), &[b"h2"]);
-    let tcp = TcpStream::connect(("127.0.0.1", gate.port))
-        .await
-        .expect("connect");
-    let stream = tls
-        .connect(
-            rustls::pki_types::ServerName::try_from("fraud.ml.svc").expect("name"),
-            tcp,
-        )
-        .await
-        .expect("handshake");
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2");
-    tokio::spawn(conn);
+    let mut send = h2(&gate, &client).await;
     let res = send
         .send_request(
             Request::post("https://fraud.ml.svc/grpc.Test/Unary")
