@@ -119,6 +119,14 @@ async fn smd_becomes_a_ready_hardened_workload_in_a_restricted_namespace() {
                         .to_vec(),
                 ),
                 (
+                    "ConfigMap",
+                    env.api::<k8s_openapi::api::core::v1::ConfigMap>()
+                        .get(&format!("{NAME}-gate"))
+                        .await?
+                        .owner_references()
+                        .to_vec(),
+                ),
+                (
                     "PodDisruptionBudget",
                     env.api::<PodDisruptionBudget>()
                         .get(NAME)
@@ -723,6 +731,7 @@ async fn deleting_the_smd_removes_every_child() {
                 Ok(count::<ServiceAccount>(&env, NAME).await?
                     + count::<NetworkPolicy>(&env, NAME).await?
                     + count::<Service>(&env, NAME).await?
+                    + count::<k8s_openapi::api::core::v1::ConfigMap>(&env, NAME).await?
                     + count::<PodDisruptionBudget>(&env, NAME).await?
                     + count::<Deployment>(&env, NAME).await?
                     + count::<ReplicaSet>(&env, NAME).await?

@@ -40,6 +40,7 @@ pub(super) async fn count_managed(
                 ),
                 ("Deployment", count(caches.deployments.state().len())),
                 ("Secret", count(caches.secrets.state().len())),
+                ("ConfigMap", count(caches.config_maps.state().len())),
             ]),
         );
         let now = super::context::now().as_second();
