@@ -655,6 +655,10 @@ fn stale_child(kind: &str, owner_uid: &str) -> Result<(ApiResourceOf, Value)> {
             ("", "v1", "Secret", "secrets"),
             json!({"metadata": meta, "type": "Opaque"}),
         ),
+        "ConfigMap" => (
+            ("", "v1", "ConfigMap", "configmaps"),
+            json!({"metadata": meta, "data": {"policy.json": "{}"}}),
+        ),
         "Service" => (
             ("", "v1", "Service", "services"),
             json!({"metadata": meta, "spec": {"ports": [{"port": 8443}], "selector": labels}}),
@@ -956,6 +960,7 @@ async fn drive(
     for kind in [
         "ServiceAccount",
         "Secret",
+        "ConfigMap",
         "Service",
         "NetworkPolicy",
         "Deployment",
@@ -993,6 +998,26 @@ async fn drive(
         names.contains(&want),
         "trustDomain did not reach the client certificate: {names:?}"
     );
+    // The consented identity reaches the gate's policy, and the new policy is announced to the
+    // model's pods (an annotation: the kubelet then refreshes their ConfigMap volume).
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(admin.clone(), models);
+    wait_until("the gate policy announced to the pods", || async {
+        op_alive(op)?;
+        let status = smds.get_status("fraud").await?.status;
+        let admitted = status
+            .and_then(|s| s.gate)
+            .is_some_and(|g| g.identities.contains(&want));
+        let pods = pods
+            .list(&ListParams::default().labels("moat.dev/deployment=fraud"))
+            .await?;
+        Ok(admitted
+            && !pods.items.is_empty()
+            && pods
+                .items
+                .iter()
+                .any(|p| kube::ResourceExt::annotations(p).contains_key("moat.dev/gate-policy")))
+    })
+    .await?;
 
     // Drift: a rule added by another field manager is taken over (merge patch of managedFields)
     // and removed; the repair is counted in the status (read fresh through /status).
