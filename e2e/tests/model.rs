@@ -110,9 +110,15 @@ async fn encrypted_model_pods_run_under_restricted_and_shredding_deletes_the_key
                 .and_then(|s| s.template.spec)
                 .context("pod template")?;
             let init = pod.init_containers.clone().unwrap_or_default();
+            // The decrypting init container first; then the gate, a sidecar from the same
+            // pinned image.
+            let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
+            ensure!(names == ["decrypt-model", "gate"], "init containers: {names:?}");
             ensure!(
-                init.len() == 1 && init[0].name == "decrypt-model",
-                "init containers: {init:?}"
+                init[1].image.as_deref() == Some(HELPER_IMAGE)
+                    && init[1].restart_policy.as_deref() == Some("Always"),
+                "the gate: {:?}",
+                init[1]
             );
             ensure!(
                 init[0].image.as_deref() == Some(HELPER_IMAGE),
