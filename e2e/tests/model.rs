@@ -113,7 +113,10 @@ async fn encrypted_model_pods_run_under_restricted_and_shredding_deletes_the_key
             // The decrypting init container first; then the gate, a sidecar from the same
             // pinned image.
             let names: Vec<&str> = init.iter().map(|c| c.name.as_str()).collect();
-            ensure!(names == ["decrypt-model", "gate"], "init containers: {names:?}");
+            ensure!(
+                names == ["decrypt-model", "gate"],
+                "init containers: {names:?}"
+            );
             ensure!(
                 init[1].image.as_deref() == Some(HELPER_IMAGE)
                     && init[1].restart_policy.as_deref() == Some("Always"),

@@ -744,15 +744,19 @@ async fn a_renewal_rolls_the_pods_unless_the_server_reloads_its_certificate() {
             let ns = env.namespace.clone();
             let _op = Operator::start(&ns).await?;
             let smds: Api<SecureModelDeployment> = env.api();
-            // 30 s certificates, renewed at 20 s.
+            // 30 s certificates, renewed at 20 s. Without the gate (which reloads the
+            // certificate itself, so its pods never roll): the server reads it.
             smds.create(
                 &PostParams::default(),
-                &smd("rolling", json!([]), "30s").build()?,
+                &smd("rolling", json!([]), "30s")
+                    .set(&["spec", "gate"], json!({"mode": "Disabled"}))
+                    .build()?,
             )
             .await?;
             smds.create(
                 &PostParams::default(),
                 &smd("reloading", json!([]), "30s")
+                    .set(&["spec", "gate"], json!({"mode": "Disabled"}))
                     .set(&["spec", "tls", "reloadsCertificates"], json!(true))
                     .build()?,
             )
