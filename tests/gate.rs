@@ -893,6 +893,17 @@ async fn a_client_disconnect_cancels_the_upstream_request() {
     assert_eq!(line["complete"], false, "{line}");
 }
 
+/// The next data frame of a streamed body (`what` names it if none comes).
+async fn chunk(body: &mut Incoming, what: &str) -> Bytes {
+    tokio::time::timeout(FAILURE, body.frame())
+        .await
+        .unwrap_or_else(|_| panic!("{what} never arrived"))
+        .expect("a frame")
+        .expect("frame")
+        .into_data()
+        .expect("data")
+}
+
 async fn read_to_close(body: &mut Incoming) -> Result<(), String> {
     loop {
         match body.frame().await {
@@ -931,17 +942,7 @@ async fn revocation_and_quarantine_close_open_streams_and_lifting_restores_servi
     let (_b_send, mut bob_stream, _b) = open(bob_cert.clone()).await;
     let _ = pusher.send(Bytes::from_static(b"first"));
     for stream in [&mut alice_stream, &mut bob_stream] {
-        let frame = tokio::time::timeout(FAILURE, stream.frame())
-            .await
-            .expect("chunk");
-        assert_eq!(
-            frame
-                .expect("frame")
-                .expect("ok")
-                .into_data()
-                .expect("data"),
-            "first"
-        );
+        assert_eq!(chunk(stream, "chunk").await, "first");
     }
     // Revoke alice.
     gate.write_policy(&policy(&[&bob]));
@@ -952,17 +953,7 @@ async fn revocation_and_quarantine_close_open_streams_and_lifting_restores_servi
     let refused = once(&gate, Some(&alice_cert), req("GET", "/v1/models", "")).await;
     assert_eq!(refused.status, 403);
     let _ = pusher.send(Bytes::from_static(b"second"));
-    let frame = tokio::time::timeout(FAILURE, bob_stream.frame())
-        .await
-        .expect("bob's chunk");
-    assert_eq!(
-        frame
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data"),
-        "second"
-    );
+    assert_eq!(chunk(&mut bob_stream, "bob's chunk").await, "second");
     // Quarantine: bob's stream closes too, and everyone is refused.
     let mut quarantined = policy(&[&alice, &bob]);
     quarantined["quarantine"] = json!({"reason": "incident INC-7"});
@@ -1073,17 +1064,7 @@ async fn sigterm_drains_open_requests_then_exits() {
     .await
     .expect("the gate kept accepting connections after SIGTERM");
     let _ = pusher.send(Bytes::from_static(b"still flowing"));
-    let frame = tokio::time::timeout(FAILURE, stream.frame())
-        .await
-        .expect("chunk");
-    assert_eq!(
-        frame
-            .expect("frame")
-            .expect("ok")
-            .into_data()
-            .expect("data"),
-        "still flowing"
-    );
+    assert_eq!(chunk(&mut stream, "chunk").await, "still flowing");
     // The model ends the stream: the gate has nothing left and exits 0.
     drop(pusher);
     *model.push.lock().expect("lock") = None;

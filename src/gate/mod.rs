@@ -161,34 +161,18 @@ pub async fn run(settings: Settings) -> Result<(), GateError> {
         ids: proxy::RequestIds::new(),
         draining: AtomicBool::new(false),
     });
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| GateError::Bind {
-            addr: settings.listen,
-            source,
-        })?;
-    let health = proxy::health_router(shared.clone());
-    let health_listener = tokio::net::TcpListener::bind(settings.health_listen)
-        .await
-        .map_err(|source| GateError::Bind {
-            addr: settings.health_listen,
-            source,
-        })?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(health_listener, health).await {
-            warn!(error = %e, "the health endpoint stopped");
-        }
-    });
+    let listener = bind(settings.listen).await?;
+    serve_plain(
+        bind(settings.health_listen).await?,
+        proxy::health_router(shared.clone()),
+        "health",
+    );
     if let Some(addr) = settings.metrics_listen {
-        let metrics_listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|source| GateError::Bind { addr, source })?;
-        let router = proxy::metrics_router(shared.clone());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(metrics_listener, router).await {
-                warn!(error = %e, "the metrics endpoint stopped");
-            }
-        });
+        serve_plain(
+            bind(addr).await?,
+            proxy::metrics_router(shared.clone()),
+            "metrics",
+        );
     }
     let reload = tokio::spawn(reload(shared.clone(), tls_bytes));
     info!(listen = %settings.listen, upstream = %settings.upstream, "the gate is listening");
@@ -225,6 +209,21 @@ pub async fn run(settings: Settings) -> Result<(), GateError> {
     }
     reload.abort();
     Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, GateError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| GateError::Bind { addr, source })
+}
+
+/// Serves a plaintext endpoint (`what`: health or metrics) in the background.
+fn serve_plain(listener: tokio::net::TcpListener, router: axum::Router, what: &'static str) {
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router).await {
+            warn!(error = %e, endpoint = what, "a plaintext endpoint stopped");
+        }
+    });
 }
 
 async fn shutdown_signal() {

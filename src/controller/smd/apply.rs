@@ -85,11 +85,6 @@ pub(super) async fn apply(
             .find(|cm| cm.name_any() == want.name_any())
             .is_none_or(|cm| cm.data != want.data)
     });
-    let policy_hash = gate_policy
-        .as_ref()
-        .and_then(|cm| cm.data.as_ref())
-        .and_then(|d| d.get(render::gate::POLICY_FILE))
-        .map(|text| crate::pki::sha256_hex(text.as_bytes())[..16].to_string());
     applier
         .ensure(gate_policy.into_iter().collect(), &live.config_maps)
         .await?;
@@ -104,7 +99,7 @@ pub(super) async fn apply(
         .await?
         .into_iter()
         .next();
-    if let (true, Some(hash)) = (policy_changed, &policy_hash) {
+    if let (true, Some(hash)) = (policy_changed, &gate.policy_hash) {
         gate::announce(ctx, smd, &namespace, hash).await?;
     }
     if facts.pin.resolved {
