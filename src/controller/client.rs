@@ -75,6 +75,23 @@ pub(super) struct Reflector {
     pub writer: kube::runtime::reflector::store::Writer<Guarded<ModelClient>>,
     pub synced: tokio::sync::watch::Sender<bool>,
     pub changes: tokio::sync::broadcast::Sender<(String, String)>,
+    /// The ModelClients whose Secret changed or went, sent once the shared Secret cache holds
+    /// the change.
+    pub secrets: tokio::sync::mpsc::UnboundedReceiver<ObjectRef<Guarded<ModelClient>>>,
+}
+
+/// The ModelClient that controls `secret`, if any.
+pub(super) fn owner(secret: &Secret) -> Option<ObjectRef<Guarded<ModelClient>>> {
+    let namespace = secret.namespace()?;
+    secret
+        .owner_references()
+        .iter()
+        .find(|o| {
+            o.controller == Some(true)
+                && o.kind == ModelClient::kind(&())
+                && o.api_version == ModelClient::api_version(&())
+        })
+        .map(|o| ObjectRef::new(&o.name).within(&namespace))
 }
 
 /// Runs the ModelClient controller for one watch scope until dropped. It has no watch of its own
@@ -89,12 +106,15 @@ pub(super) async fn run(
     reflector: Reflector,
 ) {
     let mcs: Api<Guarded<ModelClient>> = super::api(&client, ns.as_deref());
-    let secrets: Api<Secret> = super::api(&client, ns.as_deref());
     let Reflector {
         writer,
         synced,
         changes,
+        secrets,
     } = reflector;
+    let secret_changes = futures::stream::unfold(secrets, |mut rx| async move {
+        rx.recv().await.map(|owner| (owner, rx))
+    });
     let announce = move |mc: &Guarded<ModelClient>| {
         if let Ok(mc) = &mc.object {
             let target = &mc.spec.deployment_ref;
@@ -141,10 +161,7 @@ pub(super) async fn run(
         failures: Backoff::default(),
     });
     controller
-        .owns(
-            secrets,
-            watcher::Config::default().labels(MODEL_CLIENT_LABEL),
-        )
+        .reconcile_on(secret_changes)
         .reconcile_on(changed)
         .reconcile_all_on(ca_changes)
         .shutdown_on_signal()
@@ -439,4 +456,51 @@ async fn write_status(
         .await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+
+    fn secret(owners: Vec<OwnerReference>) -> Secret {
+        Secret {
+            metadata: ObjectMeta {
+                name: Some("fraud-client".into()),
+                namespace: Some("shop".into()),
+                owner_references: Some(owners),
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn reference(kind: &str, api_version: &str, controller: bool) -> OwnerReference {
+        OwnerReference {
+            api_version: api_version.into(),
+            kind: kind.into(),
+            name: "checkout".into(),
+            uid: "u".into(),
+            controller: Some(controller),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_client_secret_names_the_model_client_that_controls_it() {
+        let api = ModelClient::api_version(&()).to_string();
+        let owned = secret(vec![reference("ModelClient", &api, true)]);
+        assert_eq!(
+            owner(&owned),
+            Some(ObjectRef::new("checkout").within("shop"))
+        );
+        // Not the controller, another kind, another group: no ModelClient to re-check.
+        for other in [
+            reference("ModelClient", &api, false),
+            reference("SecureModelDeployment", &api, true),
+            reference("ModelClient", "example.com/v1", true),
+        ] {
+            assert_eq!(owner(&secret(vec![other])), None);
+        }
+    }
 }

@@ -244,6 +244,14 @@ async fn run_one(
     let (pdb_store, pdb_stream) = reflect::<PodDisruptionBudget>(&client, ns.as_deref());
     let (deploy_store, deploy_stream) = reflect::<Deployment>(&client, ns.as_deref());
     let (secret_store, secret_stream) = reflect::<Secret>(&client, ns.as_deref());
+    // A ModelClient's Secret is judged from this cache, so its change is passed on only once the
+    // cache holds it (a watch of its own could trigger the reconcile before the cache catches up).
+    let (client_secrets_tx, client_secrets) = tokio::sync::mpsc::unbounded_channel();
+    let secret_stream = secret_stream.inspect(move |event| {
+        if let Some(owner) = event.as_ref().ok().and_then(client::owner) {
+            let _ = client_secrets_tx.send(owner);
+        }
+    });
     let (config_map_store, config_map_stream) = reflect::<ConfigMap>(&client, ns.as_deref());
     let caches = Caches {
         service_accounts: sa_store,
@@ -341,6 +349,7 @@ async fn run_one(
             writer: mc_writer,
             synced: mc_synced_tx,
             changes: client_changes,
+            secrets: client_secrets,
         },
     );
     let work = controller
