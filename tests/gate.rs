@@ -863,6 +863,30 @@ async fn grpc_trailers_pass_intact() {
     assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x02hi"[..]);
 }
 
+/// A body streamed over the limit to an HTTP/2 model server (every gRPC call has no declared
+/// length) is answered 413 too: HTTP/2's client reports only the reset stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_body_over_the_limit_is_413_with_an_http2_upstream() {
+    let alice = spiffe("payments", "checkout");
+    let pki = Pki::new();
+    let model = Arc::new(Model::default());
+    let addr = serve_model(model.clone()).await;
+    let limited = json!({"identities": [alice], "limits": {"maxRequestBytes": 1024}});
+    let gate = Gate::start(&pki, addr, "http2", &limited).await;
+    let client = pki.client("payments", "checkout");
+    let chunks = futures::stream::iter(
+        (0..8).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'y'; 512])))),
+    );
+    let streamed = Request::post("/echo")
+        .header("host", "fraud.ml.svc")
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .expect("request");
+    let answer = once(&gate, Some(&client), streamed).await;
+    assert_eq!(answer.status, 413, "{:?}", answer.body);
+    let line = gate.audit_line(&answer.request_id).await;
+    assert_eq!(line["reason"], "TooLarge", "{line}");
+}
+
 /// 7. A client that goes away mid-stream cancels the request upstream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_disconnect_cancels_the_upstream_request() {

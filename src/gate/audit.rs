@@ -4,7 +4,11 @@
 
 use std::{
     io::Write,
-    sync::{Arc, mpsc},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
 };
 
 use serde::Serialize;
@@ -52,39 +56,160 @@ pub struct Record {
 /// stalls a request; lines it cannot take are counted in `moat_gate_audit_dropped`.
 #[derive(Clone)]
 pub struct Audit {
-    tx: mpsc::SyncSender<Box<Record>>,
+    tx: mpsc::Sender<Message>,
+    /// Lines queued and not yet written.
+    queued: Arc<AtomicUsize>,
     metrics: Arc<GateMetrics>,
 }
 
-/// Lines queued at most before they are dropped. The channel allocates (and touches) a slot
-/// per line up front, so a slot holds a box: 16 bytes each rather than a whole [`Record`].
+enum Message {
+    Line(Box<Record>),
+    /// Everything queued before it is written and flushed; then the sender hears back.
+    Flush(mpsc::Sender<()>),
+}
+
+/// Lines queued at most before they are dropped. The queue is a list that grows as lines come
+/// (a bounded channel would allocate and touch every slot up front: a MiB or two of the gate's
+/// memory, for a queue that is nearly always short).
 const QUEUE: usize = 65_536;
+
+/// How long the writer lets lines gather after a write. A request then costs the writer no
+/// wake-up of its own under load (one write call carries hundreds of lines), and an audit line
+/// is on standard output at most this much later than its request ended.
+pub const BATCH: std::time::Duration = std::time::Duration::from_millis(10);
 
 impl Audit {
     /// Starts the writer on `out`.
     pub fn start(out: Box<dyn Write + Send>, metrics: Arc<GateMetrics>) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<Box<Record>>(QUEUE);
+        let (tx, rx) = mpsc::channel::<Message>();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let taken = queued.clone();
         std::thread::spawn(move || {
-            let mut out = std::io::BufWriter::new(out);
-            while let Ok(record) = rx.recv() {
-                let mut write = |r: &Record| {
-                    let _ = serde_json::to_writer(&mut out, r);
-                    let _ = out.write_all(b"\n");
+            let mut out = std::io::BufWriter::with_capacity(64 * 1024, out);
+            while let Ok(first) = rx.recv() {
+                let mut flushed = Vec::new();
+                let mut take = |m: Message| match m {
+                    Message::Line(r) => {
+                        taken.fetch_sub(1, Ordering::AcqRel);
+                        let _ = serde_json::to_writer(&mut out, &*r);
+                        let _ = out.write_all(b"\n");
+                    }
+                    Message::Flush(done) => flushed.push(done),
                 };
-                write(&record);
+                take(first);
                 while let Ok(more) = rx.try_recv() {
-                    write(&more);
+                    take(more);
                 }
                 let _ = out.flush();
+                let waiting = !flushed.is_empty();
+                for done in flushed {
+                    let _ = done.send(());
+                }
+                if !waiting {
+                    std::thread::sleep(BATCH);
+                }
             }
         });
-        Self { tx, metrics }
+        Self {
+            tx,
+            queued,
+            metrics,
+        }
     }
 
     /// Queues one line.
     pub fn write(&self, record: Record) {
-        if self.tx.try_send(Box::new(record)).is_err() {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= QUEUE {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.audit_dropped.inc();
+            return;
+        }
+        if self.tx.send(Message::Line(Box::new(record))).is_err() {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
             self.metrics.audit_dropped.inc();
         }
+    }
+
+    /// Blocks until every line queued so far is written and flushed (at exit).
+    pub fn flush(&self) {
+        let (done, wait) = mpsc::channel();
+        if self.tx.send(Message::Flush(done)).is_ok() {
+            let _ = wait.recv();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A writer whose bytes the test can read.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("lock").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A writer that blocks on its first write until the test lets it go.
+    struct Stuck {
+        entered: mpsc::Sender<()>,
+        release: mpsc::Receiver<()>,
+    }
+
+    impl Write for Stuck {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.entered.send(());
+            let _ = self.release.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn lines_past_the_queue_are_dropped_and_counted_while_the_output_is_stuck() {
+        let (entered, writing) = mpsc::channel();
+        let (let_go, release) = mpsc::channel();
+        let metrics = Arc::new(GateMetrics::default());
+        let audit = Audit::start(Box::new(Stuck { entered, release }), metrics.clone());
+        audit.write(Record::default());
+        writing.recv().expect("the writer writes the first line");
+        for _ in 0..QUEUE + 10 {
+            audit.write(Record::default());
+        }
+        assert_eq!(metrics.audit_dropped.get(), 10);
+        drop(let_go);
+    }
+
+    #[test]
+    fn flush_returns_once_every_queued_line_is_written() {
+        let out = Shared::default();
+        let audit = Audit::start(Box::new(out.clone()), Arc::default());
+        for n in 0..1000 {
+            audit.write(Record {
+                request_id: format!("r{n}"),
+                ..Record::default()
+            });
+        }
+        audit.flush();
+        let text = String::from_utf8(out.0.lock().expect("lock").clone()).expect("utf-8");
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("a JSON line");
+                v["request_id"].as_str().expect("request_id").to_string()
+            })
+            .collect();
+        let expected: Vec<String> = (0..1000).map(|n| format!("r{n}")).collect();
+        assert_eq!(ids, expected);
     }
 }

@@ -15,6 +15,8 @@
 //! applied to new requests at once and to open connections as said, without a restart.
 
 pub mod audit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod policy;
 mod proxy;
@@ -208,6 +210,8 @@ pub async fn run(settings: Settings) -> Result<(), GateError> {
         warn!("requests still open at the end of the drain period were cut");
     }
     reload.abort();
+    let audit = shared.audit.clone();
+    let _ = tokio::task::spawn_blocking(move || audit.flush()).await;
     Ok(())
 }
 

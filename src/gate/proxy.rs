@@ -30,9 +30,12 @@ use hyper_util::{
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::{counter::Counter, histogram::Histogram};
+
 use super::{
     Shared, UpstreamProtocol,
     audit::Record,
+    metrics::{BytesLabels, GateMetrics, IdentityLabels, RequestLabels},
     policy::{self, Bucket, Limits, Peer, Policy, Reason, Refusal},
 };
 
@@ -165,13 +168,58 @@ impl Drop for InFlight {
     }
 }
 
-/// One connection's requests in flight and when it was last active, for the idle timeout.
-struct ConnState {
+/// One connection's requests in flight and when it was last active, for the idle timeout; and
+/// its caller's metric series, looked up once per connection rather than once per request.
+pub(crate) struct ConnState {
     in_flight: AtomicU32,
     last_active: Mutex<Instant>,
+    series: Series,
+}
+
+/// The series of one caller (its identity, or `unverified`).
+struct Series {
+    identity: String,
+    duration: Histogram,
+    bytes_in: Counter,
+    bytes_out: Counter,
+}
+
+impl Series {
+    fn of(metrics: &GateMetrics, identity: Option<&str>) -> Self {
+        let identity = identity.unwrap_or("unverified").to_string();
+        let bytes = |direction| {
+            metrics
+                .bytes
+                .get_or_create(&BytesLabels {
+                    identity: identity.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        Self {
+            duration: metrics
+                .duration
+                .get_or_create(&IdentityLabels {
+                    identity: identity.clone(),
+                })
+                .clone(),
+            bytes_in: bytes("in"),
+            bytes_out: bytes("out"),
+            identity,
+        }
+    }
 }
 
 impl ConnState {
+    /// A new connection of the caller `identity` (`None`: unverified).
+    pub(crate) fn new(metrics: &GateMetrics, identity: Option<&str>) -> Self {
+        Self {
+            in_flight: AtomicU32::new(0),
+            last_active: Mutex::new(Instant::now()),
+            series: Series::of(metrics, identity),
+        }
+    }
+
     fn touch(&self) {
         *self.last_active.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
@@ -221,10 +269,7 @@ pub(crate) async fn connection(
     drop(tls);
     shared.metrics.connections.inc();
     let _open = scopeguard(shared.clone());
-    let state = Arc::new(ConnState {
-        in_flight: AtomicU32::new(0),
-        last_active: Mutex::new(Instant::now()),
-    });
+    let state = Arc::new(ConnState::new(&shared.metrics, peer.identity()));
     let peer = Arc::new(peer);
     let service = {
         let shared = shared.clone();
@@ -336,29 +381,16 @@ impl Drop for Finish {
         let elapsed = self.started.elapsed();
         record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         let m = &self.shared.metrics;
-        let identity = record
-            .identity
-            .clone()
-            .unwrap_or_else(|| "unverified".into());
+        let series = &self.conn.series;
         m.requests
-            .get_or_create(&super::metrics::RequestLabels {
-                identity: identity.clone(),
+            .get_or_create(&RequestLabels {
+                identity: series.identity.clone(),
                 code: record.status,
             })
             .inc();
-        m.duration
-            .get_or_create(&super::metrics::IdentityLabels {
-                identity: identity.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
-        for (direction, n) in [("in", record.bytes_in), ("out", record.bytes_out)] {
-            m.bytes
-                .get_or_create(&super::metrics::BytesLabels {
-                    identity: identity.clone(),
-                    direction,
-                })
-                .inc_by(n);
-        }
+        series.duration.observe(elapsed.as_secs_f64());
+        series.bytes_in.inc_by(record.bytes_in);
+        series.bytes_out.inc_by(record.bytes_out);
         if let Some(reason) = record.reason {
             m.refusals
                 .get_or_create(&super::metrics::ReasonLabels { reason })
@@ -542,7 +574,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// One request: decide, forward, and account for it.
-async fn handle(
+pub(crate) async fn handle(
     shared: Arc<Shared>,
     peer: Arc<Peer>,
     addr: SocketAddr,
@@ -636,7 +668,10 @@ async fn handle(
             )
         }
         Err(e) => {
-            let refused = if caused_by_too_large(&e) {
+            // The body's own count says it went over (HTTP/2's client reports only a reset
+            // stream, without the body's error in its chain).
+            let over = finish.counters.bytes_in.load(Ordering::Acquire) > limits.max_request_bytes;
+            let refused = if over || caused_by_too_large(&e) {
                 policy::too_large(limits.max_request_bytes)
             } else {
                 Refusal {

@@ -244,10 +244,15 @@ fn cpu_seconds(pids: &[u32]) -> f64 {
 }
 
 fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS:")
+}
+
+/// One `... kB` line of /proc/PID/status (`VmRSS:`, `RssAnon:`, `RssFile:`).
+fn status_kib(pid: u32, field: &str) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with(field))?
         .split_whitespace()
         .nth(1)?
         .parse()
@@ -465,6 +470,8 @@ async fn main() -> Result<()> {
         open.push(send);
     }
     let rss = rss_kib(gate_pid).unwrap_or(0);
+    let rss_anon = status_kib(gate_pid, "RssAnon:").unwrap_or(0);
+    let rss_file = status_kib(gate_pid, "RssFile:").unwrap_or(0);
     drop(open);
 
     // 4. SSE: the time for each chunk from the upstream's send to the client's receipt.
@@ -599,9 +606,11 @@ async fn main() -> Result<()> {
         quarantine_times.len(), ms(pct(&quarantine_times, 0.5)), ms(pct(&quarantine_times, 0.99)), ms(pct(&quarantine_times, 1.0)),
     ));
     out.push_str(&format!(
-        "Gate RSS with 100 open connections: **{:.1} MiB** (VmRSS; target ≤ 16 MiB); {:.1} MiB before they were opened (after the load runs).\n\n\
+        "Gate RSS with 100 open connections: **{:.1} MiB** (VmRSS; target ≤ 16 MiB): {:.1} MiB anonymous (heap, stacks), {:.1} MiB file-backed (the pages of the binary in use, shared with every process that maps it); {:.1} MiB before they were opened (after the load runs).\n\n\
          Revocation and quarantine here are the gate's part: it reads its policy file every 200 ms. In a cluster the kubelet delivers the ConfigMap first; Moat annotates the pods so that happens at once (the real-node e2e prints the whole time, from the API change to the refusal).\n<!-- gate:end -->\n",
         rss as f64 / 1024.0,
+        rss_anon as f64 / 1024.0,
+        rss_file as f64 / 1024.0,
         rss_before as f64 / 1024.0
     ));
     print!("{out}");
