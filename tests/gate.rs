@@ -697,6 +697,17 @@ async fn every_other_caller_is_refused_with_its_reason() {
     );
 }
 
+/// A POST of 4 KiB in 8 chunks, without a declared length.
+fn streamed_4_kib() -> Request<BoxBody<Bytes, std::io::Error>> {
+    let chunks = futures::stream::iter(
+        (0..8).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'y'; 512])))),
+    );
+    Request::post("/echo")
+        .header("host", "fraud.ml.svc")
+        .body(BodyExt::boxed(StreamBody::new(chunks)))
+        .expect("request")
+}
+
 /// 4. Limits: a body over the limit (declared, and streamed without a length), a path and a
 /// method not allowed, too many requests in flight, and over the rate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -723,14 +734,7 @@ async fn limits_answer_413_404_405_and_429_never_a_hang() {
     let big = once(&gate, Some(&client), req("POST", "/echo", vec![b'x'; 1025])).await;
     assert_eq!(big.status, 413, "{:?}", big.body);
     // Streamed in chunks without a length: refused when the count passes the limit.
-    let chunks = futures::stream::iter(
-        (0..8).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'y'; 512])))),
-    );
-    let streamed = Request::post("/echo")
-        .header("host", "fraud.ml.svc")
-        .body(BodyExt::boxed(StreamBody::new(chunks)))
-        .expect("request");
-    let answer = once(&gate, Some(&client), streamed).await;
+    let answer = once(&gate, Some(&client), streamed_4_kib()).await;
     assert_eq!(answer.status, 413, "{:?}", answer.body);
     assert_eq!(
         once(&gate, Some(&client), req("GET", "/admin", ""))
@@ -874,14 +878,7 @@ async fn a_streamed_body_over_the_limit_is_413_with_an_http2_upstream() {
     let limited = json!({"identities": [alice], "limits": {"maxRequestBytes": 1024}});
     let gate = Gate::start(&pki, addr, "http2", &limited).await;
     let client = pki.client("payments", "checkout");
-    let chunks = futures::stream::iter(
-        (0..8).map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from(vec![b'y'; 512])))),
-    );
-    let streamed = Request::post("/echo")
-        .header("host", "fraud.ml.svc")
-        .body(BodyExt::boxed(StreamBody::new(chunks)))
-        .expect("request");
-    let answer = once(&gate, Some(&client), streamed).await;
+    let answer = once(&gate, Some(&client), streamed_4_kib()).await;
     assert_eq!(answer.status, 413, "{:?}", answer.body);
     let line = gate.audit_line(&answer.request_id).await;
     assert_eq!(line["reason"], "TooLarge", "{line}");
