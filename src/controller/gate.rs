@@ -1,8 +1,10 @@
-//! Announcing a new gate policy to the running model pods. The gate reads its policy from a
-//! ConfigMap volume, which the kubelet refreshes at its periodic pod sync (a minute or more).
-//! Any change to a pod makes the kubelet sync that pod at once, which remounts its ConfigMap
-//! volumes; so Moat sets the annotation `moat.dev/gate-policy: <hash>` on each model pod when
-//! the policy changes. The pods keep no API access: the kubelet does the delivery.
+//! Announcing a new gate policy or serving certificate to the running model pods. The gate
+//! reads its policy from a ConfigMap volume and its certificate from a Secret volume, which the
+//! kubelet refreshes at its periodic pod sync (a minute or more). Any change to a pod makes the
+//! kubelet sync that pod at once, which remounts its ConfigMap and Secret volumes; so Moat sets
+//! the annotation `moat.dev/gate-policy: <hash>` on each model pod when the policy changes, and
+//! `moat.dev/tls-hash: <hash>` when the certificate or its CA bundle does. The pods keep no API
+//! access: the kubelet does the delivery.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -13,18 +15,16 @@ use serde_json::json;
 use tracing::warn;
 
 use super::{Context, Error};
-use crate::{
-    api::SecureModelDeployment,
-    render::{DEPLOYMENT_LABEL, gate::POLICY_HASH_ANNOTATION},
-};
+use crate::{api::SecureModelDeployment, render::DEPLOYMENT_LABEL};
 
-/// Sets the policy's `hash` on every pod of `smd` that does not carry it yet. A pod that cannot
-/// be annotated still gets the policy at the kubelet's next periodic sync; that is logged, and
-/// the reconcile goes on.
+/// Sets `annotation: hash` on every pod of `smd` that does not carry it yet. A pod that cannot
+/// be annotated still gets the new files at the kubelet's next periodic sync; that is logged,
+/// and the reconcile goes on.
 pub(super) async fn announce(
     ctx: &Context,
     smd: &SecureModelDeployment,
     namespace: &str,
+    annotation: &str,
     hash: &str,
 ) -> Result<(), Error> {
     let api: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
@@ -36,16 +36,12 @@ pub(super) async fn announce(
             source,
         })?;
     for pod in pods.items {
-        if pod
-            .annotations()
-            .get(POLICY_HASH_ANNOTATION)
-            .map(String::as_str)
-            == Some(hash)
+        if pod.annotations().get(annotation).map(String::as_str) == Some(hash)
             || pod.metadata.deletion_timestamp.is_some()
         {
             continue;
         }
-        let patch = json!({"metadata": {"annotations": {POLICY_HASH_ANNOTATION: hash}}});
+        let patch = json!({"metadata": {"annotations": {annotation: hash}}});
         ctx.metrics.api_write("Pod", "patch-annotation");
         if let Err(e) = api
             .patch(
@@ -55,7 +51,7 @@ pub(super) async fn announce(
             )
             .await
         {
-            warn!(pod = %pod.name_any(), error = %e, "could not announce the new gate policy to a pod; its kubelet delivers it at its next sync");
+            warn!(pod = %pod.name_any(), %annotation, error = %e, "could not announce a change to a pod; its kubelet delivers it at its next sync");
         }
     }
     Ok(())

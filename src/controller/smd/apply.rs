@@ -52,6 +52,14 @@ pub(super) async fn apply(
     applier
         .ensure(vec![service_account], &live.service_accounts)
         .await?;
+    // A renewed certificate (or CA bundle) is announced to the running pods too when the gate
+    // reloads it there (below): the kubelet would otherwise refresh the Secret volume only at its
+    // periodic pod sync (a minute or more), and a short-lived certificate could expire first.
+    let tls_changed = live
+        .secrets
+        .iter()
+        .find(|s| s.name_any() == tls_secret.name_any())
+        .is_none_or(|s| s.data != tls_secret.data);
     applier.ensure(vec![tls_secret], &live.secrets).await?;
     // Published now: should a later apply fail, the retry keeps this certificate and would not
     // announce it.
@@ -100,7 +108,18 @@ pub(super) async fn apply(
         .into_iter()
         .next();
     if let (true, Some(hash)) = (policy_changed, &gate.policy_hash) {
-        gate::announce(ctx, smd, &namespace, hash).await?;
+        gate::announce(
+            ctx,
+            smd,
+            &namespace,
+            render::gate::POLICY_HASH_ANNOTATION,
+            hash,
+        )
+        .await?;
+    }
+    if tls_changed && gate.policy_hash.is_some() {
+        let hash = certified.tls().hash();
+        gate::announce(ctx, smd, &namespace, render::TLS_HASH_ANNOTATION, &hash).await?;
     }
     if facts.pin.resolved {
         applier.note(
