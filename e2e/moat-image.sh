@@ -23,11 +23,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 root=$work/rootfs
 mkdir -p "$root/etc/ssl/certs"
-cp "$bin" "$root/moat"
-for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
-  mkdir -p "$root$(dirname "$lib")"
-  cp -L "$lib" "$root$lib"
-done
+oci_binary "$root" "$bin" /moat
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
 digest=$(oci_archive "$work/moat.tar" "$ref" "$root" '["/moat"]' 65532:65532 '[]' '["operator"]')
 oci_publish "$work/moat.tar" "$digest" moat "$archive"

@@ -13,8 +13,12 @@
 #     ENV_JSON        for example '["PATH=/bin"]' (default: [])
 #     CMD_JSON        the default arguments, for example '["operator"]' (default: [])
 #
-# Sourced by e2e/node.sh and the image scripts (e2e/moat-image.sh, e2e/model-server-image.sh);
-# prints the manifest digest.
+# Sourced by e2e/node.sh and the image scripts (e2e/moat-image.sh, e2e/model-server-image.sh,
+# e2e/gate-peer-image.sh); prints the manifest digest.
+#
+#   oci_binary ROOTFS BINARY DEST
+#     copies BINARY to ROOTFS/DEST with every library it links (glibc, the dynamic loader), at
+#     the paths ldd names
 #
 #   oci_publish ARCHIVE DIGEST NAME OUT
 #     what the image scripts end with: with OUT, copies the archive there and prints DIGEST;
@@ -50,6 +54,16 @@ oci_archive() {
   tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work" -cf "$out" oci-layout index.json blobs
   rm -rf "$work"
   echo "sha256:${manifest% *}"
+}
+
+oci_binary() {
+  local root=$1 bin=$2 dest=$3 lib
+  mkdir -p "$root$(dirname "$dest")"
+  cp "$bin" "$root$dest"
+  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+    mkdir -p "$root$(dirname "$lib")"
+    cp -L "$lib" "$root$lib"
+  done
 }
 
 # oci_blob WORK FILE: moves FILE into WORK's blob store under its digest; prints "DIGEST SIZE".

@@ -160,6 +160,16 @@ pub fn real_node_model_server_image() -> Result<String> {
     pushed_image(&BUILT, "model-server-image.sh", || Ok(Vec::new()))
 }
 
+/// The gate's real-node peer (`src/bin/moat-gate-peer.rs`: a model server of SSE, gRPC
+/// trailers and cancellations behind the gate, and the client in front of it), from `binary`
+/// (an integration test passes `env!("CARGO_BIN_EXE_moat-gate-peer")`), pushed to the local
+/// cluster's registry and pinned by digest (`e2e/gate-peer-image.sh`); built once per test
+/// process.
+pub fn real_node_gate_peer_image(binary: &str) -> Result<String> {
+    static BUILT: std::sync::OnceLock<Result<String, String>> = std::sync::OnceLock::new();
+    pushed_image(&BUILT, "gate-peer-image.sh", || Ok(vec![binary.into()]))
+}
+
 /// Runs the image script `script` of this crate once per process (the first caller builds and
 /// pushes, the others wait) and returns the pinned reference it prints.
 fn pushed_image(

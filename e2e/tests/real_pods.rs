@@ -808,14 +808,30 @@ async fn nothing_a_pod_sends_leaves_the_machine() {
     .await;
 }
 
-/// A pod of the model server image (Python, `e2e/model-server/serve.py`) that runs `command` under
-/// ServiceAccount `sa` without a token, hardened as Pod Security "restricted" asks, with
-/// `volumes` (name, Secret or ConfigMap source, mount path) mounted read-only.
+/// A pod of the model server image (Python, `e2e/model-server/serve.py`) that runs `command`, as
+/// [`hardened_pod`] says.
 async fn python_pod(
     env: &TestEnv,
     ns: &str,
     name: &str,
     sa: &str,
+    command: &[&str],
+    volumes: &[(&str, serde_json::Value, &str)],
+) -> Result<Pod> {
+    let image = moat_e2e::real_node_model_server_image()?;
+    hardened_pod(env, ns, name, sa, &image, command, volumes).await
+}
+
+/// A pod labelled `app: <name>` that runs `command` of `image` under ServiceAccount `sa`
+/// (created if missing) without a token, hardened as Pod Security "restricted" asks, with
+/// `volumes` (name, Secret or ConfigMap source, mount path) mounted read-only; returned once
+/// its container runs.
+async fn hardened_pod(
+    env: &TestEnv,
+    ns: &str,
+    name: &str,
+    sa: &str,
+    image: &str,
     command: &[&str],
     volumes: &[(&str, serde_json::Value, &str)],
 ) -> Result<Pod> {
@@ -837,7 +853,7 @@ async fn python_pod(
                                 "seccompProfile": {"type": "RuntimeDefault"}},
             "containers": [{
                 "name": "main",
-                "image": moat_e2e::real_node_model_server_image()?,
+                "image": image,
                 "command": command,
                 "securityContext": {"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]},
                                     "readOnlyRootFilesystem": true},
@@ -871,6 +887,24 @@ async fn python_pod(
         },
     )
     .await
+}
+
+/// How often the containers of `p` (the init containers, native sidecars among them, too) were
+/// restarted.
+fn restarts(p: &Pod) -> i32 {
+    let status = p.status.as_ref();
+    status
+        .and_then(|s| s.init_container_statuses.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(
+            status
+                .and_then(|s| s.container_statuses.as_ref())
+                .into_iter()
+                .flatten(),
+        )
+        .map(|c| c.restart_count)
+        .sum()
 }
 
 /// The model server image's interpreter and program.
@@ -1160,11 +1194,6 @@ async fn the_gate_admits_consented_clients_refuses_the_rest_and_revokes_and_quar
 
             // Revocation: the ModelClient goes, and the gate refuses its identity, without a
             // restart. Timed from the deletion to the first refusal seen.
-            let restarts = |p: &Pod| -> i32 {
-                p.status.as_ref().and_then(|s| s.init_container_statuses.clone()).unwrap_or_default()
-                    .iter().chain(p.status.as_ref().and_then(|s| s.container_statuses.as_ref()).into_iter().flatten())
-                    .map(|c| c.restart_count).sum()
-            };
             let before = restarts(&pods.get(&server).await?);
             let started = std::time::Instant::now();
             kube::Api::<ModelClient>::namespaced(env.client.clone(), &clients)
@@ -1224,6 +1253,731 @@ async fn the_gate_admits_consented_clients_refuses_the_rest_and_revokes_and_quar
             eprintln!("quarantine lifted: served {:.2} s after the annotation was removed", started.elapsed().as_secs_f64());
             let after = pods.get(&server).await?;
             ensure!(restarts(&after) == before, "a container restarted: {before} -> {}", restarts(&after));
+            Ok(())
+        },
+    )
+    .await;
+}
+
+// The gate on the wire in front of a server that streams, speaks gRPC and sees cancellations:
+// the gate's peer (`e2e/src/bin/moat-gate-peer.rs`), which is also the client.
+
+/// The peer's program in its image.
+const PEER: &str = "/moat-gate-peer";
+
+/// One model served by the peer behind the gate: its name, its `spec.gate`, and a certificate
+/// lifetime other than the default.
+struct PeerModel<'a> {
+    name: &'a str,
+    gate: serde_json::Value,
+    lifetime: Option<&'a str>,
+}
+
+/// Models served by the peer behind the gate in the test's namespace (one replica each), and
+/// their clients in a namespace of their own: one pod per ServiceAccount (pod name, app label and
+/// ServiceAccount alike), holding the ModelClient Secret of each model at `/var/run/<model>`.
+struct Gated {
+    env: TestEnv,
+    ns: String,
+    clients: String,
+    _operator: moat_e2e::Operator,
+}
+
+/// Starts an operator, declares `models` and a consented ModelClient for each model and each of
+/// `sas`, starts the client pods, and returns once every client is served by every model.
+async fn gated(env: &TestEnv, models: &[PeerModel<'_>], sas: &[&str]) -> Result<Gated> {
+    use k8s_openapi::api::core::v1::Secret;
+    use moat::api::ModelClient;
+    let ns = env.namespace.clone();
+    let clients = env
+        .another_namespace(&NamespaceOptions::restricted().on_real_node())
+        .await?;
+    let helper = moat_e2e::real_node_moat_image()?;
+    let image = moat_e2e::real_node_gate_peer_image(env!("CARGO_BIN_EXE_moat-gate-peer"))?;
+    let operator = env
+        .operator()
+        .watching(&[&ns, &clients])
+        .settings(|s| s.image.helper_image = helper.clone())
+        .start()
+        .await?;
+    let consented: Vec<_> = sas
+        .iter()
+        .map(
+            |sa| json!({"namespace": clients, "podSelector": {"app": sa}, "serviceAccounts": [sa]}),
+        )
+        .collect();
+    for m in models {
+        let mut smd = fixture::smd(m.name)
+            .replicas(1)
+            .image(&image)
+            .port(8000)
+            .limits("250m", "128Mi")
+            .set(
+                &["spec", "server", "resources", "requests"],
+                json!({"cpu": "20m", "memory": "32Mi"}),
+            )
+            .set(
+                &["spec", "server", "args"],
+                json!(["serve", "--listen=127.0.0.1:8000"]),
+            )
+            .set(
+                &["spec", "server", "readinessProbe"],
+                json!({"httpGet": {"path": "/health"}}),
+            )
+            .set(&["spec", "gate"], m.gate.clone())
+            .clients(json!(consented));
+        if let Some(lifetime) = m.lifetime {
+            smd = smd.certificate_lifetime(lifetime);
+        }
+        env.api::<SecureModelDeployment>()
+            .create(&Default::default(), &smd.build()?)
+            .await?;
+    }
+    let model_clients: kube::Api<ModelClient> = kube::Api::namespaced(env.client.clone(), &clients);
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(env.client.clone(), &clients);
+    for sa in sas {
+        for m in models {
+            let name = format!("{sa}-{}", m.name);
+            let mc = fixture::model_client(&name, &ns, m.name)
+                .service_account(sa)
+                .secret(&name);
+            model_clients
+                .create(&Default::default(), &mc.build()?)
+                .await?;
+        }
+    }
+    for sa in sas {
+        let mut volumes = Vec::new();
+        for m in models {
+            let secret = format!("{sa}-{}", m.name);
+            wait_for_value(
+                moat_e2e::DEADLINE,
+                &format!("the client Secret {secret}"),
+                || async { Ok(secrets.get_opt(&secret).await?) },
+            )
+            .await?;
+            volumes.push((
+                m.name,
+                json!({"secret": {"secretName": secret}}),
+                format!("/var/run/{}", m.name),
+            ));
+        }
+        let volumes: Vec<_> = volumes
+            .iter()
+            .map(|(n, v, p)| (*n, v.clone(), p.as_str()))
+            .collect();
+        hardened_pod(env, &clients, sa, sa, &image, &[PEER, "idle"], &volumes).await?;
+    }
+    for m in models {
+        wait_condition(env, m.name, conditions::READY, "RolloutComplete").await?;
+    }
+    let gated = Gated {
+        env: env.clone(),
+        ns,
+        clients,
+        _operator: operator,
+    };
+    for sa in sas {
+        for m in models {
+            gated.admitted(sa, m.name).await?;
+        }
+    }
+    Ok(gated)
+}
+
+/// What the gate said when it refused: the `reason` of its JSON body.
+fn refusal_reason(answer: &serde_json::Value) -> String {
+    serde_json::from_str::<serde_json::Value>(answer["body"].as_str().unwrap_or_default())
+        .ok()
+        .and_then(|b| b["reason"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+fn number(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::NAN)
+}
+
+impl Gated {
+    /// The peer's arguments for calling `path` of `model` as the client of the pod it runs in.
+    fn conn(&self, model: &str, path: &str) -> Vec<String> {
+        let dir = format!("/var/run/{model}");
+        vec![
+            format!(
+                "--url=https://{model}.{}.svc.cluster.local:8000{path}",
+                self.ns
+            ),
+            format!("--ca={dir}/ca.crt"),
+            format!("--cert={dir}/tls.crt"),
+            format!("--key={dir}/tls.key"),
+        ]
+    }
+
+    /// The whole command line of the peer's `command` against `path` of `model`, with `extra`.
+    fn argv(&self, command: &str, model: &str, path: &str, extra: &[&str]) -> Vec<String> {
+        let mut argv = vec![PEER.to_string(), command.to_string()];
+        argv.extend(self.conn(model, path));
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        argv
+    }
+
+    /// Runs the peer's `command` in the client pod `sa` (`kubectl exec`); its JSON lines.
+    async fn peer(
+        &self,
+        sa: &str,
+        command: &str,
+        model: &str,
+        path: &str,
+        extra: &[&str],
+    ) -> Result<Vec<serde_json::Value>> {
+        let argv = self.argv(command, model, path, extra);
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let (ok, out, err) = exec(&self.clients, sa, "main", &argv).await?;
+        ensure!(
+            ok,
+            "{PEER} {command} as {sa} to {model}{path} failed: {}",
+            err.trim()
+        );
+        out.lines()
+            .map(|l| serde_json::from_str(l).with_context(|| format!("not JSON: {l}")))
+            .collect()
+    }
+
+    /// One request's answer (status, headers, body, trailers, the server's serial).
+    async fn request(
+        &self,
+        sa: &str,
+        model: &str,
+        path: &str,
+        extra: &[&str],
+    ) -> Result<serde_json::Value> {
+        self.peer(sa, "request", model, path, extra)
+            .await?
+            .pop()
+            .context("the peer printed nothing")
+    }
+
+    /// Returns once `sa` is served by `model`: kube-router admits a new client pod once it has
+    /// added its address to the model's ingress rules (until then the connection times out),
+    /// and the gate names the identity once Moat has seen the ModelClient and the kubelet has
+    /// delivered the policy (until then 403 NotConsented).
+    async fn admitted(&self, sa: &str, model: &str) -> Result<()> {
+        wait_until(&format!("{sa} served by {model}"), || async {
+            match self.request(sa, model, "/v1/echo", &[]).await {
+                Ok(a) if a["status"] == 200 => Ok(true),
+                Ok(a) if a["status"] == 403 && refusal_reason(&a) == "NotConsented" => Ok(false),
+                Err(e) if format!("{e:#}").contains("connecting to") => Ok(false),
+                Ok(a) => anyhow::bail!("{sa} got {a}"),
+                Err(e) => Err(e),
+            }
+        })
+        .await
+    }
+
+    /// The JSON lines of `container` in the running pod of `model`: the peer's (`server`: stream
+    /// ends, echoes, gRPC calls) or the gate's audit log (`gate`).
+    async fn log(&self, model: &str, container: &str) -> Result<Vec<serde_json::Value>> {
+        let pod = running_pod(&self.env, model).await?.name_any();
+        let params = kube::api::LogParams {
+            container: Some(container.into()),
+            ..Default::default()
+        };
+        let log = self.env.api::<Pod>().logs(&pod, &params).await?;
+        Ok(log
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect())
+    }
+
+    /// How the server's stream `id` ended (`complete` or `cancelled`, when, after how many
+    /// chunks), once it has.
+    async fn stream_end(&self, model: &str, id: &str) -> Result<serde_json::Value> {
+        wait_for_value(
+            moat_e2e::DEADLINE,
+            &format!("the end of stream {id} in {model}'s server"),
+            || async {
+                Ok(self
+                    .log(model, "server")
+                    .await?
+                    .into_iter()
+                    .find(|l| l["event"] == "stream" && l["id"] == id))
+            },
+        )
+        .await
+    }
+
+    /// The gate's audit line of request `id`, once written.
+    async fn audit_line(&self, model: &str, id: &str) -> Result<serde_json::Value> {
+        wait_for_value(
+            moat_e2e::DEADLINE,
+            &format!("the audit line of {id}"),
+            || async {
+                Ok(self
+                    .log(model, "gate")
+                    .await?
+                    .into_iter()
+                    .find(|l| l["request_id"] == id))
+            },
+        )
+        .await
+    }
+}
+
+/// A peer command running in a client pod (`kubectl exec`, killed when dropped), its JSON lines
+/// as they come.
+struct Streaming {
+    what: String,
+    lines: tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>,
+    _exec: tokio::process::Child,
+}
+
+impl Streaming {
+    fn start(ns: &str, pod: &str, argv: &[String]) -> Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(moat_e2e::tool("MOAT_KUBECTL")?)
+            .args(["exec", "-n", ns, pod, "-c", "main", "--"])
+            .args(argv)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting kubectl exec")?;
+        let stdout = child.stdout.take().context("kubectl's stdout")?;
+        let (tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Ok(v) = serde_json::from_str(&line)
+                    && tx.send(v).is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            what: format!("{} in {pod}", argv.join(" ")),
+            lines,
+            _exec: child,
+        })
+    }
+
+    /// The next line.
+    async fn next(&mut self) -> Result<serde_json::Value> {
+        tokio::time::timeout(moat_e2e::DEADLINE, self.lines.recv())
+            .await
+            .with_context(|| {
+                format!(
+                    "nothing more within {:?} from {}",
+                    moat_e2e::DEADLINE,
+                    self.what
+                )
+            })?
+            .with_context(|| format!("{} exited", self.what))
+    }
+}
+
+fn wall_ms() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0)
+}
+
+/// Case 4 of the gate's real-node coverage: over `spec.gate.limits`, a request is answered at
+/// once by the gate with its reason, and never reaches the server. A body over
+/// `maxRequestBytes` gets 413 TooLarge, whether its length is declared or it streams without
+/// one, over HTTP/2 and HTTP/1.1, to an HTTP/2 (h2c) server; more requests in flight than
+/// `maxConcurrentRequests` get 429 TooManyConcurrent; more than `requestsPerSecond` and `burst`
+/// get 429 RateLimited; both with `Retry-After: 1`, and each in the audit log.
+#[tokio::test]
+async fn the_gate_answers_413_over_the_body_limit_and_429_over_the_rate_and_concurrency_limits() {
+    with_namespace(
+        "real-gate-limits",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let limits = json!({"maxRequestBytes": "1Ki", "requestsPerSecond": 10, "burst": 10,
+                                "maxConcurrentRequests": 2});
+            let g = gated(
+                &env,
+                &[PeerModel { name: "limited", gate: json!({"upstreamProtocol": "HTTP2", "limits": limits}), lifetime: None }],
+                &["checkout", "batch"],
+            )
+            .await?;
+
+            // 413: the limit itself passes; one byte more does not, declared or streamed.
+            let at_limit = g.request("checkout", "limited", "/v1/echo", &["--method=POST", "--body-bytes=1024"]).await?;
+            let read: serde_json::Value = serde_json::from_str(at_limit["body"].as_str().unwrap_or_default())?;
+            ensure!(at_limit["status"] == 200 && read["bytes"] == 1024, "1 KiB: {at_limit}");
+            for (how, body) in [("declared", "--body-bytes=1025"), ("streamed", "--stream-bytes=4096")] {
+                for (protocol, alpn) in [("HTTP/2", None), ("HTTP/1.1", Some("--http1"))] {
+                    let mut flags = vec!["--method=POST", body];
+                    flags.extend(alpn);
+                    let answer = g.request("checkout", "limited", "/v1/echo", &flags).await?;
+                    ensure!(
+                        answer["status"] == 413 && refusal_reason(&answer) == "TooLarge",
+                        "a {how} body over the limit, over {protocol}: {answer}"
+                    );
+                    eprintln!("a {how} body over maxRequestBytes over {protocol}: {} {}", answer["status"], refusal_reason(&answer));
+                }
+            }
+
+            // 429 TooManyConcurrent: two streams in flight (their first event read), a third
+            // request on another connection is refused.
+            let lines = g
+                .peer("checkout", "concurrent", "limited", "/v1/chat/completions?id=hold&chunks=0&gap_ms=200",
+                      &["--holds=2", "--probe=/v1/echo"])
+                .await?;
+            let probe = lines.last().context("no answer")?;
+            ensure!(
+                probe["status"] == 429 && refusal_reason(probe) == "TooManyConcurrent"
+                    && probe["headers"]["retry-after"] == "1" && probe["holds_open"] == 2,
+                "a third request with two in flight: {probe}"
+            );
+            eprintln!("a third request with two in flight: {} {}", probe["status"], refusal_reason(probe));
+
+            // 429 RateLimited: 40 requests one after another, as fast as they are answered,
+            // from an identity of their own (the bucket is per identity): at most the burst and
+            // what refilled meanwhile pass.
+            let burst = g.peer("batch", "burst", "limited", "/v1/echo", &["--n=40"]).await?;
+            let burst = burst.last().context("no summary")?;
+            let passed = burst["statuses"]["200"].as_u64().unwrap_or(0);
+            let limited = burst["statuses"]["429"].as_u64().unwrap_or(0);
+            let seconds = number(&burst["elapsed_ms"]) / 1000.0;
+            ensure!(
+                passed + limited == 40 && limited > 0 && burst["reasons"] == json!({"RateLimited": limited})
+                    && burst["retry_after"] == "1"
+                    && passed as f64 <= 10.0 + (10.0 * seconds).ceil(),
+                "40 requests in {seconds:.2} s at 10/s with a burst of 10: {burst}"
+            );
+            eprintln!("40 requests in {seconds:.2} s at 10/s with a burst of 10: {passed} served, {limited} 429 RateLimited");
+
+            // The server never read a body over the limit; the audit log has every refusal.
+            let served = g.log("limited", "server").await?;
+            ensure!(
+                served.iter().filter(|l| l["event"] == "echo").all(|l| l["bytes"].as_u64() <= Some(1024)),
+                "the server read a body over the limit: {served:?}"
+            );
+            let checkout = format!("spiffe://cluster.local/ns/{}/sa/checkout", g.clients);
+            let batch = format!("spiffe://cluster.local/ns/{}/sa/batch", g.clients);
+            wait_until("the refusals in the audit log", || async {
+                let lines = g.log("limited", "gate").await?;
+                let count = |reason: &str, who: &str| {
+                    lines.iter().filter(|l| l["reason"] == reason && l["identity"] == who).count()
+                };
+                Ok(count("TooLarge", &checkout) == 4
+                    && count("TooManyConcurrent", &checkout) == 1
+                    && count("RateLimited", &batch) as u64 == limited
+                    && lines.iter().filter(|l| l["reason"] == "TooLarge").all(|l| l["status"] == 413))
+            })
+            .await?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// The events of an SSE read by the peer's `sse`, checked to have come one at a time as the
+/// server wrote them: `n` events, each in a data frame of its own and received before the server
+/// wrote the next. Returns the times from each event's write to its receipt, and between
+/// receipts (ms).
+fn chunk_by_chunk(
+    lines: &[serde_json::Value],
+    n: usize,
+    what: &str,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let events: Vec<_> = lines.iter().filter(|l| l.get("i").is_some()).collect();
+    ensure!(
+        events.len() == n,
+        "{what}: {} events of {n}: {lines:?}",
+        events.len()
+    );
+    for (k, e) in events.iter().enumerate() {
+        ensure!(
+            e["i"] == k && e["frame"] == k,
+            "{what}: event {k} came as {e}: {lines:?}"
+        );
+    }
+    for pair in events.windows(2) {
+        ensure!(
+            number(&pair[0]["recv_ms"]) < number(&pair[1]["sent_ms"]),
+            "{what}: event {} arrived only after the server wrote the next (buffered): {lines:?}",
+            pair[0]["i"]
+        );
+    }
+    let latency = events
+        .iter()
+        .map(|e| number(&e["recv_ms"]) - number(&e["sent_ms"]))
+        .collect();
+    let gaps = events
+        .windows(2)
+        .map(|p| number(&p[1]["recv_ms"]) - number(&p[0]["recv_ms"]))
+        .collect();
+    Ok((latency, gaps))
+}
+
+fn ms_list(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Cases 5, 6 and 7 of the gate's real-node coverage, through an HTTP/1.1 server (`chat`) and
+/// an HTTP/2 (h2c, `upstreamProtocol: HTTP2`) one (`grpc`):
+/// - server-sent events pass chunk by chunk: each event arrives in a frame of its own before the
+///   server writes the next (they are 500 ms apart), over HTTP/2 and HTTP/1.1 clients;
+/// - gRPC: the messages, and `grpc-status` and `grpc-message` as HTTP/2 trailers (a status
+///   other than 0 too), from a server the gate spoke HTTP/2 to;
+/// - a client that goes away mid-stream cancels the server's stream (its response is dropped)
+///   within a second, and the audit line says the response was not complete.
+#[tokio::test]
+async fn sse_chunks_grpc_trailers_and_client_disconnects_pass_the_gate_on_real_pods() {
+    with_namespace(
+        "real-gate-streams",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let g = gated(
+                &env,
+                &[
+                    PeerModel { name: "chat", gate: json!({"limits": {"maxRequestBytes": "64Ki"}}), lifetime: None },
+                    PeerModel { name: "grpc", gate: json!({"upstreamProtocol": "HTTP2"}), lifetime: None },
+                ],
+                &["checkout"],
+            )
+            .await?;
+            let routes = [("chat", "HTTP/1.1", "HTTP/2"), ("chat", "HTTP/1.1", "HTTP/1.1"), ("grpc", "HTTP/2.0", "HTTP/2")];
+            // The peer offers HTTP/2 alone unless told `--http1`.
+            let alpn = |client: &str| if client == "HTTP/1.1" { vec!["--http1"] } else { Vec::new() };
+
+            // 5. Server-sent events, chunk by chunk.
+            for (k, (model, upstream, client)) in routes.iter().enumerate() {
+                let id = format!("sse-{k}");
+                let lines = g
+                    .peer("checkout", "sse", model, &format!("/v1/chat/completions?id={id}&chunks=6&gap_ms=500"), &alpn(client))
+                    .await?;
+                let head = &lines[0];
+                let what = format!("SSE from {model} ({upstream} server) to an {client} client");
+                ensure!(
+                    head["status"] == 200 && head["headers"]["content-type"] == "text/event-stream",
+                    "{what}: {head}"
+                );
+                ensure!(lines.iter().any(|l| l["upstream"] == *upstream), "{what}: the gate spoke another protocol to the server: {lines:?}");
+                let (latency, gaps) = chunk_by_chunk(&lines, 6, &what)?;
+                ensure!(lines.last().is_some_and(|l| l["end"] == "complete"), "{what}: {lines:?}");
+                ensure!(g.stream_end(model, &id).await?["outcome"] == "complete");
+                eprintln!(
+                    "{what}: 6 events 500 ms apart, each in its own frame; write to receipt {} ms; between receipts {} ms",
+                    ms_list(&latency),
+                    ms_list(&gaps)
+                );
+            }
+
+            // 6. gRPC through an HTTP/2 server: messages and trailers.
+            for (method, message, messages, status, text) in [
+                ("Echo", "hello", json!(["hello"]), "0", "served"),
+                ("Count", "", json!(["0", "1", "2"]), "0", "counted"),
+                ("Missing", "", json!([]), "12", "no such method"),
+            ] {
+                let grpc = format!("--grpc={message}");
+                let answer = g.request("checkout", "grpc", &format!("/grpc.Peer/{method}"), &[&grpc]).await?;
+                ensure!(
+                    answer["status"] == 200
+                        && answer["version"] == "HTTP/2.0"
+                        && answer["headers"]["content-type"] == "application/grpc"
+                        && answer["headers"]["x-upstream-version"] == "HTTP/2.0"
+                        && answer["headers"].get("grpc-status").is_none()
+                        && answer["grpc_messages"] == messages
+                        && answer["trailers"]["grpc-status"] == status
+                        && answer["trailers"]["grpc-message"] == text,
+                    "gRPC {method}: {answer}"
+                );
+                eprintln!("gRPC {method}: messages {}, trailers {}", answer["grpc_messages"], answer["trailers"]);
+            }
+
+            // 7. A client that goes away after 3 events of an endless stream.
+            for (k, (model, upstream, client)) in routes.iter().enumerate() {
+                let id = format!("cancel-{k}");
+                let lines = g
+                    .peer("checkout", "sse", model, &format!("/v1/chat/completions?id={id}&chunks=0&gap_ms=200"),
+                          &[&["--disconnect-after=3"][..], &alpn(client)].concat())
+                    .await?;
+                let what = format!("the {client} client leaving {model} ({upstream} server)");
+                let gone = lines.last().context("no line")?;
+                ensure!(gone["end"] == "disconnected", "{what}: {lines:?}");
+                let ended = g.stream_end(model, &id).await?;
+                let took = number(&ended["at_ms"]) - number(&gone["at_ms"]);
+                ensure!(ended["outcome"] == "cancelled", "{what}: the server's stream {ended}");
+                ensure!(took < 1000.0, "{what}: the server's stream was cancelled only {took:.0} ms later");
+                let request_id = lines[0]["headers"]["x-request-id"].as_str().context("no request id")?;
+                let audit = g.audit_line(model, request_id).await?;
+                ensure!(audit["complete"] == false && audit["status"] == 200, "{what}: audit {audit}");
+                eprintln!("{what}: the server's stream cancelled {took:.1} ms later, after {} chunks", ended["chunks"]);
+            }
+
+            // The body limit through the HTTP/1.1 server: a streamed body over it gets 413.
+            let answer = g.request("checkout", "chat", "/v1/echo", &["--method=POST", "--stream-bytes=131072"]).await?;
+            ensure!(answer["status"] == 413 && refusal_reason(&answer) == "TooLarge", "128 KiB streamed to chat: {answer}");
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// Case 8 of the gate's real-node coverage: two clients each hold an endless SSE stream open;
+/// deleting one's ModelClient cuts that client's stream (the server's stream is cancelled too)
+/// while the other's keeps flowing, the revoked client is refused afterwards, and the pod is not
+/// restarted.
+#[tokio::test]
+async fn revocation_closes_the_revoked_clients_open_stream_and_no_other_on_real_pods() {
+    use moat::api::ModelClient;
+    with_namespace(
+        "real-gate-revoke",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let g = gated(&env, &[PeerModel { name: "chat", gate: json!({}), lifetime: None }], &["checkout", "billing"]).await?;
+            let pods = env.api::<Pod>();
+            let server = running_pod(&env, "chat").await?;
+            let mut streams = Vec::new();
+            for sa in ["checkout", "billing"] {
+                let argv = g.argv("sse", "chat", &format!("/v1/chat/completions?id=revoke-{sa}&chunks=0&gap_ms=200"), &[]);
+                let mut stream = Streaming::start(&g.clients, sa, &argv)?;
+                let head = stream.next().await?;
+                ensure!(head["status"] == 200, "{sa}'s stream: {head}");
+                for _ in 0..2 {
+                    let event = stream.next().await?;
+                    ensure!(event.get("i").is_some(), "{sa}'s stream: {event}");
+                }
+                streams.push(stream);
+            }
+            let (mut checkout, mut billing) = (streams.remove(0), streams.remove(0));
+
+            let revoked_at = wall_ms();
+            kube::Api::<ModelClient>::namespaced(env.client.clone(), &g.clients)
+                .delete("billing-chat", &Default::default())
+                .await?;
+            let end = loop {
+                let line = billing.next().await?;
+                if line.get("end").is_some() {
+                    break line;
+                }
+            };
+            ensure!(end["end"] == "closed", "billing's stream ended as {end}");
+            eprintln!(
+                "revocation: billing's open stream cut {:.2} s after its ModelClient was deleted ({})",
+                (number(&end["at_ms"]) - revoked_at) / 1000.0,
+                end["error"]
+            );
+            let cancelled = g.stream_end("chat", "revoke-billing").await?;
+            ensure!(cancelled["outcome"] == "cancelled", "the server's stream for billing: {cancelled}");
+
+            // checkout's stream flows on: five more events written after billing's was cut.
+            let mut after = 0;
+            while after < 5 {
+                let line = checkout.next().await?;
+                ensure!(line.get("end").is_none(), "checkout's stream ended: {line}");
+                if number(&line["sent_ms"]) > number(&end["at_ms"]) {
+                    after += 1;
+                }
+            }
+            let refused = g.request("billing", "chat", "/v1/echo", &[]).await?;
+            ensure!(refused["status"] == 403 && refusal_reason(&refused) == "NotConsented", "billing after revocation: {refused}");
+            let served = g.request("checkout", "chat", "/v1/echo", &[]).await?;
+            ensure!(served["status"] == 200, "checkout after billing's revocation: {served}");
+            let now = pods.get(&server.name_any()).await?;
+            ensure!(
+                now.metadata.uid == server.metadata.uid && restarts(&now) == restarts(&server),
+                "the model's pod was restarted or replaced"
+            );
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// Case 10 of the gate's real-node coverage: with 30 s serving certificates (renewed at 20 s),
+/// three clients opening a new connection for every request and one keeping a single connection
+/// send a steady load through the gate until new connections have been served under a renewed
+/// certificate for 100 requests: no request fails, the serial the clients see changes, and the
+/// pod is neither restarted nor replaced (the gate reloads the certificate itself).
+#[tokio::test]
+async fn a_serving_certificate_renewal_under_steady_load_drops_no_request_on_real_pods() {
+    use k8s_openapi::api::core::v1::Secret;
+    with_namespace(
+        "real-gate-renewal",
+        NamespaceOptions::restricted().on_real_node(),
+        |env| async move {
+            let g = gated(
+                &env,
+                &[PeerModel {
+                    name: "steady",
+                    gate: json!({"limits": {"requestsPerSecond": 1000, "burst": 1000}}),
+                    lifetime: Some("30s"),
+                }],
+                &["checkout"],
+            )
+            .await?;
+            let pods = env.api::<Pod>();
+            let server = running_pod(&env, "steady").await?;
+            let secrets = env.api::<Secret>();
+            let serial = |s: &Secret| {
+                let pem = moat::core::ca::text(s, "tls.crt");
+                moat::pki::pem_certificates(&pem).first().and_then(|der| moat::pki::info(der)).map(|i| i.serial)
+            };
+            // The serials the Secret held, and when they appeared (ms, wall clock).
+            let issued = std::sync::Mutex::new(Vec::<(String, f64)>::new());
+            let watch = async {
+                loop {
+                    if let Ok(Some(s)) = secrets.get_opt("steady-tls").await
+                        && let Some(serial) = serial(&s)
+                        && let Ok(mut issued) = issued.lock()
+                        && issued.last().is_none_or(|(last, _)| *last != serial)
+                    {
+                        issued.push((serial, wall_ms()));
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            };
+            let started = wall_ms();
+            let load = g.peer(
+                "checkout",
+                "load",
+                "steady",
+                "/v1/echo",
+                &["--workers=3", "--interval-ms=50", "--until-serials=2", "--linger=100", "--max-seconds=300"],
+            );
+            let summary = tokio::select! {
+                lines = load => lines?,
+                () = watch => unreachable!("the watch never ends"),
+            };
+            let summary = summary.last().context("no summary")?;
+            let issued = issued.lock().map_err(|_| anyhow::anyhow!("lock"))?.clone();
+            let seen: Vec<_> = summary["serials"].as_array().cloned().unwrap_or_default();
+            // When each serial the Secret held came to be served on new connections (after the
+            // one the load began with).
+            let mut delivery = Vec::new();
+            for (serial, at) in issued.iter().skip(1) {
+                let served = seen.iter().find(|s| s["serial"] == *serial);
+                delivery.push(match served {
+                    Some(s) => format!("{serial} in the Secret at {:.1} s, served from {:.1} s", (at - started) / 1000.0, number(&s["first_ms"]) / 1000.0),
+                    None => format!("{serial} in the Secret at {:.1} s, never served", (at - started) / 1000.0),
+                });
+            }
+            eprintln!(
+                "renewal under load: {} requests, {} failed, in {:.0} s; serials served {}; {}; latency ms {}; the long-lived connection {}; errors {}",
+                summary["sent"], summary["failed"], number(&summary["elapsed_s"]),
+                json!(seen.iter().map(|s| json!([s["serial"], s["requests"]])).collect::<Vec<_>>()),
+                delivery.join("; "), summary["latency_ms"], summary["persistent"], summary["errors"]
+            );
+            ensure!(summary["done"] == true && seen.len() >= 2, "new connections were never served under a renewed certificate: {summary}");
+            ensure!(summary["failed"] == 0 && summary["sent"] == summary["ok"], "requests failed during the renewal: {summary}");
+            ensure!(
+                summary["persistent"]["connections"] == 1 && summary["persistent"]["ok"] == summary["persistent"]["sent"],
+                "the long-lived connection did not survive the renewal: {summary}"
+            );
+            let now = pods.get(&server.name_any()).await?;
+            ensure!(
+                now.metadata.uid == server.metadata.uid && restarts(&now) == restarts(&server),
+                "the model's pod was restarted or replaced"
+            );
             Ok(())
         },
     )
