@@ -117,10 +117,29 @@ impl ImageError {
 
 /// Parses an image reference (`nginx` means `docker.io/library/nginx:latest`).
 pub fn parse(image: &str) -> Result<Reference, ImageError> {
-    image.parse::<Reference>().map_err(|e| ImageError::Invalid {
-        image: image.to_string(),
-        reason: e.to_string(),
-    })
+    let reference = image
+        .parse::<Reference>()
+        .map_err(|e| ImageError::Invalid {
+            image: image.to_string(),
+            reason: e.to_string(),
+        })?;
+    // oci-client reads an upper-case first component without a dot or a port (`Team/model`) as
+    // the start of a Docker Hub repository, which no registry accepts and whose pin
+    // (`docker.io/Team/model@...`) no parser reads back; Docker, containerd and the kubelet read
+    // it as a registry host instead. Found by the image_reference fuzz target.
+    if reference
+        .repository()
+        .bytes()
+        .any(|b| b.is_ascii_uppercase())
+    {
+        return Err(ImageError::Invalid {
+            image: image.to_string(),
+            reason: "repository names are lower case; a registry host needs a dot or a port \
+                     (registry.example.com/team/model)"
+                .into(),
+        });
+    }
+    Ok(reference)
 }
 
 /// Host (and port) of a registry name, lower-case, without scheme or path; Docker Hub's aliases
@@ -133,6 +152,9 @@ pub fn normalize_registry(name: &str) -> String {
         .split('/')
         .next()
         .unwrap_or_default()
+        // Space before a path (`registry.example.com /v1/`) too: found by the image_reference
+        // fuzz target (normalising twice differed).
+        .trim()
         .to_ascii_lowercase();
     match host.as_str() {
         "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
@@ -369,6 +391,13 @@ mod tests {
                 .contains("registry.example.com:5000 is not allowed"),
             "{e}"
         );
+        // Whitespace around the host, also before a path (the fuzz target's crash-space-before-path).
+        assert_eq!(
+            normalize_registry(" Registry.Example.com\t/v1/ "),
+            "registry.example.com"
+        );
+        let normal = normalize_registry("Regist0E0````1\t/rple.{co");
+        assert_eq!(normalize_registry(&normal), normal);
         let hub = parse("nginx:1").expect("parse");
         assert!(check_allowed(&hub, &["https://index.docker.io/v1/".into()]).is_ok());
     }
@@ -412,5 +441,22 @@ mod tests {
         };
         assert!(unauthorized.needs_user_action() && !unauthorized.is_spec_error());
         assert!(parse("UPPER/Case:tag").is_err());
+    }
+
+    #[test]
+    fn an_upper_case_first_component_is_refused_not_read_as_docker_hub() {
+        // The image_reference fuzz target's crash: parsed as docker.io/Registr05o0m/..., pinned
+        // as a reference that does not parse (fuzz/corpus/image_reference/crash-upper-case-host).
+        let e = parse("Registr05o0m/registry.exampl").expect_err("upper case");
+        assert_eq!(e.reason(), "InvalidSpec");
+        assert!(e.to_string().contains("lower case"), "{e}");
+        let digest = format!("Team/model@{DIGEST}");
+        assert!(plan(&digest, ImagePolicy::Resolve, &[], None, None).is_err());
+        // Upper case stays fine in a registry host that has a dot or a port, and in tags.
+        let r = parse("Registry.Example.com:5000/team/model:V1").expect("host");
+        assert_eq!(r.repository(), "team/model");
+        assert!(parse("localhost/model:Latest").is_ok());
+        let pinned = pinned(&r, DIGEST);
+        assert!(parse(&pinned).is_ok(), "{pinned}");
     }
 }
