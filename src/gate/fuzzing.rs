@@ -12,15 +12,15 @@ use std::{
     convert::Infallible,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, atomic::AtomicBool},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use arc_swap::ArcSwap;
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     sync::watch,
@@ -35,6 +35,8 @@ use super::{
 pub struct Harness {
     shared: Arc<Shared>,
     peer: Arc<Peer>,
+    /// Shared by the connections [`Harness::serve`] serves (one at a time).
+    state: Arc<proxy::ConnState>,
 }
 
 impl std::fmt::Debug for Harness {
@@ -80,15 +82,22 @@ impl Harness {
             tls: ArcSwap::from_pointee(tls),
             policy: policy_tx,
             metrics: metrics.clone(),
-            audit: audit::Audit::start(Box::new(std::io::sink()), metrics),
+            audit: audit::Audit::start(Box::new(std::io::sink()), metrics.clone()),
             limiter: Arc::default(),
             ids: proxy::RequestIds::new(),
             draining: AtomicBool::new(false),
         });
         Ok(Self {
             shared,
+            state: Arc::new(proxy::ConnState::new(&metrics, peer.identity())),
             peer: Arc::new(peer),
         })
+    }
+
+    /// Requests whose response has not ended yet (an HTTP/2 client that closes the connection
+    /// cancels them, so the fuzz target waits for none to be left before it closes).
+    pub fn in_flight(&self) -> u32 {
+        self.state.in_flight.load(Ordering::Acquire)
     }
 
     /// Serves one client connection on `io` until it ends (the client closed it, or sent
@@ -106,10 +115,7 @@ impl Harness {
             .unwrap_or_default();
         let header_timeout = Duration::from_secs(u64::from(limits.header_timeout_seconds.max(1)));
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 40000));
-        let state = Arc::new(proxy::ConnState::new(
-            &self.shared.metrics,
-            self.peer.identity(),
-        ));
+        let state = self.state.clone();
         let service = {
             let shared = self.shared.clone();
             let peer = self.peer.clone();
@@ -119,19 +125,8 @@ impl Harness {
             })
         };
         // As in `proxy::connection`, and half-closed connections answered.
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .keep_alive(true)
-            .half_close(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.max_concurrent_requests.max(1))
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20));
+        let mut builder = proxy::server(&limits, header_timeout);
+        builder.http1().half_close(true);
         let _ = builder.serve_connection(TokioIo::new(io), service).await;
     }
 }

@@ -171,7 +171,7 @@ impl Drop for InFlight {
 /// One connection's requests in flight and when it was last active, for the idle timeout; and
 /// its caller's metric series, looked up once per connection rather than once per request.
 pub(crate) struct ConnState {
-    in_flight: AtomicU32,
+    pub(crate) in_flight: AtomicU32,
     last_active: Mutex<Instant>,
     series: Series,
 }
@@ -282,18 +282,7 @@ pub(crate) async fn connection(
             async move { Ok::<_, Infallible>(handle(shared, peer, addr, state, req).await) }
         })
     };
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.max_concurrent_requests.max(1))
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    let builder = server(&limits, header_timeout);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(conn);
     let mut policy_rx = shared.policy.subscribe();
@@ -332,6 +321,23 @@ pub(crate) async fn connection(
             }
         }
     }
+}
+
+/// The HTTP/1.1 and HTTP/2 server of one client connection, with the policy's limits.
+pub(crate) fn server(limits: &Limits, header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_concurrent_requests.max(1))
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    builder
 }
 
 /// Counts a connection off when it ends.
