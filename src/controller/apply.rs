@@ -125,7 +125,12 @@ impl<'a> Applier<'a> {
                     related,
                 )),
                 Outcome::Repaired(change) => {
-                    self.ctx.metrics.drift_repaired(kind);
+                    self.ctx.metrics.drift_repaired(
+                        "SecureModelDeployment",
+                        self.namespace,
+                        &self.smd.name_any(),
+                        kind,
+                    );
                     info!(kind, name = %name, change = %change, "drift repaired");
                     self.notes.push((
                         EventType::Warning,

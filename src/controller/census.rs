@@ -1,12 +1,51 @@
-//! `moat_managed_objects` and `moat_certificate_expiry_seconds`, recounted from the caches of one
-//! watch scope.
+//! `moat_managed_objects`, `moat_certificate_expiry_seconds`, `moat_certificate_renewal_seconds`,
+//! `moat_model_condition` and `moat_ca_expiry_seconds`, recounted from the caches of one watch
+//! scope (and from the CA in use).
 
 use std::{sync::Arc, time::Duration};
 
 use kube::{ResourceExt, runtime::reflector::Store};
 
-use super::{Caches, certs, guard::Guarded};
-use crate::{api::SecureModelDeployment, telemetry::metrics::Metrics};
+use super::{Caches, ca::CaState, certs, guard::Guarded};
+use crate::{
+    api::SecureModelDeployment,
+    telemetry::metrics::{CertificateTimes, ConditionLabels, Metrics},
+};
+
+/// Where the CA is kept (the operator's namespace and the Secret's name), and the CA in use.
+pub(super) struct CaSource {
+    /// Namespace of the CA Secret.
+    pub namespace: String,
+    /// Name of the CA Secret.
+    pub secret: String,
+    /// The CA in use, as the reconcilers see it.
+    pub state: tokio::sync::watch::Receiver<Option<Arc<CaState>>>,
+}
+
+/// The condition gauges of the SecureModelDeployments in `smds`: each condition whose status is
+/// `True` or `False`, labelled with the model, the condition type and its reason.
+fn conditions(smds: &[Arc<Guarded<SecureModelDeployment>>]) -> Vec<(ConditionLabels, bool)> {
+    smds.iter()
+        .flat_map(|smd| {
+            let namespace = smd.namespace().unwrap_or_default();
+            let name = smd.name_any();
+            smd.conditions()
+                .iter()
+                .filter(|c| c.status == "True" || c.status == "False")
+                .map(move |c| {
+                    (
+                        ConditionLabels {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            condition: c.type_.clone(),
+                            reason: c.reason.clone(),
+                        },
+                        c.status == "True",
+                    )
+                })
+        })
+        .collect()
+}
 
 /// How often `moat_managed_objects` is recounted from the caches.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
@@ -18,6 +57,7 @@ pub(super) async fn count_managed(
     caches: Caches,
     scope: String,
     metrics: Arc<Metrics>,
+    ca: CaSource,
 ) {
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     loop {
@@ -43,8 +83,15 @@ pub(super) async fn count_managed(
                 ("ConfigMap", count(caches.config_maps.state().len())),
             ]),
         );
+        metrics.set_model_conditions(&scope, conditions(&smds.state()));
         let now = super::context::now().as_second();
-        let expiries: Vec<(String, String, i64)> = caches
+        let ca_expiry = ca
+            .state
+            .borrow()
+            .as_ref()
+            .map(|state| state.ca.info.not_after - now);
+        metrics.set_ca_expiry(&ca.namespace, &ca.secret, ca_expiry);
+        let expiries: Vec<CertificateTimes> = caches
             .secrets
             .state()
             .iter()
@@ -53,10 +100,68 @@ pub(super) async fn count_managed(
                     .into_iter()
                     .next()?;
                 let info = crate::pki::info(&der)?;
-                Some((s.namespace()?, s.name_any(), info.not_after - now))
+                Some(CertificateTimes {
+                    namespace: s.namespace()?,
+                    secret: s.name_any(),
+                    expiry: info.not_after - now,
+                    renewal: info.renew_at() - now,
+                })
             })
             .collect();
         metrics.set_certificate_expiries(&scope, &expiries);
         tokio::time::sleep(COUNT_INTERVAL).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+
+    use super::*;
+    use crate::api::conditions::{self, reason};
+
+    #[test]
+    fn each_true_or_false_condition_of_each_model_is_a_gauge_with_its_reason() {
+        let now = Time(Timestamp::from_second(1_000).expect("time"));
+        let mut quarantined = crate::fixture::smd("fraud")
+            .namespace("ml")
+            .build()
+            .expect("smd");
+        let mut st = quarantined.status.clone().unwrap_or_default();
+        conditions::set_kstatus(
+            &mut st.conditions,
+            [
+                (false, reason::QUARANTINED, "quarantined".into()),
+                (false, reason::AS_EXPECTED, String::new()),
+                (false, reason::AS_EXPECTED, String::new()),
+            ],
+            Some(1),
+            &now,
+        );
+        // An Unknown condition says nothing either way: no series.
+        st.conditions
+            .push(conditions::new("Other", true, "X", "", None, now.clone()));
+        st.conditions.last_mut().expect("pushed").status = "Unknown".into();
+        quarantined.status = Some(st);
+        let fresh = crate::fixture::smd("new")
+            .namespace("ml")
+            .build()
+            .expect("smd");
+        let got = conditions(&[
+            Arc::new(Guarded::new(quarantined)),
+            Arc::new(Guarded::new(fresh)),
+        ]);
+        let got: Vec<(&str, &str, &str, bool)> = got
+            .iter()
+            .map(|(l, v)| (l.name.as_str(), l.condition.as_str(), l.reason.as_str(), *v))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("fraud", "Ready", "Quarantined", false),
+                ("fraud", "Reconciling", "AsExpected", false),
+                ("fraud", "Stalled", "AsExpected", false),
+            ]
+        );
     }
 }

@@ -323,7 +323,12 @@ async fn converge(mc: Arc<ModelClient>, ctx: &ClientContext) -> Result<Action, E
             ),
         };
         if why == reason::DRIFT_REPAIRED {
-            shared.metrics.drift_repaired("Secret");
+            shared.metrics.drift_repaired(
+                "ModelClient",
+                &mc.namespace().unwrap_or_default(),
+                &mc.name_any(),
+                "Secret",
+            );
         }
         publish(
             &shared.recorder,

@@ -49,6 +49,19 @@ impl<K> Guarded<K> {
     }
 }
 
+impl Guarded<crate::api::SecureModelDeployment> {
+    /// `status.conditions`: the decoded object's, or those read from a malformed one.
+    pub fn conditions(&self) -> &[Condition] {
+        match &self.object {
+            Ok(smd) => smd
+                .status
+                .as_ref()
+                .map_or(&[], |st| st.conditions.as_slice()),
+            Err(_) => &self.conditions,
+        }
+    }
+}
+
 impl<K: Resource> Resource for Guarded<K> {
     type DynamicType = K::DynamicType;
     type Scope = K::Scope;

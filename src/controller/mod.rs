@@ -306,6 +306,11 @@ async fn run_one(
         caches.clone(),
         ns.clone().unwrap_or_else(|| "*".into()),
         ctx.metrics.clone(),
+        census::CaSource {
+            namespace: ctx.settings.ca.namespace.clone(),
+            secret: ctx.settings.ca.secret_name.clone(),
+            state: ca_rx.clone(),
+        },
     );
     // The owned streams are polled by the controller; reconciles wait until the caches are full.
     // Reconciles also wait for the CA, for at most CA_WAIT: a CA that does not come (an unusable

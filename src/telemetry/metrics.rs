@@ -58,6 +58,104 @@ pub struct SecretLabels {
     pub secret: String,
 }
 
+/// Labels of drift repairs counted by the object that owns the repaired child.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OwnerLabels {
+    /// Kind of the owner: `SecureModelDeployment`, or `ModelClient` for a client's Secret.
+    pub owner: String,
+    /// Namespace of the owner (and of the repaired child).
+    pub namespace: String,
+    /// Name of the owner.
+    pub name: String,
+    /// Kubernetes kind of the repaired child.
+    pub kind: String,
+}
+
+/// Labels of per-model condition gauges.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    /// Namespace of the SecureModelDeployment.
+    pub namespace: String,
+    /// Name of the SecureModelDeployment.
+    pub name: String,
+    /// Condition type: `Ready`, `Reconciling` or `Stalled`.
+    pub condition: String,
+    /// The condition's reason (`RolloutComplete`, `Quarantined`, `RegistryUnreachable`, ...).
+    pub reason: String,
+}
+
+/// One certificate as the census sees it: where it is stored and its timing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertificateTimes {
+    /// Namespace of the Secret.
+    pub namespace: String,
+    /// Name of the Secret.
+    pub secret: String,
+    /// Seconds until the certificate expires (negative once expired).
+    pub expiry: i64,
+    /// Seconds until it is due for renewal, two thirds into its lifetime (negative once due).
+    pub renewal: i64,
+}
+
+/// Gauges of one family that each watch scope (a namespace, or `*` for all) replaces as a whole:
+/// the series a scope reported before and no longer reports are removed.
+struct ScopedGauges<L> {
+    family: Family<L, Gauge>,
+    by_scope: Mutex<HashMap<String, Vec<L>>>,
+}
+
+impl<L: Clone + std::hash::Hash + Eq> ScopedGauges<L> {
+    fn new(family: Family<L, Gauge>) -> Self {
+        Self {
+            family,
+            by_scope: Mutex::default(),
+        }
+    }
+
+    /// Replaces what `scope` reports with `values`.
+    fn replace(&self, scope: &str, values: impl IntoIterator<Item = (L, i64)>) {
+        let mut scopes = self
+            .by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let values: Vec<(L, i64)> = values.into_iter().collect();
+        for gone in scopes
+            .get(scope)
+            .into_iter()
+            .flatten()
+            .filter(|l| !values.iter().any(|(v, _)| v == *l))
+        {
+            self.family.remove(gone);
+        }
+        for (label, value) in &values {
+            self.family.get_or_create(label).set(*value);
+        }
+        scopes.insert(
+            scope.to_string(),
+            values.into_iter().map(|(l, _)| l).collect(),
+        );
+    }
+
+    /// The value of `label`, if a scope reports it.
+    fn get(&self, label: &L) -> Option<i64> {
+        self.by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .any(|ls| ls.contains(label))
+            .then(|| self.family.get_or_create(label).get())
+    }
+
+    /// Removes every series.
+    fn clear(&self) {
+        self.by_scope
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+        self.family.clear();
+    }
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     registry: Registry,
@@ -65,6 +163,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     duration: Histogram,
     drift_repairs: Family<KindLabels, Counter>,
+    drift_repairs_by_owner: Family<OwnerLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
     synced: Gauge,
@@ -72,10 +171,14 @@ pub struct Metrics {
     standby: std::sync::atomic::AtomicBool,
     managed: Family<KindLabels, Gauge>,
     certificates_issued: Family<UsageLabels, Counter>,
-    certificate_expiry: Family<SecretLabels, Gauge>,
+    certificate_expiry: ScopedGauges<SecretLabels>,
+    /// Certificates renewed on schedule have a positive `certificate_renewal`.
+    certificate_renewal: ScopedGauges<SecretLabels>,
+    /// The active CA's time to expiry (one series, from every scope alike).
+    ca_expiry: ScopedGauges<SecretLabels>,
+    /// 1 for each condition of each SecureModelDeployment that is True, 0 when False.
+    model_conditions: ScopedGauges<ConditionLabels>,
     image_resolutions: Family<OutcomeLabels, Counter>,
-    /// The certificate Secrets each watch scope reported.
-    expiry_by_scope: Mutex<HashMap<String, Vec<SecretLabels>>>,
     /// What each watch scope (a namespace, or `*` for all) contributes to `managed`.
     managed_by_scope: Mutex<HashMap<String, BTreeMap<&'static str, i64>>>,
 }
@@ -89,6 +192,7 @@ impl Default for Metrics {
             0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
         ]);
         let drift_repairs = Family::<KindLabels, Counter>::default();
+        let drift_repairs_by_owner = Family::<OwnerLabels, Counter>::default();
         let api_writes = Family::<WriteLabels, Counter>::default();
         registry.register(
             "reconcile",
@@ -109,6 +213,11 @@ impl Default for Metrics {
             "drift_repairs",
             "Changes made outside Moat that Moat reverted, by kind",
             drift_repairs.clone(),
+        );
+        registry.register(
+            "drift_repairs_by_owner",
+            "Changes made outside Moat that Moat reverted, by the SecureModelDeployment or ModelClient owning the child, and the child's kind",
+            drift_repairs_by_owner.clone(),
         );
         registry.register(
             "api_writes",
@@ -147,6 +256,24 @@ impl Default for Metrics {
             "Seconds until the certificate in each Secret Moat manages expires",
             certificate_expiry.clone(),
         );
+        let certificate_renewal = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "certificate_renewal_seconds",
+            "Seconds until the certificate in each Secret Moat manages is due for renewal (two thirds into its lifetime); negative once due",
+            certificate_renewal.clone(),
+        );
+        let ca_expiry = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "ca_expiry_seconds",
+            "Seconds until the active CA certificate (in its Secret) expires",
+            ca_expiry.clone(),
+        );
+        let model_conditions = Family::<ConditionLabels, Gauge>::default();
+        registry.register(
+            "model_condition",
+            "Conditions of each SecureModelDeployment: 1 when True, 0 when False, with the reason",
+            model_conditions.clone(),
+        );
         let image_resolutions = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "image_resolutions",
@@ -160,15 +287,18 @@ impl Default for Metrics {
             standby: std::sync::atomic::AtomicBool::new(false),
             image_resolutions,
             certificates_issued,
-            certificate_expiry,
+            certificate_expiry: ScopedGauges::new(certificate_expiry),
+            certificate_renewal: ScopedGauges::new(certificate_renewal),
+            ca_expiry: ScopedGauges::new(ca_expiry),
+            model_conditions: ScopedGauges::new(model_conditions),
             errors,
             duration,
             drift_repairs,
+            drift_repairs_by_owner,
             api_writes,
             leader,
             managed,
             managed_by_scope: Mutex::default(),
-            expiry_by_scope: Mutex::default(),
         }
     }
 }
@@ -204,10 +334,20 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts a drift repair of `kind`.
-    pub fn drift_repaired(&self, kind: &str) {
+    /// Counts a drift repair of a child of `kind` owned by the `owner` (its kind)
+    /// `namespace/name`: in `moat_drift_repairs_total{kind}` and
+    /// `moat_drift_repairs_by_owner_total{owner,namespace,name,kind}`.
+    pub fn drift_repaired(&self, owner: &str, namespace: &str, name: &str, kind: &str) {
         self.drift_repairs
             .get_or_create(&KindLabels { kind: kind.into() })
+            .inc();
+        self.drift_repairs_by_owner
+            .get_or_create(&OwnerLabels {
+                owner: owner.into(),
+                namespace: namespace.into(),
+                name: name.into(),
+                kind: kind.into(),
+            })
             .inc();
     }
 
@@ -249,12 +389,10 @@ impl Metrics {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         scopes.clear();
         self.managed.clear();
-        let mut expiries = self
-            .expiry_by_scope
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        expiries.clear();
         self.certificate_expiry.clear();
+        self.certificate_renewal.clear();
+        self.ca_expiry.clear();
+        self.model_conditions.clear();
     }
 
     fn apply_delta(
@@ -294,46 +432,63 @@ impl Metrics {
             .inc();
     }
 
-    /// Replaces the time-to-expiry gauges of one watch scope with `expiries` (namespace, secret,
-    /// seconds left); gauges of Secrets no longer listed are removed.
-    pub fn set_certificate_expiries(&self, scope: &str, expiries: &[(String, String, i64)]) {
-        let mut scopes = self
-            .expiry_by_scope
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let labels: Vec<SecretLabels> = expiries
-            .iter()
-            .map(|(namespace, secret, _)| SecretLabels {
-                namespace: namespace.clone(),
-                secret: secret.clone(),
-            })
-            .collect();
-        for gone in scopes
-            .get(scope)
-            .into_iter()
-            .flatten()
-            .filter(|l| !labels.contains(l))
-        {
-            self.certificate_expiry.remove(gone);
-        }
-        for (label, (_, _, seconds)) in labels.iter().zip(expiries) {
-            self.certificate_expiry.get_or_create(label).set(*seconds);
-        }
-        scopes.insert(scope.to_string(), labels);
+    /// Replaces the time-to-expiry and time-to-renewal gauges of one watch scope with
+    /// `certificates`; gauges of Secrets no longer listed are removed.
+    pub fn set_certificate_expiries(&self, scope: &str, certificates: &[CertificateTimes]) {
+        let labels = |c: &CertificateTimes| SecretLabels {
+            namespace: c.namespace.clone(),
+            secret: c.secret.clone(),
+        };
+        self.certificate_expiry
+            .replace(scope, certificates.iter().map(|c| (labels(c), c.expiry)));
+        self.certificate_renewal
+            .replace(scope, certificates.iter().map(|c| (labels(c), c.renewal)));
     }
 
     /// Seconds until the certificate in `namespace/secret` expires, if Moat tracks it.
     pub fn certificate_expiry(&self, namespace: &str, secret: &str) -> Option<i64> {
-        let labels = SecretLabels {
+        self.certificate_expiry.get(&SecretLabels {
+            namespace: namespace.into(),
+            secret: secret.into(),
+        })
+    }
+
+    /// Records the active CA, stored in `namespace/secret`, and its seconds to expiry (`None`:
+    /// no CA is usable, and the gauge is removed).
+    pub fn set_ca_expiry(&self, namespace: &str, secret: &str, seconds: Option<i64>) {
+        let label = SecretLabels {
             namespace: namespace.into(),
             secret: secret.into(),
         };
-        self.expiry_by_scope
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .values()
-            .any(|ls| ls.contains(&labels))
-            .then(|| self.certificate_expiry.get_or_create(&labels).get())
+        // One series whichever scope reports it: the CA is the same for all.
+        self.ca_expiry.replace("*", seconds.map(|s| (label, s)));
+    }
+
+    /// Replaces the condition gauges of one watch scope: for each SecureModelDeployment, each of
+    /// its conditions whose status is `True` or `False` (a condition `Unknown` has no series).
+    pub fn set_model_conditions(&self, scope: &str, conditions: Vec<(ConditionLabels, bool)>) {
+        self.model_conditions.replace(
+            scope,
+            conditions
+                .into_iter()
+                .map(|(labels, status)| (labels, i64::from(status))),
+        );
+    }
+
+    /// The condition gauge of `namespace/name` for `condition` with `reason`, if reported.
+    pub fn model_condition(
+        &self,
+        namespace: &str,
+        name: &str,
+        condition: &str,
+        reason: &str,
+    ) -> Option<i64> {
+        self.model_conditions.get(&ConditionLabels {
+            namespace: namespace.into(),
+            name: name.into(),
+            condition: condition.into(),
+            reason: reason.into(),
+        })
     }
 
     /// Records whether this replica leads.
@@ -423,7 +578,12 @@ mod tests {
     #[test]
     fn certificate_expiries_are_replaced_per_scope() {
         let m = Metrics::default();
-        let e = |ns: &str, name: &str, secs: i64| (ns.to_string(), name.to_string(), secs);
+        let e = |ns: &str, name: &str, secs: i64| CertificateTimes {
+            namespace: ns.to_string(),
+            secret: name.to_string(),
+            expiry: secs,
+            renewal: secs / 3 - 20,
+        };
         m.set_certificate_expiries("a", &[e("a", "x-tls", 100), e("a", "y-tls", 50)]);
         m.set_certificate_expiries("b", &[e("b", "z-tls", 10)]);
         assert_eq!(m.certificate_expiry("a", "y-tls"), Some(50));
@@ -437,5 +597,112 @@ mod tests {
             text.contains("moat_certificate_expiry_seconds{namespace=\"b\",secret=\"z-tls\"} 10"),
             "{text}"
         );
+        // The renewal gauge follows the same Secrets, negative once the renewal is due.
+        assert!(
+            text.contains("moat_certificate_renewal_seconds{namespace=\"b\",secret=\"z-tls\"} -17"),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_certificate_renewal_seconds{namespace=\"a\",secret=\"x-tls\"} 10"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn drift_repairs_are_counted_by_kind_and_by_owner() {
+        let m = Metrics::default();
+        m.drift_repaired("SecureModelDeployment", "ml", "fraud", "NetworkPolicy");
+        m.drift_repaired("SecureModelDeployment", "ml", "fraud", "NetworkPolicy");
+        m.drift_repaired("ModelClient", "payments", "checkout", "Secret");
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains("moat_drift_repairs_total{kind=\"NetworkPolicy\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "moat_drift_repairs_by_owner_total{owner=\"SecureModelDeployment\",namespace=\"ml\",name=\"fraud\",kind=\"NetworkPolicy\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "moat_drift_repairs_by_owner_total{owner=\"ModelClient\",namespace=\"payments\",name=\"checkout\",kind=\"Secret\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    fn condition(name: &str, condition: &str, reason: &str) -> ConditionLabels {
+        ConditionLabels {
+            namespace: "ml".into(),
+            name: name.into(),
+            condition: condition.into(),
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn model_conditions_follow_each_scope_and_a_new_reason_replaces_the_old_series() {
+        let m = Metrics::default();
+        m.set_model_conditions(
+            "ml",
+            vec![
+                (condition("a", "Ready", "RolloutComplete"), true),
+                (condition("a", "Stalled", "AsExpected"), false),
+            ],
+        );
+        assert_eq!(
+            m.model_condition("ml", "a", "Ready", "RolloutComplete"),
+            Some(1)
+        );
+        assert_eq!(
+            m.model_condition("ml", "a", "Stalled", "AsExpected"),
+            Some(0)
+        );
+        // Quarantined: Ready turns False with another reason; the old series goes.
+        m.set_model_conditions("ml", vec![(condition("a", "Ready", "Quarantined"), false)]);
+        assert_eq!(
+            m.model_condition("ml", "a", "Ready", "Quarantined"),
+            Some(0)
+        );
+        assert_eq!(
+            m.model_condition("ml", "a", "Ready", "RolloutComplete"),
+            None
+        );
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains(
+                "moat_model_condition{namespace=\"ml\",name=\"a\",condition=\"Ready\",reason=\"Quarantined\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("RolloutComplete"), "{text}");
+        // A deleted model leaves the scope's next report, and its series with it.
+        m.set_model_conditions("ml", vec![]);
+        assert!(!m.encode().expect("encode").contains("name=\"a\""));
+    }
+
+    #[test]
+    fn losing_leadership_removes_the_per_object_gauges() {
+        let m = Metrics::default();
+        m.set_model_conditions(
+            "ml",
+            vec![(condition("a", "Ready", "RolloutComplete"), true)],
+        );
+        m.set_ca_expiry("moat-system", "moat-ca", Some(3600));
+        assert!(
+            m.encode().expect("encode").contains(
+                "moat_ca_expiry_seconds{namespace=\"moat-system\",secret=\"moat-ca\"} 3600"
+            )
+        );
+        m.clear_managed();
+        let text = m.encode().expect("encode");
+        assert!(!text.contains("moat-ca"), "{text}");
+        assert!(!text.contains("RolloutComplete"), "{text}");
+        // No usable CA: no series either (a follower or a broken CA never reports 0 seconds).
+        m.set_ca_expiry("moat-system", "moat-ca", Some(60));
+        m.set_ca_expiry("moat-system", "moat-ca", None);
+        assert!(!m.encode().expect("encode").contains("moat-ca"));
     }
 }
