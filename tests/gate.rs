@@ -691,8 +691,19 @@ async fn every_other_caller_is_refused_with_its_reason() {
         "a refused request reached the model"
     );
     let metrics = gate.metrics().await;
+    // Refusals are counted by the caller's identity: the verified one, or `unverified` for a
+    // caller without a certificate Moat's CA issued and still valid.
     assert!(
-        metrics.contains("moat_gate_refusals_total{reason=\"NotConsented\"} 1"),
+        metrics.contains(&format!(
+            "moat_gate_refusals_total{{identity=\"{}\",reason=\"NotConsented\"}} 1",
+            spiffe("payments", "billing")
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(
+            "moat_gate_refusals_total{identity=\"unverified\",reason=\"NoCertificate\"} 1"
+        ),
         "{metrics}"
     );
 }

@@ -34,7 +34,9 @@ pub struct BytesLabels {
 
 /// Labels of refusal counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
+pub struct RefusalLabels {
+    /// The caller's SPIFFE ID when its certificate was verified, else `unverified`.
+    pub identity: String,
     /// [`super::policy::Reason::as_str`].
     pub reason: &'static str,
 }
@@ -53,8 +55,8 @@ pub struct GateMetrics {
     registry: Registry,
     /// Requests answered, by identity and status.
     pub requests: Family<RequestLabels, Counter>,
-    /// Requests refused by the gate itself, by reason.
-    pub refusals: Family<ReasonLabels, Counter>,
+    /// Requests refused by the gate itself, by identity and reason.
+    pub refusals: Family<RefusalLabels, Counter>,
     /// Time from the request's headers to the end of its response body.
     pub duration: Family<IdentityLabels, Histogram>,
     /// Body bytes, by identity and direction.
@@ -77,7 +79,7 @@ impl Default for GateMetrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("moat_gate");
         let requests = Family::<RequestLabels, Counter>::default();
-        let refusals = Family::<ReasonLabels, Counter>::default();
+        let refusals = Family::<RefusalLabels, Counter>::default();
         let duration = Family::<IdentityLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -98,7 +100,7 @@ impl Default for GateMetrics {
         );
         registry.register(
             "refusals",
-            "Requests the gate refused, by reason",
+            "Requests the gate refused, by identity and reason",
             refusals.clone(),
         );
         registry.register(

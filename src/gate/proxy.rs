@@ -399,7 +399,10 @@ impl Drop for Finish {
         series.bytes_out.inc_by(record.bytes_out);
         if let Some(reason) = record.reason {
             m.refusals
-                .get_or_create(&super::metrics::ReasonLabels { reason })
+                .get_or_create(&super::metrics::RefusalLabels {
+                    identity: series.identity.clone(),
+                    reason,
+                })
                 .inc();
         }
         self.shared.audit.write(record);
