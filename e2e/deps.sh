@@ -20,7 +20,8 @@ set -euo pipefail
 #   nsenter) its network namespace; socat the API server relay; busybox-static the test workload
 #   image. gcc with libc6-dev also builds the pause binary.
 # python3-minimal and libpython3-stdlib: Debian's default Python, the files of the model server
-#   image (e2e/model-server-image.sh).
+#   image (e2e/model-server-image.sh), and what reads the chart's rules and dashboard in
+#   `make test-rules` (charts/moat/tests/*.py).
 # nginx-light: the baseline of the gate benchmark (the same mTLS termination and proxying; run as
 #   a child process with its own prefix, never its service).
 PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng
