@@ -52,11 +52,16 @@ lint: deps ## cargo fmt --check and clippy with warnings denied.
 ##@ Testing
 
 .PHONY: test
-test: deps lint test-unit test-e2e ## Run every test: lint, unit, integration and e2e (starts the local control plane).
+test: deps lint test-unit test-rules test-e2e ## Run every test: lint, unit, integration, the chart's alerts and dashboard (promtool) and e2e (starts the local control plane).
 
 .PHONY: test-unit
 test-unit: deps ## Unit and integration tests (no cluster needed).
 	$(CARGO) test --workspace --exclude moat-e2e
+
+.PHONY: test-rules
+test-rules: deps ## The chart's alerts and dashboard with the pinned promtool (built on first use): check rules, a unit test per alert, every dashboard expression parses. No cluster.
+	@bash e2e/prometheus.sh build
+	@prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env" && bash charts/moat/tests/rules.sh
 
 .PHONY: test-e2e
 test-e2e: deps ## End-to-end tests against a fresh local cluster, then its lifecycle test.
