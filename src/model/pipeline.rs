@@ -81,12 +81,16 @@ struct Batch {
     len: usize,
     /// The stream ends after this batch.
     at_end: bool,
-    /// After opening: plaintext length of the batch's last chunk.
+    /// After opening: the chunks that opened, the plaintext length of the last of them, and
+    /// the failure after them (the consumer releases those chunks, then fails).
+    opened: usize,
     last_plain: usize,
+    failure: Option<ModelError>,
 }
 
 enum Msg {
-    Opened(u64, Result<Batch, ModelError>),
+    /// A batch, opened up to its first failure.
+    Opened(u64, Batch),
     /// The reader reached the end after `batches` batches; the artifact's digest and size.
     Done {
         batches: u64,
@@ -175,6 +179,7 @@ where
         total: None,
         digest: None,
         current: None,
+        after: None,
         failure: None,
     })
 }
@@ -220,7 +225,9 @@ fn read<R: Read>(
             buf,
             len,
             at_end,
+            opened: 0,
             last_plain: 0,
+            failure: None,
         };
         if jobs.send(batch).is_err() {
             return;
@@ -248,13 +255,11 @@ fn work(key: &PayloadKey, jobs: &Mutex<Receiver<Batch>>, out: &Sender<Msg>) {
         };
         let Ok(mut batch) = job else { return };
         let seq = batch.seq;
-        let result = key
-            .open_batch(batch.first_chunk, &mut batch.buf[..batch.len], batch.at_end)
-            .map(|last_plain| {
-                batch.last_plain = last_plain;
-                batch
-            });
-        if out.send(Msg::Opened(seq, result)).is_err() {
+        let opened = key.open_batch(batch.first_chunk, &mut batch.buf[..batch.len], batch.at_end);
+        batch.opened = opened.chunks;
+        batch.last_plain = opened.last_plain;
+        batch.failure = opened.failure;
+        if out.send(Msg::Opened(seq, batch)).is_err() {
             return;
         }
     }
@@ -270,7 +275,7 @@ struct Cursor {
 
 impl Cursor {
     fn new(batch: Batch) -> Self {
-        let chunks = batch.len.div_ceil(SEALED_CHUNK);
+        let chunks = batch.opened;
         Cursor {
             batch,
             chunks,
@@ -308,6 +313,8 @@ pub struct PlainReader {
     total: Option<u64>,
     digest: Option<([u8; 32], u64)>,
     current: Option<Cursor>,
+    /// The failure after the chunks released so far, reported at the next read.
+    after: Option<ModelError>,
     failure: Option<ModelError>,
 }
 
@@ -320,6 +327,9 @@ impl PlainReader {
 
     /// The next batch in order, or `None` at the end of the stream.
     fn next_batch(&mut self) -> io::Result<Option<Batch>> {
+        if let Some(e) = self.after.take() {
+            return Err(self.fail(e));
+        }
         if self.failure.is_some() {
             return Err(io::Error::other("the payload failed before"));
         }
@@ -332,10 +342,10 @@ impl PlainReader {
                 return Ok(Some(batch));
             }
             match self.rx.recv() {
-                Ok(Msg::Opened(seq, Ok(batch))) => {
+                Ok(Msg::Opened(seq, batch)) => {
                     self.pending.insert(seq, batch);
                 }
-                Ok(Msg::Opened(_, Err(e)) | Msg::ReadFailed(e)) => return Err(self.fail(e)),
+                Ok(Msg::ReadFailed(e)) => return Err(self.fail(e)),
                 Ok(Msg::Done {
                     batches,
                     digest,
@@ -351,20 +361,28 @@ impl PlainReader {
         }
     }
 
+    /// Hands a used-up batch's buffer back; its failure, if any, comes next.
+    fn release(&mut self, batch: Batch) {
+        if let Some(e) = batch.failure {
+            self.after.get_or_insert(e);
+        }
+        let _ = self.free_tx.send(batch.buf);
+    }
+
     /// Discards the rest of the plaintext (checking that it authenticates).
     pub fn drain(&mut self) -> io::Result<()> {
         if let Some(cursor) = self.current.take() {
-            let _ = self.free_tx.send(cursor.batch.buf);
+            self.release(cursor.batch);
         }
         while let Some(batch) = self.next_batch()? {
-            let _ = self.free_tx.send(batch.buf);
+            self.release(batch);
         }
         Ok(())
     }
 
     /// The first failure of the stream (decryption or reading), if any.
     pub fn take_failure(&mut self) -> Option<ModelError> {
-        self.failure.take()
+        self.failure.take().or_else(|| self.after.take())
     }
 
     /// After the end of the stream: the SHA-256 of the whole artifact and its size in bytes.
@@ -385,8 +403,11 @@ impl Read for PlainReader {
         let mut written = 0;
         while written < out.len() {
             if self.current.is_none() {
-                // Block for the next batch only when nothing is copied yet.
-                if written > 0 && !self.pending.contains_key(&self.next_seq) {
+                // Block for the next batch only when nothing is copied yet, and report a
+                // failure only then (what was copied before it is authentic).
+                if written > 0
+                    && (self.after.is_some() || !self.pending.contains_key(&self.next_seq))
+                {
                     break;
                 }
                 match self.next_batch()? {
@@ -400,7 +421,7 @@ impl Read for PlainReader {
             let available = cursor.available();
             if available.is_empty() {
                 if let Some(cursor) = self.current.take() {
-                    let _ = self.free_tx.send(cursor.batch.buf);
+                    self.release(cursor.batch);
                 }
                 continue;
             }

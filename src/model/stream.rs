@@ -70,38 +70,61 @@ impl PayloadKey {
 
     /// Opens the sealed chunks of a batch in place. `buf` holds consecutive sealed chunks, the
     /// first of which is chunk `first`; all are full except perhaps the last. `at_end` says the
-    /// stream ends after `buf`, so its last chunk must be the final one. Returns the plaintext
-    /// length of the batch's last chunk (the others are [`CHUNK`] long, at multiples of
-    /// [`SEALED_CHUNK`]).
-    pub fn open_batch(
-        &self,
-        first: u64,
-        buf: &mut [u8],
-        at_end: bool,
-    ) -> Result<usize, ModelError> {
+    /// stream ends after `buf`, so its last chunk must be the final one.
+    ///
+    /// The chunks open in order, up to the first failure: those before it are authenticated
+    /// plaintext, released as the age reference implementation releases them (so what a broken
+    /// stream gives before its error does not depend on how chunks are batched).
+    pub fn open_batch(&self, first: u64, buf: &mut [u8], at_end: bool) -> Opened {
+        let mut opened = Opened {
+            chunks: 0,
+            last_plain: 0,
+            failure: None,
+        };
         if buf.is_empty() {
-            return Err(ModelError::Truncated("the payload has no chunk"));
+            opened.failure = Some(ModelError::Truncated("the payload has no chunk"));
+            return opened;
         }
         let count = buf.len().div_ceil(SEALED_CHUNK);
-        let mut last_len = 0;
         for (i, sealed) in buf.chunks_mut(SEALED_CHUNK).enumerate() {
             let index = first + i as u64;
             let final_chunk = at_end && i + 1 == count;
-            last_len = if final_chunk {
-                self.open_final(index, sealed)?
+            let result = if final_chunk {
+                self.open_final(index, sealed)
             } else if sealed.len() == SEALED_CHUNK {
                 self.open(index, false, sealed)
-                    .map_err(|()| ModelError::ChunkAuth(index))?
+                    .map(|len| (len, None))
+                    .map_err(|()| ModelError::ChunkAuth(index))
             } else {
                 // Only the reader's last batch can hold a short chunk, and it is `at_end`.
-                return Err(ModelError::Internal("short chunk inside the stream"));
+                Err(ModelError::Internal("short chunk inside the stream"))
             };
+            match result {
+                Ok((len, after)) => {
+                    opened.chunks += 1;
+                    opened.last_plain = len;
+                    if after.is_some() {
+                        opened.failure = after;
+                        return opened;
+                    }
+                }
+                Err(e) => {
+                    opened.failure = Some(e);
+                    return opened;
+                }
+            }
         }
-        Ok(last_len)
+        opened
     }
 
-    /// Opens the chunk the stream ends with, which must be marked final.
-    fn open_final(&self, index: u64, sealed: &mut [u8]) -> Result<usize, ModelError> {
+    /// Opens the chunk the stream ends with, which must be marked final. A full chunk sealed as
+    /// non-final opens (its plaintext is authentic) with the failure that the stream was cut
+    /// after it.
+    fn open_final(
+        &self,
+        index: u64,
+        sealed: &mut [u8],
+    ) -> Result<(usize, Option<ModelError>), ModelError> {
         if sealed.len() < TAG {
             return Err(ModelError::FinalChunkAuth(index));
         }
@@ -110,18 +133,36 @@ impl PayloadKey {
         let copy = (sealed.len() == SEALED_CHUNK).then(|| sealed.to_vec());
         match self.open(index, true, sealed) {
             Ok(0) if index > 0 => Err(ModelError::EmptyFinalChunk(index)),
-            Ok(len) => Ok(len),
+            Ok(len) => Ok((len, None)),
             Err(()) => {
-                let non_final =
-                    copy.is_some_and(|mut copy| self.open(index, false, &mut copy).is_ok());
-                Err(if non_final {
-                    ModelError::Truncated("it ends without the chunk marked final")
-                } else {
-                    ModelError::FinalChunkAuth(index)
-                })
+                let Some(mut copy) = copy else {
+                    return Err(ModelError::FinalChunkAuth(index));
+                };
+                if self.open(index, false, &mut copy).is_err() {
+                    return Err(ModelError::FinalChunkAuth(index));
+                }
+                sealed.copy_from_slice(&copy);
+                Ok((
+                    CHUNK,
+                    Some(ModelError::Truncated(
+                        "it ends without the chunk marked final",
+                    )),
+                ))
             }
         }
     }
+}
+
+/// What [`PayloadKey::open_batch`] did with a batch.
+#[derive(Debug)]
+pub struct Opened {
+    /// The batch's first chunks that opened: their plaintext sits at multiples of
+    /// [`SEALED_CHUNK`], [`CHUNK`] bytes each but the last.
+    pub chunks: usize,
+    /// Plaintext bytes of the last chunk that opened.
+    pub last_plain: usize,
+    /// Why the chunk after those did not open, or why the stream may not end after them.
+    pub failure: Option<ModelError>,
 }
 
 /// Seals a plaintext into age STREAM chunks (for tests of the decryptor; `moat encrypt` uses
@@ -159,16 +200,27 @@ mod tests {
         (0..len).map(|i| (i * 31 % 251) as u8).collect()
     }
 
-    /// Opens a whole sealed stream as one batch and returns the plaintext.
-    fn open_all(key: &PayloadKey, mut sealed: Vec<u8>) -> Result<Vec<u8>, ModelError> {
-        let last = key.open_batch(0, &mut sealed, true)?;
-        let count = sealed.len().div_ceil(SEALED_CHUNK);
+    /// Opens a whole sealed stream as one batch and returns the plaintext, or the failure and
+    /// the plaintext released before it.
+    fn open_released(key: &PayloadKey, mut sealed: Vec<u8>) -> (Vec<u8>, Option<ModelError>) {
+        let opened = key.open_batch(0, &mut sealed, true);
         let mut out = Vec::new();
-        for (i, chunk) in sealed.chunks(SEALED_CHUNK).enumerate() {
-            let len = if i + 1 == count { last } else { CHUNK };
+        for (i, chunk) in sealed.chunks(SEALED_CHUNK).take(opened.chunks).enumerate() {
+            let len = if i + 1 == opened.chunks {
+                opened.last_plain
+            } else {
+                CHUNK
+            };
             out.extend_from_slice(&chunk[..len]);
         }
-        Ok(out)
+        (out, opened.failure)
+    }
+
+    fn open_all(key: &PayloadKey, sealed: Vec<u8>) -> Result<Vec<u8>, ModelError> {
+        match open_released(key, sealed) {
+            (out, None) => Ok(out),
+            (_, Some(e)) => Err(e),
+        }
     }
 
     #[test]
@@ -189,9 +241,11 @@ mod tests {
         let (a, b) = sealed.split_at(2 * SEALED_CHUNK);
         let (mut a, mut b) = (a.to_vec(), b.to_vec());
         // The second batch is opened first, as a parallel worker may.
-        let last = key.open_batch(2, &mut b, true).expect("second batch");
-        key.open_batch(0, &mut a, false).expect("first batch");
-        assert_eq!(last, 100);
+        let second = key.open_batch(2, &mut b, true);
+        let first = key.open_batch(0, &mut a, false);
+        assert!(first.failure.is_none() && second.failure.is_none());
+        assert_eq!((first.chunks, first.last_plain), (2, CHUNK));
+        assert_eq!((second.chunks, second.last_plain), (4, 100));
         assert_eq!(&a[..CHUNK], &pt[..CHUNK]);
         assert_eq!(
             &b[SEALED_CHUNK..SEALED_CHUNK + CHUNK],
@@ -204,7 +258,13 @@ mod tests {
         let key = key();
         let sealed = seal_for_test(&key, &plaintext(3 * CHUNK + 5));
         let cut = sealed[..2 * SEALED_CHUNK].to_vec();
-        assert!(matches!(open_all(&key, cut), Err(ModelError::Truncated(_))));
+        assert!(matches!(
+            open_all(&key, cut.clone()),
+            Err(ModelError::Truncated(_))
+        ));
+        // Both chunks are authentic, and released before the failure.
+        let (released, _) = open_released(&key, cut);
+        assert_eq!(released, plaintext(3 * CHUNK + 5)[..2 * CHUNK]);
         // Cut inside a chunk: it does not authenticate.
         let cut = sealed[..2 * SEALED_CHUNK + 100].to_vec();
         assert!(matches!(
@@ -218,10 +278,20 @@ mod tests {
             Err(ModelError::FinalChunkAuth(0))
         ));
         let mut none = Vec::new();
-        assert!(matches!(
-            key.open_batch(0, &mut none, true),
-            Err(ModelError::Truncated(_))
-        ));
+        let opened = key.open_batch(0, &mut none, true);
+        assert_eq!(opened.chunks, 0);
+        assert!(matches!(opened.failure, Some(ModelError::Truncated(_))));
+    }
+
+    #[test]
+    fn chunks_before_a_failure_are_released_and_none_after() {
+        let key = key();
+        let pt = plaintext(4 * CHUNK + 9);
+        let mut sealed = seal_for_test(&key, &pt);
+        sealed[2 * SEALED_CHUNK + 3] ^= 1;
+        let (released, failure) = open_released(&key, sealed);
+        assert!(matches!(failure, Some(ModelError::ChunkAuth(2))));
+        assert_eq!(released, pt[..2 * CHUNK]);
     }
 
     #[test]
