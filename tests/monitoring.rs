@@ -8,7 +8,11 @@
 
 use std::{collections::BTreeSet, path::Path};
 
-use moat::{gate::metrics::GateMetrics, telemetry::metrics::Metrics};
+use moat::{
+    api::conditions::{self, reason},
+    gate::{metrics::GateMetrics, policy::Reason},
+    telemetry::metrics::Metrics,
+};
 
 /// Series Prometheus adds itself when it scrapes a target, which the rules may use.
 const SCRAPE_SERIES: &[&str] = &["up"];
@@ -401,4 +405,38 @@ fn every_alert_has_a_runbook_section_and_a_unit_test_that_fires_it() {
             "{alert}: no case in alerts.test.yaml where it stays silent"
         );
     }
+}
+
+#[test]
+fn the_conditions_and_reasons_the_alerts_match_are_the_ones_moat_sets() {
+    let rules = rule_expressions().join("\n");
+    for (condition, why) in [
+        (conditions::STALLED, reason::MODEL_DECRYPTION_FAILED),
+        (conditions::READY, reason::QUARANTINED),
+        (conditions::RECONCILING, reason::REGISTRY_UNREACHABLE),
+    ] {
+        let matcher =
+            format!("moat_model_condition{{condition=\"{condition}\", reason=\"{why}\"}}");
+        assert!(rules.contains(&matcher), "no {matcher} in {rules}");
+    }
+    assert!(reason::STALLED.contains(&reason::MODEL_DECRYPTION_FAILED));
+    // The gate's 429 reasons, and the refusals the spike alert leaves to other alerts.
+    let limited = format!(
+        "reason=~\"{}|{}\"",
+        Reason::RateLimited.as_str(),
+        Reason::TooManyConcurrent.as_str()
+    );
+    assert!(rules.contains(&limited), "no {limited} in {rules}");
+    let not_refusals = format!(
+        "reason!~\"{}|{}|{}|{}|{}\"",
+        Reason::RateLimited.as_str(),
+        Reason::TooManyConcurrent.as_str(),
+        Reason::Quarantined.as_str(),
+        Reason::NoPolicy.as_str(),
+        Reason::UpstreamUnavailable.as_str()
+    );
+    assert!(
+        rules.contains(&not_refusals),
+        "no {not_refusals} in {rules}"
+    );
 }

@@ -5,7 +5,9 @@
 #    pass `promtool check rules`;
 # 2. `promtool test rules` runs charts/moat/tests/alerts.test.yaml against those rendered rules:
 #    each alert fires on the series that should trigger it and stays silent on normal ones;
-# 3. every PromQL expression of the dashboard (charts/moat/dashboards/moat.json, panels and
+# 3. the rules rendered with values (alertLabels, labels, operatorJob) pass too and carry them,
+#    and `helm lint --strict` passes with every monitoring value on;
+# 4. every PromQL expression of the dashboard (charts/moat/dashboards/moat.json, panels and
 #    template variables) is written as a recording rule and must pass `promtool check rules`
 #    (it parses), and the rendered ConfigMap carries the dashboard unchanged.
 # That every metric they name is one Moat exports is tests/monitoring.rs (cargo test).
@@ -37,6 +39,22 @@ say "promtool check rules on the rendered rules ($alerts alerts)"
 say "promtool test rules (charts/moat/tests/alerts.test.yaml)"
 cp "$TESTS/alerts.test.yaml" "$work/"
 (cd "$work" && "$MOAT_PROMTOOL" test rules alerts.test.yaml) || fail "an alert unit test failed"
+
+say "the rule values: alertLabels on every alert, the PrometheusRule's labels, operatorJob"
+"$MOAT_HELM" template moat "$CHART" --namespace moat-system --set prometheusRule.enabled=true \
+  --set prometheusRule.alertLabels.team=platform --set prometheusRule.labels.release=kps \
+  --set prometheusRule.operatorJob=custom-job --show-only templates/prometheusrule.yaml >"$work/valued.yaml"
+python3 "$TESTS/spec_of.py" "$work/valued.yaml" >"$work/valued-rules.yaml"
+"$MOAT_PROMTOOL" check rules "$work/valued-rules.yaml" >/dev/null || fail "promtool check rules refused the rules rendered with values"
+labelled=$(grep -c '^ *team: platform$' "$work/valued-rules.yaml" || true)
+[ "$labelled" -eq "$alerts" ] || fail "alertLabels reached $labelled of $alerts alerts"
+grep -q '^    release: kps$' "$work/valued.yaml" || fail "prometheusRule.labels is not on the PrometheusRule"
+grep -q 'job="custom-job"' "$work/valued-rules.yaml" || fail "prometheusRule.operatorJob is not in the operator's alerts"
+
+say "helm lint --strict with every monitoring value on"
+"$MOAT_HELM" lint --strict "$CHART" --set prometheusRule.enabled=true --set dashboard.enabled=true \
+  --set metrics.serviceMonitor.enabled=true --set metrics.podMonitor.enabled=true \
+  --set 'watchNamespaces={team-a,team-b}' >"$work/lint.log" 2>&1 || { cat "$work/lint.log" >&2; fail "helm lint"; }
 
 say "the dashboard's PromQL expressions as recording rules"
 python3 "$TESTS/dashboard_rules.py" "$CHART/dashboards/moat.json" >"$work/dashboard-rules.yaml"
