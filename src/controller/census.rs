@@ -47,11 +47,13 @@ fn conditions(smds: &[Arc<Guarded<SecureModelDeployment>>]) -> Vec<(ConditionLab
         .collect()
 }
 
-/// How often `moat_managed_objects` is recounted from the caches.
+/// How often the gauges are recounted from the caches.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold: the
-/// SecureModelDeployments and the children labelled as Moat's. Runs until dropped.
+/// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold (the
+/// SecureModelDeployments and the children labelled as Moat's), the certificate gauges to the
+/// Secrets there, `moat_model_condition` to the models' conditions, and `moat_ca_expiry_seconds`
+/// to the CA in use. Runs until dropped.
 pub(super) async fn count_managed(
     smds: Store<Guarded<SecureModelDeployment>>,
     caches: Caches,

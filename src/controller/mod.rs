@@ -8,8 +8,9 @@
 //! - [`guard`]: watches that skip (and report) a malformed object; [`models`]: the SMD caches of
 //!   every watch scope, where ModelClients look up their model;
 //! - `apply`: server-side apply of children with drift repair; `certs`, `resolve`, [`weights`]:
-//!   what the dereference step reads; `census`: the managed-object gauges; `events`: Events;
-//!   `connect`: the Kubernetes client.
+//!   what the dereference step reads; `census`: the gauges recounted from the caches (managed
+//!   objects, certificates, model conditions, the CA); `events`: Events; `connect`: the
+//!   Kubernetes client.
 
 mod apply;
 pub mod ca;
