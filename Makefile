@@ -9,6 +9,9 @@ CLUSTER := e2e/cluster.sh
 CARGO ?= cargo
 # Loads KUBECONFIG and the paths of the pinned tools for the local control plane.
 CLUSTER_ENV = cluster_env=$$($(CLUSTER) env) && eval "$$cluster_env"
+# Seconds each fuzz target runs: `make fuzz`, and the smoke pass of `make test` (test-fuzz).
+FUZZ_SECONDS ?= 60
+FUZZ_SMOKE_SECONDS ?= 15
 
 ##@ General
 
@@ -52,7 +55,7 @@ lint: deps ## cargo fmt --check and clippy with warnings denied.
 ##@ Testing
 
 .PHONY: test
-test: deps lint test-unit test-rules test-e2e ## Run every test: lint, unit, integration, the chart's alerts and dashboard (promtool) and e2e (starts the local control plane).
+test: deps lint test-unit test-rules test-fuzz test-e2e ## Run every test: lint, unit, integration, the chart's alerts and dashboard (promtool), a fuzzing smoke pass and e2e (starts the local control plane).
 
 .PHONY: test-unit
 test-unit: deps ## Unit and integration tests (no cluster needed).
@@ -62,6 +65,14 @@ test-unit: deps ## Unit and integration tests (no cluster needed).
 test-rules: deps ## The chart's alerts and dashboard with the pinned promtool (built on first use): check rules, a unit test per alert, every dashboard expression parses. No cluster.
 	@bash e2e/prometheus.sh build
 	@prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env" && bash charts/moat/tests/rules.sh
+
+.PHONY: test-fuzz
+test-fuzz: deps ## A smoke pass of every fuzz target, FUZZ_SMOKE_SECONDS each (default 15), built unoptimised (nightly and cargo-fuzz, installed if missing).
+	@bash fuzz/run.sh --fresh --dev --seconds $(FUZZ_SMOKE_SECONDS)
+
+.PHONY: fuzz
+fuzz: deps ## Run every fuzz target for FUZZ_SECONDS each (default 60); docs/fuzzing.md.
+	@bash fuzz/run.sh --seconds $(FUZZ_SECONDS)
 
 .PHONY: test-e2e
 test-e2e: deps ## End-to-end tests against a fresh local cluster, then its lifecycle test.
