@@ -263,6 +263,20 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
             model(),
             prop::collection::btree_set("[a-z][a-z0-9-]{0,10}", 0..3),
             any::<bool>(),
+            // Secret files: a directory of 3 under /var/run/secrets (or /etc/app), a file name,
+            // a Secret and a key.
+            prop::collection::btree_map(
+                (
+                    prop::sample::select(vec![
+                        "/var/run/secrets/hf",
+                        "/var/run/secrets/db",
+                        "/etc/app/secrets",
+                    ]),
+                    "[a-z][a-z0-9_.-]{0,12}",
+                ),
+                ("[a-z]([a-z0-9-]{0,8}[a-z0-9])?", "[A-Za-z0-9_.-]{1,12}"),
+                0..4,
+            ),
         ),
         (
             prop::collection::btree_map(
@@ -287,7 +301,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                 probe,
                 clients,
                 egress,
-                (model, pull_secrets, strict),
+                (model, pull_secrets, strict, secret_files),
                 (extended, shm, placement, gated),
             )| {
                 // With the gate, the server keeps clear of the gate's ports in the pod.
@@ -343,6 +357,14 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                         shared_memory,
                         startup_probe: None,
                         liveness_probe: None,
+                        secret_files: secret_files
+                            .into_iter()
+                            .map(|((dir, file), (secret_name, key))| SecretFile {
+                                path: format!("{dir}/{file}"),
+                                secret_name,
+                                key,
+                            })
+                            .collect(),
                     },
                     access: AccessSpec { clients, egress },
                     tls: Default::default(),
@@ -539,6 +561,30 @@ proptest! {
         prop_assert_eq!(pod.affinity.clone().and_then(|a| a.node_affinity), placement.node_affinity.clone());
         prop_assert_eq!(pod.priority_class_name.clone(), placement.priority_class_name.clone());
         prop_assert_eq!(pod.runtime_class_name.clone(), placement.runtime_class_name.clone());
+        // Every Secret file is in a read-only projected volume at its directory, with its key,
+        // file name and mode 0440, and nothing else is.
+        let mut projected = 0;
+        for file in &spec.server.secret_files {
+            let (dir, name) = file.path.rsplit_once('/').expect("an absolute path");
+            let mount = server.volume_mounts.iter().flatten()
+                .find(|m| m.mount_path == dir)
+                .expect("a mount at the file's directory");
+            prop_assert_eq!(mount.read_only, Some(true));
+            let vol = pod.volumes.iter().flatten().find(|v| v.name == mount.name).expect("its volume");
+            let sources = vol.projected.as_ref().expect("projected").sources.clone().unwrap_or_default();
+            let found = sources.iter().filter_map(|s| s.secret.as_ref())
+                .filter(|s| s.name == file.secret_name)
+                .flat_map(|s| s.items.clone().unwrap_or_default())
+                .filter(|i| i.key == file.key && i.path == name && i.mode == Some(0o440))
+                .count();
+            prop_assert_eq!(found, 1, "{} in its volume", file.path);
+        }
+        for vol in pod.volumes.iter().flatten().filter_map(|v| v.projected.as_ref()) {
+            prop_assert_eq!(vol.default_mode, Some(0o440));
+            projected += vol.sources.iter().flatten().filter_map(|s| s.secret.as_ref())
+                .map(|s| s.items.as_ref().map_or(0, Vec::len)).sum::<usize>();
+        }
+        prop_assert_eq!(projected, spec.server.secret_files.len());
         if let Some(shm) = &spec.server.shared_memory {
             let vol = pod.volumes.iter().flatten().find(|v| v.name == "shm").expect("shm volume");
             let empty = vol.empty_dir.clone().expect("emptyDir");
@@ -575,6 +621,7 @@ proptest! {
                 shared_memory: None,
                 startup_probe: None,
                 liveness_probe: None,
+                secret_files: vec![],
             },
             access: AccessSpec::default(),
             tls: Default::default(),

@@ -471,6 +471,39 @@ pub struct ServerSpec {
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("sharedMemory must be a positive quantity such as 1Gi"))]
     #[schemars(length(max = 64))]
     pub shared_memory: Option<String>,
+
+    /// Keys of Secrets in the SecureModelDeployment's namespace, mounted into the server as
+    /// read-only files (mode 0440: the server's group reads them, nobody writes them), for
+    /// example a Hugging Face token at `/var/run/secrets/hf/token`. Prefer this to an
+    /// environment variable from a Secret: a file is not inherited by every process the server
+    /// starts, is not in the environment a crash report or `/proc/<pid>/environ` shows, and
+    /// follows a rotated Secret without a restart. Each path's directory becomes a read-only
+    /// directory holding only the files listed for it, hiding what the image had there, so give
+    /// the files a directory of their own: not `/`, a top-level system directory, `/tmp`,
+    /// `/dev`, `/proc`, `/sys`, under `/var/run/moat`, or the model's mountPath.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["path"]))]
+    pub secret_files: Vec<SecretFile>,
+}
+
+/// A key of a Secret, mounted into the model server as a read-only file.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretFile {
+    /// Absolute path of the file in the server container, for example
+    /// `/var/run/secrets/hf/token`.
+    #[x_kube(validation = Rule::new("self.startsWith('/') && !self.endsWith('/') && !self.contains('//') && !self.contains('/./') && !self.contains('/../') && !self.endsWith('/.') && !self.endsWith('/..') && !self.contains(':')").message("path must be an absolute file path without '.', '..', '//', ':' or a trailing '/'"))]
+    #[schemars(length(min = 2, max = 256))]
+    pub path: String,
+    /// Name of the Secret, in the SecureModelDeployment's namespace.
+    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')").message("secretName must be a DNS-1123 subdomain"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+    /// Key within the Secret.
+    #[x_kube(validation = Rule::new("self.matches('^[-._a-zA-Z0-9]+$')").message("key may contain only letters, digits, '-', '_' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
 }
 
 /// An environment variable of the model server.

@@ -14,7 +14,10 @@ use super::{
 
 /// Name of the model server's port when the gate is in front of it.
 pub const UPSTREAM_PORT_NAME: &str = "model";
-use crate::api::{Placement, Probe, ProbeScheme};
+use crate::api::{Placement, Probe, ProbeScheme, SecretFile};
+use std::collections::BTreeMap;
+
+use super::validate::secret_file_dir;
 
 pub(crate) fn render(
     ctx: &Ctx,
@@ -127,6 +130,10 @@ pub(crate) fn render(
     if server.shared_memory.is_some() {
         mounts.push(json!({"name": "shm", "mountPath": "/dev/shm"}));
     }
+    let secret_files = secret_file_volumes(&server.secret_files);
+    for (name, dir, _) in &secret_files {
+        mounts.push(json!({"name": name, "mountPath": dir, "readOnly": true}));
+    }
     container.insert("volumeMounts".into(), Value::Array(mounts));
     let mut template_meta = json!({"labels": ctx.labels()});
     // The gate reloads the certificate itself; without it most servers read it only at start.
@@ -191,6 +198,9 @@ pub(crate) fn render(
         // Charged to the pod's memory, like the model's volume (validation counts both).
         volumes.push(json!({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": size}}));
     }
+    if let Some(volumes) = pod_spec["volumes"].as_array_mut() {
+        volumes.extend(secret_files.into_iter().map(|(_, _, volume)| volume));
+    }
     place(
         &mut pod_spec,
         &effective_placement(ctx.smd.spec.placement.as_ref(), placement_defaults),
@@ -220,6 +230,43 @@ pub(crate) fn render(
             },
         }),
     )
+}
+
+/// Prefix of the volumes that hold `spec.server.secretFiles`.
+pub const SECRET_FILES_VOLUME: &str = "secret-files";
+
+/// The volumes of `spec.server.secretFiles`, one per directory (in path order), each with its
+/// name, mount path and volume: a projected volume of the Secrets' keys, mode 0440 (the server's
+/// group reads, nobody writes), which the kubelet updates when a Secret is rotated (a `subPath`
+/// mount would not be).
+fn secret_file_volumes(files: &[SecretFile]) -> Vec<(String, String, Value)> {
+    let mut by_dir: BTreeMap<&str, BTreeMap<&str, Vec<Value>>> = BTreeMap::new();
+    for file in files {
+        let dir = secret_file_dir(&file.path);
+        let name = file.path.rsplit('/').next().unwrap_or_default();
+        by_dir
+            .entry(dir)
+            .or_default()
+            .entry(file.secret_name.as_str())
+            .or_default()
+            .push(json!({"key": file.key, "path": name, "mode": 0o440}));
+    }
+    by_dir
+        .into_iter()
+        .enumerate()
+        .map(|(i, (dir, secrets))| {
+            let name = format!("{SECRET_FILES_VOLUME}-{i}");
+            let sources: Vec<Value> = secrets
+                .into_iter()
+                .map(|(secret, items)| json!({"secret": {"name": secret, "items": items}}))
+                .collect();
+            let volume = json!({
+                "name": name,
+                "projected": {"sources": sources, "defaultMode": 0o440},
+            });
+            (name, dir.to_string(), volume)
+        })
+        .collect()
 }
 
 /// The model's placement: each field of `spec` where it is set, else the operator's default.

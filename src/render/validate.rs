@@ -366,6 +366,7 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             ),
         );
     }
+    validate_secret_files(spec, &mut err);
     for (name, count) in &spec.server.resources.extended {
         let field = format!("spec.server.resources.extended[{name:?}]");
         if !is_extended_resource_name(name) {
@@ -423,6 +424,151 @@ pub fn is_extended_resource_name(name: &str) -> bool {
         .iter()
         .any(|k| domain == *k || domain.ends_with(&format!(".{k}")));
     domain.contains('.') && is_dns1123_subdomain(domain) && !kubernetes && matches(&NAME, resource)
+}
+
+/// Directories a Secret file may not be mounted in (the mount would hide what the image and
+/// the runtime keep there) or under (`/tmp`, `/dev`, `/proc`, `/sys` and Moat's own volumes).
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/opt",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/usr",
+    "/var",
+    "/var/run",
+    "/var/lib",
+    "/var/run/secrets",
+];
+const RESERVED_TREES: &[&str] = &[
+    "/tmp",
+    "/dev",
+    "/proc",
+    "/sys",
+    "/var/run/moat",
+    "/var/run/secrets/kubernetes.io",
+];
+
+/// Whether `path` is `dir` or under it.
+fn within(path: &str, dir: &str) -> bool {
+    path == dir
+        || dir == "/"
+        || path
+            .strip_prefix(dir)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+/// The directory a Secret file is mounted into: everything before the last `/`.
+pub fn secret_file_dir(path: &str) -> &str {
+    match path.rfind('/') {
+        Some(0) | None => "/",
+        Some(i) => &path[..i],
+    }
+}
+
+fn validate_secret_files(spec: &SecureModelDeploymentSpec, err: &mut impl FnMut(String, String)) {
+    let files = &spec.server.secret_files;
+    let model_path = spec
+        .model
+        .as_ref()
+        .map(|m| m.mount_path.trim_end_matches('/'));
+    let mut dirs: Vec<&str> = Vec::new();
+    for (i, file) in files.iter().enumerate() {
+        let field = format!("spec.server.secretFiles[{i}]");
+        let path = file.path.as_str();
+        let components: Vec<&str> = path.split('/').skip(1).collect();
+        if !path.starts_with('/')
+            || components
+                .iter()
+                .any(|c| c.is_empty() || *c == "." || *c == "..")
+            || path.contains(':')
+        {
+            err(
+                format!("{field}.path"),
+                format!(
+                    "{path:?} is not an absolute file path without '.', '..', '//', ':' or a \
+                     trailing '/'"
+                ),
+            );
+            continue;
+        }
+        let dir = secret_file_dir(path);
+        if SYSTEM_DIRS.contains(&dir) {
+            err(
+                format!("{field}.path"),
+                format!(
+                    "{dir} would be replaced by a directory holding only Secret files; put the \
+                     file in a directory of its own, for example /var/run/secrets/app/{}",
+                    path.rsplit('/').next().unwrap_or_default()
+                ),
+            );
+        } else if let Some(tree) = RESERVED_TREES.iter().find(|t| within(dir, t)) {
+            err(
+                format!("{field}.path"),
+                format!("{path} is under {tree}, which Secret files may not be mounted in"),
+            );
+        } else if let Some(model) = model_path
+            && (within(dir, model) || within(model, dir))
+        {
+            err(
+                format!("{field}.path"),
+                format!(
+                    "{path} overlaps the model's mountPath {model}; give the Secret files a \
+                     directory of their own"
+                ),
+            );
+        }
+        if files[..i].iter().any(|f| f.path == file.path) {
+            err(format!("{field}.path"), format!("{path} is listed twice"));
+        }
+        if !is_dns1123_subdomain(&file.secret_name) {
+            err(
+                format!("{field}.secretName"),
+                format!("{:?} is not a DNS-1123 subdomain", file.secret_name),
+            );
+        }
+        if file.key.is_empty()
+            || !file
+                .key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        {
+            err(
+                format!("{field}.key"),
+                format!(
+                    "{:?} may contain only letters, digits, '-', '_' and '.'",
+                    file.key
+                ),
+            );
+        }
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    // One read-only directory per distinct directory: one inside another would be mounted over
+    // it, or hide its files.
+    for (i, a) in dirs.iter().enumerate() {
+        for b in &dirs[i + 1..] {
+            if within(a, b) || within(b, a) {
+                err(
+                    "spec.server.secretFiles".into(),
+                    format!(
+                        "the directories {a} and {b} are nested; put the files of both in one \
+                         directory, or in two side by side"
+                    ),
+                );
+            }
+        }
+    }
 }
 
 /// Whether a path has a `..` component.
@@ -594,6 +740,129 @@ mod tests {
     }
 
     /// /dev/shm is charged to the pod's memory too: with and without a model.
+    #[test]
+    fn secret_files_need_a_directory_of_their_own() {
+        use crate::fixture;
+        let model = serde_json::json!({
+            "source": {"url": "https://artifacts.example.com/m.tar.age"},
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "decryptionKeySecretRef": {"name": "k", "key": "identity"},
+            "mountPath": "/models/m", "sizeLimit": "1Gi"
+        });
+        let file =
+            |path: &str| serde_json::json!({"path": path, "secretName": "hf", "key": "token"});
+        /// The error's field and a word of its message; `None` when the spec is valid.
+        type Want = Option<(&'static str, &'static str)>;
+        let cases: &[(&[&str], Want)] = &[
+            (&["/var/run/secrets/hf/token"], None),
+            (
+                &["/var/run/secrets/hf/token", "/var/run/secrets/hf/other"],
+                None,
+            ),
+            (&["/etc/app/token", "/var/run/secrets/db/password"], None),
+            (
+                &["/token"],
+                Some(("secretFiles[0].path", "directory of its own")),
+            ),
+            (
+                &["/etc/token"],
+                Some(("secretFiles[0].path", "/var/run/secrets/app/token")),
+            ),
+            (
+                &["/var/run/secrets/token"],
+                Some(("secretFiles[0].path", "directory")),
+            ),
+            (
+                &["/tmp/x/token"],
+                Some(("secretFiles[0].path", "under /tmp")),
+            ),
+            (
+                &["/dev/shm/token"],
+                Some(("secretFiles[0].path", "under /dev")),
+            ),
+            (
+                &["/var/run/moat/tls/x"],
+                Some(("secretFiles[0].path", "under /var/run/moat")),
+            ),
+            (
+                &["/var/run/secrets/kubernetes.io/serviceaccount/token"],
+                Some(("secretFiles[0].path", "kubernetes.io")),
+            ),
+            (
+                &["/models/m/token"],
+                Some(("secretFiles[0].path", "overlaps the model")),
+            ),
+            (
+                &["/models/token"],
+                Some(("secretFiles[0].path", "overlaps the model")),
+            ),
+            (
+                &["/etc/app/../token"],
+                Some(("secretFiles[0].path", "absolute file path")),
+            ),
+            (
+                &["/etc/app//token"],
+                Some(("secretFiles[0].path", "absolute file path")),
+            ),
+            (
+                &["/etc/app/"],
+                Some(("secretFiles[0].path", "absolute file path")),
+            ),
+            (
+                &["etc/app/token"],
+                Some(("secretFiles[0].path", "absolute file path")),
+            ),
+            (
+                &["/etc/app/token", "/etc/app/token"],
+                Some(("secretFiles[1].path", "listed twice")),
+            ),
+            (
+                &["/etc/app/token", "/etc/app/more/token"],
+                Some(("secretFiles", "nested")),
+            ),
+        ];
+        for (paths, want) in cases {
+            let files: Vec<_> = paths.iter().map(|p| file(p)).collect();
+            let smd = fixture::smd("m")
+                .limits("1", "4Gi")
+                .model(model.clone())
+                .set(&["spec", "server", "secretFiles"], serde_json::json!(files))
+                .build()
+                .expect("decodes");
+            let result = validate(&smd.spec, "m");
+            match (want, result) {
+                (None, Ok(())) => {}
+                (Some((field, word)), Err(errors)) => {
+                    assert!(
+                        errors
+                            .iter()
+                            .any(|e| e.field == format!("spec.server.{field}")
+                                && e.message.contains(word)),
+                        "{paths:?}: want {field} saying {word:?}, got {errors:?}"
+                    );
+                }
+                (want, got) => panic!("{paths:?}: want {want:?}, got {got:?}"),
+            }
+        }
+        // The Secret and the key are checked as the kubelet needs them.
+        for (secret, key, field) in [("Bad_Name", "token", "secretName"), ("hf", "a/b", "key")] {
+            let smd = fixture::smd("m")
+                .set(
+                    &["spec", "server", "secretFiles"],
+                    serde_json::json!([{"path": "/etc/app/t", "secretName": secret, "key": key}]),
+                )
+                .build()
+                .expect("decodes");
+            let errors = validate(&smd.spec, "m").expect_err("invalid");
+            assert!(
+                errors
+                    .iter()
+                    .any(|e| e.field == format!("spec.server.secretFiles[0].{field}")),
+                "{errors:?}"
+            );
+        }
+    }
+
     #[test]
     fn the_server_memory_limit_must_hold_shared_memory_too() {
         use crate::fixture;
