@@ -382,9 +382,49 @@ fn chart_lints_strictly_and_grants_no_wildcard_or_escalating_permission() -> Res
     Ok(())
 }
 
+/// The ingress rule of the operator's NetworkPolicy (the metrics port).
+fn metrics_ingress(extra: &[&str]) -> Result<serde_yaml::Value> {
+    let docs = rendered(extra)?;
+    let policy = docs
+        .iter()
+        .find(|d| d["kind"].as_str() == Some("NetworkPolicy"))
+        .context("no NetworkPolicy rendered")?;
+    let ingress = policy["spec"]["ingress"]
+        .as_sequence()
+        .context("no ingress rules")?;
+    ensure!(ingress.len() == 1, "one ingress rule: {ingress:?}");
+    Ok(ingress[0].clone())
+}
+
+#[test]
+fn metrics_are_scraped_only_from_the_namespaces_named() -> Result<()> {
+    // By default the port is open to any pod, as without the policy (only the port).
+    let open = metrics_ingress(&[])?;
+    ensure!(open.get("from").is_none(), "a default source: {open:?}");
+    ensure!(open["ports"][0]["port"].as_i64() == Some(8080), "{open:?}");
+    let named = metrics_ingress(&[
+        "--set",
+        "networkPolicy.metricsFromNamespaces={monitoring,obs}",
+    ])?;
+    let from = named["from"].as_sequence().context("no from")?;
+    ensure!(from.len() == 1, "{from:?}");
+    let expr = &from[0]["namespaceSelector"]["matchExpressions"][0];
+    ensure!(
+        expr["key"].as_str() == Some("kubernetes.io/metadata.name")
+            && expr["operator"].as_str() == Some("In")
+            && strings(&expr["values"]) == ["monitoring", "obs"],
+        "{expr:?}"
+    );
+    ensure!(
+        from[0].get("podSelector").is_none() && from[0].get("ipBlock").is_none(),
+        "{from:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn values_that_violate_the_schema_are_rejected_with_a_readable_message() -> Result<()> {
-    let cases: [(&[&str], &str); 11] = [
+    let cases: [(&[&str], &str); 12] = [
         (&["--set", "replicaCount=0"], "/replicaCount"),
         (&["--set", "logging.format=xml"], "/logging/format"),
         (&["--set", "image.digest=latest"], "/image/digest"),
@@ -396,6 +436,10 @@ fn values_that_violate_the_schema_are_rejected_with_a_readable_message() -> Resu
         (&["--set", "ca.secretName=My_CA"], "/ca/secretName"),
         (&["--set", "trustDomain=spiffe://x"], "/trustDomain"),
         (&["--set", "clusterDomain=.local"], "/clusterDomain"),
+        (
+            &["--set", "networkPolicy.metricsFromNamespaces={Bad_NS}"],
+            "/networkPolicy/metricsFromNamespaces/0",
+        ),
     ];
     for (args, field) in cases {
         let mut all = vec!["template", "t", CHART];
