@@ -28,11 +28,7 @@ enum Command {
     /// Print the CustomResourceDefinitions as YAML.
     Crd,
     /// Print the objects Moat would create for a SecureModelDeployment, without a cluster.
-    Render {
-        /// File with one SecureModelDeployment (YAML or JSON); `-` reads standard input.
-        #[arg(short = 'f', long = "filename")]
-        file: PathBuf,
-    },
+    Render(RenderArgs),
     /// Fetch an encrypted model, verify its SHA-256, decrypt and extract it into a directory
     /// (the init container). On any failure the target is left empty and the exit status is 1.
     Decrypt(DecryptArgs),
@@ -263,7 +259,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Crd => print_crds(),
-        Command::Render { file } => render_file(&file),
+        Command::Render(args) => render_file(&args),
         Command::Operator(args) => run_operator(*args),
         Command::Decrypt(args) => {
             let message_path = args.termination_message_path.clone();
@@ -414,7 +410,80 @@ fn print_crds() -> Result<()> {
     Ok(())
 }
 
-fn render_file(file: &PathBuf) -> Result<()> {
+/// `moat render`: what the operator would apply, from a file and no cluster.
+#[derive(clap::Args, Debug)]
+struct RenderArgs {
+    /// File with one SecureModelDeployment (YAML or JSON); `-` reads standard input.
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// Pin the server image to this digest (`sha256:<64 hex digits>`), as the operator does
+    /// after resolving the spec's tag: the pods get `repository@<digest>`. A spec that names a
+    /// digest already must name this one.
+    #[arg(long, value_name = "DIGEST", conflicts_with = "resolve")]
+    image_digest: Option<String>,
+    /// Ask the server image's registry for the tag's digest and pin it, as the operator does
+    /// (HTTPS; anonymous unless --docker-config has credentials for that registry).
+    #[arg(long)]
+    resolve: bool,
+    /// A `.dockerconfigjson` file (as in a pull Secret) with credentials for --resolve.
+    #[arg(long, value_name = "FILE", requires = "resolve")]
+    docker_config: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust for --resolve.
+    #[arg(long, value_name = "FILE", requires = "resolve")]
+    ca_file: Option<PathBuf>,
+    /// The helper image (the decrypting init container and the gate) pinned by digest,
+    /// `repository@sha256:<digest>`, as the operator runs it. Default: Moat's image by tag.
+    #[arg(long, value_name = "IMAGE")]
+    helper_image: Option<String>,
+}
+
+/// The server image pinned as `args` ask: to a given digest, to the digest the registry has
+/// for the tag, or as written.
+fn pinned_server_image(args: &RenderArgs, image: &str) -> Result<Option<String>> {
+    let reference = moat::image::parse(image)?;
+    if let Some(digest) = &args.image_digest {
+        if !moat::image::registry::is_sha256_digest(digest) {
+            anyhow::bail!("--image-digest: {digest:?} is not sha256:<64 lower-case hex digits>");
+        }
+        if let Some(own) = reference.digest()
+            && own != digest
+        {
+            anyhow::bail!(
+                "--image-digest {digest} differs from the digest the spec's image names ({own})"
+            );
+        }
+        return Ok(Some(moat::image::pinned(&reference, digest)));
+    }
+    if !args.resolve || reference.digest().is_some() {
+        return Ok(None);
+    }
+    let credentials = match &args.docker_config {
+        None => None,
+        Some(path) => {
+            let bytes =
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            moat::image::credentials(&[(path.display().to_string(), bytes)], reference.registry())?
+        }
+    };
+    let ca = match &args.ca_file {
+        None => None,
+        Some(path) => Some(
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
+        ),
+    };
+    let registry = moat::image::registry::Registry::new(ca.as_deref(), Duration::from_secs(30))
+        .map_err(|e| anyhow::anyhow!("--ca-file: {e}"))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let digest = runtime.block_on(registry.digest(&reference, credentials))?;
+    eprintln!("moat: {image} resolves to {digest}");
+    Ok(Some(moat::image::pinned(&reference, &digest)))
+}
+
+fn render_file(args: &RenderArgs) -> Result<()> {
+    let file = &args.file;
     let text = if file.as_os_str() == "-" {
         std::io::read_to_string(std::io::stdin())?
     } else {
@@ -425,10 +494,24 @@ fn render_file(file: &PathBuf) -> Result<()> {
     if smd.metadata.namespace.is_none() {
         smd.metadata.namespace = Some("default".into());
     }
-    let children = render::render(&smd, &Facts::default())?;
-    if !smd.spec.server.image.contains("@sha256:") {
+    let valid = render::validated(&smd)?;
+    let mut resolved = render::Resolved::offline(&smd);
+    let pinned = pinned_server_image(args, &smd.spec.server.image)?;
+    if let Some(image) = &pinned {
+        resolved.image = image.clone();
+    }
+    if let Some(helper) = &args.helper_image {
+        let reference =
+            moat::image::parse(helper).map_err(|e| anyhow::anyhow!("--helper-image: {e}"))?;
+        let digest = reference.digest().with_context(|| {
+            format!("--helper-image: {helper} names no digest (repository@sha256:<digest>)")
+        })?;
+        resolved.helper_image = moat::image::pinned(&reference, digest);
+    }
+    let children = render::build(&valid, &Facts::default(), &resolved)?;
+    if pinned.is_none() && !smd.spec.server.image.contains("@sha256:") {
         eprintln!(
-            "moat: note: {} is a tag; the operator resolves it in the registry and the pods get repository@sha256:<digest>",
+            "moat: note: {} is a tag; the operator resolves it in the registry and the pods get repository@sha256:<digest> (--resolve or --image-digest renders that)",
             smd.spec.server.image
         );
     }

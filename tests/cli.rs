@@ -202,3 +202,82 @@ fn errors_are_one_line_even_with_rust_backtrace_set() {
         }
     }
 }
+
+/// `moat render` as the operator would apply it: the server image pinned to a given digest and
+/// the helper image pinned, so a GitOps review shows exactly what will run.
+#[test]
+fn render_pins_the_images_it_is_given() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/full.yaml");
+    let digest = "sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    let helper = format!("ghcr.io/moat-dev/moat@sha256:{}", "1".repeat(64));
+    let run = |args: &[&str]| {
+        Command::new(MOAT)
+            .arg("render")
+            .args(args)
+            .output()
+            .expect("run moat")
+    };
+    let out = run(&[
+        "-f",
+        fixture,
+        "--image-digest",
+        digest,
+        "--helper-image",
+        &helper,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let images: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("image: "))
+        .collect();
+    assert!(
+        images.contains(&format!("registry.example.com:5000/serving/vllm@{digest}").as_str()),
+        "{images:?}"
+    );
+    // The init container and the gate run the pinned helper; nothing runs a tag.
+    assert_eq!(
+        images.iter().filter(|i| **i == helper).count(),
+        2,
+        "{images:?}"
+    );
+    assert!(images.iter().all(|i| i.contains("@sha256:")), "{images:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("is a tag"), "{err}");
+
+    // Without them, the tag is rendered as written, with a note saying what the pods get.
+    let out = run(&["-f", fixture]);
+    assert!(out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .contains("image: registry.example.com:5000/serving/vllm:v0.6.3")
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--resolve or --image-digest"));
+
+    // Refused, with the reason on one line.
+    let minimal = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minimal.yaml");
+    for (args, want) in [
+        (
+            vec!["-f", fixture, "--image-digest", "sha256:abc"],
+            "is not sha256:",
+        ),
+        (
+            vec!["-f", minimal, "--image-digest", digest],
+            "differs from the digest the spec's image names",
+        ),
+        (
+            vec!["-f", fixture, "--helper-image", "ghcr.io/moat-dev/moat:v1"],
+            "names no digest",
+        ),
+    ] {
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    }
+}

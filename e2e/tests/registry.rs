@@ -365,3 +365,63 @@ fn now() -> i64 {
         .map(|d| d.as_secs() as i64)
         .expect("clock")
 }
+
+/// `moat render --resolve` asks the registry for the tag's digest as the operator does (its CA
+/// and the credentials of a `.dockerconfigjson`), and renders the pods with it; without the
+/// credentials the registry's refusal is the one-line error.
+#[tokio::test]
+async fn moat_render_resolves_the_tag_it_renders() {
+    let reg = registry().await;
+    let digest = reg
+        .push("serving/model:v1", &TestImage::single("render"))
+        .await
+        .expect("push");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let spec = dir.path().join("smd.yaml");
+    let fixture = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/full.yaml"
+    ))
+    .expect("fixture");
+    let image = reg.image_ref("serving/model:v1");
+    let text = fixture.replace("registry.example.com:5000/serving/vllm:v0.6.3", &image);
+    assert_ne!(text, fixture, "the fixture's image was replaced");
+    std::fs::write(&spec, text).expect("write spec");
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, reg.dockerconfigjson()).expect("write config");
+    let moat = moat_e2e::moat_binary().expect("moat binary");
+    let render = |with_credentials: bool| {
+        let mut command = std::process::Command::new(&moat);
+        command
+            .arg("render")
+            .arg("-f")
+            .arg(&spec)
+            .arg("--resolve")
+            .arg("--ca-file")
+            .arg(reg.ca_file());
+        if with_credentials {
+            command.arg("--docker-config").arg(&config);
+        }
+        command.output().expect("run moat render")
+    };
+    let out = render(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let yaml = String::from_utf8_lossy(&out.stdout);
+    let want = format!("image: {}/serving/model@{digest}", reg.host());
+    assert!(yaml.contains(&want), "{want} not in the render:\n{yaml}");
+    assert!(
+        !yaml.contains(&format!("image: {image}")),
+        "the tag was rendered"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("resolves to {digest}")));
+
+    let out = render(false);
+    assert!(!out.status.success(), "resolved without credentials");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.contains("moat: error:"), "{err}");
+}
