@@ -28,6 +28,9 @@ HELM_VERSION=v4.3.1
 # build/pause/linux/pause.c.
 KUBE_ROUTER_VERSION=v2.1.0
 COREDNS_VERSION=v1.15.0
+# The fault proxy of the fault-injection suite (e2e/tests/faults.rs): between the operator and the
+# API server on loopback it adds latency, drops and stalls connections, limits bandwidth.
+TOXIPROXY_VERSION=v2.5.0
 
 # The Argo CD and Flux CRDs the GitOps examples are checked against: taken from the published Go
 # module zips (module version, sha256 of the zip, files inside it).
@@ -48,6 +51,7 @@ KWOK_BIN=$BIN/kwok-$KWOK_VERSION
 HELM_BIN=$BIN/helm-$HELM_VERSION
 NODE_BIN=$BIN/node-$K8S_VERSION-kube-router-$KUBE_ROUTER_VERSION-coredns-$COREDNS_VERSION-$RECIPE
 KSTATUS_BIN=$BIN/kstatus-$KSTATUS_VERSION
+TOXIPROXY_BIN=$BIN/toxiproxy-$TOXIPROXY_VERSION
 GITOPS_CRDS=$BIN/gitops-crds-$(printf '%s\n' "${GITOPS_MODULES[@]}" | sha256sum | cut -c1-12)
 LOGS=$CACHE/logs
 export KWOK_WORKDIR=$CACHE/kwok
@@ -120,6 +124,13 @@ build() {
   if ! have "$KSTATUS_BIN" kstatus; then
     build_into kstatus-$KSTATUS_VERSION "$KSTATUS_BIN" bash -c "cd kstatus && go build -ldflags='-s -w' -o '$KSTATUS_BIN.partial.$$/kstatus' ."
     rm -rf "$KSTATUS_BIN"; mv "$KSTATUS_BIN.partial.$$" "$KSTATUS_BIN"; built=1
+  fi
+  if ! have "$TOXIPROXY_BIN" toxiproxy-server toxiproxy-cli; then
+    build_into toxiproxy-$TOXIPROXY_VERSION "$TOXIPROXY_BIN" bash -c "GOBIN='$TOXIPROXY_BIN.partial.$$' go install -ldflags='-s -w' \
+      github.com/Shopify/toxiproxy/v2/cmd/server@$TOXIPROXY_VERSION github.com/Shopify/toxiproxy/v2/cmd/cli@$TOXIPROXY_VERSION \
+      && mv '$TOXIPROXY_BIN.partial.$$/server' '$TOXIPROXY_BIN.partial.$$/toxiproxy-server' \
+      && mv '$TOXIPROXY_BIN.partial.$$/cli' '$TOXIPROXY_BIN.partial.$$/toxiproxy-cli'"
+    rm -rf "$TOXIPROXY_BIN"; mv "$TOXIPROXY_BIN.partial.$$" "$TOXIPROXY_BIN"; built=1
   fi
   if node_enabled && ! have "$NODE_BIN" kubelet kube-proxy kube-router coredns pause; then
     build_node; built=1
@@ -373,6 +384,7 @@ case ${1:-} in
     echo "export MOAT_HELM=$HELM_BIN/helm"
     echo "export MOAT_ETCDCTL=$ETCD_BIN/etcdctl"
     echo "export MOAT_KSTATUS=$KSTATUS_BIN/kstatus"
+    echo "export MOAT_TOXIPROXY=$TOXIPROXY_BIN"
     echo "export MOAT_GITOPS_CRDS=$GITOPS_CRDS"
     echo "export MOAT_ETCD_ENDPOINT=$(etcd_endpoint 2>/dev/null || true)"
     echo "export MOAT_AUDIT_LOG=$CLUSTER_DIR/logs/audit.log"
