@@ -307,7 +307,8 @@ up() {
     down >/dev/null 2>&1 || true
     die "kwokctl create cluster failed (log: $log; component logs: $CLUSTER_DIR/logs)"
   fi
-  if ! kwokctl scale node --replicas "$NODES" >>"$log" 2>&1; then
+  # Local disk too: Moat's pods request ephemeral-storage, which kwok's template leaves out.
+  if ! kwokctl scale node --replicas "$NODES" --param '.allocatable["ephemeral-storage"]="1Ti"' >>"$log" 2>&1; then
     tail -n 20 "$log" >&2 || true
     fail_start "creating $NODES kwok nodes failed (log: $log)"
   fi

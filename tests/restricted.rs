@@ -59,6 +59,16 @@ fn violations(pod: &PodSpec) -> Vec<String> {
         if sc.privileged == Some(true) {
             v.push(format!("{n}: privileged"));
         }
+        // Moat's own rule (scanners ask for it): local disk requested and bounded.
+        let res = c.resources.clone().unwrap_or_default();
+        for (what, q) in [("requests", &res.requests), ("limits", &res.limits)] {
+            if !q
+                .as_ref()
+                .is_some_and(|q| q.contains_key("ephemeral-storage"))
+            {
+                v.push(format!("{n}: no ephemeral-storage {what}"));
+            }
+        }
         if sc.allow_privilege_escalation != Some(false) {
             v.push(format!("{n}: allowPrivilegeEscalation != false"));
         }
@@ -346,6 +356,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                             limits: ResourceLimits {
                                 cpu: format!("{cpu}{cu}"),
                                 memory,
+                                ephemeral_storage: None,
                             },
                             requests: None,
                             extended,
@@ -616,7 +627,7 @@ proptest! {
                 args: vec![],
                 env: vec![EnvVar { name: env_name.clone(), value: Some("x".into()), value_from: None }],
                 port,
-                resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into() }, requests: None, extended: BTreeMap::new() },
+                resources: Resources { limits: ResourceLimits { cpu: cpu.clone(), memory: "1Gi".into(), ephemeral_storage: None }, requests: None, extended: BTreeMap::new() },
                 readiness_probe: None,
                 shared_memory: None,
                 startup_probe: None,
@@ -694,6 +705,7 @@ fn invalid_specs_stall_with_actionable_messages() {
     s.server.resources.requests = Some(ResourceRequests {
         cpu: Some("2".into()),
         memory: None,
+        ephemeral_storage: None,
     });
     s.access.egress = vec![EgressRule {
         cidr: Some("0.0.0.0/0".into()),

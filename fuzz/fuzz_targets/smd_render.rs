@@ -76,6 +76,12 @@ fn violations(pod: &PodSpec) -> Vec<String> {
         if sc.privileged == Some(true) {
             v.push(format!("{n}: privileged"));
         }
+        let res = c.resources.clone().unwrap_or_default();
+        for (what, q) in [("requests", &res.requests), ("limits", &res.limits)] {
+            if !q.as_ref().is_some_and(|q| q.contains_key("ephemeral-storage")) {
+                v.push(format!("{n}: no ephemeral-storage {what}"));
+            }
+        }
         if sc.allow_privilege_escalation != Some(false) {
             v.push(format!("{n}: allowPrivilegeEscalation != false"));
         }

@@ -585,6 +585,12 @@ pub struct ResourceLimits {
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("memory must be a positive quantity such as 512Mi or 16Gi"))]
     #[schemars(length(max = 64))]
     pub memory: String,
+    /// Local disk the server may use: its logs and the writable `/tmp` (256Mi). At least
+    /// 320Mi; default 1Gi. Beyond it the kubelet evicts the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("ephemeralStorage must be a positive quantity such as 1Gi"))]
+    #[schemars(length(max = 64))]
+    pub ephemeral_storage: Option<String>,
 }
 
 /// Resource requests (Kubernetes quantities).
@@ -601,6 +607,12 @@ pub struct ResourceRequests {
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("memory must be a positive quantity such as 512Mi or 16Gi"))]
     #[schemars(length(max = 64))]
     pub memory: Option<String>,
+    /// Local disk the scheduler reserves for the server. Default 256Mi (or the limit, if
+    /// lower).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("ephemeralStorage must be a positive quantity such as 256Mi"))]
+    #[schemars(length(max = 64))]
+    pub ephemeral_storage: Option<String>,
 }
 
 /// A probe against the serving port.

@@ -8,8 +8,9 @@ use serde_json::{Value, json};
 use k8s_openapi::api::apps::v1::Deployment;
 
 use super::{
-    Ctx, RUN_AS_ID, RenderError, Resolved, SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH,
-    TMP_SIZE_LIMIT, container_security_context, gate, model, tls_secret, typed,
+    Ctx, RUN_AS_ID, RenderError, Resolved, SERVER_EPHEMERAL_LIMIT, SERVER_EPHEMERAL_REQUEST,
+    SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH, TMP_SIZE_LIMIT,
+    container_security_context, gate, model, tls_secret, typed,
 };
 
 /// Name of the model server's port when the gate is in front of it.
@@ -73,12 +74,15 @@ pub(crate) fn render(
         .unwrap_or(crate::api::ResourceRequests {
             cpu: None,
             memory: None,
+            ephemeral_storage: None,
         });
+    let (disk_request, disk_limit) = server_ephemeral_storage(&server.resources);
     let mut resources = json!({
-        "limits": {"cpu": limits.cpu, "memory": limits.memory},
+        "limits": {"cpu": limits.cpu, "memory": limits.memory, "ephemeral-storage": disk_limit},
         "requests": {
             "cpu": requests.cpu.as_ref().unwrap_or(&limits.cpu),
             "memory": requests.memory.as_ref().unwrap_or(&limits.memory),
+            "ephemeral-storage": disk_request,
         },
     });
     // Extended resources (accelerators): Kubernetes requires the request to equal the limit.
@@ -230,6 +234,31 @@ pub(crate) fn render(
             },
         }),
     )
+}
+
+/// The server's ephemeral-storage request and limit: the spec's, else the defaults; a request
+/// defaulted is never above the limit.
+pub fn server_ephemeral_storage(resources: &crate::api::Resources) -> (String, String) {
+    let limit = resources
+        .limits
+        .ephemeral_storage
+        .clone()
+        .unwrap_or_else(|| SERVER_EPHEMERAL_LIMIT.to_string());
+    let request = match resources
+        .requests
+        .as_ref()
+        .and_then(|r| r.ephemeral_storage.clone())
+    {
+        Some(request) => request,
+        None => {
+            let default = crate::quantity::parse(SERVER_EPHEMERAL_REQUEST);
+            match (default, crate::quantity::parse(&limit)) {
+                (Some(d), Some(l)) if l < d => limit.clone(),
+                _ => SERVER_EPHEMERAL_REQUEST.to_string(),
+            }
+        }
+    };
+    (request, limit)
 }
 
 /// Prefix of the volumes that hold `spec.server.secretFiles`.

@@ -200,8 +200,16 @@ pub(crate) fn container(ctx: &Ctx, resolved: &Resolved) -> Value {
             "failureThreshold": 3,
         },
         "resources": {
-            "limits": {"cpu": "1", "memory": "128Mi"},
-            "requests": {"cpu": "50m", "memory": "32Mi"},
+            "limits": {
+                "cpu": "1",
+                "memory": "128Mi",
+                "ephemeral-storage": super::HELPER_EPHEMERAL_LIMIT,
+            },
+            "requests": {
+                "cpu": "50m",
+                "memory": "32Mi",
+                "ephemeral-storage": super::HELPER_EPHEMERAL_REQUEST,
+            },
         },
         "securityContext": container_security_context(),
         "volumeMounts": [

@@ -134,6 +134,17 @@ pub const MANAGED_BY: &str = "moat";
 pub const RUN_AS_ID: i64 = 10001;
 /// Size limit of the writable `/tmp` volume.
 pub const TMP_SIZE_LIMIT: &str = "256Mi";
+/// The server's local disk (logs and `/tmp`) without `resources.*.ephemeralStorage`.
+pub const SERVER_EPHEMERAL_REQUEST: &str = "256Mi";
+/// See [`SERVER_EPHEMERAL_REQUEST`].
+pub const SERVER_EPHEMERAL_LIMIT: &str = "1Gi";
+/// The least `resources.limits.ephemeralStorage`: `/tmp` and 64Mi of logs.
+pub const SERVER_EPHEMERAL_FLOOR_MI: u64 = 320;
+/// Local disk of Moat's own containers (the decrypting init container, the gate): their logs
+/// only (the kubelet rotates them at 10Mi, five files), nothing else is written to disk.
+pub const HELPER_EPHEMERAL_REQUEST: &str = "64Mi";
+/// See [`HELPER_EPHEMERAL_REQUEST`].
+pub const HELPER_EPHEMERAL_LIMIT: &str = "256Mi";
 /// Name of the serving port in the pod and the Service.
 pub const SERVING_PORT_NAME: &str = "serving";
 

@@ -131,8 +131,16 @@ pub(crate) fn render(model: &ModelSpec, resolved: &Resolved) -> ModelPod {
         "image": resolved.helper_image,
         "args": decrypt_args(model),
         "resources": {
-            "limits": {"cpu": INIT_CPU_LIMIT, "memory": init_memory},
-            "requests": {"cpu": INIT_CPU_REQUEST, "memory": init_memory},
+            "limits": {
+                "cpu": INIT_CPU_LIMIT,
+                "memory": init_memory,
+                "ephemeral-storage": super::HELPER_EPHEMERAL_LIMIT,
+            },
+            "requests": {
+                "cpu": INIT_CPU_REQUEST,
+                "memory": init_memory,
+                "ephemeral-storage": super::HELPER_EPHEMERAL_REQUEST,
+            },
         },
         "securityContext": container_security_context(),
         "volumeMounts": mounts,

@@ -367,6 +367,46 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
         );
     }
     validate_secret_files(spec, &mut err);
+    let (disk_request, disk_limit) =
+        super::deployment::server_ephemeral_storage(&spec.server.resources);
+    match (
+        crate::quantity::parse(&disk_request),
+        crate::quantity::parse(&disk_limit),
+    ) {
+        (_, None) => err(
+            "spec.server.resources.limits.ephemeralStorage".into(),
+            format!("{disk_limit:?} is not a positive quantity such as 1Gi"),
+        ),
+        (None, _) => err(
+            "spec.server.resources.requests.ephemeralStorage".into(),
+            format!("{disk_request:?} is not a positive quantity such as 256Mi"),
+        ),
+        (Some(request), Some(limit)) => {
+            let floor = super::SERVER_EPHEMERAL_FLOOR_MI as f64 * crate::quantity::MI;
+            if limit < floor {
+                err(
+                    "spec.server.resources.limits.ephemeralStorage".into(),
+                    format!(
+                        "{disk_limit} cannot hold the server's /tmp ({}) and its logs; set at \
+                         least {}Mi",
+                        super::TMP_SIZE_LIMIT,
+                        super::SERVER_EPHEMERAL_FLOOR_MI
+                    ),
+                );
+            }
+            if request <= 0.0 {
+                err(
+                    "spec.server.resources.requests.ephemeralStorage".into(),
+                    format!("{disk_request:?} is not a positive quantity such as 256Mi"),
+                );
+            } else if request > limit {
+                err(
+                    "spec.server.resources.requests.ephemeralStorage".into(),
+                    format!("{disk_request} exceeds the limit {disk_limit}"),
+                );
+            }
+        }
+    }
     for (name, count) in &spec.server.resources.extended {
         let field = format!("spec.server.resources.extended[{name:?}]");
         if !is_extended_resource_name(name) {
@@ -740,6 +780,63 @@ mod tests {
     }
 
     /// /dev/shm is charged to the pod's memory too: with and without a model.
+    #[test]
+    fn ephemeral_storage_holds_tmp_and_the_logs() {
+        use crate::fixture;
+        for (limit, request, ok) in [
+            (None, None, true),
+            (Some("320Mi"), None, true),
+            (Some("319Mi"), None, false),
+            (Some("2Gi"), Some("2Gi"), true),
+            (Some("1Gi"), Some("2Gi"), false),
+            (None, Some("1Gi"), true),
+            (None, Some("2Gi"), false),
+            (Some("lots"), None, false),
+            (None, Some("0"), false),
+        ] {
+            let mut f = fixture::smd("m");
+            if let Some(l) = limit {
+                f = f.set(
+                    &["spec", "server", "resources", "limits", "ephemeralStorage"],
+                    serde_json::json!(l),
+                );
+            }
+            if let Some(r) = request {
+                f = f.set(
+                    &[
+                        "spec",
+                        "server",
+                        "resources",
+                        "requests",
+                        "ephemeralStorage",
+                    ],
+                    serde_json::json!(r),
+                );
+            }
+            let smd = f.build().expect("decodes");
+            let result = validate(&smd.spec, "m");
+            assert_eq!(result.is_ok(), ok, "{limit:?} {request:?}: {result:?}");
+            if let Err(errors) = result {
+                assert!(
+                    errors.iter().all(|e| e.field.ends_with("ephemeralStorage")),
+                    "{errors:?}"
+                );
+            }
+        }
+        // A limit below the default request lowers the request with it.
+        let smd = fixture::smd("m")
+            .set(
+                &["spec", "server", "resources", "limits", "ephemeralStorage"],
+                serde_json::json!("200Mi"),
+            )
+            .build()
+            .expect("decodes");
+        assert_eq!(
+            super::super::deployment::server_ephemeral_storage(&smd.spec.server.resources),
+            ("200Mi".to_string(), "200Mi".to_string())
+        );
+    }
+
     #[test]
     fn secret_files_need_a_directory_of_their_own() {
         use crate::fixture;
