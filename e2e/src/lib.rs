@@ -7,6 +7,7 @@
 //!
 //! The cluster is found through `KUBECONFIG`; `make test` exports it from `e2e/cluster.sh env`.
 
+pub mod faults;
 pub mod registry;
 pub mod tls;
 
@@ -1110,6 +1111,14 @@ impl MoatProcess {
         })
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .id()
+    }
+
     /// Fails with the end of its log if the process has exited.
     pub fn check_running(&self) -> Result<()> {
         let status = self
@@ -1152,11 +1161,17 @@ impl Drop for MoatProcess {
 /// The entries of the API server's audit log (`MOAT_AUDIT_LOG`) written after byte `from` whose
 /// user is `username`.
 pub fn audit_entries(username: &str, from: u64) -> Result<Vec<serde_json::Value>> {
+    use std::io::{Read, Seek};
     let path = tool("MOAT_AUDIT_LOG")?;
-    let log = std::fs::read(&path).with_context(|| format!("reading {path}"))?;
-    let from = usize::try_from(from).unwrap_or(usize::MAX).min(log.len());
+    // Only what was written after `from` is read: the log of a long run is large.
+    let mut file = std::fs::File::open(&path).with_context(|| format!("reading {path}"))?;
+    let from = from.min(file.metadata()?.len());
+    file.seek(std::io::SeekFrom::Start(from))?;
+    let mut log = Vec::new();
+    file.read_to_end(&mut log)
+        .with_context(|| format!("reading {path}"))?;
     let mut out = Vec::new();
-    for line in log[from..].split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+    for line in log.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
         let Ok(entry) = serde_json::from_slice::<serde_json::Value>(line) else {
             continue; // a line being written
         };
