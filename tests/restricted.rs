@@ -284,7 +284,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                     ]),
                     "[a-z][a-z0-9_.-]{0,12}",
                 ),
-                ("[a-z]([a-z0-9-]{0,8}[a-z0-9])?", "[A-Za-z0-9_.-]{1,12}"),
+                ("[a-z]([a-z0-9-]{0,8}[a-z0-9])?", "[A-Za-z0-9_][A-Za-z0-9_.-]{0,11}"),
                 0..4,
             ),
         ),

@@ -223,6 +223,17 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
             }
             _ => {}
         }
+        if let Some(secret) = env
+            .value_from
+            .as_ref()
+            .and_then(|f| f.secret_key_ref.as_ref())
+            && let Some(why) = forbidden_secret(spec, name, &secret.name)
+        {
+            err(
+                format!("{field}.valueFrom.secretKeyRef.name"),
+                format!("{}: {why}", secret.name),
+            );
+        }
     }
     let limits = &server.resources.limits;
     let requests = server.resources.requests.as_ref();
@@ -367,6 +378,14 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
         );
     }
     validate_secret_files(spec, &mut err);
+    for (i, file) in spec.server.secret_files.iter().enumerate() {
+        if let Some(why) = forbidden_secret(spec, name, &file.secret_name) {
+            err(
+                format!("spec.server.secretFiles[{i}].secretName"),
+                format!("{}: {why}", file.secret_name),
+            );
+        }
+    }
     let (disk_request, disk_limit) =
         super::deployment::server_ephemeral_storage(&spec.server.resources);
     match (
@@ -466,34 +485,66 @@ pub fn is_extended_resource_name(name: &str) -> bool {
     domain.contains('.') && is_dns1123_subdomain(domain) && !kubernetes && matches(&NAME, resource)
 }
 
+/// Why the model server may not read Secret `secret` (the model's decryption key, which only the
+/// decrypting init container gets, or Moat's own Secret for the model), or `None`.
+fn forbidden_secret(spec: &SecureModelDeploymentSpec, name: &str, secret: &str) -> Option<String> {
+    if spec
+        .model
+        .as_ref()
+        .is_some_and(|m| m.decryption_key_secret_ref.name == secret)
+    {
+        return Some(
+            "is the model's decryption key Secret, which only the decrypting init container \
+             reads; the server gets the decrypted model, never the key"
+                .into(),
+        );
+    }
+    if secret == super::tls_secret::secret_name(name) {
+        return Some(format!(
+            "is Moat's own Secret for this model; the server reads its certificate and key at \
+             {}",
+            super::TLS_MOUNT_PATH
+        ));
+    }
+    None
+}
+
 /// Directories a Secret file may not be mounted in (the mount would hide what the image and
 /// the runtime keep there) or under (`/tmp`, `/dev`, `/proc`, `/sys` and Moat's own volumes).
 const SYSTEM_DIRS: &[&str] = &[
     "/",
-    "/bin",
-    "/boot",
     "/etc",
     "/home",
+    "/opt",
+    "/root",
+    "/run",
+    "/run/secrets",
+    "/srv",
+    "/var",
+    "/var/lib",
+    "/var/run",
+    "/var/run/secrets",
+];
+/// Trees no Secret file may be mounted in, at any depth: programs, libraries and trust stores
+/// of the image, the kernel's and the runtime's, and Moat's own (`/run` is `/var/run` on many
+/// images).
+const RESERVED_TREES: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc/pki",
+    "/etc/ssl",
     "/lib",
     "/lib32",
     "/lib64",
     "/libx32",
-    "/opt",
-    "/root",
-    "/run",
-    "/sbin",
-    "/srv",
-    "/usr",
-    "/var",
-    "/var/run",
-    "/var/lib",
-    "/var/run/secrets",
-];
-const RESERVED_TREES: &[&str] = &[
-    "/tmp",
-    "/dev",
     "/proc",
+    "/run/moat",
+    "/run/secrets/kubernetes.io",
+    "/sbin",
     "/sys",
+    "/tmp",
+    "/usr",
     "/var/run/moat",
     "/var/run/secrets/kubernetes.io",
 ];
@@ -526,10 +577,13 @@ fn validate_secret_files(spec: &SecureModelDeploymentSpec, err: &mut impl FnMut(
         let field = format!("spec.server.secretFiles[{i}]");
         let path = file.path.as_str();
         let components: Vec<&str> = path.split('/').skip(1).collect();
+        // The kubelet keeps a projected volume's own files under `..`-prefixed names.
+        let file_name = components.last().copied().unwrap_or_default();
         if !path.starts_with('/')
             || components
                 .iter()
                 .any(|c| c.is_empty() || *c == "." || *c == "..")
+            || file_name.starts_with("..")
             || path.contains(':')
         {
             err(
@@ -577,6 +631,8 @@ fn validate_secret_files(spec: &SecureModelDeploymentSpec, err: &mut impl FnMut(
             );
         }
         if file.key.is_empty()
+            || file.key == "."
+            || file.key == ".."
             || !file
                 .key
                 .bytes()
@@ -779,7 +835,40 @@ mod tests {
         }
     }
 
-    /// /dev/shm is charged to the pod's memory too: with and without a model.
+    #[test]
+    fn the_server_reads_neither_the_decryption_key_nor_moats_own_secret() {
+        use crate::fixture;
+        let model = serde_json::json!({
+            "source": {"url": "https://artifacts.example.com/m.tar.age"},
+            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            "decryptionKeySecretRef": {"name": "k", "key": "identity"},
+            "mountPath": "/models/m", "sizeLimit": "1Gi"
+        });
+        for (secret, ok) in [("k", false), ("m-tls", false), ("other", true)] {
+            let smd = fixture::smd("m")
+                .limits("1", "4Gi")
+                .model(model.clone())
+                .set(
+                    &["spec", "server", "env"],
+                    serde_json::json!([{"name": "X", "valueFrom": {"secretKeyRef": {"name": secret, "key": "a"}}}]),
+                )
+                .build()
+                .expect("decodes");
+            match validate(&smd.spec, "m") {
+                Ok(()) => assert!(ok, "{secret} accepted"),
+                Err(errors) => {
+                    assert!(!ok, "{secret}: {errors:?}");
+                    assert!(
+                        errors.iter().any(|e| e.field
+                            == "spec.server.env[0].valueFrom.secretKeyRef.name"
+                            && e.message.starts_with(secret)),
+                        "{errors:?}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn ephemeral_storage_holds_tmp_and_the_logs() {
         use crate::fixture;
@@ -910,6 +999,26 @@ mod tests {
                 Some(("secretFiles[0].path", "absolute file path")),
             ),
             (
+                &["/etc/app/..data"],
+                Some(("secretFiles[0].path", "absolute file path")),
+            ),
+            (
+                &["/usr/lib/app/token"],
+                Some(("secretFiles[0].path", "under /usr")),
+            ),
+            (
+                &["/etc/ssl/certs/token"],
+                Some(("secretFiles[0].path", "under /etc/ssl")),
+            ),
+            (
+                &["/run/secrets/token"],
+                Some(("secretFiles[0].path", "directory")),
+            ),
+            (
+                &["/run/moat/tls/x"],
+                Some(("secretFiles[0].path", "under /run/moat")),
+            ),
+            (
                 &["/etc/app/token", "/etc/app/token"],
                 Some(("secretFiles[1].path", "listed twice")),
             ),
@@ -942,8 +1051,17 @@ mod tests {
             }
         }
         // The Secret and the key are checked as the kubelet needs them.
-        for (secret, key, field) in [("Bad_Name", "token", "secretName"), ("hf", "a/b", "key")] {
+        for (secret, key, field) in [
+            ("Bad_Name", "token", "secretName"),
+            ("hf", "a/b", "key"),
+            ("hf", "..", "key"),
+            // The model's decryption key and Moat's own Secret stay out of the server.
+            ("k", "identity", "secretName"),
+            ("m-tls", "tls.key", "secretName"),
+        ] {
             let smd = fixture::smd("m")
+                .limits("1", "4Gi")
+                .model(model.clone())
                 .set(
                     &["spec", "server", "secretFiles"],
                     serde_json::json!([{"path": "/etc/app/t", "secretName": secret, "key": key}]),
@@ -960,6 +1078,7 @@ mod tests {
         }
     }
 
+    /// /dev/shm is charged to the pod's memory too: with and without a model.
     #[test]
     fn the_server_memory_limit_must_hold_shared_memory_too() {
         use crate::fixture;
