@@ -198,6 +198,127 @@ fn put(target: &mut Value, path: &[&str], value: Value) {
     }
 }
 
+/// What breaks a rule of the Pod Security "restricted" profile (pod-security-admission,
+/// "latest") or one of Moat's own (local disk requested and bounded, no service links, ...), for
+/// the property tests and the `smd_render` fuzz target: empty when the pod passes.
+pub fn restricted_violations(pod: &k8s_openapi::api::core::v1::PodSpec) -> Vec<String> {
+    let mut v = Vec::new();
+    let psc = pod.security_context.clone().unwrap_or_default();
+    if pod.host_network == Some(true) || pod.host_pid == Some(true) || pod.host_ipc == Some(true) {
+        v.push("host namespaces".into());
+    }
+    if pod.host_users == Some(true) {
+        v.push("hostUsers".into());
+    }
+    for vol in pod.volumes.iter().flatten() {
+        let allowed = vol.config_map.is_some()
+            || vol.csi.is_some()
+            || vol.downward_api.is_some()
+            || vol.empty_dir.is_some()
+            || vol.ephemeral.is_some()
+            || vol.persistent_volume_claim.is_some()
+            || vol.projected.is_some()
+            || vol.secret.is_some();
+        if !allowed || vol.host_path.is_some() {
+            v.push(format!("volume {} has a restricted type", vol.name));
+        }
+    }
+    if psc.sysctls.as_ref().is_some_and(|s| !s.is_empty()) {
+        v.push("sysctls".into());
+    }
+    let pod_non_root = psc.run_as_non_root == Some(true);
+    let pod_seccomp = psc.seccomp_profile.as_ref().map(|s| s.type_.clone());
+    if psc.run_as_user == Some(0) {
+        v.push("pod runAsUser 0".into());
+    }
+    for id in [psc.run_as_user, psc.run_as_group, psc.fs_group] {
+        if id.is_none_or(|id| id < 10000) {
+            v.push(format!("pod UID/GID {id:?} below 10000"));
+        }
+    }
+    let containers: Vec<&k8s_openapi::api::core::v1::Container> = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+        .collect();
+    for c in containers {
+        let sc = c.security_context.clone().unwrap_or_default();
+        let n = &c.name;
+        if sc.privileged == Some(true) {
+            v.push(format!("{n}: privileged"));
+        }
+        // Moat's own rule (scanners ask for it): local disk requested and bounded.
+        let res = c.resources.clone().unwrap_or_default();
+        for (what, q) in [("requests", &res.requests), ("limits", &res.limits)] {
+            if !q
+                .as_ref()
+                .is_some_and(|q| q.contains_key("ephemeral-storage"))
+            {
+                v.push(format!("{n}: no ephemeral-storage {what}"));
+            }
+        }
+        if sc.allow_privilege_escalation != Some(false) {
+            v.push(format!("{n}: allowPrivilegeEscalation != false"));
+        }
+        let caps = sc.capabilities.clone().unwrap_or_default();
+        if !caps.drop.unwrap_or_default().iter().any(|c| c == "ALL") {
+            v.push(format!("{n}: capabilities not dropped"));
+        }
+        if caps
+            .add
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c != "NET_BIND_SERVICE")
+        {
+            v.push(format!("{n}: capabilities added"));
+        }
+        if !(sc.run_as_non_root == Some(true) || (sc.run_as_non_root.is_none() && pod_non_root)) {
+            v.push(format!("{n}: runAsNonRoot"));
+        }
+        if sc.run_as_user == Some(0) {
+            v.push(format!("{n}: runAsUser 0"));
+        }
+        let seccomp = sc
+            .seccomp_profile
+            .as_ref()
+            .map(|s| s.type_.clone())
+            .or(pod_seccomp.clone());
+        if !matches!(seccomp.as_deref(), Some("RuntimeDefault" | "Localhost")) {
+            v.push(format!("{n}: seccomp"));
+        }
+        if sc.proc_mount.as_deref().is_some_and(|p| p != "Default") {
+            v.push(format!("{n}: procMount"));
+        }
+        if c.ports
+            .iter()
+            .flatten()
+            .any(|p| p.host_port.is_some_and(|h| h != 0))
+        {
+            v.push(format!("{n}: hostPort"));
+        }
+        // Moat's own rules on top of the profile.
+        if sc.read_only_root_filesystem != Some(true) {
+            v.push(format!("{n}: writable root filesystem"));
+        }
+        let limits = c
+            .resources
+            .clone()
+            .unwrap_or_default()
+            .limits
+            .unwrap_or_default();
+        if !limits.contains_key("cpu") || !limits.contains_key("memory") {
+            v.push(format!("{n}: no resource limits"));
+        }
+    }
+    if pod.automount_service_account_token != Some(false) {
+        v.push("API token mounted".into());
+    }
+    if pod.enable_service_links != Some(false) {
+        v.push("service links enabled".into());
+    }
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
