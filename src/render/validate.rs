@@ -835,15 +835,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_server_reads_neither_the_decryption_key_nor_moats_own_secret() {
-        use crate::fixture;
-        let model = serde_json::json!({
+    /// `spec.model` with the decryption key in Secret `k`, mounted at `/models/m`.
+    fn model_json(size_limit: &str) -> serde_json::Value {
+        serde_json::json!({
             "source": {"url": "https://artifacts.example.com/m.tar.age"},
             "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
             "decryptionKeySecretRef": {"name": "k", "key": "identity"},
-            "mountPath": "/models/m", "sizeLimit": "1Gi"
-        });
+            "mountPath": "/models/m", "sizeLimit": size_limit
+        })
+    }
+
+    #[test]
+    fn the_server_reads_neither_the_decryption_key_nor_moats_own_secret() {
+        use crate::fixture;
+        let model = model_json("1Gi");
         for (secret, ok) in [("k", false), ("m-tls", false), ("other", true)] {
             let smd = fixture::smd("m")
                 .limits("1", "4Gi")
@@ -929,12 +934,7 @@ mod tests {
     #[test]
     fn secret_files_need_a_directory_of_their_own() {
         use crate::fixture;
-        let model = serde_json::json!({
-            "source": {"url": "https://artifacts.example.com/m.tar.age"},
-            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-            "decryptionKeySecretRef": {"name": "k", "key": "identity"},
-            "mountPath": "/models/m", "sizeLimit": "1Gi"
-        });
+        let model = model_json("1Gi");
         let file =
             |path: &str| serde_json::json!({"path": path, "secretName": "hf", "key": "token"});
         /// The error's field and a word of its message; `None` when the spec is valid.
@@ -1082,12 +1082,7 @@ mod tests {
     #[test]
     fn the_server_memory_limit_must_hold_shared_memory_too() {
         use crate::fixture;
-        let model = serde_json::json!({
-            "source": {"url": "https://artifacts.example.com/m.tar.age"},
-            "sha256": "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
-            "decryptionKeySecretRef": {"name": "k", "key": "identity"},
-            "mountPath": "/models/m", "sizeLimit": "2Gi"
-        });
+        let model = model_json("2Gi");
         for (memory, shm, with_model, ok) in [
             ("1280Mi", "1Gi", false, true),
             ("1279Mi", "1Gi", false, false),
