@@ -133,7 +133,7 @@ pub(super) async fn run(
             _ => {}
         })
         .applied_objects();
-    let controller = Controller::for_stream(stream, store);
+    let controller = Controller::for_stream(stream, store).trigger_backoff(super::NoMergedBackoff);
     let referring = controller.store();
     // A change to a model's access list re-checks the ModelClients here that refer to it.
     let changed = futures::stream::unfold(shared.smd_changes.subscribe(), |mut rx| async move {

@@ -62,6 +62,32 @@ pub use smd::reconcile;
 /// The one field manager Moat applies with.
 pub const FIELD_MANAGER: &str = "moat";
 
+/// The backoff of a controller's merged trigger stream: none.
+///
+/// kube-runtime's `Controller` merges every trigger (the watch of the primary kind, each owned
+/// kind's watch, Moat's own wake-ups) into one stream and, by default, pauses that whole stream
+/// for an exponential backoff (up to about a minute with jitter) after an error from any of
+/// them. While it pauses, no watcher is polled: their in-flight connects and watches stall, the
+/// API server closes them (its TLS handshake and idle timeouts), and the next wake-up meets one of
+/// those stale errors and pauses again. After an API server restart this kept a controller from
+/// ever watching again (the fault-injection suite's `api_server_killed` scenario). Every watch
+/// Moat makes has a backoff of its own (`default_backoff()`), which pauses only that watch, so
+/// the merged stream needs none: an error in one trigger never delays another.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct NoMergedBackoff;
+
+impl Iterator for NoMergedBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(Duration::ZERO)
+    }
+}
+
+impl kube::runtime::utils::Backoff for NoMergedBackoff {
+    fn reset(&mut self) {}
+}
+
 /// A reflector for one child kind: its store, and the stream of changes that triggers reconciles
 /// (deletions included).
 fn reflect<K>(
@@ -301,6 +327,7 @@ async fn run_one(
         .owns_stream(config_map_stream)
         .reconcile_on(model_refs(client_changes.subscribe()))
         .reconcile_all_on(ca_changes(ca_rx.clone()))
+        .trigger_backoff(NoMergedBackoff)
         .shutdown_on_signal();
     let counting = census::count_managed(
         controller.store(),
@@ -402,5 +429,24 @@ where
     match ns {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kube::runtime::utils::Backoff;
+
+    use super::*;
+
+    /// The merged trigger stream is never paused: every error is followed by a zero wait, and
+    /// the backoff never gives up (which would end the stream, and with it the controller).
+    #[test]
+    fn the_merged_trigger_stream_never_pauses_or_gives_up() {
+        let mut backoff = NoMergedBackoff;
+        for _ in 0..10_000 {
+            assert_eq!(backoff.next(), Some(Duration::ZERO));
+        }
+        backoff.reset();
+        assert_eq!(backoff.next(), Some(Duration::ZERO));
     }
 }
