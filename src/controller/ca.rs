@@ -24,13 +24,46 @@ fn unix_now() -> i64 {
     super::context::now().as_second()
 }
 
+/// Why no CA could be had this time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// The API server could not be asked (unreachable, throttling, starting up): the CA in use
+    /// stays in use, since nothing says it changed.
+    Api(String),
+    /// The stored CA cannot be used (or the Secret kept changing): the CA is withdrawn.
+    Unusable(String),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Api(why) | Self::Unusable(why) => f.write_str(why),
+        }
+    }
+}
+
+/// The longest wait before the CA Secret is read again after the API server could not be asked:
+/// short, so that the CA is checked again soon after an outage ends.
+const API_RETRY_MAX: Duration = Duration::from_secs(8);
+/// The longest wait before an unusable CA is read again (a change of the Secret wakes it sooner).
+const UNUSABLE_RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What a failure does: whether the CA in use is withdrawn, and how long to wait before the next
+/// attempt (doubling from `retry`, capped by the kind of failure).
+fn after_failure(failure: &Failure, retry: Duration) -> (bool, Duration) {
+    match failure {
+        Failure::Api(_) => (false, (retry * 2).min(API_RETRY_MAX)),
+        Failure::Unusable(_) => (true, (retry * 2).min(UNUSABLE_RETRY_MAX)),
+    }
+}
+
 /// Reads the Secret, plans, and writes until the plan is to use a CA.
-async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState>, String> {
+async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState>, Failure> {
     for _ in 0..5 {
         let secret = api
             .get_opt(&settings.secret_name)
             .await
-            .map_err(|e| format!("reading the CA Secret: {e}"))?;
+            .map_err(|e| Failure::Api(format!("reading the CA Secret: {e}")))?;
         let stored = secret.as_ref().map(stored_of);
         let now = unix_now();
         match plan(
@@ -39,10 +72,10 @@ async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState
             settings.validity,
             &settings.trust_domain,
         )
-        .map_err(|e| e.to_string())?
+        .map_err(|e| Failure::Unusable(e.to_string()))?
         {
             CaPlan::Use(state) => return Ok(Some(*state)),
-            CaPlan::Unusable(why) => return Err(why),
+            CaPlan::Unusable(why) => return Err(Failure::Unusable(why)),
             CaPlan::Write { stored, reason } => {
                 let rv = secret.and_then(|s| s.metadata.resource_version);
                 let body = secret_of(settings, &stored, rv.clone());
@@ -61,12 +94,14 @@ async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState
                     ),
                     // Someone else wrote first: read again.
                     Err(kube::Error::Api(e)) if e.code == 409 => {}
-                    Err(e) => return Err(format!("writing the CA Secret: {e}")),
+                    Err(e) => return Err(Failure::Api(format!("writing the CA Secret: {e}"))),
                 }
             }
         }
     }
-    Err("the CA Secret kept changing while Moat wrote it".into())
+    Err(Failure::Unusable(
+        "the CA Secret kept changing while Moat wrote it".into(),
+    ))
 }
 
 /// Keeps the CA usable and published on `tx` until dropped: creates or rotates it when due, and
@@ -103,10 +138,13 @@ pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<
                 wait.min(Duration::from_secs(3600))
             }
             Ok(None) => retry,
-            Err(why) => {
-                warn!(secret = %settings.secret_name, namespace = %settings.namespace, "{why}");
-                tx.send_if_modified(|current| current.take().is_some());
-                retry = (retry * 2).min(Duration::from_secs(60));
+            Err(failure) => {
+                warn!(secret = %settings.secret_name, namespace = %settings.namespace, "{failure}");
+                let (withdraw, next) = after_failure(&failure, retry);
+                if withdraw {
+                    tx.send_if_modified(|current| current.take().is_some());
+                }
+                retry = next;
                 retry
             }
         };
@@ -114,5 +152,38 @@ pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<
             () = tokio::time::sleep(wait) => {}
             _ = changes.next() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An API server that cannot be asked (an outage, throttling) never withdraws the CA in use,
+    /// and it is asked again within seconds; an unusable CA is withdrawn and read again less
+    /// often.
+    #[test]
+    fn only_an_unusable_ca_is_withdrawn_and_outages_retry_soon() {
+        let outage = Failure::Api("reading the CA Secret: connection refused".into());
+        let mut retry = Duration::from_secs(1);
+        for _ in 0..20 {
+            let (withdraw, next) = after_failure(&outage, retry);
+            assert!(!withdraw, "an outage withdrew the CA");
+            assert!(next > Duration::ZERO && next <= API_RETRY_MAX, "{next:?}");
+            retry = next;
+        }
+        assert_eq!(retry, API_RETRY_MAX);
+        let unusable = Failure::Unusable("tls.key does not match tls.crt".into());
+        let (withdraw, next) = after_failure(&unusable, Duration::from_secs(1));
+        assert!(withdraw);
+        assert_eq!(next, Duration::from_secs(2));
+        assert_eq!(
+            after_failure(&unusable, Duration::from_secs(50)).1,
+            UNUSABLE_RETRY_MAX
+        );
+        assert_eq!(
+            outage.to_string(),
+            "reading the CA Secret: connection refused"
+        );
     }
 }
