@@ -802,7 +802,8 @@ impl OperatorProcess {
             "--helper-image".into(),
             HELPER_IMAGE.into(),
             "--log-level".into(),
-            "info,kube_runtime::watcher=debug".into(),
+            std::env::var("MOAT_FAULTS_LOG")
+                .unwrap_or_else(|_| "info,kube_runtime::watcher=debug".into()),
         ];
         let current_pid = Arc::new(AtomicU64::new(0));
         let peak = Arc::new(AtomicU64::new(0));
@@ -951,6 +952,9 @@ pub fn report(line: &str) -> Result<()> {
     println!("fault report: {line}");
     if let Ok(path) = std::env::var("MOAT_FAULTS_REPORT") {
         use std::io::Write;
+        if let Some(dir) = std::path::Path::new(&path).parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {dir:?}"))?;
+        }
         let mut f = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
