@@ -10,7 +10,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use super::{
     Ctx, RUN_AS_ID, RenderError, Resolved, SERVER_EPHEMERAL_LIMIT, SERVER_EPHEMERAL_REQUEST,
     SERVING_PORT_NAME, TLS_HASH_ANNOTATION, TLS_MOUNT_PATH, TMP_SIZE_LIMIT,
-    container_security_context, gate, model, tls_secret, typed,
+    container_security_context, gate, model, scanners, tls_secret, typed,
 };
 
 /// Name of the model server's port when the gate is in front of it.
@@ -118,6 +118,7 @@ pub(crate) fn render(
         ),
     );
     container.insert("securityContext".into(), container_security_context());
+    let exceptions = scanner_exceptions(ctx, &container);
     let model = ctx
         .smd
         .spec
@@ -214,10 +215,12 @@ pub(crate) fn render(
         pod_spec["imagePullSecrets"] = json!(ctx.smd.spec.image_pull_secrets);
     }
 
+    let mut meta = ctx.meta(ctx.name.clone());
+    meta.annotations = Some(scanners::annotations(&exceptions)).filter(|a| !a.is_empty());
     typed(
         "Deployment",
         json!({
-            "metadata": ctx.meta(ctx.name.clone()),
+            "metadata": meta,
             "spec": {
                 "replicas": ctx.smd.spec.replicas,
                 "revisionHistoryLimit": 5,
@@ -234,6 +237,44 @@ pub(crate) fn render(
             },
         }),
     )
+}
+
+/// The scanners' checks the Deployment does not follow ([`scanners`]): always the pull policy
+/// (every image is pinned by digest) and pod anti-affinity (topology spread instead); the
+/// replica count, identical probes and Secrets in variables when the spec asks for them.
+fn scanner_exceptions(
+    ctx: &Ctx,
+    server: &serde_json::Map<String, Value>,
+) -> Vec<scanners::Exception> {
+    let spec = &ctx.smd.spec;
+    let mut out = vec![scanners::IMAGE_PULL_POLICY, scanners::HOST_ANTI_AFFINITY];
+    if spec.replicas < 2 {
+        out.push(scanners::FEW_REPLICAS);
+    }
+    if let (Some(readiness), Some(liveness)) =
+        (server.get("readinessProbe"), server.get("livenessProbe"))
+        && same_check(readiness, liveness)
+    {
+        out.push(scanners::IDENTICAL_PROBES);
+    }
+    if spec.server.env.iter().any(|v| {
+        v.value_from
+            .as_ref()
+            .is_some_and(|f| f.secret_key_ref.is_some())
+    }) {
+        out.push(scanners::SECRET_ENV);
+    }
+    out
+}
+
+/// Whether two rendered probes check the same thing, as kube-score compares them: a GET of the
+/// same path on the same port, or a connection to the same port (timings aside).
+fn same_check(a: &Value, b: &Value) -> bool {
+    match (a.get("httpGet"), b.get("httpGet")) {
+        (Some(x), Some(y)) => x.get("path") == y.get("path") && x.get("port") == y.get("port"),
+        (None, None) => a.get("tcpSocket").is_some() && a.get("tcpSocket") == b.get("tcpSocket"),
+        _ => false,
+    }
 }
 
 /// The server's ephemeral-storage request and limit: the spec's, else the defaults; a request

@@ -8,6 +8,7 @@ pub mod gate;
 pub mod model;
 mod network_policy;
 mod pdb;
+pub mod scanners;
 mod service;
 mod service_account;
 mod tls_secret;
