@@ -55,7 +55,7 @@ lint: deps ## cargo fmt --check and clippy with warnings denied.
 ##@ Testing
 
 .PHONY: test
-test: deps lint test-unit test-rules test-fuzz test-e2e ## Run every test: lint, unit, integration, the chart's alerts and dashboard (promtool), a fuzzing smoke pass and e2e (starts the local control plane).
+test: deps lint test-unit test-rules test-scan test-fuzz test-e2e ## Run every test: lint, unit, integration, the chart's alerts and dashboard (promtool), the manifest scanners, a fuzzing smoke pass and e2e (starts the local control plane).
 
 .PHONY: test-unit
 test-unit: deps ## Unit and integration tests (no cluster needed).
@@ -65,6 +65,10 @@ test-unit: deps ## Unit and integration tests (no cluster needed).
 test-rules: deps ## The chart's alerts and dashboard with the pinned promtool (built on first use): check rules, a unit test per alert, every dashboard expression parses. No cluster.
 	@bash e2e/prometheus.sh build
 	@prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env" && bash charts/moat/tests/rules.sh
+
+.PHONY: test-scan
+test-scan: deps ## checkov and kube-score (pinned, built on first use) over `moat render` of every example and fixture and `helm template` of the chart; any finding fails. No cluster; docs/scanners.md.
+	@bash e2e/scan.sh run
 
 .PHONY: test-fuzz
 test-fuzz: deps ## A smoke pass of every fuzz target, FUZZ_SMOKE_SECONDS each (default 15), built unoptimised (nightly and cargo-fuzz, installed if missing).
