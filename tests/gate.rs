@@ -691,19 +691,90 @@ async fn every_other_caller_is_refused_with_its_reason() {
         "a refused request reached the model"
     );
     let metrics = gate.metrics().await;
-    // Refusals are counted by the caller's identity: the verified one, or `unverified` for a
-    // caller without a certificate Moat's CA issued and still valid.
+    // Refusals are counted by the caller's label: `unconsented` for a verified identity the
+    // policy does not list (its SPIFFE ID is in the audit line only), `unverified` for a caller
+    // without a certificate Moat's CA issued and still valid.
     assert!(
-        metrics.contains(&format!(
-            "moat_gate_refusals_total{{identity=\"{}\",reason=\"NotConsented\"}} 1",
-            spiffe("payments", "billing")
-        )),
+        metrics.contains(
+            "moat_gate_refusals_total{identity=\"unconsented\",reason=\"NotConsented\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains(&spiffe("payments", "billing")),
         "{metrics}"
     );
     assert!(
         metrics.contains(
             "moat_gate_refusals_total{identity=\"unverified\",reason=\"NoCertificate\"} 1"
         ),
+        "{metrics}"
+    );
+}
+
+/// The `identity` label of the gate's metrics is bounded by the policy: any number of verified
+/// identities the policy does not list share the label `unconsented` (each is in its audit
+/// line), and a caller consented to while its connection is open is counted under its own
+/// identity from its next request on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metric_identities_are_the_policys_and_unconsented_callers_share_one_label() {
+    let alice = spiffe("payments", "checkout");
+    let (pki, _model, gate) = setup(&policy(&[&alice])).await;
+    let strangers = ["probe-1", "probe-2", "probe-3"];
+    for sa in strangers {
+        let answer = once(
+            &gate,
+            Some(&pki.client("payments", sa)),
+            req("GET", "/v1/models", ""),
+        )
+        .await;
+        assert_eq!(answer.status, 403);
+        let line = gate.audit_line(&answer.request_id).await;
+        assert_eq!(line["identity"], spiffe("payments", sa).as_str());
+    }
+    // carol connects before she is consented, and keeps the connection open.
+    let carol = spiffe("payments", "carol");
+    let tls = gate.connector(Some(&pki.client("payments", "carol")), &[b"http/1.1"]);
+    let (mut send, _, _task) = h1(gate.port, &tls).await;
+    let refused = call(&mut send, req("GET", "/v1/models", "")).await;
+    assert_eq!(refused.status, 403);
+    gate.audit_line(&refused.request_id).await;
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(
+            "moat_gate_refusals_total{identity=\"unconsented\",reason=\"NotConsented\"} 4"
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("moat_gate_requests_total{identity=\"unconsented\",code=\"403\"} 4"),
+        "{metrics}"
+    );
+    for sa in strangers.iter().chain(&["carol"]) {
+        assert!(!metrics.contains(&spiffe("payments", sa)), "{metrics}");
+    }
+    // Consented: the same connection is served, and counted as carol.
+    gate.write_policy(&policy(&[&alice, &carol]));
+    let served = tokio::time::timeout(FAILURE, async {
+        loop {
+            let answer = call(&mut send, req("GET", "/v1/models", "")).await;
+            if answer.status == 200 {
+                return answer;
+            }
+        }
+    })
+    .await
+    .expect("carol was never served on her open connection");
+    gate.audit_line(&served.request_id).await;
+    let metrics = gate.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "moat_gate_requests_total{{identity=\"{carol}\",code=\"200\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        !metrics.contains("moat_gate_requests_total{identity=\"unconsented\",code=\"200\"}"),
         "{metrics}"
     );
 }

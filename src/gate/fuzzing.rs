@@ -75,6 +75,8 @@ impl Harness {
             reload_interval: Duration::from_secs(3600),
         };
         let metrics = Arc::new(GateMetrics::default());
+        let label =
+            crate::gate::policy::metric_identity(Some(&policy), peer.identity()).to_string();
         let (policy_tx, _) = watch::channel(Some(Arc::new(policy)));
         let shared = Arc::new(Shared {
             upstream: proxy::Upstream::new(upstream, UpstreamProtocol::Http1),
@@ -89,7 +91,7 @@ impl Harness {
         });
         Ok(Self {
             shared,
-            state: Arc::new(proxy::ConnState::new(&metrics, peer.identity())),
+            state: Arc::new(proxy::ConnState::new(&metrics, &label)),
             peer: Arc::new(peer),
         })
     }

@@ -10,7 +10,8 @@ use prometheus_client::{
 /// Labels of request counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    /// The caller's SPIFFE ID when its certificate was verified, else `unverified`.
+    /// The caller's SPIFFE ID when the policy lists it, else `unconsented` (another verified
+    /// identity) or `unverified` ([`super::policy::metric_identity`]).
     pub identity: String,
     /// The HTTP status the gate answered with.
     pub code: u16,
@@ -19,14 +20,16 @@ pub struct RequestLabels {
 /// Labels of per-identity series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
-    /// The caller's SPIFFE ID when its certificate was verified, else `unverified`.
+    /// The caller's SPIFFE ID when the policy lists it, else `unconsented` (another verified
+    /// identity) or `unverified` ([`super::policy::metric_identity`]).
     pub identity: String,
 }
 
 /// Labels of byte counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BytesLabels {
-    /// The caller's SPIFFE ID when its certificate was verified, else `unverified`.
+    /// The caller's SPIFFE ID when the policy lists it, else `unconsented` (another verified
+    /// identity) or `unverified` ([`super::policy::metric_identity`]).
     pub identity: String,
     /// `in` (request bodies) or `out` (response bodies).
     pub direction: &'static str,
@@ -35,7 +38,8 @@ pub struct BytesLabels {
 /// Labels of refusal counts.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RefusalLabels {
-    /// The caller's SPIFFE ID when its certificate was verified, else `unverified`.
+    /// The caller's SPIFFE ID when the policy lists it, else `unconsented` (another verified
+    /// identity) or `unverified` ([`super::policy::metric_identity`]).
     pub identity: String,
     /// [`super::policy::Reason::as_str`].
     pub reason: &'static str,

@@ -228,6 +228,26 @@ impl Peer {
     }
 }
 
+/// The `identity` label of the metrics of a caller without a verified `spiffe://` identity.
+pub const UNVERIFIED: &str = "unverified";
+
+/// The `identity` label of the metrics of a caller with a verified identity that `policy` does
+/// not list (or before the gate has a policy).
+pub const UNCONSENTED: &str = "unconsented";
+
+/// The `identity` label of a caller's metric series: its SPIFFE ID when `policy` lists it,
+/// [`UNCONSENTED`] for any other verified identity, [`UNVERIFIED`] without one. The label's
+/// values are thus the policy's identities and two more, whatever certificates callers present
+/// (a CA you brought may vouch for any number of `spiffe://` names); the audit log keeps each
+/// refused caller's identity.
+pub fn metric_identity<'a>(policy: Option<&Policy>, identity: Option<&'a str>) -> &'a str {
+    match identity {
+        None => UNVERIFIED,
+        Some(id) if policy.is_some_and(|p| p.identities.contains(id)) => id,
+        Some(_) => UNCONSENTED,
+    }
+}
+
 /// Whether `peer` may call the model under `policy`: a verified identity the policy lists, and
 /// no quarantine. Default deny.
 pub fn authorize<'a>(policy: &Policy, peer: &'a Peer) -> Result<&'a str, Refusal> {
@@ -459,6 +479,23 @@ mod tests {
         Peer::Verified {
             identity: Some(id.into()),
         }
+    }
+
+    /// Metric labels are bounded by the policy: any identity it does not list is `unconsented`.
+    #[test]
+    fn a_metric_identity_is_a_listed_one_or_one_of_two_fixed_labels() {
+        let alice = "spiffe://cluster.local/ns/payments/sa/checkout";
+        let p = policy(&[alice]);
+        assert_eq!(metric_identity(Some(&p), Some(alice)), alice);
+        for stranger in [
+            "spiffe://cluster.local/ns/payments/sa/other",
+            "spiffe://any.trust.domain/whatever/a-CA-you-brought-vouches-for",
+        ] {
+            assert_eq!(metric_identity(Some(&p), Some(stranger)), UNCONSENTED);
+        }
+        // Before a policy is read, nobody is consented to.
+        assert_eq!(metric_identity(None, Some(alice)), UNCONSENTED);
+        assert_eq!(metric_identity(Some(&p), None), UNVERIFIED);
     }
 
     /// Default deny: only a verified, listed identity passes; each other peer gets its reason.

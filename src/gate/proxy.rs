@@ -169,14 +169,15 @@ impl Drop for InFlight {
 }
 
 /// One connection's requests in flight and when it was last active, for the idle timeout; and
-/// its caller's metric series, looked up once per connection rather than once per request.
+/// its caller's metric series, looked up once per connection (and again when a new policy
+/// changes the caller's label) rather than once per request.
 pub(crate) struct ConnState {
     pub(crate) in_flight: AtomicU32,
     last_active: Mutex<Instant>,
-    series: Series,
+    series: arc_swap::ArcSwap<Series>,
 }
 
-/// The series of one caller (its identity, or `unverified`).
+/// The series of one caller, labelled by [`policy::metric_identity`].
 struct Series {
     identity: String,
     duration: Histogram,
@@ -185,8 +186,8 @@ struct Series {
 }
 
 impl Series {
-    fn of(metrics: &GateMetrics, identity: Option<&str>) -> Self {
-        let identity = identity.unwrap_or("unverified").to_string();
+    fn of(metrics: &GateMetrics, identity: &str) -> Self {
+        let identity = identity.to_string();
         let bytes = |direction| {
             metrics
                 .bytes
@@ -211,12 +212,21 @@ impl Series {
 }
 
 impl ConnState {
-    /// A new connection of the caller `identity` (`None`: unverified).
-    pub(crate) fn new(metrics: &GateMetrics, identity: Option<&str>) -> Self {
+    /// A new connection whose caller's series are labelled `identity`
+    /// ([`policy::metric_identity`]).
+    pub(crate) fn new(metrics: &GateMetrics, identity: &str) -> Self {
         Self {
             in_flight: AtomicU32::new(0),
             last_active: Mutex::new(Instant::now()),
-            series: Series::of(metrics, identity),
+            series: arc_swap::ArcSwap::from_pointee(Series::of(metrics, identity)),
+        }
+    }
+
+    /// Labels the connection's next requests `identity`, when a new policy changed the caller's
+    /// label (a caller consented to while connected stops counting as `unconsented`).
+    pub(crate) fn relabel(&self, metrics: &GateMetrics, identity: &str) {
+        if self.series.load().identity != identity {
+            self.series.store(Arc::new(Series::of(metrics, identity)));
         }
     }
 
@@ -269,7 +279,8 @@ pub(crate) async fn connection(
     drop(tls);
     shared.metrics.connections.inc();
     let _open = scopeguard(shared.clone());
-    let state = Arc::new(ConnState::new(&shared.metrics, peer.identity()));
+    let label = policy::metric_identity(shared.policy.borrow().as_deref(), peer.identity());
+    let state = Arc::new(ConnState::new(&shared.metrics, label));
     let peer = Arc::new(peer);
     let service = {
         let shared = shared.clone();
@@ -309,6 +320,10 @@ pub(crate) async fn connection(
                         return;
                     }
                     allowed = now_allowed;
+                    state.relabel(
+                        &shared.metrics,
+                        policy::metric_identity(Some(&p), identity.as_deref()),
+                    );
                 }
             }
             () = shutdown.cancelled(), if !draining => {
@@ -387,7 +402,7 @@ impl Drop for Finish {
         let elapsed = self.started.elapsed();
         record.duration_ms = (elapsed.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         let m = &self.shared.metrics;
-        let series = &self.conn.series;
+        let series = self.conn.series.load();
         m.requests
             .get_or_create(&RequestLabels {
                 identity: series.identity.clone(),
