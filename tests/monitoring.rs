@@ -75,7 +75,7 @@ fn exported() -> BTreeSet<String> {
             renewal: 20,
         }],
     );
-    m.set_ca_expiry("moat-system", "moat-ca", Some(3600));
+    m.set_ca("moat-system", "moat-ca", Some(true), Some(3600));
     m.set_model_conditions(
         "*",
         vec![(

@@ -4,7 +4,9 @@
 //!
 //! [`plan`] (in `core::ca`) is pure: it decides from the stored Secret and the time what the CA
 //! is and whether the Secret must be written. [`run`] is the shell: it reads and writes the Secret, watches it, and
-//! publishes the usable CA to the reconcilers through a `watch` channel. Only the leader runs it.
+//! publishes the usable CA to the reconcilers through a `watch` channel, and what it knows of
+//! the CA ([`CaHealth`]: usable or not, and the stored certificate's expiry either way) to the
+//! census through another. Only the leader runs it.
 
 use std::{sync::Arc, time::Duration};
 
@@ -18,7 +20,10 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-pub use crate::core::ca::{CaPlan, CaSettings, CaState, StoredCa, plan, secret_of, stored_of};
+pub use crate::core::ca::{
+    CaHealth, CaPlan, CaSettings, CaState, StoredCa, certificate_not_after, plan, secret_of,
+    stored_of,
+};
 
 fn unix_now() -> i64 {
     super::context::now().as_second()
@@ -57,14 +62,21 @@ fn after_failure(failure: &Failure, retry: Duration) -> (bool, Duration) {
     }
 }
 
-/// Reads the Secret, plans, and writes until the plan is to use a CA.
-async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState>, Failure> {
+/// Reads the Secret, plans, and writes until the plan is to use a CA. Each read of the Secret
+/// sets `not_after` to the expiry of the certificate it holds (`None`: no Secret, or no
+/// certificate that parses); a failed read leaves it as it was.
+async fn step(
+    api: &Api<Secret>,
+    settings: &CaSettings,
+    not_after: &mut Option<i64>,
+) -> Result<CaState, Failure> {
     for _ in 0..5 {
         let secret = api
             .get_opt(&settings.secret_name)
             .await
             .map_err(|e| Failure::Api(format!("reading the CA Secret: {e}")))?;
         let stored = secret.as_ref().map(stored_of);
+        *not_after = stored.as_ref().and_then(certificate_not_after);
         let now = unix_now();
         match plan(
             stored.as_ref(),
@@ -74,7 +86,7 @@ async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState
         )
         .map_err(|e| Failure::Unusable(e.to_string()))?
         {
-            CaPlan::Use(state) => return Ok(Some(*state)),
+            CaPlan::Use(state) => return Ok(*state),
             CaPlan::Unusable(why) => return Err(Failure::Unusable(why)),
             CaPlan::Write { stored, reason } => {
                 let rv = secret.and_then(|s| s.metadata.resource_version);
@@ -105,8 +117,16 @@ async fn step(api: &Api<Secret>, settings: &CaSettings) -> Result<Option<CaState
 }
 
 /// Keeps the CA usable and published on `tx` until dropped: creates or rotates it when due, and
-/// reloads it whenever the Secret changes.
-pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<Arc<CaState>>>) {
+/// reloads it whenever the Secret changes. After each attempt, `health` says whether a CA is in
+/// use and when the certificate in the Secret expires, which stays known while the CA cannot be
+/// used (a rotation that cannot be written, an expired CA you brought) and, through a failed
+/// read of the Secret, as last read.
+pub async fn run(
+    client: Client,
+    settings: CaSettings,
+    tx: watch::Sender<Option<Arc<CaState>>>,
+    health: watch::Sender<Option<CaHealth>>,
+) {
     let api: Api<Secret> = Api::namespaced(client, &settings.namespace);
     let config =
         watcher::Config::default().fields(&format!("metadata.name={}", settings.secret_name));
@@ -115,9 +135,10 @@ pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<
         .touched_objects()
         .boxed();
     let mut retry = Duration::from_secs(1);
+    let mut not_after = None;
     loop {
-        let wait = match step(&api, &settings).await {
-            Ok(Some(state)) => {
+        let wait = match step(&api, &settings, &mut not_after).await {
+            Ok(state) => {
                 retry = Duration::from_secs(1);
                 let wait = Duration::from_secs(
                     u64::try_from(state.next_check - unix_now())
@@ -137,7 +158,6 @@ pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<
                 });
                 wait.min(Duration::from_secs(3600))
             }
-            Ok(None) => retry,
             Err(failure) => {
                 warn!(secret = %settings.secret_name, namespace = %settings.namespace, "{failure}");
                 let (withdraw, next) = after_failure(&failure, retry);
@@ -148,6 +168,11 @@ pub async fn run(client: Client, settings: CaSettings, tx: watch::Sender<Option<
                 retry
             }
         };
+        // Usable while a CA is in use: an API server that could not be asked keeps it in use.
+        health.send_replace(Some(CaHealth {
+            usable: tx.borrow().is_some(),
+            not_after,
+        }));
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             _ = changes.next() => {}

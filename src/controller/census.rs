@@ -1,25 +1,35 @@
 //! `moat_managed_objects`, `moat_certificate_expiry_seconds`, `moat_certificate_renewal_seconds`,
-//! `moat_model_condition` and `moat_ca_expiry_seconds`, recounted from the caches of one watch
-//! scope (and from the CA in use).
+//! `moat_model_condition`, `moat_ca_expiry_seconds` and `moat_ca_usable`, recounted from the
+//! caches of one watch scope (and from what the CA's keeper found).
 
 use std::{sync::Arc, time::Duration};
 
 use kube::{ResourceExt, runtime::reflector::Store};
 
-use super::{Caches, ca::CaState, certs, guard::Guarded};
+use super::{Caches, ca::CaHealth, certs, guard::Guarded};
 use crate::{
     api::SecureModelDeployment,
     telemetry::metrics::{CertificateTimes, ConditionLabels, Metrics},
 };
 
-/// Where the CA is kept (the operator's namespace and the Secret's name), and the CA in use.
+/// Where the CA is kept (the operator's namespace and the Secret's name), and what the CA's
+/// keeper ([`super::ca::run`]) last found.
 pub(super) struct CaSource {
     /// Namespace of the CA Secret.
     pub namespace: String,
     /// Name of the CA Secret.
     pub secret: String,
-    /// The CA in use, as the reconcilers see it.
-    pub state: tokio::sync::watch::Receiver<Option<Arc<CaState>>>,
+    /// Whether a CA is usable and when the stored one expires; `None` until first looked at.
+    pub health: tokio::sync::watch::Receiver<Option<CaHealth>>,
+}
+
+/// The CA gauges at `now`: whether a CA is usable (`None`: not looked at yet) and the seconds
+/// until the stored CA certificate expires, known whether or not it is usable.
+fn ca_gauges(health: Option<CaHealth>, now: i64) -> (Option<bool>, Option<i64>) {
+    (
+        health.map(|h| h.usable),
+        health.and_then(|h| h.not_after).map(|t| t - now),
+    )
 }
 
 /// The condition gauges of the SecureModelDeployments in `smds`: each condition whose status is
@@ -53,7 +63,7 @@ const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 /// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold (the
 /// SecureModelDeployments and the children labelled as Moat's), the certificate gauges to the
 /// Secrets there, `moat_model_condition` to the models' conditions, and `moat_ca_expiry_seconds`
-/// to the CA in use. Runs until dropped.
+/// and `moat_ca_usable` to the CA. Runs until dropped.
 pub(super) async fn count_managed(
     smds: Store<Guarded<SecureModelDeployment>>,
     caches: Caches,
@@ -87,12 +97,8 @@ pub(super) async fn count_managed(
         );
         metrics.set_model_conditions(&scope, conditions(&smds.state()));
         let now = super::context::now().as_second();
-        let ca_expiry = ca
-            .state
-            .borrow()
-            .as_ref()
-            .map(|state| state.ca.info.not_after - now);
-        metrics.set_ca_expiry(&ca.namespace, &ca.secret, ca_expiry);
+        let (ca_usable, ca_expiry) = ca_gauges(*ca.health.borrow(), now);
+        metrics.set_ca(&ca.namespace, &ca.secret, ca_usable, ca_expiry);
         let expiries: Vec<CertificateTimes> = caches
             .secrets
             .state()
@@ -121,6 +127,24 @@ mod tests {
 
     use super::*;
     use crate::api::conditions::{self, reason};
+
+    #[test]
+    fn the_ca_expiry_is_reported_while_the_ca_is_unusable() {
+        let rotation_failing = CaHealth {
+            usable: false,
+            not_after: Some(1_000 + 86_400),
+        };
+        assert_eq!(
+            ca_gauges(Some(rotation_failing), 1_000),
+            (Some(false), Some(86_400))
+        );
+        let unreadable = CaHealth {
+            usable: false,
+            not_after: None,
+        };
+        assert_eq!(ca_gauges(Some(unreadable), 1_000), (Some(false), None));
+        assert_eq!(ca_gauges(None, 1_000), (None, None));
+    }
 
     #[test]
     fn each_true_or_false_condition_of_each_model_is_a_gauge_with_its_reason() {

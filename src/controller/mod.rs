@@ -122,8 +122,9 @@ where
 /// before the first reconcile.
 pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     let (ca_tx, ca_rx) = watch::channel(None);
+    let (health_tx, ca_health) = watch::channel(None);
     let (smd_changes, _) = tokio::sync::broadcast::channel(1024);
-    let authority = ca::run(client.clone(), settings.ca.clone(), ca_tx);
+    let authority = ca::run(client.clone(), settings.ca.clone(), ca_tx, health_tx);
     metrics.set_synced(false);
     let controllers = async move {
         let mut scopes: Vec<Option<String>> =
@@ -181,7 +182,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
                     },
                     settings.clone(),
                     metrics.clone(),
-                    ca_rx.clone(),
+                    Authority {
+                        state: ca_rx.clone(),
+                        health: ca_health.clone(),
+                    },
                     smd_changes.clone(),
                     unsynced.clone(),
                 )
@@ -243,12 +247,19 @@ struct Scope {
     client_changes: tokio::sync::broadcast::Sender<(String, String)>,
 }
 
+/// What [`ca::run`] publishes: the CA in use (for the reconcilers) and what it found of the CA
+/// (for the census).
+struct Authority {
+    state: watch::Receiver<Option<Arc<ca::CaState>>>,
+    health: watch::Receiver<Option<ca::CaHealth>>,
+}
+
 async fn run_one(
     client: Client,
     scope: Scope,
     settings: Settings,
     metrics: Arc<Metrics>,
-    ca_rx: watch::Receiver<Option<Arc<ca::CaState>>>,
+    authority: Authority,
     smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     unsynced: Arc<std::sync::atomic::AtomicUsize>,
 ) {
@@ -264,6 +275,10 @@ async fn run_one(
         mc_synced_tx,
         client_changes,
     } = scope;
+    let Authority {
+        state: ca_rx,
+        health: ca_health,
+    } = authority;
     let smds: Api<Guarded<SecureModelDeployment>> = api(&client, ns.as_deref());
     let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
     let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
@@ -337,7 +352,7 @@ async fn run_one(
         census::CaSource {
             namespace: ctx.settings.ca.namespace.clone(),
             secret: ctx.settings.ca.secret_name.clone(),
-            state: ca_rx.clone(),
+            health: ca_health,
         },
     );
     // The owned streams are polled by the controller; reconciles wait until the caches are full.

@@ -65,6 +65,27 @@ pub struct StoredCa {
     pub managed: bool,
 }
 
+/// What the operator knows of its CA, for the metrics: whether a CA is in use, and when the
+/// certificate in the CA Secret expires, usable or not (an expired CA you brought, a CA whose
+/// rotation cannot be written), so its expiry stays visible exactly when it matters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaHealth {
+    /// A CA is in use: certificates can be issued.
+    pub usable: bool,
+    /// `notAfter` (unix seconds) of the certificate in the Secret's `tls.crt` when the Secret
+    /// was last read; `None` if it was never read, or holds no certificate that parses.
+    pub not_after: Option<i64>,
+}
+
+/// `notAfter` (unix seconds) of the first certificate in `stored`'s `tls.crt`, whether or not
+/// the CA can be used (expired, not yet valid, a key that does not match, due for rotation).
+pub fn certificate_not_after(stored: &StoredCa) -> Option<i64> {
+    pki::pem_certificates(&stored.active.cert_pem)
+        .first()
+        .and_then(|der| pki::info(der))
+        .map(|info| info.not_after)
+}
+
 /// What [`plan`] decided.
 #[derive(Debug)]
 pub enum CaPlan {
@@ -313,6 +334,42 @@ mod tests {
             CaPlan::Unusable(why) => assert!(why.contains("user-supplied"), "{why}"),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_expiry_of_the_stored_certificate_is_known_when_the_ca_cannot_be_used() {
+        let first = written(plan(None, NOW, YEAR, "td").expect("plan"));
+        let not_after = pki::info(&pki::pem_certificates(&first.active.cert_pem)[0])
+            .expect("info")
+            .not_after;
+        assert_eq!(certificate_not_after(&first), Some(not_after));
+        // Due for rotation: the plan is to write a new CA; until that write succeeds, the
+        // Secret still holds the old one, whose expiry is what the alert must see.
+        let due = used(plan(Some(&first), NOW, YEAR, "td").expect("plan"))
+            .ca
+            .info
+            .renew_at();
+        assert!(matches!(
+            plan(Some(&first), due, YEAR, "td").expect("plan"),
+            CaPlan::Write { .. }
+        ));
+        assert_eq!(certificate_not_after(&first), Some(not_after));
+        // A CA you brought that has expired, or whose key is wrong: unusable, expiry known.
+        let mut user = first.clone();
+        user.managed = false;
+        assert!(matches!(
+            plan(Some(&user), not_after + 1, YEAR, "td").expect("plan"),
+            CaPlan::Unusable(_)
+        ));
+        user.active.key_pem = "garbage".into();
+        assert!(matches!(
+            plan(Some(&user), NOW, YEAR, "td").expect("plan"),
+            CaPlan::Unusable(_)
+        ));
+        assert_eq!(certificate_not_after(&user), Some(not_after));
+        // Nothing that parses: unknown.
+        user.active.cert_pem = "garbage".into();
+        assert_eq!(certificate_not_after(&user), None);
     }
 
     #[test]

@@ -174,8 +174,10 @@ pub struct Metrics {
     certificate_expiry: ScopedGauges<SecretLabels>,
     /// Certificates renewed on schedule have a positive `certificate_renewal`.
     certificate_renewal: ScopedGauges<SecretLabels>,
-    /// The active CA's time to expiry (one series, from every scope alike).
+    /// The CA's time to expiry, usable or not (one series, from every scope alike).
     ca_expiry: ScopedGauges<SecretLabels>,
+    /// 1 while a CA is usable, 0 while not (one series).
+    ca_usable: ScopedGauges<SecretLabels>,
     /// 1 for each condition of each SecureModelDeployment that is True, 0 when False.
     model_conditions: ScopedGauges<ConditionLabels>,
     image_resolutions: Family<OutcomeLabels, Counter>,
@@ -265,8 +267,14 @@ impl Default for Metrics {
         let ca_expiry = Family::<SecretLabels, Gauge>::default();
         registry.register(
             "ca_expiry_seconds",
-            "Seconds until the active CA certificate (in its Secret) expires",
+            "Seconds until the CA certificate in its Secret expires, whether or not the CA is usable (negative once expired)",
             ca_expiry.clone(),
+        );
+        let ca_usable = Family::<SecretLabels, Gauge>::default();
+        registry.register(
+            "ca_usable",
+            "1 while Moat has a usable CA to issue certificates with, 0 while it has none (the Secret unreadable, a creation or rotation that cannot be written, an unusable CA you brought)",
+            ca_usable.clone(),
         );
         let model_conditions = Family::<ConditionLabels, Gauge>::default();
         registry.register(
@@ -290,6 +298,7 @@ impl Default for Metrics {
             certificate_expiry: ScopedGauges::new(certificate_expiry),
             certificate_renewal: ScopedGauges::new(certificate_renewal),
             ca_expiry: ScopedGauges::new(ca_expiry),
+            ca_usable: ScopedGauges::new(ca_usable),
             model_conditions: ScopedGauges::new(model_conditions),
             errors,
             duration,
@@ -392,6 +401,7 @@ impl Metrics {
         self.certificate_expiry.clear();
         self.certificate_renewal.clear();
         self.ca_expiry.clear();
+        self.ca_usable.clear();
         self.model_conditions.clear();
     }
 
@@ -453,15 +463,26 @@ impl Metrics {
         })
     }
 
-    /// Records the active CA, stored in `namespace/secret`, and its seconds to expiry (`None`:
-    /// no CA is usable, and the gauge is removed).
-    pub fn set_ca_expiry(&self, namespace: &str, secret: &str, seconds: Option<i64>) {
+    /// Records the CA stored in `namespace/secret`: whether one is usable (`None`: not looked
+    /// at yet, no `moat_ca_usable` series), and the seconds until the certificate in the Secret
+    /// expires, whenever it is known, usable or not: a CA whose rotation fails keeps its expiry
+    /// (`None`: unknown, no `moat_ca_expiry_seconds` series).
+    pub fn set_ca(
+        &self,
+        namespace: &str,
+        secret: &str,
+        usable: Option<bool>,
+        expiry_seconds: Option<i64>,
+    ) {
         let label = SecretLabels {
             namespace: namespace.into(),
             secret: secret.into(),
         };
         // One series whichever scope reports it: the CA is the same for all.
-        self.ca_expiry.replace("*", seconds.map(|s| (label, s)));
+        self.ca_expiry
+            .replace("*", expiry_seconds.map(|s| (label.clone(), s)));
+        self.ca_usable
+            .replace("*", usable.map(|u| (label, i64::from(u))));
     }
 
     /// Replaces the condition gauges of one watch scope: for each SecureModelDeployment, each of
@@ -690,7 +711,7 @@ mod tests {
             "ml",
             vec![(condition("a", "Ready", "RolloutComplete"), true)],
         );
-        m.set_ca_expiry("moat-system", "moat-ca", Some(3600));
+        m.set_ca("moat-system", "moat-ca", Some(true), Some(3600));
         assert!(
             m.encode().expect("encode").contains(
                 "moat_ca_expiry_seconds{namespace=\"moat-system\",secret=\"moat-ca\"} 3600"
@@ -700,9 +721,37 @@ mod tests {
         let text = m.encode().expect("encode");
         assert!(!text.contains("moat-ca"), "{text}");
         assert!(!text.contains("RolloutComplete"), "{text}");
-        // No usable CA: no series either (a follower or a broken CA never reports 0 seconds).
-        m.set_ca_expiry("moat-system", "moat-ca", Some(60));
-        m.set_ca_expiry("moat-system", "moat-ca", None);
+    }
+
+    #[test]
+    fn the_ca_expiry_stays_while_the_ca_is_unusable_and_usability_is_a_gauge() {
+        let m = Metrics::default();
+        let expiry = "moat_ca_expiry_seconds{namespace=\"moat-system\",secret=\"moat-ca\"}";
+        let usable = "moat_ca_usable{namespace=\"moat-system\",secret=\"moat-ca\"}";
+        m.set_ca("moat-system", "moat-ca", Some(true), Some(3600));
+        let text = m.encode().expect("encode");
+        assert!(text.contains(&format!("{expiry} 3600")), "{text}");
+        assert!(text.contains(&format!("{usable} 1")), "{text}");
+        // A rotation that cannot be written: the CA is unusable, and the old certificate's
+        // expiry is what MoatCAExpiringSoon must see.
+        m.set_ca("moat-system", "moat-ca", Some(false), Some(60));
+        let text = m.encode().expect("encode");
+        assert!(text.contains(&format!("{expiry} 60")), "{text}");
+        assert!(text.contains(&format!("{usable} 0")), "{text}");
+        // Expired: negative.
+        m.set_ca("moat-system", "moat-ca", Some(false), Some(-5));
+        assert!(
+            m.encode()
+                .expect("encode")
+                .contains(&format!("{expiry} -5"))
+        );
+        // No certificate known: no expiry series (never a made-up 0), usable still reported.
+        m.set_ca("moat-system", "moat-ca", Some(false), None);
+        let text = m.encode().expect("encode");
+        assert!(!text.contains("moat_ca_expiry_seconds{"), "{text}");
+        assert!(text.contains(&format!("{usable} 0")), "{text}");
+        // Not looked at yet: nothing.
+        m.set_ca("moat-system", "moat-ca", None, None);
         assert!(!m.encode().expect("encode").contains("moat-ca"));
     }
 }
