@@ -1,15 +1,16 @@
 //! `moat_managed_objects`, `moat_certificate_expiry_seconds`, `moat_certificate_renewal_seconds`,
 //! `moat_model_condition`, `moat_ca_expiry_seconds` and `moat_ca_usable`, recounted from the
-//! caches of one watch scope (and from what the CA's keeper found).
+//! caches of one watch scope (and from what the CA's keeper found); and the
+//! `moat_drift_repairs_by_owner_total` series of owners no longer in those caches, removed.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use kube::{ResourceExt, runtime::reflector::Store};
+use kube::{Resource, ResourceExt, runtime::reflector::Store};
 
-use super::{Caches, ca::CaHealth, certs, guard::Guarded};
+use super::{Caches, ca::CaHealth, certs, clients::ClientStore, guard::Guarded, models::Synced};
 use crate::{
-    api::SecureModelDeployment,
-    telemetry::metrics::{CertificateTimes, ConditionLabels, Metrics},
+    api::{ModelClient, SecureModelDeployment},
+    telemetry::metrics::{CertificateTimes, ConditionLabels, Metrics, Owner},
 };
 
 /// Where the CA is kept (the operator's namespace and the Secret's name), and what the CA's
@@ -21,6 +22,51 @@ pub(super) struct CaSource {
     pub secret: String,
     /// Whether a CA is usable and when the stored one expires; `None` until first looked at.
     pub health: tokio::sync::watch::Receiver<Option<CaHealth>>,
+}
+
+/// The owners of drift repairs in one watch scope, beside its SecureModelDeployments: its
+/// ModelClients, and whether both caches have filled (an empty cache before that must not
+/// read as "every owner deleted").
+pub(super) struct OwnerCaches {
+    /// Set once the scope's SecureModelDeployment watch has listed everything.
+    pub smds_synced: Synced,
+    /// The scope's ModelClients.
+    pub clients: ClientStore,
+    /// Set once the ModelClient watch has listed everything.
+    pub clients_synced: Synced,
+}
+
+/// The SecureModelDeployments and ModelClients in the caches (malformed ones too: they exist).
+fn owners(
+    smds: &[Arc<Guarded<SecureModelDeployment>>],
+    clients: &[Arc<Guarded<ModelClient>>],
+) -> HashSet<Owner> {
+    fn of<K: Resource<DynamicType = ()>>(objects: &[Arc<Guarded<K>>]) -> Vec<Owner> {
+        objects
+            .iter()
+            .map(|o| Owner {
+                kind: K::kind(&()).into_owned(),
+                namespace: o.namespace().unwrap_or_default(),
+                name: o.name_any(),
+            })
+            .collect()
+    }
+    of(smds).into_iter().chain(of(clients)).collect()
+}
+
+/// Removes the drift-by-owner series of the SecureModelDeployments and ModelClients of
+/// `namespace`'s scope (`None`: all) that are no longer in its caches: they were deleted. Does
+/// nothing until both caches have filled.
+fn forget_deleted_owners(
+    metrics: &Metrics,
+    namespace: Option<&str>,
+    smds: &Store<Guarded<SecureModelDeployment>>,
+    caches: &OwnerCaches,
+) {
+    if !*caches.smds_synced.borrow() || !*caches.clients_synced.borrow() {
+        return;
+    }
+    metrics.retain_drift_owners(namespace, || owners(&smds.state(), &caches.clients.state()));
 }
 
 /// The CA gauges at `now`: whether a CA is usable (`None`: not looked at yet) and the seconds
@@ -60,17 +106,20 @@ fn conditions(smds: &[Arc<Guarded<SecureModelDeployment>>]) -> Vec<(ConditionLab
 /// How often the gauges are recounted from the caches.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Keeps `moat_managed_objects` equal to what the caches of one watch scope hold (the
-/// SecureModelDeployments and the children labelled as Moat's), the certificate gauges to the
-/// Secrets there, `moat_model_condition` to the models' conditions, and `moat_ca_expiry_seconds`
-/// and `moat_ca_usable` to the CA. Runs until dropped.
+/// Keeps `moat_managed_objects` equal to what the caches of one watch scope (`namespace`,
+/// `None` for all) hold (the SecureModelDeployments and the children labelled as Moat's), the
+/// certificate gauges to the Secrets there, `moat_model_condition` to the models' conditions,
+/// `moat_ca_expiry_seconds` and `moat_ca_usable` to the CA, and removes the drift-by-owner series
+/// of the scope's deleted owners. Runs until dropped.
 pub(super) async fn count_managed(
     smds: Store<Guarded<SecureModelDeployment>>,
     caches: Caches,
-    scope: String,
+    namespace: Option<String>,
     metrics: Arc<Metrics>,
     ca: CaSource,
+    owner_caches: OwnerCaches,
 ) {
+    let scope = namespace.clone().unwrap_or_else(|| "*".into());
     let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
     loop {
         metrics.set_managed(
@@ -96,6 +145,7 @@ pub(super) async fn count_managed(
             ]),
         );
         metrics.set_model_conditions(&scope, conditions(&smds.state()));
+        forget_deleted_owners(&metrics, namespace.as_deref(), &smds, &owner_caches);
         let now = super::context::now().as_second();
         let (ca_usable, ca_expiry) = ca_gauges(*ca.health.borrow(), now);
         metrics.set_ca(&ca.namespace, &ca.secret, ca_usable, ca_expiry);
@@ -124,9 +174,72 @@ pub(super) async fn count_managed(
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
+    use kube::runtime::{reflector, watcher};
 
     use super::*;
     use crate::api::conditions::{self, reason};
+
+    fn smd(name: &str) -> Guarded<SecureModelDeployment> {
+        Guarded::new(
+            crate::fixture::smd(name)
+                .namespace("ml")
+                .build()
+                .expect("smd"),
+        )
+    }
+
+    fn by_owner(m: &Metrics, owner: &str, name: &str) -> bool {
+        m.encode().expect("encode").contains(&format!(
+            "moat_drift_repairs_by_owner_total{{owner=\"{owner}\",namespace=\"ml\",name=\"{name}\""
+        ))
+    }
+
+    #[test]
+    fn a_deleted_model_loses_its_drift_series_once_the_caches_have_filled() {
+        let m = Metrics::default();
+        let (smds, mut smd_writer) = reflector::store();
+        let (clients, mut client_writer) = reflector::store::<Guarded<ModelClient>>();
+        let (smds_filled, smds_synced) = tokio::sync::watch::channel(false);
+        let (clients_filled, clients_synced) = tokio::sync::watch::channel(false);
+        let caches = OwnerCaches {
+            smds_synced,
+            clients,
+            clients_synced,
+        };
+        let client = Guarded::new(
+            crate::fixture::model_client("checkout", "ml", "fraud")
+                .namespace("ml")
+                .build()
+                .expect("model client"),
+        );
+        for name in ["fraud", "gone"] {
+            m.drift_repaired("SecureModelDeployment", "ml", name, "Deployment");
+        }
+        m.drift_repaired("ModelClient", "ml", "checkout", "Secret");
+        // Before the caches have filled, an empty cache says nothing: every series stays.
+        forget_deleted_owners(&m, Some("ml"), &smds, &caches);
+        assert!(by_owner(&m, "SecureModelDeployment", "gone"));
+        smd_writer.apply_watcher_event(&watcher::Event::Init);
+        smd_writer.apply_watcher_event(&watcher::Event::InitApply(smd("fraud")));
+        smd_writer.apply_watcher_event(&watcher::Event::InitApply(smd("gone")));
+        smd_writer.apply_watcher_event(&watcher::Event::InitDone);
+        client_writer.apply_watcher_event(&watcher::Event::Init);
+        client_writer.apply_watcher_event(&watcher::Event::InitApply(client));
+        client_writer.apply_watcher_event(&watcher::Event::InitDone);
+        smds_filled.send_replace(true);
+        forget_deleted_owners(&m, Some("ml"), &smds, &caches);
+        assert!(by_owner(&m, "SecureModelDeployment", "gone"));
+        // `gone` is deleted (its watch event removes it from the cache) before the
+        // ModelClients' cache has filled: still kept, then removed once it has.
+        smd_writer.apply_watcher_event(&watcher::Event::Delete(smd("gone")));
+        forget_deleted_owners(&m, Some("ml"), &smds, &caches);
+        assert!(by_owner(&m, "SecureModelDeployment", "gone"));
+        clients_filled.send_replace(true);
+        forget_deleted_owners(&m, Some("ml"), &smds, &caches);
+        assert!(!by_owner(&m, "SecureModelDeployment", "gone"));
+        assert!(by_owner(&m, "SecureModelDeployment", "fraud"));
+        assert!(by_owner(&m, "ModelClient", "checkout"));
+    }
 
     #[test]
     fn the_ca_expiry_is_reported_while_the_ca_is_unusable() {

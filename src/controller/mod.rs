@@ -165,7 +165,11 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
         );
         let (client_changes, _) = tokio::sync::broadcast::channel(1024);
         futures::future::join_all(reflectors.into_iter().map(
-            |(ns, (store, writer, synced_tx, synced), (_, mc_writer, mc_synced_tx, _))| {
+            |(
+                ns,
+                (store, writer, synced_tx, synced),
+                (mc_store, mc_writer, mc_synced_tx, mc_synced),
+            )| {
                 run_one(
                     client.clone(),
                     Scope {
@@ -176,8 +180,10 @@ pub async fn run(client: Client, settings: Settings, metrics: Arc<Metrics>) {
                         synced,
                         models: models.clone(),
                         clients: clients.clone(),
+                        mc_store,
                         mc_writer,
                         mc_synced_tx,
+                        mc_synced,
                         client_changes: client_changes.clone(),
                     },
                     settings.clone(),
@@ -238,10 +244,13 @@ struct Scope {
     synced_tx: watch::Sender<bool>,
     synced: models::Synced,
     models: models::Models,
-    /// The ModelClient caches of every scope, and this scope's writer and fill signal.
+    /// The ModelClient caches of every scope, and this scope's cache, its writer and fill
+    /// signal.
     clients: clients::Clients,
+    mc_store: clients::ClientStore,
     mc_writer: reflector::store::Writer<Guarded<crate::api::ModelClient>>,
     mc_synced_tx: watch::Sender<bool>,
+    mc_synced: models::Synced,
     /// `(namespace, name)` of the model a ModelClient names, whenever that ModelClient changes
     /// or goes: the model's gate policy is recomputed.
     client_changes: tokio::sync::broadcast::Sender<(String, String)>,
@@ -271,8 +280,10 @@ async fn run_one(
         synced,
         models,
         clients,
+        mc_store,
         mc_writer,
         mc_synced_tx,
+        mc_synced,
         client_changes,
     } = scope;
     let Authority {
@@ -347,12 +358,17 @@ async fn run_one(
     let counting = census::count_managed(
         controller.store(),
         caches.clone(),
-        ns.clone().unwrap_or_else(|| "*".into()),
+        ns.clone(),
         ctx.metrics.clone(),
         census::CaSource {
             namespace: ctx.settings.ca.namespace.clone(),
             secret: ctx.settings.ca.secret_name.clone(),
             health: ca_health,
+        },
+        census::OwnerCaches {
+            smds_synced: synced.clone(),
+            clients: mc_store,
+            clients_synced: mc_synced,
         },
     );
     // The owned streams are polled by the controller; reconciles wait until the caches are full.

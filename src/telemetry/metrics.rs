@@ -1,7 +1,7 @@
 //! Prometheus metrics of the operator (prometheus-client).
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     sync::Mutex,
     time::Instant,
 };
@@ -69,6 +69,17 @@ pub struct OwnerLabels {
     pub name: String,
     /// Kubernetes kind of the repaired child.
     pub kind: String,
+}
+
+/// An object that owns repaired children, as the drift-by-owner series name it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct Owner {
+    /// `SecureModelDeployment` or `ModelClient`.
+    pub kind: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
 }
 
 /// Labels of per-model condition gauges.
@@ -164,6 +175,9 @@ pub struct Metrics {
     duration: Histogram,
     drift_repairs: Family<KindLabels, Counter>,
     drift_repairs_by_owner: Family<OwnerLabels, Counter>,
+    /// The series of `drift_repairs_by_owner` (a Family cannot list them), so those of owners
+    /// that are gone can be removed; held while a repair is counted.
+    drift_owners: Mutex<HashSet<OwnerLabels>>,
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
     synced: Gauge,
@@ -304,6 +318,7 @@ impl Default for Metrics {
             duration,
             drift_repairs,
             drift_repairs_by_owner,
+            drift_owners: Mutex::default(),
             api_writes,
             leader,
             managed,
@@ -350,14 +365,46 @@ impl Metrics {
         self.drift_repairs
             .get_or_create(&KindLabels { kind: kind.into() })
             .inc();
-        self.drift_repairs_by_owner
-            .get_or_create(&OwnerLabels {
-                owner: owner.into(),
-                namespace: namespace.into(),
-                name: name.into(),
-                kind: kind.into(),
-            })
-            .inc();
+        let labels = OwnerLabels {
+            owner: owner.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+            kind: kind.into(),
+        };
+        let mut owners = self
+            .drift_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.drift_repairs_by_owner.get_or_create(&labels).inc();
+        owners.insert(labels);
+    }
+
+    /// Removes the `moat_drift_repairs_by_owner_total` series of the owners in `namespace`
+    /// (`None`: every namespace) that `live` does not list: SecureModelDeployments and
+    /// ModelClients that were deleted. `live` is called while no repair can be counted, so an
+    /// owner counted before it lists the owners is among them unless it is gone.
+    pub fn retain_drift_owners(
+        &self,
+        namespace: Option<&str>,
+        live: impl FnOnce() -> HashSet<Owner>,
+    ) {
+        let mut owners = self
+            .drift_owners
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let live = live();
+        owners.retain(|l| {
+            let keep = namespace.is_some_and(|ns| ns != l.namespace)
+                || live.contains(&Owner {
+                    kind: l.owner.clone(),
+                    namespace: l.namespace.clone(),
+                    name: l.name.clone(),
+                });
+            if !keep {
+                self.drift_repairs_by_owner.remove(l);
+            }
+            keep
+        });
     }
 
     /// Counts a registry resolution with its outcome.
@@ -753,5 +800,64 @@ mod tests {
         // Not looked at yet: nothing.
         m.set_ca("moat-system", "moat-ca", None, None);
         assert!(!m.encode().expect("encode").contains("moat-ca"));
+    }
+
+    fn owner(kind: &str, namespace: &str, name: &str) -> Owner {
+        Owner {
+            kind: kind.into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn drift_series_of_owners_that_are_gone_are_removed_within_the_scope() {
+        let m = Metrics::default();
+        m.drift_repaired("SecureModelDeployment", "ml", "kept", "Deployment");
+        m.drift_repaired("SecureModelDeployment", "ml", "deleted", "NetworkPolicy");
+        m.drift_repaired("SecureModelDeployment", "ml", "deleted", "Service");
+        m.drift_repaired("ModelClient", "ml", "deleted", "Secret");
+        m.drift_repaired("SecureModelDeployment", "other", "elsewhere", "Deployment");
+        // The scope `ml` holds `kept` and a ModelClient named like the deleted model.
+        m.retain_drift_owners(Some("ml"), || {
+            HashSet::from([
+                owner("SecureModelDeployment", "ml", "kept"),
+                owner("ModelClient", "ml", "deleted"),
+            ])
+        });
+        let text = m.encode().expect("encode");
+        assert!(
+            !text.contains("name=\"deleted\",kind=\"NetworkPolicy\""),
+            "{text}"
+        );
+        assert!(
+            !text.contains("name=\"deleted\",kind=\"Service\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("moat_drift_repairs_by_owner_total{owner=\"ModelClient\",namespace=\"ml\",name=\"deleted\",kind=\"Secret\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("name=\"kept\""), "{text}");
+        // Another scope's series are not this scope's to judge.
+        assert!(text.contains("name=\"elsewhere\""), "{text}");
+        // The totals by kind stay: they count every repair ever made.
+        assert!(
+            text.contains("moat_drift_repairs_total{kind=\"NetworkPolicy\"} 1"),
+            "{text}"
+        );
+        // The scope of every namespace judges all; a recreated owner starts again from 1.
+        m.retain_drift_owners(None, HashSet::new);
+        let text = m.encode().expect("encode");
+        assert!(
+            !text.contains("moat_drift_repairs_by_owner_total{"),
+            "{text}"
+        );
+        m.drift_repaired("SecureModelDeployment", "ml", "kept", "Deployment");
+        assert!(
+            m.encode().expect("encode").contains(
+                "moat_drift_repairs_by_owner_total{owner=\"SecureModelDeployment\",namespace=\"ml\",name=\"kept\",kind=\"Deployment\"} 1"
+            )
+        );
     }
 }
