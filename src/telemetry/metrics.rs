@@ -290,6 +290,18 @@ impl Default for Metrics {
             "1 while Moat has a usable CA to issue certificates with, 0 while it has none (the Secret unreadable, a creation or rotation that cannot be written, an unusable CA you brought)",
             ca_usable.clone(),
         );
+        // The drift alerts count a series that appeared since the operator started in full.
+        let start_time: Gauge = Gauge::default();
+        start_time.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        );
+        registry.register(
+            "start_time_seconds",
+            "Unix time this operator process started (its counters count from then)",
+            start_time,
+        );
         let model_conditions = Family::<ConditionLabels, Gauge>::default();
         registry.register(
             "model_condition",
