@@ -94,13 +94,10 @@ FAULTS_SMDS ?= 1000
 FAULTS_REPORT ?= target/faults-report.md
 # Arguments for the test binary, such as a test name or `--skip <name>`.
 FAULTS_FILTER ?=
-# The short form leaves out the two scenarios that restart the API server until the bug they
-# found is fixed: after a restart, Moat stops reconciling the models (docs/reliability.md).
-FAULTS_SHORT_SKIP := --skip api_server_killed --skip etcd_compaction
 
 .PHONY: test-faults-short
 test-faults-short: deps ## The fault-injection suite with 100 SMDs per scenario, alone on a fresh cluster; part of `make test`.
-	@$(MAKE) --no-print-directory test-faults FAULTS_SMDS=100 FAULTS_FILTER="$(FAULTS_SHORT_SKIP)"
+	@$(MAKE) --no-print-directory test-faults FAULTS_SMDS=100
 
 .PHONY: test-faults
 test-faults: deps ## The fault-injection suite with FAULTS_SMDS (1000) SMDs per scenario: API server kills, conflicts, etcd compaction, throttling, operator SIGKILLs; docs/reliability.md.
