@@ -33,27 +33,8 @@ have() { # have DIR BINARY...: all present and executable
   for b in "$@"; do [ -x "$dir/$b" ] || return 1; done
 }
 
-# go_install NAME DEST PACKAGE@VERSION...: `go install` into a temporary directory, moved into the
-# cache only when the build succeeded, so an interrupted build never leaves a half-filled entry.
-# The temporary directory is this script's own (.partial-prom.PID): e2e/cluster.sh clears
-# `DEST.partial.*`, and both may build helm at once on a fresh machine.
-go_install() {
-  local name=$1 dest=$2; shift 2
-  local tmp=$dest.partial-prom.$$ log=$LOGS/build-$name.log start=$SECONDS
-  command -v go >/dev/null || die "Go is required to build $name (install golang)"
-  rm -rf "$tmp"
-  mkdir -p "$tmp" "$LOGS"
-  say "building $name (log: $log)"
-  if ! (cd "$E2E_DIR" && GOFLAGS="${GOFLAGS:-} -trimpath" CGO_ENABLED=0 GOBIN="$tmp" \
-      go install -ldflags='-s -w' "$@") >"$log" 2>&1; then
-    rm -rf "$tmp"
-    tail -n 20 "$log" >&2 || true
-    die "building $name failed: go install $* (full log: $log)"
-  fi
-  # Another build may have filled the entry meanwhile (cluster.sh builds helm too): keep that one.
-  if [ -d "$dest" ]; then rm -rf "$tmp"; else mv "$tmp" "$dest"; fi
-  say "built $name in $((SECONDS - start))s"
-}
+# shellcheck source=e2e/go-install.sh
+. "$E2E_DIR/go-install.sh"
 
 build() {
   if ! have "$PROMETHEUS_BIN" prometheus promtool; then

@@ -39,26 +39,8 @@ die() { printf 'scan: error: %s\n' "$*" >&2; exit 1; }
 
 [ -n "$HELM_VERSION" ] || die "could not read HELM_VERSION from $E2E_DIR/cluster.sh"
 
-# go_install NAME DEST PACKAGE@VERSION...: `go install` into a temporary directory, moved into the
-# cache only when the build succeeded, so an interrupted build never leaves a half-filled entry.
-# The temporary directory is this script's own (.partial-scan.PID): e2e/cluster.sh clears
-# `DEST.partial.*`, and e2e/prometheus.sh or e2e/cluster.sh may build helm at the same time.
-go_install() {
-  local name=$1 dest=$2; shift 2
-  local tmp=$dest.partial-scan.$$ log=$LOGS/build-$name.log start=$SECONDS
-  command -v go >/dev/null || die "Go is required to build $name (install golang)"
-  rm -rf "$tmp"
-  mkdir -p "$tmp" "$LOGS"
-  say "building $name (log: $log)"
-  if ! (cd "$E2E_DIR" && GOFLAGS="${GOFLAGS:-} -trimpath" CGO_ENABLED=0 GOBIN="$tmp" \
-      go install -ldflags='-s -w' "$@") >"$log" 2>&1; then
-    rm -rf "$tmp"
-    tail -n 20 "$log" >&2 || true
-    die "building $name failed: go install $* (full log: $log)"
-  fi
-  if [ -d "$dest" ]; then rm -rf "$tmp"; else mv "$tmp" "$dest"; fi
-  say "built $name in $((SECONDS - start))s"
-}
+# shellcheck source=e2e/go-install.sh
+. "$E2E_DIR/go-install.sh"
 
 # checkov into its own virtualenv. A virtualenv cannot be moved (its scripts name their own
 # interpreter), so it is made in place and marked complete only when the install succeeded; an
