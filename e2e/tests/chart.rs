@@ -422,9 +422,107 @@ fn metrics_are_scraped_only_from_the_namespaces_named() -> Result<()> {
     Ok(())
 }
 
+/// The admission policy renders by default, bound everywhere Moat works (all namespaces, or the
+/// watched ones and the release's), naming the chart's ServiceAccount and the break-glass group
+/// in its CEL; `admissionPolicy.enabled=false` renders neither the policy nor its binding.
+#[test]
+fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result<()> {
+    let of_kind = |docs: &[serde_yaml::Value], kind: &str| -> Vec<serde_yaml::Value> {
+        docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
+    };
+    let docs = rendered(&[])?;
+    let policies = of_kind(&docs, "ValidatingAdmissionPolicy");
+    let bindings = of_kind(&docs, "ValidatingAdmissionPolicyBinding");
+    ensure!(
+        policies.len() == 1 && bindings.len() == 1,
+        "one policy and one binding by default"
+    );
+    let policy = &policies[0];
+    ensure!(
+        policy["metadata"]["name"] == "t-moat-children.moat.dev",
+        "{:?}",
+        policy["metadata"]
+    );
+    ensure!(policy["spec"]["failurePolicy"] == "Fail");
+    let text = serde_yaml::to_string(&policy["spec"])?;
+    for needle in [
+        "system:serviceaccount:moat-system:t-moat",
+        "system:serviceaccount:kube-system:generic-garbage-collector",
+        "system:serviceaccount:kube-system:namespace-controller",
+        "\"moat:break-glass\"",
+        "moat.dev/break-glass-reason",
+        "deployments/scale",
+        "securemodeldeployments/status",
+    ] {
+        ensure!(text.contains(needle), "the policy lacks {needle}:\n{text}");
+    }
+    // Every kind Moat writes as a child is matched, for create, update and delete.
+    let rules = policy["spec"]["matchConstraints"]["resourceRules"]
+        .as_sequence()
+        .context("resourceRules")?;
+    for (group, resource) in [
+        ("", "serviceaccounts"),
+        ("", "secrets"),
+        ("", "services"),
+        ("", "configmaps"),
+        ("networking.k8s.io", "networkpolicies"),
+        ("policy", "poddisruptionbudgets"),
+        ("apps", "deployments"),
+    ] {
+        ensure!(
+            rules.iter().any(|r| strings(&r["apiGroups"]) == [group]
+                && strings(&r["resources"]).iter().any(|x| x == resource)
+                && strings(&r["operations"]) == ["CREATE", "UPDATE", "DELETE"]),
+            "{group}/{resource} is not matched: {rules:?}"
+        );
+    }
+    let binding = &bindings[0];
+    ensure!(binding["spec"]["policyName"] == "t-moat-children.moat.dev");
+    ensure!(strings(&binding["spec"]["validationActions"]) == ["Deny"]);
+    ensure!(
+        binding["spec"].get("matchResources").is_none(),
+        "bound to a subset: {binding:?}"
+    );
+    // Watching some namespaces: bound there and in the release namespace (the CA) only.
+    let scoped = rendered(&["--set", "watchNamespaces={team-a,team-b}"])?;
+    let binding = &of_kind(&scoped, "ValidatingAdmissionPolicyBinding")[0];
+    let expr = &binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0];
+    ensure!(
+        expr["key"] == "kubernetes.io/metadata.name"
+            && expr["operator"] == "In"
+            && strings(&expr["values"]) == ["team-a", "team-b", "moat-system"],
+        "{expr:?}"
+    );
+    // Another group reaches the CEL.
+    let other = rendered(&["--set", "admissionPolicy.breakGlass.group=oncall"])?;
+    let text = serde_yaml::to_string(&of_kind(&other, "ValidatingAdmissionPolicy")[0]["spec"])?;
+    ensure!(
+        text.contains("\"oncall\"") && !text.contains("moat:break-glass"),
+        "{text}"
+    );
+    // Opted out: neither.
+    let off = rendered(&["--set", "admissionPolicy.enabled=false"])?;
+    ensure!(
+        of_kind(&off, "ValidatingAdmissionPolicy").is_empty()
+            && of_kind(&off, "ValidatingAdmissionPolicyBinding").is_empty(),
+        "admissionPolicy.enabled=false still renders the policy"
+    );
+    ok(
+        helm(&[
+            "lint",
+            "--strict",
+            CHART,
+            "--set",
+            "admissionPolicy.enabled=false",
+        ])?,
+        "helm lint --strict without the policy",
+    )?;
+    Ok(())
+}
+
 #[test]
 fn values_that_violate_the_schema_are_rejected_with_a_readable_message() -> Result<()> {
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 14] = [
         (&["--set", "replicaCount=0"], "/replicaCount"),
         (&["--set", "logging.format=xml"], "/logging/format"),
         (&["--set", "image.digest=latest"], "/image/digest"),
@@ -439,6 +537,15 @@ fn values_that_violate_the_schema_are_rejected_with_a_readable_message() -> Resu
         (
             &["--set", "networkPolicy.metricsFromNamespaces={Bad_NS}"],
             "/networkPolicy/metricsFromNamespaces/0",
+        ),
+        (
+            &["--set", "admissionPolicy.enabled=yes"],
+            "/admissionPolicy/enabled",
+        ),
+        // The group is written into the policy's CEL: no quote may end its string.
+        (
+            &["--set", "admissionPolicy.breakGlass.group=x' || true || '"],
+            "/admissionPolicy/breakGlass/group",
         ),
     ];
     for (args, field) in cases {
@@ -483,7 +590,11 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
             crds.patch(crd, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&release_free)).await.ok();
         }
-        ok(helm(&["install", &release, CHART, "-n", ns, "--force-conflicts"])?, "helm install")?;
+        // Without the admission policy while the release watches every namespace: bound
+        // cluster-wide, it would refuse the writes of the other tests' operators (which run as
+        // the admin), and a binding left by a failed run would go on refusing them. The upgrade
+        // below turns it on (the default), bound to the two watched namespaces.
+        ok(helm(&["install", &release, CHART, "-n", ns, "--force-conflicts", "--set", "admissionPolicy.enabled=false"])?, "helm install")?;
         let name = format!("{release}-moat");
         let deploys = env.api::<Deployment>();
         // The operator's own pods pass Pod Security "restricted" (the namespace enforces it).
@@ -509,6 +620,16 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         let d = deploys.get(&name).await?;
         let args = d.spec.and_then(|s| s.template.spec).map(|s| s.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();
         ensure!(args.contains(&format!("--namespaces={ns},{other}")), "upgrade did not pass the namespaces: {args:?}");
+        let vap = kube::core::ApiResource::from_gvk_with_plural(
+            &kube::core::GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", "ValidatingAdmissionPolicyBinding"),
+            "validatingadmissionpolicybindings",
+        );
+        let bindings: Api<DynamicObject> = Api::all_with(env.client.clone(), &vap);
+        let binding = bindings.get(&format!("{name}-children.moat.dev")).await.context("the upgrade installs the policy's binding")?;
+        ensure!(
+            binding.data["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0]["values"] == json!([ns, other]),
+            "the binding is not scoped to the watched namespaces: {:?}", binding.data["spec"]
+        );
 
         // RBAC: the chart's ServiceAccount sees no wildcard and suffices to reconcile fully.
         let kubectl = tool("MOAT_KUBECTL")?;
@@ -544,6 +665,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         // Uninstall removes the operator but never the CRDs, so models survive.
         ok(helm(&["uninstall", &release, "-n", ns])?, "helm uninstall")?;
         wait_until("the operator Deployment to go", || async { Ok(deploys.get_opt(&name).await?.is_none()) }).await?;
+        ensure!(bindings.get_opt(&format!("{name}-children.moat.dev")).await?.is_none(), "helm uninstall left the policy's binding");
         for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
             if crds.get_opt(crd).await?.is_none() {
                 bail!("helm uninstall deleted the CRD {crd}");
@@ -765,8 +887,13 @@ async fn the_charts_rbac_is_exactly_what_the_moat_binary_uses() {
         // The operator's image by digest, as the helper image of the encrypted model below
         // (a tag would be resolved in a registry, and none answers here).
         let digest = format!("image.digest={}", moat_e2e::HELPER_IMAGE.split_once('@').map(|p| p.1).unwrap_or_default());
+        // Without the admission policy: this test changes Moat's children as the admin (stale
+        // children to prune, a drift to repair) to drive the binary's code paths, and a binding
+        // for all namespaces would refuse other tests' operators too (tests/admission.rs tests
+        // the policy, scoped to its namespace).
         let values = [
             "--set", "installCRDs=false",
+            "--set", "admissionPolicy.enabled=false",
             "--set", digest.as_str(),
             "--set", "model.encryptedStorageClasses={encrypted-ssd}",
             "--set", "ca.secretName=rbac-ca",
@@ -1281,6 +1408,8 @@ async fn the_operator_runs_as_pods_and_a_killed_leader_hands_over() {
             "--set".into(), format!("networkPolicy.apiServerPorts={{{api_port}}}"),
             "--set".into(), "leaderElection.leaseDurationSeconds=8".into(),
             "--set".into(), "logging.format=text".into(),
+            // The test deletes the model's NetworkPolicies as the admin while no leader runs.
+            "--set".into(), "admissionPolicy.enabled=false".into(),
         ];
         let mut install = vec!["install", release.as_str(), CHART, "-n", ns.as_str()];
         install.extend(values.iter().map(String::as_str));
