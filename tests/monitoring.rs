@@ -62,6 +62,7 @@ fn exported() -> BTreeSet<String> {
     drop(m.reconcile_started());
     m.reconcile_failed("Apply");
     m.drift_repaired("SecureModelDeployment", "ml", "a", "Deployment");
+    m.break_glass_used("ml", "a", "Deployment");
     m.image_resolution("pinned");
     m.api_write("Deployment", "apply");
     m.set_managed("*", std::collections::BTreeMap::from([("Deployment", 1)]));

@@ -70,6 +70,9 @@ pub mod reason {
     pub const STORAGE_CLASS_NOT_ENCRYPTED: &str = "StorageClassNotEncrypted";
     /// Event: Moat reverted a change to a child made outside Moat.
     pub const DRIFT_REPAIRED: &str = "DriftRepaired";
+    /// Event: Moat reverted a change to a child made through break-glass (the child carried the
+    /// reason annotation `moat.dev/break-glass-reason`, which the note quotes).
+    pub const BREAK_GLASS: &str = "BreakGlass";
     /// The stored object does not decode into Moat's types (written under another schema, or
     /// directly to etcd); the message names the field. Moat skips it until it is fixed.
     pub const MALFORMED: &str = "Malformed";

@@ -18,13 +18,13 @@ use kube::{
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Context, Error, FIELD_MANAGER, Repair, events::publish};
 use crate::core::drift;
 use crate::{
     api::{SecureModelDeployment, conditions::reason},
-    render::{DEPLOYMENT_LABEL, with_type},
+    render::{BREAK_GLASS_ANNOTATION, DEPLOYMENT_LABEL, with_type},
 };
 
 /// What Moat needs of a child kind: a namespaced Kubernetes type it can serialize and read.
@@ -66,7 +66,12 @@ enum Outcome {
     Unchanged,
     Created,
     Updated(String),
-    Repaired(String),
+    /// A change by someone else reverted; with the reason the child carried when the change
+    /// was made through break-glass.
+    Repaired {
+        change: String,
+        break_glass: Option<String>,
+    },
 }
 
 impl<'a> Applier<'a> {
@@ -124,20 +129,42 @@ impl<'a> Applier<'a> {
                     format!("Updated {kind} {name}: {what}"),
                     related,
                 )),
-                Outcome::Repaired(change) => {
+                Outcome::Repaired {
+                    change,
+                    break_glass,
+                } => {
+                    let owner = self.smd.name_any();
                     self.ctx.metrics.drift_repaired(
                         "SecureModelDeployment",
                         self.namespace,
-                        &self.smd.name_any(),
+                        &owner,
                         kind,
                     );
-                    info!(kind, name = %name, change = %change, "drift repaired");
-                    self.notes.push((
-                        EventType::Warning,
-                        reason::DRIFT_REPAIRED,
-                        format!("Reverted a change to {kind} {name} made outside Moat: {change}"),
-                        related,
-                    ));
+                    let note = match &break_glass {
+                        Some(why) => {
+                            self.ctx
+                                .metrics
+                                .break_glass_used(self.namespace, &owner, kind);
+                            warn!(kind, name = %name, change = %change, reason = %why, "break-glass change repaired");
+                            (
+                                reason::BREAK_GLASS,
+                                format!(
+                                    "Break-glass change to {kind} {name} (reason: {why}) recorded and reverted: {change}"
+                                ),
+                            )
+                        }
+                        None => {
+                            info!(kind, name = %name, change = %change, "drift repaired");
+                            (
+                                reason::DRIFT_REPAIRED,
+                                format!(
+                                    "Reverted a change to {kind} {name} made outside Moat: {change}"
+                                ),
+                            )
+                        }
+                    };
+                    self.notes
+                        .push((EventType::Warning, note.0, note.1, related));
                     self.repairs.push(Repair {
                         kind: kind.into(),
                         name: name.clone(),
@@ -221,13 +248,24 @@ impl<'a> Applier<'a> {
                 return Ok((live.clone(), Outcome::Unchanged));
             }
         }
+        // A break-glass change: the reason on the changed child, or on the deleted one (which
+        // the watch kept).
+        let live_reason = current.as_ref().and_then(|live| {
+            drift::break_glass_reason(live.meta().annotations.as_ref(), BREAK_GLASS_ANNOTATION)
+        });
         let outcome = match decide(current.as_ref())? {
             // `plan` leaves only an object that exists; were it absent, applying creates it.
             drift::Plan::Leave => match current {
                 Some(live) => return Ok((live, Outcome::Unchanged)),
                 None => Outcome::Created,
             },
-            drift::Plan::Create { drift: true } => Outcome::Repaired("deleted".into()),
+            drift::Plan::Create { drift: true } => Outcome::Repaired {
+                change: "deleted".into(),
+                break_glass: self
+                    .ctx
+                    .deleted_with_reason
+                    .take(kind, self.namespace, &name),
+            },
             drift::Plan::Create { drift: false } => Outcome::Created,
             drift::Plan::Apply {
                 foreign,
@@ -253,14 +291,54 @@ impl<'a> Applier<'a> {
                 }
                 let what = summarize(&what);
                 if drift {
-                    Outcome::Repaired(what)
+                    Outcome::Repaired {
+                        change: what,
+                        break_glass: live_reason.clone(),
+                    }
                 } else {
                     Outcome::Updated(what)
                 }
             }
         };
         let applied = apply_as_moat(self.ctx, api, &name, &body).await?;
+        let raw_reason = current
+            .as_ref()
+            .and_then(|live| live.meta().annotations.as_ref())
+            .and_then(|a| a.get(BREAK_GLASS_ANNOTATION));
+        if let (Some(raw), Some(_), Outcome::Repaired { .. }) = (raw_reason, &live_reason, &outcome)
+        {
+            // Recorded: the reason goes, so the next break-glass change must give its own.
+            let applied = self.remove_reason(api, applied, raw).await?;
+            return Ok((applied, outcome));
+        }
         Ok((applied, outcome))
+    }
+
+    /// Removes the break-glass reason annotation from `obj`, with a JSON patch that first tests
+    /// it still holds the value `raw` Moat recorded: a newer reason (another break-glass change
+    /// since) stays for the repair of that change. Any other change in between (the Deployment
+    /// controller's status) does not stop it.
+    async fn remove_reason<K: Child>(&self, api: &Api<K>, obj: K, raw: &str) -> Result<K, Error> {
+        let kind = kind::<K>();
+        let name = obj.name_any();
+        let path = format!(
+            "/metadata/annotations/{}",
+            BREAK_GLASS_ANNOTATION.replace('~', "~0").replace('/', "~1")
+        );
+        let patch = Patch::<()>::Json(
+            serde_json::from_value(json!([
+                {"op": "test", "path": path, "value": raw},
+                {"op": "remove", "path": path},
+            ]))
+            .map_err(|source| Error::Serialize { kind, source })?,
+        );
+        self.ctx.metrics.api_write(kind, "patch-annotations");
+        match api.patch(&name, &PatchParams::default(), &patch).await {
+            Ok(patched) => Ok(patched),
+            // Gone, or the reason changed or went (the test failed): the next reconcile judges.
+            Err(kube::Error::Api(s)) if matches!(s.code, 404 | 409 | 422) => Ok(obj),
+            Err(source) => Err(Error::Apply { kind, name, source }),
+        }
     }
 
     /// Adds an Event about the SecureModelDeployment itself, published with the others.
@@ -370,7 +448,7 @@ fn group_notes(
     const MAX_NOTE: usize = 1000;
     let mut grouped: Vec<(EventType, &'static str, String, Option<ObjectReference>)> = Vec::new();
     for (type_, why, note, related) in notes {
-        if why == reason::DRIFT_REPAIRED {
+        if why == reason::DRIFT_REPAIRED || why == reason::BREAK_GLASS {
             grouped.push((type_, why, note, Some(related)));
             continue;
         }

@@ -115,8 +115,43 @@ pub struct Context {
     pub smd_changes: tokio::sync::broadcast::Sender<(String, String)>,
     /// The ModelClients of every watch scope (the identities each gate lets through).
     pub clients: super::clients::Clients,
+    /// Children deleted while carrying a break-glass reason, until their repair records it (the
+    /// watches of the children fill it: [`Context::new`] starts it empty).
+    pub deleted_with_reason: DeletedWithReason,
     /// Per-object backoff of failed reconciles.
     failures: Backoff,
+}
+
+/// Children that were deleted while carrying a break-glass reason (`moat.dev/break-glass-reason`),
+/// by kind, namespace and name, with the reason: the watch sees the deleted object, the reconcile
+/// that recreates it does not, so the watch leaves the reason here for the repair to record.
+#[derive(Default, Clone)]
+pub struct DeletedWithReason(Arc<Mutex<HashMap<ChildKey, String>>>);
+
+/// A child's kind, namespace and name.
+type ChildKey = (String, String, String);
+
+impl DeletedWithReason {
+    /// Reasons kept at most: deletions whose owner went too (the garbage collector's) are never
+    /// taken, so past this many the oldest are forgotten.
+    const MAX: usize = 1024;
+
+    /// Notes that `kind` `namespace/name` was deleted carrying `reason`.
+    pub fn insert(&self, kind: &str, namespace: &str, name: &str, reason: String) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert((kind.into(), namespace.into(), name.into()), reason);
+    }
+
+    /// The reason `kind` `namespace/name` carried when it was deleted, forgotten once taken.
+    pub fn take(&self, kind: &str, namespace: &str, name: &str) -> Option<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(kind.into(), namespace.into(), name.into()))
+    }
 }
 
 /// The longest wait between two attempts.
@@ -195,6 +230,7 @@ impl Context {
             ca,
             smd_changes,
             clients,
+            deleted_with_reason: DeletedWithReason::default(),
             failures: Backoff::default(),
         }
     }
@@ -224,6 +260,20 @@ mod tests {
         ] {
             assert_eq!(backoff_delay(failing_for), wait, "{failing_for:?}");
         }
+    }
+
+    /// A deletion's reason is taken once, by the repair of that very object.
+    #[test]
+    fn a_deleted_childs_reason_is_taken_once() {
+        let deleted = DeletedWithReason::default();
+        deleted.insert("Secret", "ml", "fraud-tls", "INC-7".into());
+        assert_eq!(deleted.take("Secret", "ml", "other"), None);
+        assert_eq!(deleted.take("Service", "ml", "fraud-tls"), None);
+        assert_eq!(
+            deleted.take("Secret", "ml", "fraud-tls").as_deref(),
+            Some("INC-7")
+        );
+        assert_eq!(deleted.take("Secret", "ml", "fraud-tls"), None);
     }
 
     /// Many failures in a short time (watch events during an outage) do not push the next retry

@@ -50,12 +50,16 @@ use kube::{
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::{api::SecureModelDeployment, render::MANAGED_BY, telemetry::metrics::Metrics};
+use crate::{
+    api::SecureModelDeployment,
+    render::{BREAK_GLASS_ANNOTATION, MANAGED_BY},
+    telemetry::metrics::Metrics,
+};
 use guard::Guarded;
 
 pub use crate::core::drift::Repair;
 pub use connect::{USER_AGENT, client, client_from};
-pub use context::{Caches, Context, ImageSettings, Settings};
+pub use context::{Caches, Context, DeletedWithReason, ImageSettings, Settings};
 pub use error::{Disposition, Error};
 pub use smd::reconcile;
 
@@ -93,12 +97,14 @@ impl kube::runtime::utils::Backoff for NoMergedBackoff {
 fn reflect<K>(
     client: &Client,
     ns: Option<&str>,
+    deleted_with_reason: &DeletedWithReason,
 ) -> (
     Store<K>,
     impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
 )
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + k8s_openapi::Resource
         + Clone
         + std::fmt::Debug
         + serde::de::DeserializeOwned
@@ -107,11 +113,28 @@ where
         + 'static,
 {
     let (store, writer) = reflector::store();
+    let deleted = deleted_with_reason.clone();
     let config =
         watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     let stream = watcher(api::<K>(client, ns), config)
         .default_backoff()
         .reflect(writer)
+        .inspect(move |event| {
+            // A child deleted through break-glass: its reason, for the repair to record.
+            if let Ok(watcher::Event::Delete(obj)) = event
+                && let Some(reason) = crate::core::drift::break_glass_reason(
+                    obj.meta().annotations.as_ref(),
+                    BREAK_GLASS_ANNOTATION,
+                )
+            {
+                deleted.insert(
+                    <K as k8s_openapi::Resource>::KIND,
+                    obj.meta().namespace.as_deref().unwrap_or_default(),
+                    &obj.name_any(),
+                    reason,
+                );
+            }
+        })
         .touched_objects();
     (store, stream)
 }
@@ -291,12 +314,18 @@ async fn run_one(
         health: ca_health,
     } = authority;
     let smds: Api<Guarded<SecureModelDeployment>> = api(&client, ns.as_deref());
-    let (sa_store, sa_stream) = reflect::<ServiceAccount>(&client, ns.as_deref());
-    let (np_store, np_stream) = reflect::<NetworkPolicy>(&client, ns.as_deref());
-    let (svc_store, svc_stream) = reflect::<Service>(&client, ns.as_deref());
-    let (pdb_store, pdb_stream) = reflect::<PodDisruptionBudget>(&client, ns.as_deref());
-    let (deploy_store, deploy_stream) = reflect::<Deployment>(&client, ns.as_deref());
-    let (secret_store, secret_stream) = reflect::<Secret>(&client, ns.as_deref());
+    let deleted_with_reason = DeletedWithReason::default();
+    let (sa_store, sa_stream) =
+        reflect::<ServiceAccount>(&client, ns.as_deref(), &deleted_with_reason);
+    let (np_store, np_stream) =
+        reflect::<NetworkPolicy>(&client, ns.as_deref(), &deleted_with_reason);
+    let (svc_store, svc_stream) = reflect::<Service>(&client, ns.as_deref(), &deleted_with_reason);
+    let (pdb_store, pdb_stream) =
+        reflect::<PodDisruptionBudget>(&client, ns.as_deref(), &deleted_with_reason);
+    let (deploy_store, deploy_stream) =
+        reflect::<Deployment>(&client, ns.as_deref(), &deleted_with_reason);
+    let (secret_store, secret_stream) =
+        reflect::<Secret>(&client, ns.as_deref(), &deleted_with_reason);
     // A ModelClient's Secret is judged from this cache, so its change is passed on only once the
     // cache holds it (a watch of its own could trigger the reconcile before the cache catches up).
     let (client_secrets_tx, client_secrets) = tokio::sync::mpsc::unbounded_channel();
@@ -305,7 +334,8 @@ async fn run_one(
             let _ = client_secrets_tx.send(owner);
         }
     });
-    let (config_map_store, config_map_stream) = reflect::<ConfigMap>(&client, ns.as_deref());
+    let (config_map_store, config_map_stream) =
+        reflect::<ConfigMap>(&client, ns.as_deref(), &deleted_with_reason);
     let caches = Caches {
         service_accounts: sa_store,
         network_policies: np_store,
@@ -315,7 +345,7 @@ async fn run_one(
         secrets: secret_store,
         config_maps: config_map_store,
     };
-    let ctx = Arc::new(Context::new(
+    let mut ctx = Context::new(
         client.clone(),
         settings,
         metrics,
@@ -323,7 +353,9 @@ async fn run_one(
         ca_rx.clone(),
         smd_changes,
         clients.clone(),
-    ));
+    );
+    ctx.deleted_with_reason = deleted_with_reason;
+    let ctx = Arc::new(ctx);
     info!(
         namespace = ns.as_deref().unwrap_or("<all>"),
         "starting the SecureModelDeployment controller"

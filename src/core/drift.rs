@@ -19,6 +19,36 @@ pub struct Repair {
     pub at: Time,
 }
 
+/// The longest break-glass reason quoted in an Event; a longer one is cut (the object's
+/// annotation, in the API server's audit log, keeps it whole).
+pub const MAX_BREAK_GLASS_REASON: usize = 256;
+
+/// The break-glass reason an object's `annotations` give under `key` (the annotation
+/// `moat.dev/break-glass-reason`): trimmed, on one line, at most [`MAX_BREAK_GLASS_REASON`]
+/// bytes; `None` when absent or blank (the admission policy refuses a blank reason too).
+pub fn break_glass_reason(
+    annotations: Option<&std::collections::BTreeMap<String, String>>,
+    key: &str,
+) -> Option<String> {
+    let reason = annotations?.get(key)?.trim();
+    if reason.is_empty() {
+        return None;
+    }
+    let mut one_line: String = reason
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if one_line.len() > MAX_BREAK_GLASS_REASON {
+        let mut cut = MAX_BREAK_GLASS_REASON - 3;
+        while !one_line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        one_line.truncate(cut);
+        one_line.push_str("...");
+    }
+    Some(one_line)
+}
+
 /// Whether an object with `owners` is controlled by the object whose uid is `uid`: Moat writes
 /// and deletes only what it controls, never a same-named object someone else made.
 pub fn controlled_by(
@@ -486,6 +516,30 @@ pub fn own_changes_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reason is what the break-glass user wrote, trimmed and on one line; a blank or absent
+    /// annotation gives none (such a change is plain drift), and a long one is cut for the Event.
+    #[test]
+    fn a_break_glass_reason_is_the_trimmed_annotation_or_none() {
+        let key = "moat.dev/break-glass-reason";
+        let with = |v: &str| std::collections::BTreeMap::from([(key.to_string(), v.to_string())]);
+        assert_eq!(
+            break_glass_reason(Some(&with("  INC-42: rotate the key\n")), key).as_deref(),
+            Some("INC-42: rotate the key")
+        );
+        assert_eq!(
+            break_glass_reason(Some(&with("line one\nline two")), key).as_deref(),
+            Some("line one line two")
+        );
+        assert_eq!(break_glass_reason(Some(&with(" \t ")), key), None);
+        assert_eq!(break_glass_reason(Some(&with("x")), "other"), None);
+        assert_eq!(break_glass_reason(None, key), None);
+        let long = break_glass_reason(Some(&with(&"é".repeat(300))), key).unwrap_or_default();
+        assert!(
+            long.len() <= MAX_BREAK_GLASS_REASON && long.ends_with("..."),
+            "{long}"
+        );
+    }
 
     #[test]
     fn control_is_a_controller_reference_with_the_uid() {

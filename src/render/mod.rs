@@ -129,6 +129,10 @@ impl Resolved {
 
 /// Label carrying the name of the SecureModelDeployment a child belongs to; also the pod selector.
 pub const DEPLOYMENT_LABEL: &str = "moat.dev/deployment";
+/// Annotation a member of the break-glass group sets on a child, with the reason, to change or
+/// delete it past the chart's ValidatingAdmissionPolicy. Moat records every change it repairs on
+/// a child that carries it (a `BreakGlass` Event, `moat_break_glass_total`), then removes it.
+pub const BREAK_GLASS_ANNOTATION: &str = "moat.dev/break-glass-reason";
 /// `app.kubernetes.io/managed-by` value on every child.
 pub const MANAGED_BY: &str = "moat";
 /// UID and GID the model server runs as.

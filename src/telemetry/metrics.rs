@@ -31,7 +31,8 @@ pub struct KindLabels {
 pub struct WriteLabels {
     /// Kubernetes kind.
     pub kind: String,
-    /// What was written: apply, delete, patch-status, patch-managed-fields, create.
+    /// What was written: apply, delete, patch-status, patch-managed-fields, patch-annotations
+    /// (a recorded break-glass reason removed), create.
     pub verb: String,
 }
 
@@ -80,6 +81,18 @@ pub struct Owner {
     pub namespace: String,
     /// Its name.
     pub name: String,
+}
+
+/// Labels of break-glass changes: the model (or ModelClient) whose child was changed, and the
+/// child's kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakGlassLabels {
+    /// Namespace of the owner (and of the child).
+    pub namespace: String,
+    /// Name of the SecureModelDeployment (or ModelClient) owning the child.
+    pub name: String,
+    /// Kubernetes kind of the child.
+    pub kind: String,
 }
 
 /// Labels of per-model condition gauges.
@@ -178,6 +191,7 @@ pub struct Metrics {
     /// The series of `drift_repairs_by_owner` (a Family cannot list them), so those of owners
     /// that are gone can be removed; held while a repair is counted.
     drift_owners: Mutex<HashSet<OwnerLabels>>,
+    break_glass: Family<BreakGlassLabels, Counter>,
     api_writes: Family<WriteLabels, Counter>,
     leader: Gauge,
     synced: Gauge,
@@ -210,6 +224,7 @@ impl Default for Metrics {
         let drift_repairs = Family::<KindLabels, Counter>::default();
         let drift_repairs_by_owner = Family::<OwnerLabels, Counter>::default();
         let api_writes = Family::<WriteLabels, Counter>::default();
+        let break_glass = Family::<BreakGlassLabels, Counter>::default();
         registry.register(
             "reconcile",
             "Reconciles of SecureModelDeployments",
@@ -234,6 +249,11 @@ impl Default for Metrics {
             "drift_repairs_by_owner",
             "Changes made outside Moat that Moat reverted, by the SecureModelDeployment or ModelClient owning the child, and the child's kind",
             drift_repairs_by_owner.clone(),
+        );
+        registry.register(
+            "break_glass",
+            "Changes to Moat's children made through break-glass (the child carried the moat.dev/break-glass-reason annotation), recorded and then reverted, by owner and the child's kind",
+            break_glass.clone(),
         );
         registry.register(
             "api_writes",
@@ -331,6 +351,7 @@ impl Default for Metrics {
             drift_repairs,
             drift_repairs_by_owner,
             drift_owners: Mutex::default(),
+            break_glass,
             api_writes,
             leader,
             managed,
@@ -417,6 +438,19 @@ impl Metrics {
             }
             keep
         });
+    }
+
+    /// Counts a break-glass change to a child of `kind` of `namespace/name` (its owner), in
+    /// `moat_break_glass_total{namespace,name,kind}`. The repair that follows is counted as drift
+    /// too.
+    pub fn break_glass_used(&self, namespace: &str, name: &str, kind: &str) {
+        self.break_glass
+            .get_or_create(&BreakGlassLabels {
+                namespace: namespace.into(),
+                name: name.into(),
+                kind: kind.into(),
+            })
+            .inc();
     }
 
     /// Counts a registry resolution with its outcome.
@@ -708,6 +742,32 @@ mod tests {
         assert!(
             text.contains(
                 "moat_drift_repairs_by_owner_total{owner=\"ModelClient\",namespace=\"payments\",name=\"checkout\",kind=\"Secret\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn break_glass_changes_are_counted_by_owner_and_kind() {
+        let m = Metrics::default();
+        let before = m.encode().expect("encode");
+        assert!(
+            !before.contains("moat_break_glass_total{"),
+            "no series before the first break-glass change: {before}"
+        );
+        m.break_glass_used("ml", "fraud", "Deployment");
+        m.break_glass_used("ml", "fraud", "Deployment");
+        m.break_glass_used("ml", "fraud", "Secret");
+        let text = m.encode().expect("encode");
+        assert!(
+            text.contains(
+                "moat_break_glass_total{namespace=\"ml\",name=\"fraud\",kind=\"Deployment\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "moat_break_glass_total{namespace=\"ml\",name=\"fraud\",kind=\"Secret\"} 1"
             ),
             "{text}"
         );
