@@ -451,6 +451,40 @@ pub async fn config_with_token(token: String) -> Result<Config> {
     Ok(config)
 }
 
+/// The user name `client` authenticates as (a SelfSubjectReview, `kubectl auth whoami`).
+pub async fn whoami(client: &Client) -> Result<String> {
+    use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+    let review = Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .context("SelfSubjectReview")?;
+    review
+        .status
+        .and_then(|s| s.user_info)
+        .and_then(|u| u.username)
+        .context("the SelfSubjectReview names no user")
+}
+
+/// The chart value that exempts Kubernetes' garbage collector and namespace controller from
+/// Moat's admission policy on the local cluster: the chart's defaults and `admin`, the user
+/// kwokctl runs kube-controller-manager as (it is given the admin's kubeconfig, so every
+/// controller acts as the admin here).
+pub fn kubernetes_controllers_value(admin: &str) -> String {
+    format!(
+        "admissionPolicy.kubernetesControllers={{system:serviceaccount:kube-system:generic-garbage-collector,system:serviceaccount:kube-system:namespace-controller,system:kube-controller-manager,{admin}}}"
+    )
+}
+
+/// A client for the same cluster that acts as the user `user` in `groups` (the admin's
+/// credentials with impersonation, as `kubectl --as user --as-group group` does).
+pub async fn client_as_user(user: &str, groups: &[&str]) -> Result<Client> {
+    let mut config = Config::infer().await?;
+    config.auth_info.impersonate = Some(user.to_string());
+    config.auth_info.impersonate_groups =
+        (!groups.is_empty()).then(|| groups.iter().map(|g| g.to_string()).collect());
+    Ok(Client::try_from(config)?)
+}
+
 /// A client for the same cluster that authenticates as a ServiceAccount (via TokenRequest).
 pub async fn client_as_service_account(
     admin: &Client,
@@ -1161,6 +1195,14 @@ impl Drop for MoatProcess {
 /// The entries of the API server's audit log (`MOAT_AUDIT_LOG`) written after byte `from` whose
 /// user is `username`.
 pub fn audit_entries(username: &str, from: u64) -> Result<Vec<serde_json::Value>> {
+    Ok(audit_entries_since(from)?
+        .into_iter()
+        .filter(|entry| entry["user"]["username"].as_str() == Some(username))
+        .collect())
+}
+
+/// Every entry of the API server's audit log (`MOAT_AUDIT_LOG`) written after byte `from`.
+pub fn audit_entries_since(from: u64) -> Result<Vec<serde_json::Value>> {
     use std::io::{Read, Seek};
     let path = tool("MOAT_AUDIT_LOG")?;
     // Only what was written after `from` is read: the log of a long run is large.
@@ -1175,9 +1217,7 @@ pub fn audit_entries(username: &str, from: u64) -> Result<Vec<serde_json::Value>
         let Ok(entry) = serde_json::from_slice::<serde_json::Value>(line) else {
             continue; // a line being written
         };
-        if entry["user"]["username"].as_str() == Some(username) {
-            out.push(entry);
-        }
+        out.push(entry);
     }
     Ok(out)
 }

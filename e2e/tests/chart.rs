@@ -615,7 +615,9 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         // there alone (RoleBindings instead of the ClusterRoleBinding).
         let other = env.another_namespace(&NamespaceOptions::restricted()).await?;
         let watch = format!("watchNamespaces={{{ns},{other}}}");
-        ok(helm(&["upgrade", &release, CHART, "-n", ns, "--set", "replicaCount=3", "--set", &watch, "--force-conflicts"])?, "helm upgrade")?;
+        // Here the garbage collector and namespace controller act as the admin (kwokctl).
+        let controllers = moat_e2e::kubernetes_controllers_value(&moat_e2e::whoami(&env.client).await?);
+        ok(helm(&["upgrade", &release, CHART, "-n", ns, "--set", "replicaCount=3", "--set", &watch, "--set", &controllers, "--force-conflicts"])?, "helm upgrade")?;
         wait_until("3 operator pods", || pods_ready(3)).await?;
         let d = deploys.get(&name).await?;
         let args = d.spec.and_then(|s| s.template.spec).map(|s| s.containers[0].args.clone().unwrap_or_default()).unwrap_or_default();

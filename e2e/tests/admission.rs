@@ -1,0 +1,445 @@
+//! Tamper prevention at admission, against the local control plane: the chart's
+//! ValidatingAdmissionPolicy (`charts/moat/templates/admissionpolicy.yaml`) installed by Helm,
+//! and the operator's code running with the chart's ServiceAccount token (the identity the
+//! policy lets through).
+//!
+//! The release watches only the test's namespace, so the policy binds there alone: a binding
+//! left behind by a failed run names a namespace that is gone, and never touches another test.
+
+use std::process::Command;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{ConfigMap, Secret},
+    networking::v1::NetworkPolicy,
+    rbac::v1::RoleBinding,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+};
+use moat::{api::SecureModelDeployment, fixture};
+use moat_e2e::{
+    NamespaceOptions, audit_entries_since, audit_offset, client_as_user, config_with_token,
+    install_crds, kubernetes_controllers_value, service_account_token, tool, wait_event,
+    wait_ready, wait_until, whoami, with_namespace,
+};
+use serde_json::json;
+
+const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/moat");
+const REASON_KEY: &str = "moat.dev/break-glass-reason";
+const BREAK_GLASS_GROUP: &str = "moat:break-glass";
+
+fn helm(args: &[&str]) -> Result<String> {
+    let helm = tool("MOAT_HELM")?;
+    let out = Command::new(&helm)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {helm}"))?;
+    ensure!(
+        out.status.success(),
+        "helm {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The API server's refusal of `result`: a 403 whose message names the model to edit instead.
+fn refused<T: std::fmt::Debug>(what: &str, result: kube::Result<T>) -> Result<String> {
+    match result {
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            ensure!(
+                s.message.contains("ValidatingAdmissionPolicy")
+                    && s.message.contains("edit SecureModelDeployment fraud"),
+                "{what}: refused, but not by Moat's policy with its message: {}",
+                s.message
+            );
+            Ok(s.message)
+        }
+        other => bail!("{what} was not refused: {other:?}"),
+    }
+}
+
+/// `kubectl` as the user `user`, with `extra` environment; (succeeded, stdout + stderr).
+fn kubectl_as(user: &str, args: &[&str], extra: &[(&str, &str)]) -> Result<(bool, String)> {
+    let kubectl = tool("MOAT_KUBECTL")?;
+    let out = Command::new(&kubectl)
+        .args(args)
+        .args(["--as", user])
+        .envs(extra.iter().copied())
+        .output()
+        .with_context(|| format!("running {kubectl}"))?;
+    Ok((
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    ))
+}
+
+/// Binds the built-in `edit` ClusterRole to the user `user` in `ns`.
+async fn bind_edit(env: &moat_e2e::TestEnv, user: &str) -> Result<()> {
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{user}-edit")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "edit"},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))?;
+    env.api::<RoleBinding>()
+        .create(&PostParams::default(), &rb)
+        .await?;
+    Ok(())
+}
+
+/// The value of `moat_break_glass_total` for `kind` of the model `fraud` in `ns` (0: absent).
+fn break_glass_count(op: &moat_e2e::Operator, ns: &str, kind: &str) -> Result<u64> {
+    let prefix =
+        format!("moat_break_glass_total{{namespace=\"{ns}\",name=\"fraud\",kind=\"{kind}\"}} ");
+    Ok(op
+        .metrics
+        .encode()?
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or(0))
+}
+
+/// A user bound to `edit` is refused each way of changing a model's children (a replace, a
+/// patch, `kubectl edit`, a delete, `kubectl scale`, creating an object labelled as Moat's), and
+/// so is a user whom RBAC allows to write a model's status; nothing changes. The same changes through
+/// break-glass go through, are recorded (a `BreakGlass` Event quoting the reason,
+/// `moat_break_glass_total`) and repaired; without a reason, or through the scale subresource,
+/// break-glass is refused too. Moat itself works with the policy: it creates, updates, prunes
+/// and repairs its children, writes the status, and the garbage collector deletes the children
+/// with their model. The audit log shows no successful write to a child by anyone else.
+#[tokio::test]
+async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaired() {
+    with_namespace(
+        "admission",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let ns = env.namespace.clone();
+            install_crds(&env.client).await?;
+            let from = audit_offset()?;
+            let release = format!("r{}", &ns[ns.len() - 5..]);
+            let sa = format!("{release}-moat");
+            let moat_user = format!("system:serviceaccount:{ns}:{sa}");
+            // Here the controller manager (so the garbage collector and the namespace
+            // controller) acts as the admin: exempt it as the chart says to.
+            let admin = whoami(&env.client).await?;
+            helm(&[
+                "install", &release, CHART, "-n", &ns, "--set", "installCRDs=false",
+                "--set", &format!("watchNamespaces={{{ns}}}"), "--set", "replicaCount=1",
+                "--set", &kubernetes_controllers_value(&admin),
+            ])?;
+            let token = service_account_token(&env.client, &ns, &sa).await?;
+            let op = env
+                .operator()
+                .config(config_with_token(token).await?)
+                .start()
+                .await?;
+            let smds = env.api::<SecureModelDeployment>();
+            smds.create(&PostParams::default(), &fixture::smd("fraud").replicas(2).build()?)
+                .await?;
+            wait_ready(&smds, "fraud")
+                .await
+                .context("Ready with the policy installed")?;
+
+            bind_edit(&env, "alice").await?;
+            bind_edit(&env, "bob").await?;
+            let alice = client_as_user("alice", &[]).await?;
+            let bob = client_as_user("bob", &[BREAK_GLASS_GROUP]).await?;
+            let deploys = env.api::<Deployment>();
+            let nps = env.api::<NetworkPolicy>();
+            let before = deploys.get("fraud").await?;
+            let np_before = nps.get("fraud-allow").await?;
+            let tls_before = env.api::<Secret>().get("fraud-tls").await?;
+
+            // A user bound to `edit`, each way.
+            let a_deploys: Api<Deployment> = Api::namespaced(alice.clone(), &ns);
+            let a_nps: Api<NetworkPolicy> = Api::namespaced(alice.clone(), &ns);
+            let a_secrets: Api<Secret> = Api::namespaced(alice.clone(), &ns);
+            let mut widened = np_before.clone();
+            if let Some(spec) = widened.spec.as_mut() {
+                spec.ingress = Some(serde_json::from_value(
+                    json!([{"from": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]}]),
+                )?);
+            }
+            let message = refused(
+                "a replace (PUT) of a NetworkPolicy",
+                a_nps.replace("fraud-allow", &PostParams::default(), &widened).await,
+            )?;
+            eprintln!("refused with: {message}");
+            refused(
+                "a merge patch of the Deployment's image",
+                a_deploys
+                    .patch(
+                        "fraud",
+                        &PatchParams::default(),
+                        &Patch::Merge(json!({"spec": {"template": {"spec": {"containers": [
+                            {"name": "server", "image": "registry.example.com/evil:latest"}]}}}})),
+                    )
+                    .await,
+            )?;
+            refused(
+                "a delete of the serving Secret",
+                a_secrets.delete("fraud-tls", &DeleteParams::default()).await,
+            )?;
+            refused(
+                "a patch of deployments/scale",
+                a_deploys
+                    .patch_scale("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+                    .await,
+            )?;
+            let fake: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "fraud-fake",
+                "labels": {"app.kubernetes.io/managed-by": "moat", "moat.dev/deployment": "fraud"}}}))?;
+            refused(
+                "a create of an object labelled as Moat's",
+                Api::<ConfigMap>::namespaced(alice.clone(), &ns).create(&PostParams::default(), &fake).await,
+            )?;
+            // kubectl itself: `edit` (a patch computed from the edited file) and `scale`.
+            let (ok, out) = kubectl_as(
+                "alice",
+                &["edit", "-n", &ns, "deployment", "fraud"],
+                &[("KUBE_EDITOR", "sed -i s/replicas:\\ 2/replicas:\\ 7/")],
+            )?;
+            ensure!(!ok && out.contains("edit SecureModelDeployment fraud"), "kubectl edit: {out}");
+            let (ok, out) = kubectl_as("alice", &["scale", "-n", &ns, "deployment", "fraud", "--replicas=5"], &[])?;
+            ensure!(
+                !ok && out.contains("replicas of Deployment") && out.contains("edit SecureModelDeployment fraud"),
+                "kubectl scale: {out}"
+            );
+            // Whoever RBAC lets write a model's status is refused by the policy.
+            let role: k8s_openapi::api::rbac::v1::Role = serde_json::from_value(json!({
+                "metadata": {"name": "smd-status"},
+                "rules": [{"apiGroups": ["moat.dev"], "resources": ["securemodeldeployments/status"], "verbs": ["get", "patch", "update"]}]
+            }))?;
+            env.api::<k8s_openapi::api::rbac::v1::Role>().create(&PostParams::default(), &role).await?;
+            let rb: RoleBinding = serde_json::from_value(json!({
+                "metadata": {"name": "alice-smd-status"},
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "smd-status"},
+                "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
+            }))?;
+            env.api::<RoleBinding>().create(&PostParams::default(), &rb).await?;
+            let message = match Api::<SecureModelDeployment>::namespaced(alice.clone(), &ns)
+                .patch_status("fraud", &PatchParams::default(), &Patch::Merge(json!({"status": {"readyReplicas": 9}})))
+                .await
+            {
+                Err(kube::Error::Api(s)) if s.code == 403 => s.message,
+                other => bail!("alice wrote the status: {other:?}"),
+            };
+            ensure!(message.contains("status is written by Moat alone"), "{message}");
+            // Refused means unchanged.
+            ensure!(
+                deploys.get("fraud").await?.resource_version() == before.resource_version()
+                    && nps.get("fraud-allow").await?.resource_version() == np_before.resource_version()
+                    && env.api::<Secret>().get("fraud-tls").await?.uid() == tls_before.uid(),
+                "a refused request changed a child"
+            );
+            ensure!(op.drift_repairs("Deployment")? == 0, "a repair after refused requests");
+
+            // Break-glass, without a reason: refused; through the scale subresource: refused.
+            let b_deploys: Api<Deployment> = Api::namespaced(bob.clone(), &ns);
+            refused(
+                "a break-glass patch without a reason",
+                b_deploys
+                    .patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+                    .await,
+            )?;
+            refused(
+                "a break-glass scale",
+                b_deploys
+                    .patch_scale("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 5}})))
+                    .await,
+            )?;
+            // With a reason: goes through, is recorded, and repaired.
+            let patched = b_deploys
+                .patch(
+                    "fraud",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {REASON_KEY: "INC-16: scale out by hand"}},
+                                         "spec": {"replicas": 5}})),
+                )
+                .await
+                .context("a break-glass patch with a reason")?;
+            ensure!(patched.spec.as_ref().and_then(|s| s.replicas) == Some(5));
+            let note = wait_event(&env, &ns, "fraud", "BreakGlass", &["Deployment fraud", "INC-16: scale out by hand"]).await?;
+            eprintln!("recorded: {note}");
+            wait_until("the break-glass change reverted and its reason removed", || async {
+                let d = deploys.get("fraud").await?;
+                Ok(d.spec.as_ref().and_then(|s| s.replicas) == Some(2) && !d.annotations().contains_key(REASON_KEY))
+            })
+            .await?;
+            ensure!(break_glass_count(&op, &ns, "Deployment")? == 1, "moat_break_glass_total for the Deployment");
+
+            // A break-glass delete: the reason on the object first, then the delete.
+            let b_nps: Api<NetworkPolicy> = Api::namespaced(bob.clone(), &ns);
+            b_nps
+                .patch(
+                    "fraud-allow",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {REASON_KEY: "INC-17: reset the policy"}}})),
+                )
+                .await
+                .context("annotating with a reason")?;
+            b_nps
+                .delete("fraud-allow", &DeleteParams::default())
+                .await
+                .context("a break-glass delete")?;
+            wait_event(&env, &ns, "fraud", "BreakGlass", &["NetworkPolicy fraud-allow", "INC-17: reset the policy", "deleted"]).await?;
+            wait_until("the deleted NetworkPolicy recreated", || async {
+                Ok(nps.get_opt("fraud-allow").await?.is_some_and(|np| np.uid() != np_before.uid()))
+            })
+            .await?;
+            ensure!(break_glass_count(&op, &ns, "NetworkPolicy")? == 1, "moat_break_glass_total for the NetworkPolicy");
+
+            // Moat keeps working: a spec change (one replica: the PDB is pruned) and Ready.
+            smds.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"replicas": 1}})))
+                .await?;
+            let pdbs = env.api::<k8s_openapi::api::policy::v1::PodDisruptionBudget>();
+            wait_until("the PDB pruned by Moat", || async { Ok(pdbs.get_opt("fraud").await?.is_none()) }).await?;
+            wait_ready(&smds, "fraud").await?;
+            // The children, for the audit below; then the model goes and the garbage collector
+            // deletes them.
+            let selector = ListParams::default().labels("moat.dev/deployment=fraud");
+            let mut children: Vec<(String, String)> = Vec::new();
+            for d in deploys.list(&selector).await? { children.push(("deployments".into(), d.name_any())); }
+            for n in nps.list(&selector).await? { children.push(("networkpolicies".into(), n.name_any())); }
+            for s in env.api::<Secret>().list(&selector).await? { children.push(("secrets".into(), s.name_any())); }
+            for c in env.api::<ConfigMap>().list(&selector).await? { children.push(("configmaps".into(), c.name_any())); }
+            for s in env.api::<k8s_openapi::api::core::v1::Service>().list(&selector).await? { children.push(("services".into(), s.name_any())); }
+            for s in env.api::<k8s_openapi::api::core::v1::ServiceAccount>().list(&selector).await? { children.push(("serviceaccounts".into(), s.name_any())); }
+            ensure!(children.len() >= 6, "children: {children:?}");
+            smds.delete("fraud", &DeleteParams::background()).await?;
+            wait_until("the garbage collector to delete the model's children", || async {
+                Ok(deploys.list(&selector).await?.items.is_empty() && nps.list(&selector).await?.items.is_empty()
+                    && env.api::<Secret>().list(&selector).await?.items.is_empty())
+            })
+            .await?;
+            let errors = op.metrics.encode()?;
+            ensure!(!errors.contains("moat_reconcile_errors_total{"), "reconcile errors with the policy:\n{errors}");
+            drop(op);
+
+            // The audit log: every write to a child that succeeded is by Moat, the garbage
+            // collector (a delete by kube-controller-manager, as whichever user it runs), or the
+            // break-glass user; every write by the `edit` user was refused.
+            let entries = audit_entries_since(from)?;
+            let gc = [
+                "system:serviceaccount:kube-system:generic-garbage-collector",
+                "system:kube-controller-manager",
+                admin.as_str(),
+            ];
+            let mut by_user: std::collections::BTreeMap<String, (u32, u32)> = Default::default();
+            for e in entries.iter().filter(|e| e["stage"] == "ResponseComplete") {
+                let r = &e["objectRef"];
+                let verb = e["verb"].as_str().unwrap_or_default();
+                if r["namespace"].as_str() != Some(ns.as_str())
+                    || !matches!(verb, "create" | "update" | "patch" | "delete")
+                    // Status is not guarded: the Deployment controller writes it.
+                    || r["subresource"] == "status"
+                    || !children.iter().any(|(res, name)| r["resource"].as_str() == Some(res) && r["name"].as_str() == Some(name))
+                {
+                    continue;
+                }
+                let user = e["impersonatedUser"]["username"].as_str().or(e["user"]["username"].as_str()).unwrap_or_default().to_string();
+                let controller = verb == "delete"
+                    && e["userAgent"].as_str().is_some_and(|a| a.starts_with("kube-controller-manager"));
+                // The admin is the controller manager's user here: only its deletes count.
+                let user = if user == admin && !controller { format!("{admin} (not a controller)") } else { user };
+                let ok = e["responseStatus"]["code"].as_i64().is_some_and(|c| c < 300);
+                let counts = by_user.entry(user.clone()).or_default();
+                if ok { counts.0 += 1 } else { counts.1 += 1 }
+                ensure!(
+                    !ok || user == moat_user || gc.contains(&user.as_str()) || (user == "bob" && r["subresource"].is_null()),
+                    "a write to a child by {user} succeeded: {verb} {} {}", r["resource"], r["name"]
+                );
+            }
+            eprintln!("writes to the model's children (succeeded, refused) by user: {by_user:#?}");
+            ensure!(by_user.get(&moat_user).is_some_and(|c| c.0 > 0 && c.1 == 0), "Moat's writes: {by_user:?}");
+            ensure!(by_user.get("alice").is_some_and(|c| c.0 == 0 && c.1 >= 5), "alice's writes: {by_user:?}");
+            ensure!(gc.iter().any(|u| by_user.get(*u).is_some_and(|c| c.0 > 0)), "no garbage collector delete: {by_user:?}");
+            helm(&["uninstall", &release, "-n", &ns])?;
+            Ok(())
+        },
+    )
+    .await;
+}
+
+/// The opt-out: with `admissionPolicy.enabled=false` the chart installs no policy, a user bound
+/// to `edit` can change a child, and drift repair (the second line) reverts it.
+#[tokio::test]
+async fn without_the_policy_drift_repair_is_the_second_line() {
+    with_namespace(
+        "admission-off",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let ns = env.namespace.clone();
+            install_crds(&env.client).await?;
+            let release = format!("r{}", &ns[ns.len() - 5..]);
+            let sa = format!("{release}-moat");
+            helm(&[
+                "install",
+                &release,
+                CHART,
+                "-n",
+                &ns,
+                "--set",
+                "installCRDs=false",
+                "--set",
+                &format!("watchNamespaces={{{ns}}}"),
+                "--set",
+                "replicaCount=1",
+                "--set",
+                "admissionPolicy.enabled=false",
+            ])?;
+            let policies: Api<kube::api::DynamicObject> = Api::all_with(
+                env.client.clone(),
+                &kube::core::ApiResource::from_gvk_with_plural(
+                    &kube::core::GroupVersionKind::gvk(
+                        "admissionregistration.k8s.io",
+                        "v1",
+                        "ValidatingAdmissionPolicy",
+                    ),
+                    "validatingadmissionpolicies",
+                ),
+            );
+            ensure!(
+                policies
+                    .get_opt(&format!("{sa}-children.moat.dev"))
+                    .await?
+                    .is_none(),
+                "a policy was installed with admissionPolicy.enabled=false"
+            );
+            let token = service_account_token(&env.client, &ns, &sa).await?;
+            let op = env
+                .operator()
+                .config(config_with_token(token).await?)
+                .start()
+                .await?;
+            let smds = env.api::<SecureModelDeployment>();
+            smds.create(&PostParams::default(), &fixture::smd("fraud").build()?)
+                .await?;
+            wait_ready(&smds, "fraud").await?;
+            bind_edit(&env, "alice").await?;
+            let alice = client_as_user("alice", &[]).await?;
+            Api::<NetworkPolicy>::namespaced(alice, &ns)
+                .delete("fraud-allow", &DeleteParams::default())
+                .await
+                .context("without the policy, the edit role deletes a child")?;
+            wait_event(
+                &env,
+                &ns,
+                "fraud",
+                "DriftRepaired",
+                &["NetworkPolicy fraud-allow", "deleted"],
+            )
+            .await?;
+            ensure!(op.drift_repairs("NetworkPolicy")? >= 1);
+            helm(&["uninstall", &release, "-n", &ns])?;
+            Ok(())
+        },
+    )
+    .await;
+}
