@@ -140,12 +140,20 @@ kubectl create configmap registry-ca -n "$NS" --from-file=ca.crt="$MOAT_NODE_REG
 # NetworkPolicies see the API server's endpoint (the host end of the node's veth), not the
 # kubernetes Service.
 api_port=$(kubectl get endpointslices -n default -l kubernetes.io/service-name=kubernetes -o jsonpath='{.items[0].ports[0].port}')
+# The chart's admission policy lets only Moat and Kubernetes' own controllers write Moat's
+# children. kwokctl runs kube-controller-manager with the admin's kubeconfig, so on this cluster
+# the garbage collector and the namespace controller act as the admin: exempt that identity too
+# (which also lets the drift step below act as the admin; e2e/tests/admission.rs shows a user
+# with the edit role refused).
+admin=$(kubectl auth whoami -o jsonpath='{.status.userInfo.username}')
+controllers="system:serviceaccount:kube-system:generic-garbage-collector,system:serviceaccount:kube-system:namespace-controller,system:kube-controller-manager,$admin"
 helm upgrade --install "$RELEASE" charts/moat -n "$NS" --force-conflicts --wait --timeout "${DEADLINE}s" \
   --set image.repository="${MOAT_IMAGE%@*}" --set image.digest="${MOAT_IMAGE#*@}" \
   --set registries.allowed="{$REGISTRY}" --set registries.caBundleConfigMap=registry-ca \
   --set registries.egress.cidrs="{$MOAT_NODE_HOST_IP/32}" --set registries.egress.ports="{${REGISTRY##*:}}" \
   --set networkPolicy.apiServerCIDRs="{$MOAT_NODE_HOST_IP/32}" --set networkPolicy.apiServerPorts="{$api_port}" \
-  --set watchNamespaces="{moat-demo,payments}" --set logging.format=text
+  --set watchNamespaces="{moat-demo,payments}" --set logging.format=text \
+  --set admissionPolicy.kubernetesControllers="{$controllers}"
 kubectl get pods -n "$NS" -l app.kubernetes.io/instance=$RELEASE -o wide
 # The leader: the holder of the Lease, a pod of this release that is ready and not going away (a
 # pod of an earlier release may still hold it while it terminates).
