@@ -258,16 +258,25 @@ fn dashboard_expressions() -> Vec<String> {
 }
 
 /// The PromQL of the PrometheusRule template: each `expr:` line, with the template's PromQL
-/// variable (`{{- $drift := "..." }}`) put in and the other Helm actions left out.
+/// variables (`{{- $drift := "..." }}`, `{{- $breakGlass := "..." }}`) put in and the other Helm
+/// actions left out.
 fn rule_expressions() -> Vec<String> {
     let template = read("charts/moat/templates/prometheusrule.yaml");
-    let drift = template
+    let variables: Vec<(String, &str)> = template
         .lines()
-        .find_map(|l| l.trim().strip_prefix("{{- $drift := \""))
-        .and_then(|v| v.strip_suffix("\" }}"))
-        .expect("the $drift variable of the template");
+        .filter_map(|l| {
+            let (name, value) = l.trim().strip_prefix("{{- $")?.split_once(" := \"")?;
+            Some((format!("{{{{ ${name} }}}}"), value.strip_suffix("\" }}")?))
+        })
+        .collect();
+    assert!(
+        variables.iter().any(|(name, _)| name == "{{ $drift }}"),
+        "the $drift variable of the template"
+    );
     let without_actions = |s: &str| {
-        let s = s.replace("{{ $drift }}", drift);
+        let s = variables.iter().fold(s.to_string(), |s, (name, value)| {
+            s.replace(name.as_str(), value)
+        });
         let mut out = String::new();
         let mut rest = s.as_str();
         while let Some(start) = rest.find("{{") {
