@@ -312,14 +312,17 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
             for s in env.api::<k8s_openapi::api::core::v1::Service>().list(&selector).await? { children.push(("services".into(), s.name_any())); }
             for s in env.api::<k8s_openapi::api::core::v1::ServiceAccount>().list(&selector).await? { children.push(("serviceaccounts".into(), s.name_any())); }
             ensure!(children.len() >= 6, "children: {children:?}");
+            // No reconcile failed while the policy was in place (read before the model goes: a
+            // reconcile in flight as it is deleted may fail to write the status of an object that
+            // is gone, which says nothing about the policy).
+            let errors = op.metrics.encode()?;
+            ensure!(!errors.contains("moat_reconcile_errors_total{"), "reconcile errors with the policy:\n{errors}");
             smds.delete("fraud", &DeleteParams::background()).await?;
             wait_until("the garbage collector to delete the model's children", || async {
                 Ok(deploys.list(&selector).await?.items.is_empty() && nps.list(&selector).await?.items.is_empty()
                     && env.api::<Secret>().list(&selector).await?.items.is_empty())
             })
             .await?;
-            let errors = op.metrics.encode()?;
-            ensure!(!errors.contains("moat_reconcile_errors_total{"), "reconcile errors with the policy:\n{errors}");
             drop(op);
 
             // The audit log: every write to a child that succeeded is by Moat, the garbage
