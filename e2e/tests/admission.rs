@@ -312,11 +312,6 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
             for s in env.api::<k8s_openapi::api::core::v1::Service>().list(&selector).await? { children.push(("services".into(), s.name_any())); }
             for s in env.api::<k8s_openapi::api::core::v1::ServiceAccount>().list(&selector).await? { children.push(("serviceaccounts".into(), s.name_any())); }
             ensure!(children.len() >= 6, "children: {children:?}");
-            // No reconcile failed while the policy was in place (read before the model goes: a
-            // reconcile in flight as it is deleted may fail to write the status of an object that
-            // is gone, which says nothing about the policy).
-            let errors = op.metrics.encode()?;
-            ensure!(!errors.contains("moat_reconcile_errors_total{"), "reconcile errors with the policy:\n{errors}");
             smds.delete("fraud", &DeleteParams::background()).await?;
             wait_until("the garbage collector to delete the model's children", || async {
                 Ok(deploys.list(&selector).await?.items.is_empty() && nps.list(&selector).await?.items.is_empty()
@@ -325,7 +320,8 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
             .await?;
             drop(op);
 
-            // The audit log: every write to a child that succeeded is by Moat, the garbage
+            // The audit log: the policy never refused Moat (it kept working with the policy in
+            // place), every write to a child that succeeded is by Moat, the garbage
             // collector (a delete by kube-controller-manager, as whichever user it runs), or the
             // break-glass user; every write by the `edit` user was refused.
             let entries = audit_entries_since(from)?;
@@ -351,9 +347,14 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
                     && e["userAgent"].as_str().is_some_and(|a| a.starts_with("kube-controller-manager"));
                 // The admin is the controller manager's user here: only its deletes count.
                 let user = if user == admin && !controller { format!("{admin} (not a controller)") } else { user };
-                let ok = e["responseStatus"]["code"].as_i64().is_some_and(|c| c < 300);
+                let code = e["responseStatus"]["code"].as_i64();
+                let ok = code.is_some_and(|c| c < 300);
+                // Refused by the policy (403). A conflict (409: Moat's take-over of fields a
+                // break-glass change added, made against a cached resourceVersion) is retried by
+                // design and says nothing about the policy.
+                let refused = code == Some(403);
                 let counts = by_user.entry(user.clone()).or_default();
-                if ok { counts.0 += 1 } else { counts.1 += 1 }
+                if ok { counts.0 += 1 } else if refused { counts.1 += 1 }
                 ensure!(
                     !ok || user == moat_user || gc.contains(&user.as_str()) || (user == "bob" && r["subresource"].is_null()),
                     "a write to a child by {user} succeeded: {verb} {} {}", r["resource"], r["name"]
