@@ -46,6 +46,41 @@ fn helm(args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// The chart installed as release `r<namespace suffix>` in the test's namespace, watching it, with
+/// the extra `--set` value `extra`, and Moat run with the chart's ServiceAccount token (so the
+/// API server sees the identity the policy lets through). Returns the release, the
+/// ServiceAccount's name and the running operator.
+async fn install_chart_and_run_moat(
+    env: &moat_e2e::TestEnv,
+    extra: &str,
+) -> Result<(String, String, moat_e2e::Operator)> {
+    let ns = &env.namespace;
+    let release = format!("r{}", &ns[ns.len() - 5..]);
+    let sa = format!("{release}-moat");
+    helm(&[
+        "install",
+        &release,
+        CHART,
+        "-n",
+        ns,
+        "--set",
+        "installCRDs=false",
+        "--set",
+        &format!("watchNamespaces={{{ns}}}"),
+        "--set",
+        "replicaCount=1",
+        "--set",
+        extra,
+    ])?;
+    let token = service_account_token(&env.client, ns, &sa).await?;
+    let op = env
+        .operator()
+        .config(config_with_token(token).await?)
+        .start()
+        .await?;
+    Ok((release, sa, op))
+}
+
 /// The API server's refusal of `result`: a 403 whose message names the model to edit instead.
 fn refused<T: std::fmt::Debug>(what: &str, result: kube::Result<T>) -> Result<String> {
     match result {
@@ -123,23 +158,12 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
             let ns = env.namespace.clone();
             install_crds(&env.client).await?;
             let from = audit_offset()?;
-            let release = format!("r{}", &ns[ns.len() - 5..]);
-            let sa = format!("{release}-moat");
-            let moat_user = format!("system:serviceaccount:{ns}:{sa}");
             // Here the controller manager (so the garbage collector and the namespace
             // controller) acts as the admin: exempt it as the chart says to.
             let admin = whoami(&env.client).await?;
-            helm(&[
-                "install", &release, CHART, "-n", &ns, "--set", "installCRDs=false",
-                "--set", &format!("watchNamespaces={{{ns}}}"), "--set", "replicaCount=1",
-                "--set", &kubernetes_controllers_value(&admin),
-            ])?;
-            let token = service_account_token(&env.client, &ns, &sa).await?;
-            let op = env
-                .operator()
-                .config(config_with_token(token).await?)
-                .start()
-                .await?;
+            let (release, sa, op) =
+                install_chart_and_run_moat(&env, &kubernetes_controllers_value(&admin)).await?;
+            let moat_user = format!("system:serviceaccount:{ns}:{sa}");
             let smds = env.api::<SecureModelDeployment>();
             smds.create(&PostParams::default(), &fixture::smd("fraud").replicas(2).build()?)
                 .await?;
@@ -381,23 +405,8 @@ async fn without_the_policy_drift_repair_is_the_second_line() {
         |env| async move {
             let ns = env.namespace.clone();
             install_crds(&env.client).await?;
-            let release = format!("r{}", &ns[ns.len() - 5..]);
-            let sa = format!("{release}-moat");
-            helm(&[
-                "install",
-                &release,
-                CHART,
-                "-n",
-                &ns,
-                "--set",
-                "installCRDs=false",
-                "--set",
-                &format!("watchNamespaces={{{ns}}}"),
-                "--set",
-                "replicaCount=1",
-                "--set",
-                "admissionPolicy.enabled=false",
-            ])?;
+            let (release, sa, op) =
+                install_chart_and_run_moat(&env, "admissionPolicy.enabled=false").await?;
             let policies: Api<kube::api::DynamicObject> = Api::all_with(
                 env.client.clone(),
                 &kube::core::ApiResource::from_gvk_with_plural(
@@ -416,12 +425,6 @@ async fn without_the_policy_drift_repair_is_the_second_line() {
                     .is_none(),
                 "a policy was installed with admissionPolicy.enabled=false"
             );
-            let token = service_account_token(&env.client, &ns, &sa).await?;
-            let op = env
-                .operator()
-                .config(config_with_token(token).await?)
-                .start()
-                .await?;
             let smds = env.api::<SecureModelDeployment>();
             smds.create(&PostParams::default(), &fixture::smd("fraud").build()?)
                 .await?;
