@@ -126,6 +126,16 @@ async fn bind_edit(env: &moat_e2e::TestEnv, user: &str) -> Result<()> {
     env.api::<RoleBinding>()
         .create(&PostParams::default(), &rb)
         .await?;
+    // The binding reaches the API server's authorizer a moment later: wait until the user may
+    // read the namespace's Deployments, so a refusal after this is the policy's, not RBAC's.
+    let deployments: Api<Deployment> =
+        Api::namespaced(client_as_user(user, &[]).await?, &env.namespace);
+    moat_e2e::wait_for_value(
+        moat_e2e::DEADLINE,
+        "the edit role to take effect",
+        || async { Ok(deployments.list(&ListParams::default().limit(1)).await.ok()) },
+    )
+    .await?;
     Ok(())
 }
 
@@ -247,13 +257,20 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
                 "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": "alice"}]
             }))?;
             env.api::<RoleBinding>().create(&PostParams::default(), &rb).await?;
-            let message = match Api::<SecureModelDeployment>::namespaced(alice.clone(), &ns)
-                .patch_status("fraud", &PatchParams::default(), &Patch::Merge(json!({"status": {"readyReplicas": 9}})))
-                .await
-            {
-                Err(kube::Error::Api(s)) if s.code == 403 => s.message,
-                other => bail!("alice wrote the status: {other:?}"),
-            };
+            // A new RoleBinding reaches the API server's authorizer a moment later: until then
+            // RBAC refuses, which proves nothing about the policy, so wait for the policy's word.
+            let statuses = Api::<SecureModelDeployment>::namespaced(alice.clone(), &ns);
+            let message = moat_e2e::wait_for_value(moat_e2e::DEADLINE, "the policy to refuse alice's status write", || async {
+                match statuses
+                    .patch_status("fraud", &PatchParams::default(), &Patch::Merge(json!({"status": {"readyReplicas": 9}})))
+                    .await
+                {
+                    Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains("ValidatingAdmissionPolicy") => Ok(Some(s.message)),
+                    Err(kube::Error::Api(s)) if s.code == 403 => Ok(None),
+                    other => bail!("alice wrote the status: {other:?}"),
+                }
+            })
+            .await?;
             ensure!(message.contains("status is written by Moat alone"), "{message}");
             // Refused means unchanged.
             ensure!(
