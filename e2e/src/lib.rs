@@ -7,6 +7,7 @@
 //!
 //! The cluster is found through `KUBECONFIG`; `make test` exports it from `e2e/cluster.sh env`.
 
+pub mod artifacts;
 pub mod faults;
 pub mod registry;
 pub mod tls;

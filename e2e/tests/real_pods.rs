@@ -9,8 +9,9 @@ use moat::{
     fixture,
 };
 use moat_e2e::{
-    NamespaceOptions, TestEnv, exec, real_node_image, wait_condition, wait_for_value, wait_until,
-    with_namespace,
+    NamespaceOptions, TestEnv,
+    artifacts::{age_identity, encrypted_model, publish_store, pvc_store, run_here, sha256_of},
+    exec, real_node_image, wait_condition, wait_for_value, wait_until, with_namespace,
 };
 use serde_json::json;
 
@@ -472,91 +473,6 @@ async fn network_policies_hold_on_the_wire() {
 }
 
 /// Output of a command on this machine; fails with its standard error.
-fn run_here(program: &str, args: &[&str]) -> Result<String> {
-    let out = std::process::Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {program}"))?;
-    ensure!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn sha256_of(path: &std::path::Path) -> Result<String> {
-    let out = run_here("sha256sum", &[&path.to_string_lossy()])?;
-    Ok(out
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string())
-}
-
-/// An age identity from `age-keygen`: (the AGE-SECRET-KEY line, the recipient).
-fn age_identity(dir: &std::path::Path, name: &str) -> Result<(String, String)> {
-    let path = dir.join(name);
-    run_here("age-keygen", &["-o", &path.to_string_lossy()])?;
-    let text = std::fs::read_to_string(&path)?;
-    let secret = text
-        .lines()
-        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
-        .context("no identity in age-keygen's output")?
-        .to_string();
-    let recipient = text
-        .lines()
-        .find_map(|l| l.strip_prefix("# public key: "))
-        .context("no public key in age-keygen's output")?
-        .to_string();
-    Ok((secret, recipient))
-}
-
-/// A model directory holding `weights.bin` of `mib` MiB (not compressible), encrypted with
-/// `moat encrypt` to `recipient` into `store/<name>.tar.age`; returns the weights' sha256.
-fn encrypted_model(
-    dir: &std::path::Path,
-    name: &str,
-    mib: usize,
-    recipient: &str,
-) -> Result<String> {
-    use std::io::Write;
-    let model = dir.join(format!("{name}-model"));
-    std::fs::create_dir_all(&model)?;
-    let weights = model.join("weights.bin");
-    let mut file = std::io::BufWriter::new(std::fs::File::create(&weights)?);
-    let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ (mib as u64);
-    let mut chunk = vec![0u8; 1 << 20];
-    for _ in 0..mib {
-        for b in chunk.chunks_mut(8) {
-            // xorshift64: fast, and never repeats within a model.
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            b.copy_from_slice(&state.to_le_bytes()[..b.len()]);
-        }
-        file.write_all(&chunk)?;
-    }
-    file.flush()?;
-    drop(file);
-    let digest = sha256_of(&weights)?;
-    let artifact = dir.join("store").join(format!("{name}.tar.age"));
-    let moat = moat_e2e::moat_binary()?;
-    run_here(
-        &moat.to_string_lossy(),
-        &[
-            "encrypt",
-            "-r",
-            recipient,
-            "-o",
-            &artifact.to_string_lossy(),
-            &model.to_string_lossy(),
-        ],
-    )?;
-    std::fs::remove_dir_all(&model)?;
-    Ok(digest)
-}
-
 /// An encrypted model of 1 GiB is fetched from a PersistentVolume, verified and decrypted by
 /// Moat's real init container into the memory-backed volume, and the server reads every byte of
 /// it; the key never reaches the server container. A tampered artifact (its recorded digest
@@ -564,8 +480,7 @@ fn encrypted_model(
 /// its init container, and the SecureModelDeployment says why with the container's own message.
 #[tokio::test]
 async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
-    use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Secret};
-    use std::os::unix::fs::PermissionsExt;
+    use k8s_openapi::api::core::v1::{PersistentVolume, Secret};
     with_namespace(
         "real-model",
         NamespaceOptions::restricted().on_real_node(),
@@ -575,10 +490,8 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
             // PersistentVolume of a StorageClass the operator is told is encrypted.
             let dir = tempfile::Builder::new().prefix("moat-real-model-").tempdir_in("/tmp")?;
             let store = dir.path().join("store");
-            std::fs::create_dir_all(&store)?;
-            for d in [dir.path(), store.as_path()] {
-                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
-            }
+            let class = "moat-e2e-encrypted-local";
+            let pv_name = pvc_store(&env, dir.path(), class).await?;
             let (secret, recipient) = age_identity(dir.path(), "key.txt")?;
             let (_, other_recipient) = age_identity(dir.path(), "other.txt")?;
             let weights = encrypted_model(dir.path(), "fraud", 1024, &recipient)?;
@@ -590,29 +503,7 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x01;
             std::fs::write(&tampered, &bytes)?;
-            for f in std::fs::read_dir(&store)? {
-                std::fs::set_permissions(f?.path(), std::fs::Permissions::from_mode(0o644))?;
-            }
-
-            let class = "moat-e2e-encrypted-local";
-            let pv_name = format!("{ns}-store");
-            let pvs: kube::Api<PersistentVolume> = kube::Api::all(env.client.clone());
-            let pv: PersistentVolume = serde_json::from_value(json!({
-                "metadata": {"name": pv_name, "labels": {"moat.dev/e2e": "true"}},
-                "spec": {
-                    "capacity": {"storage": "5Gi"}, "accessModes": ["ReadOnlyMany"],
-                    "persistentVolumeReclaimPolicy": "Retain", "storageClassName": class,
-                    "hostPath": {"path": store.to_string_lossy(), "type": "Directory"},
-                    "claimRef": {"namespace": ns, "name": "store"}
-                }
-            }))?;
-            pvs.create(&Default::default(), &pv).await?;
-            let claim: PersistentVolumeClaim = serde_json::from_value(json!({
-                "metadata": {"name": "store"},
-                "spec": {"accessModes": ["ReadOnlyMany"], "storageClassName": class,
-                         "volumeName": pv_name, "resources": {"requests": {"storage": "5Gi"}}}
-            }))?;
-            env.api::<PersistentVolumeClaim>().create(&Default::default(), &claim).await?;
+            publish_store(dir.path())?;
             let key: Secret = serde_json::from_value(json!({
                 "metadata": {"name": "model-key"}, "stringData": {"identity": secret}
             }))?;
@@ -729,6 +620,7 @@ async fn a_1_gib_model_is_decrypted_in_the_pod_and_bad_artifacts_fail_closed() {
                     ensure!(!started, "{bad}: the server started in {}", p.name_any());
                 }
             }
+            let pvs: kube::Api<PersistentVolume> = kube::Api::all(env.client.clone());
             pvs.delete(&pv_name, &Default::default()).await?;
             Ok(())
         },
