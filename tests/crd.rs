@@ -37,11 +37,11 @@ fn every_schema_property_is_documented() {
                 "spec",
                 &mut missing,
             );
-            walk(
-                &schema["openAPIV3Schema"]["properties"]["status"],
-                "status",
-                &mut missing,
-            );
+            // A kind without a status (ModelRevision: immutable) has nothing there to document.
+            let status = &schema["openAPIV3Schema"]["properties"]["status"];
+            if !status.is_null() {
+                walk(status, "status", &mut missing);
+            }
             assert!(missing.is_empty(), "undocumented fields: {missing:?}");
         }
     }

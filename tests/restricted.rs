@@ -271,6 +271,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                     model,
                     placement,
                     gate,
+                    rollout: None,
                 }
             },
         )
@@ -525,6 +526,7 @@ proptest! {
             model: None,
             placement: None,
             gate: None,
+            rollout: None,
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

@@ -50,6 +50,15 @@ pub mod reason {
     /// The init container that verifies and decrypts the model failed; the message has its
     /// one-line reason.
     pub const MODEL_DECRYPTION_FAILED: &str = "ModelDecryptionFailed";
+    /// A container of the pods of the current revision keeps exiting (restarted twice and not
+    /// running); the message names the pod, the container and its last exit.
+    pub const CRASH_LOOP: &str = "CrashLoop";
+    /// The current revision failed (decryption, crash loop or progress deadline) and the pods
+    /// were rolled back to the last known-good revision; the message names both. The spec is
+    /// left as it is: changing or reverting it goes on.
+    pub const ROLLED_BACK: &str = "RolledBack";
+    /// Event: Moat recorded a new revision (a ModelRevision) of the model.
+    pub const REVISION_CREATED: &str = "RevisionCreated";
     /// Moat's certificate authority is not available yet; Moat retries.
     pub const CA_UNAVAILABLE: &str = "CAUnavailable";
     /// `spec.imagePolicy` is `RequireDigest` and the image names a tag.
@@ -96,6 +105,8 @@ pub mod reason {
         REJECTED,
         PROGRESS_DEADLINE_EXCEEDED,
         MODEL_DECRYPTION_FAILED,
+        CRASH_LOOP,
+        ROLLED_BACK,
         DIGEST_REQUIRED,
         REGISTRY_NOT_ALLOWED,
         IMAGE_PULL_SECRET_REJECTED,

@@ -5,9 +5,11 @@
 
 pub mod conditions;
 mod model_client;
+mod revision;
 mod smd;
 
 pub use model_client::*;
+pub use revision::*;
 pub use smd::*;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -18,7 +20,11 @@ pub const GROUP: &str = "moat.dev";
 
 /// Every CRD Moat defines, in the order `moat crd` prints them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![SecureModelDeployment::crd(), ModelClient::crd()]
+    vec![
+        SecureModelDeployment::crd(),
+        ModelClient::crd(),
+        ModelRevision::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream, exactly as checked in under `crds/`.

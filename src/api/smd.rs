@@ -42,6 +42,7 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status", description = "Whether every replica runs the current spec and is ready"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.readyReplicas", description = "Ready replicas"),
     printcolumn(name = "Image", type_ = "string", json_path = ".status.image.pinned", description = "Image in the pod template, pinned by digest"),
+    printcolumn(name = "Revision", type_ = "integer", json_path = ".status.revisions.serving.revision", description = "The revision the pods run (see `kubectl get modelrevisions`)"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = Rule::new("size(self.metadata.name) <= 50 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter) of at most 50 characters, because Moat names the Service after it")
 )]
@@ -104,6 +105,32 @@ pub struct SecureModelDeploymentSpec {
     /// HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateSpec>,
+
+    /// How a new revision rolls out, how long Moat waits for it, and how many past revisions
+    /// (ModelRevision objects) it keeps. A new revision whose pods fail to decrypt the model,
+    /// crash-loop, or are not ready within `progressDeadlineSeconds` is rolled back to the last
+    /// known-good revision: the spec is left as it is, and the status says Stalled, reason
+    /// `RolledBack`, until the spec changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+/// Rollout of new revisions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Seconds a new revision may take to become ready (the Deployment's
+    /// `progressDeadlineSeconds`) before Moat rolls back to the last known-good revision.
+    /// Defaults to 600. Give a slow model load room: the startup probe counts separately.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub progress_deadline_seconds: Option<i32>,
+
+    /// How many ModelRevisions Moat keeps for this model, the current and the last known-good
+    /// always among them. Defaults to 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 100))]
+    pub revision_history_limit: Option<i32>,
 }
 
 /// The gate in front of the model server.
@@ -791,6 +818,60 @@ pub struct SecureModelDeploymentStatus {
     /// Whether Moat's gate guards the endpoint, and what it enforces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gate: Option<GateStatus>,
+
+    /// The model's revisions (ModelRevision objects): the one the spec asks for, the one the
+    /// pods run, the last known-good, and a failed one Moat rolled back from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<RevisionsStatus>,
+}
+
+/// Where the model's revisions stand.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionsStatus {
+    /// The revision the current spec renders to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current: Option<RevisionRef>,
+    /// The revision in the Deployment's pod template: the current one, or the last known-good
+    /// after a rollback.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving: Option<RevisionRef>,
+    /// The last revision that had every replica ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_known_good: Option<RevisionRef>,
+    /// A revision that failed (and was rolled back from, when a known-good one existed). Kept
+    /// while the spec still asks for it; a changed spec goes out normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<FailedRevision>,
+    /// How many ModelRevisions Moat keeps for this model now.
+    #[serde(default)]
+    pub history: i32,
+}
+
+/// One revision, by name.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionRef {
+    /// Name of the ModelRevision.
+    pub name: String,
+    /// Its revision number.
+    pub revision: i64,
+    /// Its pod template's hash.
+    pub template_hash: String,
+}
+
+/// A revision whose rollout failed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FailedRevision {
+    /// The revision.
+    pub revision: RevisionRef,
+    /// Why: `ModelDecryptionFailed`, `CrashLoop` or `ProgressDeadlineExceeded`.
+    pub reason: String,
+    /// What failed, in one line.
+    pub message: String,
+    /// When Moat found the failure.
+    pub at: Time,
 }
 
 /// What guards the model's endpoint.

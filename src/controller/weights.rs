@@ -3,17 +3,14 @@
 //! carries this SecureModelDeployment as an owner when crypto-shredding is on. After applying,
 //! why the decrypting init container failed, read from the pods.
 
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Secret};
 use kube::{
     Api, ResourceExt,
-    api::{ListParams, Patch, PatchParams},
+    api::{Patch, PatchParams},
 };
 
 use super::Context;
-use crate::{
-    api::{ModelSpec, SecureModelDeployment},
-    render::{DEPLOYMENT_LABEL, model::decrypt_args},
-};
+use crate::api::{ModelSpec, SecureModelDeployment};
 
 /// Why the model cannot be served. Each names what to change.
 #[derive(Debug, thiserror::Error)]
@@ -150,18 +147,4 @@ pub(super) async fn set_owner(
     Ok(())
 }
 
-/// The reason the decrypting init container of a current pod of `smd` failed, if one did:
-/// read fresh from the API server (pods are not cached), only while a rollout is incomplete.
-pub(super) async fn decrypt_failure(
-    ctx: &Context,
-    smd: &SecureModelDeployment,
-    model: &ModelSpec,
-) -> Result<Option<String>, kube::Error> {
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
-    let pods = api
-        .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", smd.name_any())))
-        .await?;
-    Ok(failure_of(&pods.items, &decrypt_args(model)))
-}
-
-pub use crate::core::model::{check_storage_class, failure_of, shred_owner_patch};
+pub use crate::core::model::{check_storage_class, shred_owner_patch};

@@ -9,9 +9,11 @@
 //! - [`ca`]: what the CA is and when its Secret must be written.
 //! - [`consent`]: whether a model consents to a ModelClient.
 //! - [`model`]: storage-class checks and decrypt failures of encrypted weights.
+//! - [`revision`]: revisions, their failures, and the rollback to the last known-good.
 
 pub mod ca;
 pub mod consent;
 pub mod drift;
 pub mod model;
+pub mod revision;
 pub mod status;

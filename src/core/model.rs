@@ -1,14 +1,11 @@
 //! Decisions about encrypted model weights, pure: whether a PVC source's StorageClass is one the
 //! platform team declared encrypted, and why the decrypting init container of a pod failed.
 
-use k8s_openapi::{
-    api::core::v1::{Pod, Secret},
-    apimachinery::pkg::apis::meta::v1::OwnerReference,
-};
+use k8s_openapi::{api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::OwnerReference};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::{api::SecureModelDeployment, render::model::INIT_CONTAINER};
+use crate::api::SecureModelDeployment;
 
 /// The patch that makes the key Secret's ownerReferences say what crypto-shredding wants: with
 /// `want`, `smd` is an owner (not the controller), so the garbage collector deletes the key with
@@ -75,109 +72,10 @@ pub fn check_storage_class(
     }
 }
 
-/// The first failed `decrypt-model` init container (now or at its last run, as in
-/// CrashLoopBackOff) among the `pods` whose init container runs with `args` (pods of an earlier
-/// model spec do not count), as `pod <name>: <termination message>`.
-pub fn failure_of(pods: &[Pod], args: &[String]) -> Option<String> {
-    pods.iter().find_map(|pod| {
-        let current = pod
-            .spec
-            .as_ref()?
-            .init_containers
-            .as_ref()?
-            .iter()
-            .any(|c| c.name == INIT_CONTAINER && c.args.as_deref() == Some(args));
-        if !current {
-            return None;
-        }
-        let statuses = pod.status.as_ref()?.init_container_statuses.as_ref()?;
-        let status = statuses.iter().find(|s| s.name == INIT_CONTAINER)?;
-        let terminated = [status.state.as_ref(), status.last_state.as_ref()]
-            .into_iter()
-            .flatten()
-            .filter_map(|s| s.terminated.as_ref())
-            .find(|t| t.exit_code != 0)?;
-        let message = terminated
-            .message
-            .as_deref()
-            .map(str::trim)
-            .filter(|m| !m.is_empty())
-            .map(|m| m.lines().last().unwrap_or(m).to_string())
-            .unwrap_or_else(|| {
-                format!(
-                    "exit code {} ({})",
-                    terminated.exit_code,
-                    terminated.reason.as_deref().unwrap_or("no reason given")
-                )
-            });
-        Some(format!(
-            "pod {}: {INIT_CONTAINER} failed: {message}",
-            pod.name_any()
-        ))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fixture;
-
-    fn args() -> Vec<String> {
-        vec!["decrypt".into(), "--sha256=abc".into()]
-    }
-
-    fn pod(statuses: serde_json::Value) -> Pod {
-        serde_json::from_value(json!({
-            "metadata": {"name": "m-1"},
-            "spec": {"initContainers": [{"name": INIT_CONTAINER, "args": args()}], "containers": []},
-            "status": {"initContainerStatuses": statuses}
-        }))
-        .expect("pod")
-    }
-
-    #[test]
-    fn a_failed_init_container_is_reported_with_its_termination_message() {
-        let crash = pod(json!([{
-            "name": INIT_CONTAINER, "ready": false, "restartCount": 3, "image": "i", "imageID": "",
-            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-            "lastState": {"terminated": {"exitCode": 1, "reason": "Error",
-                "message": "moat: error: the artifact's sha256 is abc, not def\n"}}
-        }]));
-        assert_eq!(
-            failure_of(std::slice::from_ref(&crash), &args()).as_deref(),
-            Some(
-                "pod m-1: decrypt-model failed: moat: error: the artifact's sha256 is abc, not def"
-            )
-        );
-        let fixed = vec!["decrypt".to_string(), "--sha256=def".to_string()];
-        assert_eq!(
-            failure_of(&[crash], &fixed),
-            None,
-            "a pod of the earlier spec"
-        );
-        let no_message = pod(json!([{
-            "name": INIT_CONTAINER, "ready": false, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 2, "reason": "Error"}}
-        }]));
-        assert_eq!(
-            failure_of(&[no_message], &args()).as_deref(),
-            Some("pod m-1: decrypt-model failed: exit code 2 (Error)")
-        );
-    }
-
-    #[test]
-    fn success_and_other_containers_are_no_failure() {
-        let ok = pod(json!([{
-            "name": INIT_CONTAINER, "ready": true, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}
-        }]));
-        let other = pod(json!([{
-            "name": "something-else", "ready": false, "restartCount": 0, "image": "i", "imageID": "",
-            "state": {"terminated": {"exitCode": 1}}
-        }]));
-        assert_eq!(failure_of(&[ok, other], &args()), None);
-        assert_eq!(failure_of(&[], &args()), None);
-    }
 
     #[test]
     fn the_key_secret_gets_this_model_as_owner_only_when_shredding_is_on() {

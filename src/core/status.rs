@@ -5,7 +5,7 @@ use k8s_openapi::{api::apps::v1::Deployment, apimachinery::pkg::apis::meta::v1::
 
 use super::drift::Repair;
 use crate::api::{
-    DriftRepair, DriftStatus, SecureModelDeployment, SecureModelDeploymentStatus,
+    DriftRepair, DriftStatus, RevisionsStatus, SecureModelDeployment, SecureModelDeploymentStatus,
     conditions::{self, READY, RECONCILING, STALLED, reason},
 };
 
@@ -127,22 +127,44 @@ pub fn converged(
     st
 }
 
-/// Marks `st` as failed because the decrypting init container failed (`message` says why):
-/// not Ready and Stalled, reason `ModelDecryptionFailed`. The pods cannot start until the model,
-/// its key or its source changes.
-pub fn model_failed(
+/// Sets the revisions status `revs` in `st`, and what it means for the conditions: a model rolled
+/// back to its last known-good revision is Stalled, reason `RolledBack`, naming both revisions;
+/// a failed revision with nothing to go back to is Stalled with the failure's own reason
+/// (`ModelDecryptionFailed`, `CrashLoop` or `ProgressDeadlineExceeded`).
+pub fn revisions(
     st: &mut SecureModelDeploymentStatus,
     smd: &SecureModelDeployment,
-    message: String,
+    revs: RevisionsStatus,
     now: Time,
 ) {
-    conditions::set_stalled(
-        &mut st.conditions,
-        reason::MODEL_DECRYPTION_FAILED,
-        &message,
-        smd.metadata.generation,
-        &now,
-    );
+    if let Some(failed) = &revs.failed {
+        let rolled_back = revs
+            .serving
+            .as_ref()
+            .filter(|s| s.template_hash != failed.revision.template_hash);
+        let (why, message) = match rolled_back {
+            Some(good) => (
+                reason::ROLLED_BACK,
+                super::revision::rolled_back_message(failed, good),
+            ),
+            None => (
+                reason::STALLED
+                    .iter()
+                    .copied()
+                    .find(|r| *r == failed.reason)
+                    .unwrap_or(reason::CRASH_LOOP),
+                failed.message.clone(),
+            ),
+        };
+        conditions::set_stalled(
+            &mut st.conditions,
+            why,
+            &message,
+            smd.metadata.generation,
+            &now,
+        );
+    }
+    st.revisions = Some(revs);
 }
 
 /// Why a reconcile did not converge, as the status says it: a condition reason (a constant of
@@ -224,6 +246,8 @@ pub fn retrying(
 /// Whether two statuses say the same (condition transition times and repair times aside).
 pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) -> bool {
     a.observed_generation == b.observed_generation
+        && a.gate == b.gate
+        && a.revisions == b.revisions
         && a.replicas == b.replicas
         && a.ready_replicas == b.ready_replicas
         && a.updated_replicas == b.updated_replicas
@@ -231,6 +255,34 @@ pub fn same(a: &SecureModelDeploymentStatus, b: &SecureModelDeploymentStatus) ->
         && a.drift == b.drift
         && a.certificate == b.certificate
         && conditions::same_ignoring_time(&a.conditions, &b.conditions)
+}
+
+/// The JSON merge patch (RFC 7396) that turns `old` into `new`: what changed, and `null` for
+/// every field `new` no longer has (a merge patch leaves a field it does not mention as it was,
+/// so a cleared field must be named).
+pub fn merge_patch(old: &serde_json::Value, new: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match (old, new) {
+        (Value::Object(o), Value::Object(n)) => {
+            let mut out = serde_json::Map::new();
+            for (k, nv) in n {
+                match o.get(k) {
+                    Some(ov) if ov == nv => {}
+                    Some(ov @ Value::Object(_)) if nv.is_object() => {
+                        out.insert(k.clone(), merge_patch(ov, nv));
+                    }
+                    _ => {
+                        out.insert(k.clone(), nv.clone());
+                    }
+                }
+            }
+            for k in o.keys().filter(|k| !n.contains_key(*k)) {
+                out.insert(k.clone(), Value::Null);
+            }
+            Value::Object(out)
+        }
+        _ => new.clone(),
+    }
 }
 
 /// What guards the endpoint of `smd`, for `status.gate`: Moat's gate with the identities it
@@ -282,6 +334,48 @@ pub fn quarantined(st: &mut SecureModelDeploymentStatus, why: &str, now: Time) {
             now,
         ),
     );
+}
+
+#[cfg(test)]
+mod merge_patch_tests {
+    use serde_json::json;
+
+    use super::merge_patch;
+
+    /// A merge patch names what changed and nulls what is gone, at any depth, and applied to
+    /// the old value gives the new one.
+    #[test]
+    fn a_merge_patch_nulls_cleared_fields() {
+        let old = json!({"a": 1, "gate": {"quarantined": "x", "enforced": true}, "revisions": {"failed": {"reason": "r"}, "history": 2}, "list": [1, 2]});
+        let new =
+            json!({"a": 1, "gate": {"enforced": true}, "revisions": {"history": 3}, "list": [1]});
+        let patch = merge_patch(&old, &new);
+        assert_eq!(
+            patch,
+            json!({"gate": {"quarantined": null}, "revisions": {"failed": null, "history": 3}, "list": [1]})
+        );
+        assert_eq!(merge_patch(&new, &new), json!({}));
+        let mut applied = old.clone();
+        apply(&mut applied, &patch);
+        assert_eq!(applied, new);
+    }
+
+    /// RFC 7396's algorithm, for the test.
+    fn apply(target: &mut serde_json::Value, patch: &serde_json::Value) {
+        let (Some(t), Some(p)) = (target.as_object_mut(), patch.as_object()) else {
+            *target = patch.clone();
+            return;
+        };
+        for (k, v) in p {
+            if v.is_null() {
+                t.remove(k);
+            } else if v.is_object() && t.get(k).is_some_and(serde_json::Value::is_object) {
+                apply(t.get_mut(k).expect("present"), v);
+            } else {
+                t.insert(k.clone(), v.clone());
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,11 @@ use super::{
 /// Name of the model server's port when the gate is in front of it.
 pub const UPSTREAM_PORT_NAME: &str = "model";
 use crate::api::{Placement, Probe, ProbeScheme, SecretFile};
+use crate::core::revision;
+
+/// The Deployment's progress deadline unless `spec.rollout.progressDeadlineSeconds` sets one
+/// (Kubernetes' own default).
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: i32 = 600;
 use std::collections::BTreeMap;
 
 use super::validate::secret_file_dir;
@@ -217,6 +222,25 @@ pub(crate) fn render(
 
     let mut meta = ctx.meta(ctx.name.clone());
     meta.annotations = Some(scanners::annotations(&exceptions)).filter(|a| !a.is_empty());
+    // The revision this template is: its hash, as a label the pods carry.
+    // Hashed as the typed template serializes, which is how the reconciler reads it back.
+    let template: k8s_openapi::api::core::v1::PodTemplateSpec = super::typed(
+        "Deployment",
+        json!({"metadata": template_meta, "spec": pod_spec}),
+    )?;
+    let template = serde_json::to_value(&template).map_err(|source| super::RenderError::Build {
+        kind: "Deployment",
+        source,
+    })?;
+    let hash = revision::template_hash(&template);
+    let template = revision::with_label(template, &hash);
+    let deadline = ctx
+        .smd
+        .spec
+        .rollout
+        .as_ref()
+        .and_then(|r| r.progress_deadline_seconds)
+        .unwrap_or(DEFAULT_PROGRESS_DEADLINE_SECONDS);
     typed(
         "Deployment",
         json!({
@@ -230,10 +254,9 @@ pub(crate) fn render(
                     // Never fewer ready pods than requested during a rollout.
                     "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1},
                 },
-                "template": {
-                    "metadata": template_meta,
-                    "spec": pod_spec,
-                },
+                // After it, a revision that is not ready is rolled back (core::revision).
+                "progressDeadlineSeconds": deadline,
+                "template": template,
             },
         }),
     )

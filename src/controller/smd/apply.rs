@@ -1,11 +1,11 @@
-//! Step 4, apply: the writes of the children, in the stated order: the ServiceAccount, the serving Secret and the NetworkPolicies
+//! Step 5, apply: the writes of the children, in the stated order: the ServiceAccount, the serving Secret and the NetworkPolicies
 //! before the Service, the PodDisruptionBudget and the Deployment, so a pod never runs without
 //! its identity and its network isolation. Events are published at the end.
 
 use k8s_openapi::{api::apps::v1::Deployment, jiff::Timestamp};
 use kube::{Resource, ResourceExt, runtime::events::EventType};
 
-use super::{build::Built, dereference::Dereferenced};
+use super::{build::Built, dereference::Dereferenced, revisions::Revisions};
 use crate::{
     api::{SecureModelDeployment, conditions::reason},
     controller::{Context, Error, Repair, apply::Applier, events::publish, gate, weights},
@@ -20,6 +20,8 @@ pub(super) struct Applied {
     pub repairs: Vec<Repair>,
     /// What guards the endpoint, for the status.
     pub gate: crate::api::GateStatus,
+    /// The revision the spec asks for and the one the pods run.
+    pub revisions: Revisions,
 }
 
 /// Makes the live children exactly `built`.
@@ -28,6 +30,7 @@ pub(super) async fn apply(
     smd: &SecureModelDeployment,
     facts: &Dereferenced,
     built: Built,
+    revisions: Revisions,
     now: Timestamp,
 ) -> Result<Applied, Error> {
     let Built {
@@ -135,6 +138,7 @@ pub(super) async fn apply(
         deployment,
         repairs: applier.finish(),
         gate,
+        revisions,
     })
 }
 

@@ -59,9 +59,15 @@ pub(super) fn build(
         resolved.quarantine.clone().filter(|_| enforced),
         policy_hash,
     );
+    // A model rolled back to its last known-good revision is converged too (on that revision):
+    // changes by others are still drift.
     let converged_before = smd.status.as_ref().is_some_and(|s| {
         s.observed_generation == smd.metadata.generation
-            && !conditions::is_true(&s.conditions, conditions::STALLED)
+            && s.conditions.iter().all(|c| {
+                c.type_ != conditions::STALLED
+                    || c.status != "True"
+                    || c.reason == conditions::reason::ROLLED_BACK
+            })
     });
     // What changes because Moat's own facts changed since the last converged status (a new
     // certificate, a new pin) is an update, never drift of the objects that follow from it.

@@ -6,20 +6,23 @@
 //!    Secret of an encrypted model first, whose owner (crypto-shredding) is written at once,
 //!    before anything else can fail;
 //! 3. [`build`]: the desired children, and which of their changes are Moat's own (pure);
-//! 4. [`apply`]: the only writes, in the stated order (ServiceAccount, Secret, NetworkPolicies
+//! 4. [`revisions`]: record the revision the pod template is (a ModelRevision), and put the
+//!    last known-good one into the Deployment while the spec asks for one that failed;
+//! 5. [`apply`]: the only writes, in the stated order (ServiceAccount, Secret, NetworkPolicies
 //!    before the Deployment), Events included;
-//! 5. [`status`]: observe the rollout and write the status.
+//! 6. [`status`]: observe the rollout, judge the revision the pods run, and write the status.
 //!
 //! An error stops the pipeline; [`reconcile`] reports it as its [`Disposition`] says.
 
 mod apply;
 mod build;
 mod dereference;
+mod revisions;
 mod status;
 
 use std::sync::Arc;
 
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Resource, ResourceExt,
     runtime::{controller::Action, reflector::ObjectRef},
@@ -86,8 +89,9 @@ async fn converge(
     let key = dereference::model_key(ctx, &valid).await?;
     apply::key_owner(ctx, smd, key.as_ref()).await?;
     let facts = dereference::read(ctx, &valid, now).await?;
-    let built = build::build(&valid, &ctx.settings.facts, &facts)?;
-    let applied = apply::apply(ctx, smd, &facts, built, now).await?;
+    let mut built = build::build(&valid, &ctx.settings.facts, &facts)?;
+    let revisions = revisions::prepare(ctx, smd, &mut built, &Time(now)).await?;
+    let applied = apply::apply(ctx, smd, &facts, built, revisions, now).await?;
     if let Some(e) = facts.image_failure {
         // The registry failed but the pods keep their earlier digest, and every other child was
         // kept as desired; the failure is reported and retried.

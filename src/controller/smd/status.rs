@@ -1,28 +1,34 @@
-//! Step 5, status: observe the rollout (and, while it is incomplete, why a decrypting init
-//! container failed), compute the status (pure, `core::status`) and write it when it changed.
+//! Step 6, status: observe the rollout (and, while it is incomplete, whether the pods of the
+//! current revision failed: `core::revision`), compute the status (pure, `core::status`) and
+//! write it when it changed.
 //! Also how a failed reconcile is reported: Stalled, or Reconciling while retried.
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::{apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp};
 use kube::{
     Api, Resource, ResourceExt,
+    api::ListParams,
     runtime::{controller::Action, events::EventType},
 };
 use tracing::warn;
 
-use super::apply::Applied;
+use super::{apply::Applied, revisions::Revisions};
 use crate::{
     api::{SecureModelDeployment, SecureModelDeploymentStatus},
-    controller::{Context, Error, certs, events::publish, resolve, weights},
-    core::status,
-    render,
+    controller::{Context, Error, certs, events::publish, resolve},
+    core::{revision, status},
+    render::{self, DEPLOYMENT_LABEL},
 };
 
 /// While a model's pods roll out, how soon Moat looks at their init containers again.
 const MODEL_ROLLOUT_RECHECK: Duration = Duration::from_secs(5);
 /// How soon Moat looks again at pods whose init container failed.
 const MODEL_FAILED_RECHECK: Duration = Duration::from_secs(30);
+/// How soon after recording a failed revision Moat rolls back (the status write is in the cache
+/// by then).
+const ROLL_BACK_AFTER: Duration = Duration::from_millis(500);
 
 /// Reports a converged reconcile and says when to look again (the certificate's renewal is a
 /// scheduled requeue, not polling).
@@ -39,34 +45,60 @@ pub(super) async fn report(
         deployment,
         repairs,
         gate,
+        revisions,
     } = applied;
-    // While the pods are not all ready, a failed decrypting init container is the likely reason:
-    // read it from the pods (not watched, so look again shortly).
+    let rollout = deployment
+        .as_ref()
+        .map(status::rollout)
+        .unwrap_or(status::Rollout::Progressing(
+            "creating the Deployment".into(),
+        ));
+    let Revisions {
+        current,
+        serving,
+        history,
+    } = revisions;
+    // While the pods of the revision the spec asks for are not all ready, a failed container is
+    // the likely reason: read it from the pods (not watched, so look again shortly).
     let mut requeue = ctx
         .settings
         .resync_period
         .min(certified.renew_in(now.as_second()));
-    let mut decrypt_failure = None;
-    if let (Some(model), Some(deploy)) = (&smd.spec.model, &deployment)
-        && status::rollout(deploy) != status::Rollout::Complete
-    {
-        decrypt_failure = weights::decrypt_failure(ctx, smd, model)
+    let mut found = None;
+    if rollout != status::Rollout::Complete && serving == current {
+        let api: Api<Pod> =
+            Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
+        let pods = api
+            .list(&ListParams::default().labels(&format!("{DEPLOYMENT_LABEL}={}", smd.name_any())))
             .await
             .map_err(|source| Error::Read {
                 kind: "Pod",
                 source,
             })?;
-        requeue = requeue.min(if decrypt_failure.is_some() {
+        found = revision::pod_failure(&pods.items, &current.template_hash);
+        requeue = requeue.min(if found.is_some() {
             MODEL_FAILED_RECHECK
         } else {
             MODEL_ROLLOUT_RECHECK
         });
     }
     let at = Time(now);
-    let mut new_status = status::converged(smd, deployment.as_ref(), at.clone());
-    if let Some(message) = decrypt_failure {
-        status::model_failed(&mut new_status, smd, message, at.clone());
+    let previous = smd.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let revs = revision::after_apply(
+        previous,
+        &current,
+        &serving,
+        &rollout,
+        revision::failure(&rollout, found),
+        history,
+        &at,
+    );
+    if revision::must_roll_back(&revs) {
+        // Recorded now; the next reconcile puts the last known-good template back.
+        requeue = ROLL_BACK_AFTER;
     }
+    let mut new_status = status::converged(smd, deployment.as_ref(), at.clone());
+    status::revisions(&mut new_status, smd, revs, at.clone());
     if let Some(why) = &gate.quarantined {
         status::quarantined(&mut new_status, why, at.clone());
     }
@@ -158,7 +190,19 @@ async fn write(
     }
     let api: Api<SecureModelDeployment> =
         Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
-    let mut patch = serde_json::json!({"status": new});
+    // Only what changed, with `null` for what was cleared (a lifted failure, a lifted
+    // quarantine): a merge patch leaves alone what it does not mention.
+    let old = serde_json::to_value(smd.status.clone().unwrap_or_default()).map_err(|source| {
+        Error::Serialize {
+            kind: "SecureModelDeployment",
+            source,
+        }
+    })?;
+    let new = serde_json::to_value(&new).map_err(|source| Error::Serialize {
+        kind: "SecureModelDeployment",
+        source,
+    })?;
+    let mut patch = serde_json::json!({"status": status::merge_patch(&old, &new)});
     if let (false, Some(status)) = (
         with_drift,
         patch.get_mut("status").and_then(|s| s.as_object_mut()),

@@ -1,0 +1,116 @@
+//! `ModelRevision`: one immutable thing Moat ran, or would run, for a SecureModelDeployment.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// The label on every ModelRevision naming its SecureModelDeployment (also the pods' label
+/// `moat.dev/revision` names the revision they run).
+pub const REVISION_MODEL_LABEL: &str = "moat.dev/model";
+
+/// An immutable record of one distinct pod template Moat rendered for a SecureModelDeployment:
+/// the pinned image, the model's digest, the template's hash and the template itself, when Moat
+/// first saw it and who changed the spec that led to it. Moat creates one for every new template,
+/// keeps the last `spec.rollout.revisionHistoryLimit` (default 10) and rolls the pods back to the
+/// last known-good one when a new revision fails. Nobody writes it after creation (the spec is
+/// immutable).
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "moat.dev",
+    version = "v1alpha1",
+    kind = "ModelRevision",
+    namespaced,
+    shortname = "mrev",
+    category = "moat",
+    derive = "PartialEq",
+    doc = "An immutable revision of a SecureModelDeployment: the pod template Moat ran, its image and weights digests, when it was first seen and who changed the spec.",
+    annotation("helm.sh/resource-policy", "keep"),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model",
+        description = "The SecureModelDeployment"
+    ),
+    printcolumn(
+        name = "Revision",
+        type_ = "integer",
+        json_path = ".spec.revision",
+        description = "Revision number, counting up per SecureModelDeployment"
+    ),
+    printcolumn(
+        name = "Image",
+        type_ = "string",
+        json_path = ".spec.image",
+        description = "The server image, pinned by digest"
+    ),
+    printcolumn(
+        name = "Weights",
+        type_ = "string",
+        json_path = ".spec.modelSha256",
+        description = "SHA-256 of the encrypted model artifact"
+    ),
+    printcolumn(
+        name = "Author",
+        type_ = "string",
+        json_path = ".spec.author",
+        description = "Who last changed the spec, from the admission request"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a ModelRevision is immutable; change the SecureModelDeployment instead"))]
+pub struct ModelRevisionSpec {
+    /// The SecureModelDeployment, in this namespace, this is a revision of.
+    #[schemars(length(min = 1, max = 63))]
+    pub model: String,
+
+    /// The revision number: 1 for the first, one more than the highest kept for every new one.
+    #[schemars(range(min = 1))]
+    pub revision: i64,
+
+    /// SHA-256 of the rendered pod template (without the `moat.dev/revision` label), hex: what
+    /// tells two revisions apart. The ModelRevision is named `<model>-<first 10 digits>`.
+    #[schemars(length(min = 64, max = 64))]
+    pub template_hash: String,
+
+    /// The server image of the template, `repository@sha256:<digest>`.
+    #[schemars(length(max = 512))]
+    pub image: String,
+
+    /// `spec.model.sha256` of the SecureModelDeployment: the encrypted weights this revision
+    /// serves (absent for a model without Moat-managed weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub model_sha256: Option<String>,
+
+    /// The SecureModelDeployment's `metadata.generation` when this revision was first seen.
+    pub generation: i64,
+
+    /// Who last changed the SecureModelDeployment's spec, as the chart's MutatingAdmissionPolicy
+    /// recorded it from the admission request (annotation `moat.dev/spec-author`). `unknown`
+    /// when the policy is not installed; `moat` when only Moat's own inputs changed (a renewed
+    /// certificate, a new helper image).
+    #[schemars(length(max = 512))]
+    pub author: String,
+
+    /// When Moat first saw this revision.
+    pub first_seen: Time,
+
+    /// The pod template Moat rendered, exactly as it puts it into the Deployment (without the
+    /// `moat.dev/revision` label): what a rollback restores.
+    #[schemars(schema_with = "any_object")]
+    pub template: serde_json::Value,
+}
+
+/// An object of any shape: the schema keeps every field.
+fn any_object(_: &mut schemars::generate::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}

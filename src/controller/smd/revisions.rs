@@ -1,0 +1,318 @@
+//! Step 4, revisions: records the revision the built pod template is (a ModelRevision, created
+//! once per distinct template and pruned to the history limit), and puts the last known-good
+//! revision's template into the Deployment while the spec asks for a revision that failed
+//! (`core::revision` decides; this reads and writes). The spec is never written.
+
+use k8s_openapi::{api::core::v1::PodTemplateSpec, apimachinery::pkg::apis::meta::v1::Time};
+use kube::{
+    Api, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, PostParams},
+    runtime::events::EventType,
+};
+
+use super::build::Built;
+use crate::{
+    api::{
+        ModelRevision, ModelRevisionSpec, REVISION_MODEL_LABEL, RevisionRef, SecureModelDeployment,
+        conditions::reason,
+    },
+    controller::{Context, Error, events::publish},
+    core::revision::{self, Kept, Serve},
+};
+
+/// The annotation the chart's MutatingAdmissionPolicy sets on a SecureModelDeployment to the user
+/// who last changed its spec (from the admission request).
+pub const AUTHOR_ANNOTATION: &str = "moat.dev/spec-author";
+
+const KIND: &str = "ModelRevision";
+
+/// What [`prepare`] decided.
+pub(super) struct Revisions {
+    /// The revision the spec renders to.
+    pub current: RevisionRef,
+    /// The revision put into the Deployment.
+    pub serving: RevisionRef,
+    /// How many ModelRevisions are kept.
+    pub history: i32,
+}
+
+/// Records the revision `built` renders to, and serves the last known-good one instead while
+/// the spec asks for a failed one.
+pub(super) async fn prepare(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    built: &mut Built,
+    now: &Time,
+) -> Result<Revisions, Error> {
+    let deployment = &built.children.deployment;
+    let template = deployment
+        .spec
+        .as_ref()
+        .map(|s| serde_json::to_value(&s.template))
+        .transpose()
+        .map_err(|source| Error::Serialize { kind: KIND, source })?
+        .unwrap_or_default();
+    let hash = revision::template_hash(&template);
+    let previous = smd.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let known = previous
+        .and_then(|p| p.current.clone().map(|c| (c, p.history)))
+        .filter(|(c, _)| c.template_hash == hash);
+    let (current, history) = match known {
+        Some(found) => found,
+        None => record(ctx, smd, template, &hash, now).await?,
+    };
+    let serving = match revision::serve(previous, &current) {
+        Serve::Current => current.clone(),
+        Serve::KnownGood(good) => match read_template(ctx, smd, &good).await? {
+            Some(template) => {
+                if let Some(spec) = built.children.deployment.spec.as_mut() {
+                    spec.template = template;
+                }
+                good
+            }
+            // Pruned or deleted: nothing to go back to; the failure stays in the status.
+            None => current.clone(),
+        },
+    };
+    let was_serving = previous.and_then(|p| p.serving.as_ref());
+    if was_serving.is_none_or(|w| w.template_hash != serving.template_hash) {
+        // Moat's own change of the pod template (a rollback, or the way back): not drift.
+        built
+            .own
+            .entry(("Deployment", smd.name_any()))
+            .or_default()
+            .push("spec.template".into());
+    }
+    Ok(Revisions {
+        current,
+        serving,
+        history,
+    })
+}
+
+/// Finds or creates the ModelRevision of `hash`, and prunes the history to its limit. Returns
+/// the revision and how many are kept.
+async fn record(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    mut template: serde_json::Value,
+    hash: &str,
+    now: &Time,
+) -> Result<(RevisionRef, i32), Error> {
+    let namespace = smd.namespace().unwrap_or_default();
+    let model = smd.name_any();
+    let api: Api<ModelRevision> = Api::namespaced(ctx.client.clone(), &namespace);
+    let uid = smd.uid();
+    let listed = api
+        .list(&ListParams::default().labels(&format!("{REVISION_MODEL_LABEL}={model}")))
+        .await
+        .map_err(|source| Error::Read { kind: KIND, source })?;
+    // Only this object's revisions (one deleted and created again under the same name starts
+    // afresh; the garbage collector removes the old ones).
+    let ours: Vec<ModelRevision> = listed
+        .items
+        .into_iter()
+        .filter(|r| {
+            r.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
+    let mut kept: Vec<Kept> = ours
+        .iter()
+        .map(|r| Kept {
+            name: r.name_any(),
+            revision: r.spec.revision,
+        })
+        .collect();
+    let current = match ours.iter().find(|r| r.spec.template_hash == hash) {
+        Some(r) => reference(r),
+        None => {
+            revision::strip_label(&mut template);
+            let number = revision::next_number(&kept);
+            let created = create(ctx, smd, &api, template, hash, number, now).await?;
+            kept.push(Kept {
+                name: created.name.clone(),
+                revision: created.revision,
+            });
+            created
+        }
+    };
+    let limit = smd
+        .spec
+        .rollout
+        .as_ref()
+        .and_then(|r| r.revision_history_limit)
+        .and_then(|l| usize::try_from(l).ok())
+        .unwrap_or(revision::DEFAULT_HISTORY_LIMIT);
+    let revisions = smd.status.as_ref().and_then(|s| s.revisions.as_ref());
+    let mut protect = vec![current.name.as_str()];
+    protect.extend(
+        revisions
+            .into_iter()
+            .flat_map(|r| [r.serving.as_ref(), r.last_known_good.as_ref()])
+            .flatten()
+            .map(|r| r.name.as_str()),
+    );
+    let pruned = revision::prune(&kept, limit, &protect);
+    for name in &pruned {
+        ctx.metrics.api_write(KIND, "delete");
+        match api.delete(name, &DeleteParams::background()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(source) => {
+                return Err(Error::Prune {
+                    kind: KIND,
+                    name: name.clone(),
+                    source,
+                });
+            }
+        }
+    }
+    let history = i32::try_from(kept.len() - pruned.len()).unwrap_or(i32::MAX);
+    Ok((current, history))
+}
+
+/// Creates the ModelRevision of `hash` (numbered `number`), or takes the one a concurrent
+/// reconcile created.
+async fn create(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    api: &Api<ModelRevision>,
+    template: serde_json::Value,
+    hash: &str,
+    number: i64,
+    now: &Time,
+) -> Result<RevisionRef, Error> {
+    let model = smd.name_any();
+    let name = revision::name(&model, hash);
+    let labels = [
+        ("app.kubernetes.io/name", "moat-model"),
+        ("app.kubernetes.io/instance", model.as_str()),
+        ("app.kubernetes.io/managed-by", crate::render::MANAGED_BY),
+        (REVISION_MODEL_LABEL, model.as_str()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let object = ModelRevision {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            namespace: smd.namespace(),
+            labels: Some(labels),
+            owner_references: smd.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        spec: ModelRevisionSpec {
+            model: model.clone(),
+            revision: number,
+            template_hash: hash.to_string(),
+            image: image_of(&template),
+            model_sha256: smd.spec.model.as_ref().map(|m| m.sha256.clone()),
+            generation: smd.metadata.generation.unwrap_or(0),
+            author: author(smd),
+            first_seen: now.clone(),
+            template,
+        },
+    };
+    ctx.metrics.api_write(KIND, "create");
+    match api.create(&PostParams::default(), &object).await {
+        Ok(created) => {
+            let r = reference(&created);
+            publish(
+                &ctx.recorder,
+                &ctx.metrics,
+                &smd.object_ref(&()),
+                EventType::Normal,
+                reason::REVISION_CREATED,
+                format!(
+                    "Revision {} ({name}): image {}, weights {}, changed by {}",
+                    r.revision,
+                    created.spec.image,
+                    created.spec.model_sha256.as_deref().unwrap_or("none"),
+                    created.spec.author
+                ),
+                None,
+            )
+            .await;
+            Ok(r)
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => match find(api, smd, &name).await? {
+            Some(existing) if existing.spec.template_hash == hash => Ok(reference(&existing)),
+            _ => Err(Error::Conflict { kind: KIND, name }),
+        },
+        Err(source) => Err(Error::Apply {
+            kind: KIND,
+            name,
+            source,
+        }),
+    }
+}
+
+/// The template of the revision `good`, labelled, to put into the Deployment; `None` when the
+/// ModelRevision is gone.
+async fn read_template(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    good: &RevisionRef,
+) -> Result<Option<PodTemplateSpec>, Error> {
+    let api: Api<ModelRevision> =
+        Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
+    let Some(found) = find(&api, smd, &good.name).await? else {
+        return Ok(None);
+    };
+    let template = revision::with_label(found.spec.template, &found.spec.template_hash);
+    serde_json::from_value(template)
+        .map(Some)
+        .map_err(|source| Error::Serialize { kind: KIND, source })
+}
+
+/// The ModelRevision `name` of `smd`, read by listing the model's revisions (the operator lists
+/// them anyway, and needs no other permission).
+async fn find(
+    api: &Api<ModelRevision>,
+    smd: &SecureModelDeployment,
+    name: &str,
+) -> Result<Option<ModelRevision>, Error> {
+    let listed = api
+        .list(&ListParams::default().labels(&format!("{REVISION_MODEL_LABEL}={}", smd.name_any())))
+        .await
+        .map_err(|source| Error::Read { kind: KIND, source })?;
+    Ok(listed.items.into_iter().find(|r| r.name_any() == name))
+}
+
+fn reference(r: &ModelRevision) -> RevisionRef {
+    RevisionRef {
+        name: r.name_any(),
+        revision: r.spec.revision,
+        template_hash: r.spec.template_hash.clone(),
+    }
+}
+
+/// The server container's image in a pod template.
+fn image_of(template: &serde_json::Value) -> String {
+    template
+        .pointer("/spec/containers/0/image")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Who changed what led to a new revision: `moat` when the spec did not change since the last
+/// revision (only Moat's own inputs did), otherwise the author the admission policy recorded, or
+/// `unknown` without the policy.
+fn author(smd: &SecureModelDeployment) -> String {
+    let st = smd.status.as_ref();
+    let same_spec = st.is_some_and(|s| {
+        s.observed_generation == smd.metadata.generation
+            && s.revisions.as_ref().is_some_and(|r| r.current.is_some())
+    });
+    if same_spec {
+        return "moat".into();
+    }
+    smd.annotations()
+        .get(AUTHOR_ANNOTATION)
+        .filter(|a| !a.trim().is_empty())
+        .cloned()
+        .unwrap_or_else(|| "unknown".into())
+}
