@@ -185,6 +185,34 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
             bind_edit(&env, "bob").await?;
             let alice = client_as_user("alice", &[]).await?;
             let bob = client_as_user("bob", &[BREAK_GLASS_GROUP]).await?;
+
+            // The author of a spec change comes from the admission request (the chart's
+            // MutatingAdmissionPolicy): the name alice writes into the annotation is replaced by
+            // hers, a later change of the annotation alone keeps hers, and the revision Moat
+            // records names her.
+            let a_smds: Api<SecureModelDeployment> = Api::namespaced(alice.clone(), &ns);
+            a_smds
+                .patch(
+                    "fraud",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {"moat.dev/spec-author": "mallory"}},
+                                         "spec": {"server": {"args": ["--revision", "2"]}}})),
+                )
+                .await?;
+            let author = |smd: &SecureModelDeployment| smd.annotations().get("moat.dev/spec-author").cloned();
+            ensure!(author(&smds.get("fraud").await?).as_deref() == Some("alice"), "author after alice's change");
+            Api::<SecureModelDeployment>::namespaced(bob.clone(), &ns)
+                .patch("fraud", &PatchParams::default(),
+                       &Patch::Merge(json!({"metadata": {"annotations": {"moat.dev/spec-author": "mallory"}}})))
+                .await?;
+            ensure!(author(&smds.get("fraud").await?).as_deref() == Some("alice"), "author after bob's annotation");
+            let ready = wait_ready(&smds, "fraud").await?;
+            let current = ready.status.and_then(|s| s.revisions).and_then(|r| r.current).context("current revision")?;
+            let recorded = env.api::<moat::api::ModelRevision>().get(&current.name).await?;
+            ensure!(
+                recorded.spec.author == "alice" && current.revision == 2,
+                "revision {} records author {}", current.revision, recorded.spec.author
+            );
             let deploys = env.api::<Deployment>();
             let nps = env.api::<NetworkPolicy>();
             let before = deploys.get("fraud").await?;

@@ -587,7 +587,9 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
             "labels": {"app.kubernetes.io/managed-by": "Helm"},
             "annotations": {"meta.helm.sh/release-name": release, "meta.helm.sh/release-namespace": ns}
         }});
-        for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
+        // Every CRD Moat defines, so a new one is covered without editing this test.
+        let crd_names: Vec<String> = moat::api::crds().iter().map(kube::ResourceExt::name_any).collect();
+        for crd in &crd_names {
             crds.patch(crd, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&release_free)).await.ok();
         }
         // Without the admission policy while the release watches every namespace: bound
@@ -668,7 +670,7 @@ async fn install_upgrade_uninstall_and_reconcile_with_the_charts_rbac() {
         ok(helm(&["uninstall", &release, "-n", ns])?, "helm uninstall")?;
         wait_until("the operator Deployment to go", || async { Ok(deploys.get_opt(&name).await?.is_none()) }).await?;
         ensure!(bindings.get_opt(&format!("{name}-children.moat.dev")).await?.is_none(), "helm uninstall left the policy's binding");
-        for crd in ["securemodeldeployments.moat.dev", "modelclients.moat.dev"] {
+        for crd in &crd_names {
             if crds.get_opt(crd).await?.is_none() {
                 bail!("helm uninstall deleted the CRD {crd}");
             }
@@ -1124,6 +1126,27 @@ async fn drive(
     wait_until("the PDB pruned", || async {
         op_alive(op)?;
         Ok(pdbs.get_opt("fraud").await?.is_none())
+    })
+    .await?;
+
+    // New revisions (ModelRevisions created, listed), two kept: the oldest is deleted.
+    let revisions: Api<moat::api::ModelRevision> = Api::namespaced(admin.clone(), models);
+    for n in 2..=3 {
+        smds.patch(
+            "fraud",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"rollout": {"revisionHistoryLimit": 2},
+                                          "server": {"args": ["--revision", n.to_string()]}}})),
+        )
+        .await?;
+        wait_until(&format!("revision {n} Ready"), ready).await?;
+    }
+    wait_until("the oldest revision pruned", || async {
+        op_alive(op)?;
+        let kept = revisions
+            .list(&ListParams::default().labels("moat.dev/model=fraud"))
+            .await?;
+        Ok(kept.items.len() == 2 && kept.items.iter().all(|r| r.spec.revision >= 2))
     })
     .await?;
 
