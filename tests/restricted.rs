@@ -272,6 +272,7 @@ fn spec() -> impl Strategy<Value = SecureModelDeploymentSpec> {
                     placement,
                     gate,
                     rollout: None,
+                    approval: None,
                 }
             },
         )
@@ -527,6 +528,7 @@ proptest! {
             placement: None,
             gate: None,
             rollout: None,
+            approval: None,
         };
         spec.access.egress.push(EgressRule { cidr: Some(cidr), namespace: None, pod_selector: None, ports: vec![443], protocol: None });
         let result = validate(&spec, "model");

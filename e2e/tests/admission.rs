@@ -23,7 +23,7 @@ use moat::{api::SecureModelDeployment, fixture};
 use moat_e2e::{
     NamespaceOptions, audit_entries_since, audit_offset, client_as_user, config_with_token,
     install_crds, kubernetes_controllers_value, service_account_token, tool, wait_event,
-    wait_ready, wait_until, whoami, with_namespace,
+    wait_ready, wait_smd, wait_until, whoami, with_namespace,
 };
 use serde_json::json;
 
@@ -139,6 +139,28 @@ async fn bind_edit(env: &moat_e2e::TestEnv, user: &str) -> Result<()> {
     Ok(())
 }
 
+/// Binds the chart's approve role `role` to `user` in the test namespace, and waits until it
+/// takes effect.
+async fn bind_approver(env: &moat_e2e::TestEnv, user: &str, role: &str) -> Result<()> {
+    let rb: RoleBinding = serde_json::from_value(json!({
+        "metadata": {"name": format!("{user}-approve")},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+        "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user}]
+    }))?;
+    env.api::<RoleBinding>()
+        .create(&PostParams::default(), &rb)
+        .await?;
+    let approvals: Api<moat::api::ModelApproval> =
+        Api::namespaced(client_as_user(user, &[]).await?, &env.namespace);
+    moat_e2e::wait_for_value(
+        moat_e2e::DEADLINE,
+        "the approve role to take effect",
+        || async { Ok(approvals.list(&ListParams::default().limit(1)).await.ok()) },
+    )
+    .await?;
+    Ok(())
+}
+
 /// The value of `moat_break_glass_total` for `kind` of the model `fraud` in `ns` (0: absent).
 fn break_glass_count(op: &moat_e2e::Operator, ns: &str, kind: &str) -> Result<u64> {
     let prefix =
@@ -213,6 +235,85 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
                 recorded.spec.author == "alice" && current.revision == 2,
                 "revision {} records author {}", current.revision, recorded.spec.author
             );
+
+            // Two-person approval: with two approvals required, alice's next change waits; her own
+            // approval and a second one by the same user do not count, an approval in someone
+            // else's name is refused at admission, and two approvals by other users let it go live.
+            smds.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": {"required": 2}}})))
+                .await?;
+            wait_ready(&smds, "fraud").await.context("Ready with approval required (its revision is the known-good one)")?;
+            let approve_role = format!("{sa}-approve");
+            for user in ["alice", "bob", "carol"] {
+                bind_approver(&env, user, &approve_role).await?;
+            }
+            let deploys = env.api::<Deployment>();
+            let label = |d: &Deployment| {
+                d.spec.as_ref().and_then(|s| s.template.metadata.as_ref()).and_then(|m| m.labels.as_ref())
+                    .and_then(|l| l.get("moat.dev/revision").cloned()).unwrap_or_default()
+            };
+            let live_label = label(&deploys.get("fraud").await?);
+            a_smds
+                .patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"server": {"args": ["--revision", "3"]}}})))
+                .await?;
+            let waiting = wait_smd(&smds, "fraud", "awaiting approval", |s| {
+                moat_e2e::current_condition(s, moat::api::conditions::READY)
+                    .is_some_and(|c| c.reason == moat::api::conditions::reason::AWAITING_APPROVAL)
+            })
+            .await?;
+            let third = waiting.status.and_then(|s| s.revisions).and_then(|r| r.awaiting).context("awaiting")?.revision;
+            ensure!(third.revision == 3, "awaiting {third:?}");
+            let third_rev = env.api::<moat::api::ModelRevision>().get(&third.name).await?;
+            ensure!(third_rev.spec.author == "alice", "revision 3's author: {}", third_rev.spec.author);
+            let approval = |name: &str, approver: &str| -> Result<moat::api::ModelApproval> {
+                Ok(serde_json::from_value(json!({
+                    "apiVersion": "moat.dev/v1alpha1", "kind": "ModelApproval",
+                    "metadata": {"name": name},
+                    "spec": {"model": "fraud", "revision": third.name, "image": third_rev.spec.image, "approver": approver}
+                }))?)
+            };
+            let as_user = |c: &kube::Client| Api::<moat::api::ModelApproval>::namespaced(c.clone(), &ns);
+            let carol = client_as_user("carol", &[]).await?;
+            as_user(&alice).create(&PostParams::default(), &approval("by-alice", "alice")?).await?;
+            match as_user(&bob).create(&PostParams::default(), &approval("bob-as-carol", "carol")?).await {
+                Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("set spec.approver to bob") => {
+                    eprintln!("an approval in another's name: {}", e.message);
+                }
+                other => bail!("an approval by bob in carol's name was not refused: {other:?}"),
+            }
+            as_user(&bob).create(&PostParams::default(), &approval("by-bob", "bob")?).await?;
+            as_user(&bob).create(&PostParams::default(), &approval("by-bob-again", "bob")?).await?;
+            let revisions = env.api::<moat::api::ModelRevision>();
+            let judged = moat_e2e::wait_for_value(moat_e2e::DEADLINE, "the approvals judged", || async {
+                let st = revisions.get(&third.name).await?.status.unwrap_or_default();
+                Ok((st.approvals.len() == 1 && st.refused.len() == 2).then_some(st))
+            })
+            .await?;
+            ensure!(judged.approvals[0].approver == "bob", "{judged:?}");
+            let why = |name: &str| judged.refused.iter().find(|r| r.approval == name).map(|r| r.reason.clone()).unwrap_or_default();
+            ensure!(why("by-alice").contains("alice changed the spec"), "{judged:?}");
+            ensure!(why("by-bob-again").contains("bob approved revision"), "{judged:?}");
+            ensure!(label(&deploys.get("fraud").await?) == live_label, "revision 3 went live with one approval");
+            let still = smds.get("fraud").await?;
+            ensure!(
+                moat_e2e::current_condition(&still, moat::api::conditions::READY)
+                    .is_some_and(|c| c.reason == moat::api::conditions::reason::AWAITING_APPROVAL && c.message.contains("counted: bob")),
+                "{:?}", still.status.map(|s| s.conditions)
+            );
+            as_user(&carol).create(&PostParams::default(), &approval("by-carol", "carol")?).await?;
+            let live = wait_ready(&smds, "fraud").await.context("Ready after two approvals")?;
+            let revs = live.status.and_then(|s| s.revisions).context("revisions")?;
+            ensure!(revs.approved.as_ref() == Some(&third) && revs.serving.as_ref() == Some(&third), "{revs:?}");
+            ensure!(label(&deploys.get("fraud").await?) == moat::core::revision::short(&third.template_hash), "revision 3 is not in the Deployment");
+            let accepted = moat_e2e::event_notes(&env, &ns, "fraud", moat::api::conditions::reason::APPROVAL_ACCEPTED).await?;
+            let refused_notes = moat_e2e::event_notes(&env, &ns, "fraud", moat::api::conditions::reason::APPROVAL_REFUSED).await?;
+            ensure!(
+                accepted.iter().any(|n| n.contains("carol approved revision 3"))
+                    && refused_notes.iter().any(|n| n.contains("ModelApproval by-alice does not count")),
+                "approval Events: {accepted:?} {refused_notes:?}"
+            );
+            smds.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": {"required": 0}}})))
+                .await?;
+            wait_ready(&smds, "fraud").await?;
             let deploys = env.api::<Deployment>();
             let nps = env.api::<NetworkPolicy>();
             let before = deploys.get("fraud").await?;

@@ -1150,6 +1150,41 @@ async fn drive(
     })
     .await?;
 
+    // Two-person approval (one here): a new revision waits, Moat lists the ModelApprovals and
+    // records the one that counts in the revision's status, then it goes live.
+    smds.patch(
+        "fraud",
+        &PatchParams::default(),
+        &Patch::Merge(
+            json!({"spec": {"approval": {"required": 1}, "server": {"args": ["--revision", "4"]}}}),
+        ),
+    )
+    .await?;
+    let awaiting = moat_e2e::wait_for_value(
+        moat_e2e::DEADLINE,
+        "revision 4 awaiting approval",
+        || async {
+            op_alive(op)?;
+            Ok(smds
+                .get("fraud")
+                .await?
+                .status
+                .and_then(|s| s.revisions)
+                .and_then(|r| r.awaiting))
+        },
+    )
+    .await?;
+    let fourth = revisions.get(&awaiting.revision.name).await?;
+    let approver = moat_e2e::whoami(admin).await?;
+    let approval: moat::api::ModelApproval = serde_json::from_value(json!({
+        "apiVersion": "moat.dev/v1alpha1", "kind": "ModelApproval", "metadata": {"name": "fraud-4"},
+        "spec": {"model": "fraud", "revision": kube::ResourceExt::name_any(&fourth), "image": fourth.spec.image, "approver": approver}
+    }))?;
+    Api::<moat::api::ModelApproval>::namespaced(admin.clone(), models)
+        .create(&PostParams::default(), &approval)
+        .await?;
+    wait_until("revision 4 approved and Ready", ready).await?;
+
     // Stale children of every other kind are pruned too, one after the other (their `Deleted`
     // Events about the same model then form a series: an Event patch).
     let uid = smds.get("fraud").await?.metadata.uid.context("uid")?;

@@ -59,6 +59,14 @@ pub mod reason {
     pub const ROLLED_BACK: &str = "RolledBack";
     /// Event: Moat recorded a new revision (a ModelRevision) of the model.
     pub const REVISION_CREATED: &str = "RevisionCreated";
+    /// The current revision waits for the approvals `spec.approval.required` asks for; the
+    /// pods run the previous revision (none for a first one) until then.
+    pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
+    /// Event: an approval of a revision counts.
+    pub const APPROVAL_ACCEPTED: &str = "ApprovalAccepted";
+    /// Event: an approval does not count (its author's own, a second by the same user, expired,
+    /// or naming other digests); the note says why.
+    pub const APPROVAL_REFUSED: &str = "ApprovalRefused";
     /// Moat's certificate authority is not available yet; Moat retries.
     pub const CA_UNAVAILABLE: &str = "CAUnavailable";
     /// `spec.imagePolicy` is `RequireDigest` and the image names a tag.

@@ -24,6 +24,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         SecureModelDeployment::crd(),
         ModelClient::crd(),
         ModelRevision::crd(),
+        ModelApproval::crd(),
     ]
 }
 

@@ -24,6 +24,7 @@ pub const REVISION_MODEL_LABEL: &str = "moat.dev/model";
     shortname = "mrev",
     category = "moat",
     derive = "PartialEq",
+    status = "ModelRevisionStatus",
     doc = "An immutable revision of a SecureModelDeployment: the pod template Moat ran, its image and weights digests, when it was first seen and who changed the spec.",
     annotation("helm.sh/resource-policy", "keep"),
     printcolumn(
@@ -105,6 +106,115 @@ pub struct ModelRevisionSpec {
     /// `moat.dev/revision` label): what a rollback restores.
     #[schemars(schema_with = "any_object")]
     pub template: serde_json::Value,
+}
+
+/// What Moat recorded about a revision: the approvals that count for it (two-person approval,
+/// `spec.approval` of the SecureModelDeployment) and those that do not, with why.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelRevisionStatus {
+    /// Approvals that count: each by a different user, none by the revision's author, naming
+    /// this revision's digests, given within their validity.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<RecordedApproval>,
+    /// Approvals that do not count, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedApproval>,
+}
+
+/// One approval that counts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordedApproval {
+    /// The user who approved, as the API server authenticated them.
+    pub approver: String,
+    /// The ModelApproval's name.
+    pub approval: String,
+    /// When the approval was created (its `metadata.creationTimestamp`).
+    pub at: Time,
+}
+
+/// One approval that does not count.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedApproval {
+    /// The ModelApproval's name.
+    pub approval: String,
+    /// Why it does not count, in one line.
+    pub reason: String,
+}
+
+/// One user's approval of one revision of a SecureModelDeployment (two-person control,
+/// `spec.approval.required`). It names the revision and its exact digests; the chart's admission
+/// policy lets users create one only in their own name (`spec.approver` must be the requesting
+/// user), and nobody can change one. It counts when its approver is neither the revision's author
+/// nor someone who approved it already, and while it is younger than
+/// `spec.approval.validFor`.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "moat.dev",
+    version = "v1alpha1",
+    kind = "ModelApproval",
+    namespaced,
+    shortname = "mapr",
+    category = "moat",
+    derive = "PartialEq",
+    doc = "One user's approval of one revision of a SecureModelDeployment, naming its exact digests.",
+    annotation("helm.sh/resource-policy", "keep"),
+    printcolumn(
+        name = "Model",
+        type_ = "string",
+        json_path = ".spec.model",
+        description = "The SecureModelDeployment"
+    ),
+    printcolumn(
+        name = "Revision",
+        type_ = "string",
+        json_path = ".spec.revision",
+        description = "The ModelRevision approved"
+    ),
+    printcolumn(
+        name = "Approver",
+        type_ = "string",
+        json_path = ".spec.approver",
+        description = "Who approved"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self == oldSelf").message("a ModelApproval cannot be changed; delete it and create another"))]
+pub struct ModelApprovalSpec {
+    /// The SecureModelDeployment, in this namespace.
+    #[schemars(length(min = 1, max = 63))]
+    pub model: String,
+
+    /// The ModelRevision approved (`kubectl get modelrevisions -l moat.dev/model=<model>`).
+    #[schemars(length(min = 1, max = 253))]
+    pub revision: String,
+
+    /// The revision's image, exactly as the ModelRevision names it (`repository@sha256:...`).
+    #[schemars(length(min = 1, max = 512))]
+    pub image: String,
+
+    /// The revision's weights digest (its `modelSha256`), when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub model_sha256: Option<String>,
+
+    /// Who approves: must be the requesting user's name, as `kubectl auth whoami` prints it
+    /// (the chart's admission policy refuses any other).
+    #[schemars(length(min = 1, max = 512))]
+    pub approver: String,
+
+    /// Why, for the record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub comment: Option<String>,
 }
 
 /// An object of any shape: the schema keeps every field.

@@ -113,6 +113,30 @@ pub struct SecureModelDeploymentSpec {
     /// `RolledBack`, until the spec changes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutSpec>,
+
+    /// Two-person control: a new revision (new image, weights or anything else in the pods) goes
+    /// live only after `required` users approved it with a ModelApproval naming its exact digests;
+    /// until then the pods keep running the previous revision (a first revision waits with no
+    /// pods), and the status says what is awaited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalSpec>,
+}
+
+/// Two-person approval of new revisions.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalSpec {
+    /// How many different users, none of them the revision's author, must approve a new
+    /// revision. 0 turns approval off.
+    #[schemars(range(min = 0, max = 5))]
+    pub required: i32,
+
+    /// How long an approval counts after it was given, a duration such as `24h` (default). An
+    /// approval that expired before the revision went live does not count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.matches('^([0-9]+(h|m|s))+$') && duration(self) >= duration('1m') && duration(self) <= duration('720h')").message("validFor must be a duration such as 24h or 90m, between 1m and 720h"))]
+    #[schemars(length(min = 2, max = 32))]
+    pub valid_for: Option<String>,
 }
 
 /// Rollout of new revisions.
@@ -846,6 +870,25 @@ pub struct RevisionsStatus {
     /// How many ModelRevisions Moat keeps for this model now.
     #[serde(default)]
     pub history: i32,
+    /// The last revision that had the approvals `spec.approval` requires (it may go live).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub approved: Option<RevisionRef>,
+    /// What the current revision awaits before it goes live (two-person approval).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<AwaitingApproval>,
+}
+
+/// A revision waiting for approvals.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AwaitingApproval {
+    /// The revision.
+    pub revision: RevisionRef,
+    /// Approvals required.
+    pub required: i32,
+    /// Users whose approvals count so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvers: Vec<String>,
 }
 
 /// One revision, by name.

@@ -10,7 +10,9 @@
 //! - [`consent`]: whether a model consents to a ModelClient.
 //! - [`model`]: storage-class checks and decrypt failures of encrypted weights.
 //! - [`revision`]: revisions, their failures, and the rollback to the last known-good.
+//! - [`approval`]: which approvals of a revision count, and whether it may go live.
 
+pub mod approval;
 pub mod ca;
 pub mod consent;
 pub mod drift;

@@ -198,14 +198,14 @@ pub fn failure(rollout: &Rollout, pods: Option<PodFailure>) -> Option<PodFailure
 }
 
 /// The revisions status after an apply that put `serving` into the Deployment, whose rollout is
-/// `rollout`; `found` is what went wrong with `serving`, if anything. The current revision becomes
+/// `rollout` (`None`: no pods, a first revision awaiting approval); `found` is what went wrong with `serving`, if anything. The current revision becomes
 /// the last known-good once every replica runs it ready; a failure of the current revision is
 /// recorded (the next reconcile rolls back, see [`serve`]); a failure recorded for a revision the
 /// spec no longer asks for is dropped.
 pub fn after_apply(
     previous: Option<&RevisionsStatus>,
     current: &RevisionRef,
-    serving: &RevisionRef,
+    serving: Option<&RevisionRef>,
     rollout: &Rollout,
     found: Option<PodFailure>,
     history: i32,
@@ -213,12 +213,12 @@ pub fn after_apply(
 ) -> RevisionsStatus {
     let mut st = previous.cloned().unwrap_or_default();
     st.current = Some(current.clone());
-    st.serving = Some(serving.clone());
+    st.serving = serving.cloned();
     st.history = history;
     st.failed = st
         .failed
         .filter(|f| f.revision.template_hash == current.template_hash);
-    if serving.template_hash == current.template_hash {
+    if serving.is_some_and(|s| s.template_hash == current.template_hash) {
         if *rollout == Rollout::Complete {
             st.last_known_good = Some(current.clone());
             st.failed = None;
@@ -400,6 +400,7 @@ mod tests {
             last_known_good: Some(rev(1, A)),
             failed: Some(failed(rev(2, B))),
             history: 2,
+            ..RevisionsStatus::default()
         };
         assert_eq!(serve(Some(&st), &rev(2, B)), Serve::KnownGood(rev(1, A)));
         assert_eq!(serve(Some(&st), &rev(3, C)), Serve::Current, "a new spec");
@@ -442,7 +443,7 @@ mod tests {
         let st = after_apply(
             None,
             &rev(1, A),
-            &rev(1, A),
+            Some(&rev(1, A)),
             &Rollout::Complete,
             None,
             1,
@@ -450,14 +451,22 @@ mod tests {
         );
         assert_eq!(st.last_known_good, Some(rev(1, A)));
         assert_eq!(st.failed, None);
-        let st2 = after_apply(Some(&st), &rev(2, B), &rev(2, B), &rolling, None, 2, &now());
+        let st2 = after_apply(
+            Some(&st),
+            &rev(2, B),
+            Some(&rev(2, B)),
+            &rolling,
+            None,
+            2,
+            &now(),
+        );
         assert_eq!(st2.last_known_good, Some(rev(1, A)));
         assert_eq!(st2.current, Some(rev(2, B)));
         assert_eq!(st2.failed, None);
         let st3 = after_apply(
             Some(&st2),
             &rev(2, B),
-            &rev(2, B),
+            Some(&rev(2, B)),
             &rolling,
             Some(crash.clone()),
             2,
@@ -471,7 +480,7 @@ mod tests {
         let st4 = after_apply(
             Some(&st3),
             &rev(2, B),
-            &rev(1, A),
+            Some(&rev(1, A)),
             &Rollout::Complete,
             None,
             2,
@@ -485,7 +494,7 @@ mod tests {
         let st5 = after_apply(
             Some(&st3),
             &rev(2, B),
-            &rev(2, B),
+            Some(&rev(2, B)),
             &rolling,
             Some(crash),
             2,
@@ -496,13 +505,17 @@ mod tests {
         let st6 = after_apply(
             Some(&st4),
             &rev(3, C),
-            &rev(3, C),
+            Some(&rev(3, C)),
             &rolling,
             None,
             3,
             &now(),
         );
         assert_eq!(st6.failed, None);
+        // No pods (a first revision awaiting approval): complete, but not known-good.
+        let none = after_apply(None, &rev(1, A), None, &Rollout::Complete, None, 1, &now());
+        assert_eq!(none.last_known_good, None);
+        assert_eq!(none.serving, None);
         assert_eq!(st6.serving, Some(rev(3, C)));
         // The progress deadline counts as a failure of the revision rolling out.
         let deadline = failure(

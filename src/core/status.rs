@@ -127,7 +127,8 @@ pub fn converged(
     st
 }
 
-/// Sets the revisions status `revs` in `st`, and what it means for the conditions: a model rolled
+/// Sets the revisions status `revs` in `st`, and what it means for the conditions: a revision
+/// awaiting approval is not Ready and Reconciling, reason `AwaitingApproval`; a model rolled
 /// back to its last known-good revision is Stalled, reason `RolledBack`, naming both revisions;
 /// a failed revision with nothing to go back to is Stalled with the failure's own reason
 /// (`ModelDecryptionFailed`, `CrashLoop` or `ProgressDeadlineExceeded`).
@@ -137,7 +138,24 @@ pub fn revisions(
     revs: RevisionsStatus,
     now: Time,
 ) {
-    if let Some(failed) = &revs.failed {
+    if let Some(awaiting) = &revs.awaiting {
+        let message = super::approval::awaiting_message(
+            &awaiting.revision,
+            awaiting.required,
+            &awaiting.approvers,
+            revs.serving.as_ref(),
+        );
+        conditions::set_kstatus(
+            &mut st.conditions,
+            [
+                (false, reason::AWAITING_APPROVAL, message.clone()),
+                (true, reason::AWAITING_APPROVAL, message),
+                (false, reason::AS_EXPECTED, String::new()),
+            ],
+            smd.metadata.generation,
+            &now,
+        );
+    } else if let Some(failed) = &revs.failed {
         let rolled_back = revs
             .serving
             .as_ref()
@@ -404,6 +422,80 @@ mod tests {
 
     fn now() -> Time {
         Time(Timestamp::from_second(1_000).expect("time"))
+    }
+
+    /// A revision awaiting approval is Reconciling, not Ready, and not Stalled; a rolled-back
+    /// model is Stalled/RolledBack naming both revisions; a failed first revision is Stalled with
+    /// its own reason.
+    #[test]
+    fn revisions_set_the_conditions_of_approval_and_rollback() {
+        use crate::api::{AwaitingApproval, FailedRevision, RevisionRef, RevisionsStatus};
+        let r = |n: i64, h: &str| RevisionRef {
+            name: format!("m-{h}"),
+            revision: n,
+            template_hash: h.repeat(64),
+        };
+        let reason_of = |st: &SecureModelDeploymentStatus, t: &str| {
+            st.conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
+        let smd = smd(2);
+        let mut st = SecureModelDeploymentStatus::default();
+        let waiting = RevisionsStatus {
+            current: Some(r(2, "b")),
+            serving: Some(r(1, "a")),
+            awaiting: Some(AwaitingApproval {
+                revision: r(2, "b"),
+                required: 2,
+                approvers: vec!["bob".into()],
+            }),
+            ..RevisionsStatus::default()
+        };
+        revisions(&mut st, &smd, waiting, now());
+        assert_eq!(
+            reason_of(&st, READY),
+            Some(("False".into(), reason::AWAITING_APPROVAL.into()))
+        );
+        assert_eq!(
+            reason_of(&st, RECONCILING),
+            Some(("True".into(), reason::AWAITING_APPROVAL.into()))
+        );
+        assert_eq!(reason_of(&st, STALLED).map(|s| s.0), Some("False".into()));
+
+        let failed = FailedRevision {
+            revision: r(2, "b"),
+            reason: reason::CRASH_LOOP.into(),
+            message: "pod p: container server restarted 2 times".into(),
+            at: now(),
+        };
+        let mut st = SecureModelDeploymentStatus::default();
+        let rolled = RevisionsStatus {
+            current: Some(r(2, "b")),
+            serving: Some(r(1, "a")),
+            last_known_good: Some(r(1, "a")),
+            failed: Some(failed.clone()),
+            ..RevisionsStatus::default()
+        };
+        revisions(&mut st, &smd, rolled, now());
+        assert_eq!(
+            reason_of(&st, STALLED),
+            Some(("True".into(), reason::ROLLED_BACK.into()))
+        );
+        let mut st = SecureModelDeploymentStatus::default();
+        let first = RevisionsStatus {
+            current: Some(r(2, "b")),
+            serving: Some(r(2, "b")),
+            failed: Some(failed),
+            ..RevisionsStatus::default()
+        };
+        revisions(&mut st, &smd, first, now());
+        assert_eq!(
+            reason_of(&st, STALLED),
+            Some(("True".into(), reason::CRASH_LOOP.into()))
+        );
+        assert!(st.revisions.is_some());
     }
 
     #[test]

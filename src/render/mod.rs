@@ -33,7 +33,8 @@ use crate::api::SecureModelDeployment;
 pub use client_secret::{MODEL_CLIENT_LABEL, client_secret};
 pub use tls_secret::secret_name as tls_secret_name;
 pub use validate::{
-    ValidationError, certificate_lifetime, is_dns1123_label, is_dns1123_subdomain, validate,
+    ValidationError, approval_validity, certificate_lifetime, is_dns1123_label,
+    is_dns1123_subdomain, validate,
 };
 
 /// Where the serving certificate Secret is mounted in the model pods.

@@ -64,6 +64,29 @@ pub fn certificate_lifetime(s: &str) -> Result<std::time::Duration, String> {
     }
 }
 
+/// Seconds an approval counts when `spec.approval.validFor` is not set (24h).
+pub const DEFAULT_APPROVAL_VALIDITY: u64 = 24 * 3600;
+
+/// Parses `spec.approval.validFor` (`24h`, `90m`): between 1m and 720h; the default without it.
+pub fn approval_validity(s: Option<&str>) -> Result<std::time::Duration, String> {
+    let Some(s) = s else {
+        return Ok(std::time::Duration::from_secs(DEFAULT_APPROVAL_VALIDITY));
+    };
+    let parsed = if matches(&LIFETIME, s) {
+        humantime::parse_duration(s).ok()
+    } else {
+        None
+    };
+    let range = std::time::Duration::from_secs(60)..=std::time::Duration::from_secs(720 * 3600);
+    match parsed {
+        Some(d) if range.contains(&d) => Ok(d),
+        Some(_) => Err(format!("{s:?} must be between 1m and 720h")),
+        None => Err(format!(
+            "{s:?} is not a duration of hours, minutes and seconds such as 24h or 90m"
+        )),
+    }
+}
+
 /// Whether `s` is a DNS-1123 subdomain of at most 253 characters (the names of PriorityClasses,
 /// RuntimeClasses, Secrets, ...).
 pub fn is_dns1123_subdomain(s: &str) -> bool {
@@ -109,6 +132,37 @@ pub fn validate(spec: &SecureModelDeploymentSpec, name: &str) -> Result<(), Vec<
     }
     if !(1..=100).contains(&spec.replicas) {
         err("spec.replicas".into(), "must be between 1 and 100".into());
+    }
+    if let Some(approval) = &spec.approval {
+        if !(0..=5).contains(&approval.required) {
+            err(
+                "spec.approval.required".into(),
+                "must be between 0 and 5".into(),
+            );
+        }
+        if let Err(message) = approval_validity(approval.valid_for.as_deref()) {
+            err("spec.approval.validFor".into(), message);
+        }
+    }
+    if let Some(rollout) = &spec.rollout {
+        if rollout
+            .progress_deadline_seconds
+            .is_some_and(|d| !(10..=86400).contains(&d))
+        {
+            err(
+                "spec.rollout.progressDeadlineSeconds".into(),
+                "must be between 10 and 86400".into(),
+            );
+        }
+        if rollout
+            .revision_history_limit
+            .is_some_and(|l| !(2..=100).contains(&l))
+        {
+            err(
+                "spec.rollout.revisionHistoryLimit".into(),
+                "must be between 2 and 100".into(),
+            );
+        }
     }
     let server = &spec.server;
     if server.image.len() > 512 || !matches(&IMAGE, &server.image) {

@@ -13,11 +13,15 @@ use kube::{
 use super::build::Built;
 use crate::{
     api::{
-        ModelRevision, ModelRevisionSpec, REVISION_MODEL_LABEL, RevisionRef, SecureModelDeployment,
-        conditions::reason,
+        AwaitingApproval, ModelApproval, ModelRevision, ModelRevisionSpec, ModelRevisionStatus,
+        REVISION_MODEL_LABEL, RecordedApproval, RefusedApproval, RevisionRef,
+        SecureModelDeployment, conditions::reason,
     },
     controller::{Context, Error, events::publish},
-    core::revision::{self, Kept, Serve},
+    core::{
+        approval::{self, Candidate, Subject},
+        revision::{self, Kept, Serve},
+    },
 };
 
 /// The annotation the chart's MutatingAdmissionPolicy sets on a SecureModelDeployment to the user
@@ -30,14 +34,19 @@ const KIND: &str = "ModelRevision";
 pub(super) struct Revisions {
     /// The revision the spec renders to.
     pub current: RevisionRef,
-    /// The revision put into the Deployment.
-    pub serving: RevisionRef,
+    /// The revision put into the Deployment (`None`: a first revision awaiting approval, no pods).
+    pub serving: Option<RevisionRef>,
     /// How many ModelRevisions are kept.
     pub history: i32,
+    /// The last revision approved to go live.
+    pub approved: Option<RevisionRef>,
+    /// What the current revision awaits, when it may not go live yet.
+    pub awaiting: Option<AwaitingApproval>,
 }
 
 /// Records the revision `built` renders to, and serves the last known-good one instead while
-/// the spec asks for a failed one.
+/// the spec asks for a failed one, or the revision the pods run while the current one awaits
+/// approval.
 pub(super) async fn prepare(
     ctx: &Context,
     smd: &SecureModelDeployment,
@@ -61,33 +70,250 @@ pub(super) async fn prepare(
         Some(found) => found,
         None => record(ctx, smd, template, &hash, now).await?,
     };
-    let serving = match revision::serve(previous, &current) {
-        Serve::Current => current.clone(),
+    let mut serving = match revision::serve(previous, &current) {
+        Serve::Current => Some(current.clone()),
         Serve::KnownGood(good) => match read_template(ctx, smd, &good).await? {
             Some(template) => {
                 if let Some(spec) = built.children.deployment.spec.as_mut() {
                     spec.template = template;
                 }
-                good
+                Some(good)
             }
             // Pruned or deleted: nothing to go back to; the failure stays in the status.
-            None => current.clone(),
+            None => Some(current.clone()),
         },
     };
+    // Two-person approval: a revision that may not go live yet leaves the pods on the revision
+    // they run (or, for a first revision, none).
+    let mut approved = previous.and_then(|p| p.approved.clone());
+    let mut awaiting = None;
+    let required = smd.spec.approval.as_ref().map_or(0, |a| a.required);
+    let last_known_good = previous.and_then(|p| p.last_known_good.as_ref());
+    if serving.as_ref() == Some(&current)
+        && !approval::may_go_live(required, &current, last_known_good, approved.as_ref(), 0)
+    {
+        let reference = approved.as_ref().or(last_known_good);
+        let approvers = approvals(ctx, smd, &current, reference, now).await?;
+        let own_change = approvers.is_none();
+        let approvers = approvers.unwrap_or_default();
+        if own_change
+            || approval::may_go_live(
+                required,
+                &current,
+                last_known_good,
+                approved.as_ref(),
+                approvers.len(),
+            )
+        {
+            approved = Some(current.clone());
+        } else {
+            let was = previous
+                .and_then(|p| p.serving.clone())
+                .filter(|s| s.template_hash != current.template_hash)
+                .or_else(|| last_known_good.cloned())
+                .filter(|s| s.template_hash != current.template_hash);
+            serving = match was {
+                Some(was) => match read_template(ctx, smd, &was).await? {
+                    Some(template) => {
+                        if let Some(spec) = built.children.deployment.spec.as_mut() {
+                            spec.template = template;
+                        }
+                        Some(was)
+                    }
+                    None => None,
+                },
+                None => None,
+            };
+            if serving.is_none()
+                && let Some(spec) = built.children.deployment.spec.as_mut()
+            {
+                // Nothing approved to run: the Deployment exists, with no pods.
+                spec.replicas = Some(0);
+            }
+            awaiting = Some(AwaitingApproval {
+                revision: current.clone(),
+                required,
+                approvers,
+            });
+        }
+    }
     let was_serving = previous.and_then(|p| p.serving.as_ref());
-    if was_serving.is_none_or(|w| w.template_hash != serving.template_hash) {
-        // Moat's own change of the pod template (a rollback, or the way back): not drift.
+    if was_serving.map(|w| &w.template_hash) != serving.as_ref().map(|s| &s.template_hash) {
+        // Moat's own change of the pod template (a rollback, a held or approved revision, the
+        // way back): not drift.
         built
             .own
             .entry(("Deployment", smd.name_any()))
             .or_default()
-            .push("spec.template".into());
+            .extend(["spec.template".to_string(), "spec.replicas".to_string()]);
     }
     Ok(Revisions {
         current,
         serving,
         history,
+        approved,
+        awaiting,
     })
+}
+
+/// The users whose approvals of `current` count, after recording every approval's verdict in
+/// the ModelRevision's status (with an Event for each new one). `None` when `current` comes from
+/// the same spec (generation) as `reference`, the last approved or known-good revision: only
+/// Moat's own inputs changed (a renewed certificate, a new helper image), which needs no
+/// approval.
+async fn approvals(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    current: &RevisionRef,
+    reference: Option<&RevisionRef>,
+    now: &Time,
+) -> Result<Option<Vec<String>>, Error> {
+    let namespace = smd.namespace().unwrap_or_default();
+    let revisions: Api<ModelRevision> = Api::namespaced(ctx.client.clone(), &namespace);
+    let kept = list_revisions(&revisions, smd).await?;
+    let Some(revision) = kept.iter().find(|r| r.name_any() == current.name) else {
+        return Ok(Some(Vec::new()));
+    };
+    let same_spec = reference
+        .and_then(|r| kept.iter().find(|k| k.name_any() == r.name))
+        .is_some_and(|r| r.spec.generation == revision.spec.generation);
+    if same_spec {
+        return Ok(None);
+    }
+    let api: Api<ModelApproval> = Api::namespaced(ctx.client.clone(), &namespace);
+    let listed = api
+        .list(&ListParams::default())
+        .await
+        .map_err(|source| Error::Read {
+            kind: "ModelApproval",
+            source,
+        })?;
+    let candidates: Vec<Candidate> = listed
+        .items
+        .iter()
+        .filter(|a| a.spec.model == smd.name_any())
+        .map(|a| Candidate {
+            name: a.name_any(),
+            revision: a.spec.revision.clone(),
+            image: a.spec.image.clone(),
+            model_sha256: a.spec.model_sha256.clone(),
+            approver: a.spec.approver.clone(),
+            created: a
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map_or(now.0.as_second(), |t| t.0.as_second()),
+        })
+        .collect();
+    let valid_for = crate::render::approval_validity(
+        smd.spec
+            .approval
+            .as_ref()
+            .and_then(|a| a.valid_for.as_deref()),
+    )
+    .map_err(|message| {
+        Error::Invalid(crate::render::RenderError::Invalid(vec![
+            crate::render::ValidationError {
+                field: "spec.approval.validFor".into(),
+                message,
+            },
+        ]))
+    })?;
+    let subject = Subject {
+        name: &current.name,
+        author: &revision.spec.author,
+        image: &revision.spec.image,
+        model_sha256: revision.spec.model_sha256.as_deref(),
+    };
+    let judged = approval::judge(
+        &candidates,
+        &subject,
+        now.0.as_second(),
+        i64::try_from(valid_for.as_secs()).unwrap_or(i64::MAX),
+    );
+    let at = |secs: i64| {
+        k8s_openapi::jiff::Timestamp::from_second(secs)
+            .map(Time)
+            .unwrap_or_else(|_| now.clone())
+    };
+    let recorded = ModelRevisionStatus {
+        approvals: judged
+            .counted
+            .iter()
+            .map(|(name, who, created)| RecordedApproval {
+                approver: who.clone(),
+                approval: name.clone(),
+                at: at(*created),
+            })
+            .collect(),
+        refused: judged
+            .refused
+            .iter()
+            .map(|(name, why)| RefusedApproval {
+                approval: name.clone(),
+                reason: why.clone(),
+            })
+            .collect(),
+    };
+    let before = revision.status.clone().unwrap_or_default();
+    if before != recorded {
+        let patch = serde_json::json!({"status": recorded});
+        crate::controller::apply::patch_status(ctx, &revisions, KIND, &current.name, &patch)
+            .await?;
+        for counted in &recorded.approvals {
+            if !before
+                .approvals
+                .iter()
+                .any(|b| b.approval == counted.approval)
+            {
+                note(
+                    ctx,
+                    smd,
+                    reason::APPROVAL_ACCEPTED,
+                    format!(
+                        "{} approved revision {} ({}) with ModelApproval {}",
+                        counted.approver, current.revision, current.name, counted.approval
+                    ),
+                )
+                .await;
+            }
+        }
+        for refused in &recorded.refused {
+            if !before.refused.contains(refused) {
+                note(
+                    ctx,
+                    smd,
+                    reason::APPROVAL_REFUSED,
+                    format!(
+                        "ModelApproval {} does not count for revision {} ({}): {}",
+                        refused.approval, current.revision, current.name, refused.reason
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(Some(
+        judged.counted.into_iter().map(|(_, who, _)| who).collect(),
+    ))
+}
+
+async fn note(ctx: &Context, smd: &SecureModelDeployment, why: &str, message: String) {
+    let type_ = if why == reason::APPROVAL_REFUSED {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
+    publish(
+        &ctx.recorder,
+        &ctx.metrics,
+        &smd.object_ref(&()),
+        type_,
+        why,
+        message,
+        None,
+    )
+    .await;
 }
 
 /// Finds or creates the ModelRevision of `hash`, and prunes the history to its limit. Returns
@@ -214,6 +440,7 @@ async fn create(
             first_seen: now.clone(),
             template,
         },
+        status: None,
     };
     ctx.metrics.api_write(KIND, "create");
     match api.create(&PostParams::default(), &object).await {
@@ -274,11 +501,22 @@ async fn find(
     smd: &SecureModelDeployment,
     name: &str,
 ) -> Result<Option<ModelRevision>, Error> {
+    Ok(list_revisions(api, smd)
+        .await?
+        .into_iter()
+        .find(|r| r.name_any() == name))
+}
+
+/// The ModelRevisions of `smd`.
+async fn list_revisions(
+    api: &Api<ModelRevision>,
+    smd: &SecureModelDeployment,
+) -> Result<Vec<ModelRevision>, Error> {
     let listed = api
         .list(&ListParams::default().labels(&format!("{REVISION_MODEL_LABEL}={}", smd.name_any())))
         .await
         .map_err(|source| Error::Read { kind: KIND, source })?;
-    Ok(listed.items.into_iter().find(|r| r.name_any() == name))
+    Ok(listed.items)
 }
 
 fn reference(r: &ModelRevision) -> RevisionRef {

@@ -26,6 +26,8 @@ use crate::{
 const MODEL_ROLLOUT_RECHECK: Duration = Duration::from_secs(5);
 /// How soon Moat looks again at pods whose init container failed.
 const MODEL_FAILED_RECHECK: Duration = Duration::from_secs(30);
+/// While a revision awaits approval, how soon Moat looks for new ModelApprovals.
+const APPROVAL_RECHECK: Duration = Duration::from_secs(5);
 /// How soon after recording a failed revision Moat rolls back (the status write is in the cache
 /// by then).
 const ROLL_BACK_AFTER: Duration = Duration::from_millis(500);
@@ -57,6 +59,8 @@ pub(super) async fn report(
         current,
         serving,
         history,
+        approved,
+        awaiting,
     } = revisions;
     // While the pods of the revision the spec asks for are not all ready, a failed container is
     // the likely reason: read it from the pods (not watched, so look again shortly).
@@ -65,7 +69,7 @@ pub(super) async fn report(
         .resync_period
         .min(certified.renew_in(now.as_second()));
     let mut found = None;
-    if rollout != status::Rollout::Complete && serving == current {
+    if rollout != status::Rollout::Complete && serving.as_ref() == Some(&current) {
         let api: Api<Pod> =
             Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
         let pods = api
@@ -84,15 +88,21 @@ pub(super) async fn report(
     }
     let at = Time(now);
     let previous = smd.status.as_ref().and_then(|s| s.revisions.as_ref());
-    let revs = revision::after_apply(
+    let mut revs = revision::after_apply(
         previous,
         &current,
-        &serving,
+        serving.as_ref(),
         &rollout,
         revision::failure(&rollout, found),
         history,
         &at,
     );
+    revs.approved = approved;
+    revs.awaiting = awaiting;
+    if revs.awaiting.is_some() {
+        // Approvals are not watched: look for new ones shortly.
+        requeue = requeue.min(APPROVAL_RECHECK);
+    }
     if revision::must_roll_back(&revs) {
         // Recorded now; the next reconcile puts the last known-good template back.
         requeue = ROLL_BACK_AFTER;
