@@ -430,14 +430,46 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
     let of_kind = |docs: &[serde_yaml::Value], kind: &str| -> Vec<serde_yaml::Value> {
         docs.iter().filter(|d| d["kind"] == kind).cloned().collect()
     };
+    let named = |docs: &[serde_yaml::Value], kind: &str, name: &str| -> Result<serde_yaml::Value> {
+        of_kind(docs, kind)
+            .into_iter()
+            .find(|d| d["metadata"]["name"] == name)
+            .with_context(|| format!("no {kind} {name}"))
+    };
     let docs = rendered(&[])?;
     let policies = of_kind(&docs, "ValidatingAdmissionPolicy");
     let bindings = of_kind(&docs, "ValidatingAdmissionPolicyBinding");
+    let mutating = of_kind(&docs, "MutatingAdmissionPolicy");
     ensure!(
-        policies.len() == 1 && bindings.len() == 1,
-        "one policy and one binding by default"
+        policies.len() == 2
+            && bindings.len() == 2
+            && mutating.len() == 1
+            && of_kind(&docs, "MutatingAdmissionPolicyBinding").len() == 1,
+        "by default: the children's and the approvals' policies with their bindings, and the author's mutating policy with its binding"
     );
-    let policy = &policies[0];
+    // Approvals only in one's own name; the author of every spec change from the request.
+    let approvals = serde_yaml::to_string(
+        &named(
+            &docs,
+            "ValidatingAdmissionPolicy",
+            "t-moat-approvals.moat.dev",
+        )?["spec"],
+    )?;
+    ensure!(
+        approvals.contains("object.spec.approver == request.userInfo.username")
+            && approvals.contains("modelapprovals"),
+        "{approvals}"
+    );
+    let author = serde_yaml::to_string(&mutating[0]["spec"])?;
+    ensure!(
+        author.contains("request.userInfo.username") && author.contains("moat.dev~1spec-author"),
+        "{author}"
+    );
+    let policy = &named(
+        &docs,
+        "ValidatingAdmissionPolicy",
+        "t-moat-children.moat.dev",
+    )?;
     ensure!(
         policy["metadata"]["name"] == "t-moat-children.moat.dev",
         "{:?}",
@@ -468,6 +500,7 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
         ("networking.k8s.io", "networkpolicies"),
         ("policy", "poddisruptionbudgets"),
         ("apps", "deployments"),
+        ("moat.dev", "modelrevisions"),
     ] {
         ensure!(
             rules.iter().any(|r| strings(&r["apiGroups"]) == [group]
@@ -476,7 +509,11 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
             "{group}/{resource} is not matched: {rules:?}"
         );
     }
-    let binding = &bindings[0];
+    let binding = &named(
+        &docs,
+        "ValidatingAdmissionPolicyBinding",
+        "t-moat-children.moat.dev",
+    )?;
     ensure!(binding["spec"]["policyName"] == "t-moat-children.moat.dev");
     ensure!(strings(&binding["spec"]["validationActions"]) == ["Deny"]);
     ensure!(
@@ -485,7 +522,11 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
     );
     // Watching some namespaces: bound there and in the release namespace (the CA) only.
     let scoped = rendered(&["--set", "watchNamespaces={team-a,team-b}"])?;
-    let binding = &of_kind(&scoped, "ValidatingAdmissionPolicyBinding")[0];
+    let binding = &named(
+        &scoped,
+        "ValidatingAdmissionPolicyBinding",
+        "t-moat-children.moat.dev",
+    )?;
     let expr = &binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"][0];
     ensure!(
         expr["key"] == "kubernetes.io/metadata.name"
@@ -495,7 +536,13 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
     );
     // Another group reaches the CEL.
     let other = rendered(&["--set", "admissionPolicy.breakGlass.group=oncall"])?;
-    let text = serde_yaml::to_string(&of_kind(&other, "ValidatingAdmissionPolicy")[0]["spec"])?;
+    let text = serde_yaml::to_string(
+        &named(
+            &other,
+            "ValidatingAdmissionPolicy",
+            "t-moat-children.moat.dev",
+        )?["spec"],
+    )?;
     ensure!(
         text.contains("\"oncall\"") && !text.contains("moat:break-glass"),
         "{text}"
@@ -503,9 +550,15 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
     // Opted out: neither.
     let off = rendered(&["--set", "admissionPolicy.enabled=false"])?;
     ensure!(
-        of_kind(&off, "ValidatingAdmissionPolicy").is_empty()
-            && of_kind(&off, "ValidatingAdmissionPolicyBinding").is_empty(),
-        "admissionPolicy.enabled=false still renders the policy"
+        [
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
+            "MutatingAdmissionPolicy",
+            "MutatingAdmissionPolicyBinding"
+        ]
+        .iter()
+        .all(|k| of_kind(&off, k).is_empty()),
+        "admissionPolicy.enabled=false still renders a policy"
     );
     ok(
         helm(&[

@@ -260,6 +260,15 @@ async fn approvals(
         let patch = serde_json::json!({"status": recorded});
         crate::controller::apply::patch_status(ctx, &revisions, KIND, &current.name, &patch)
             .await?;
+        // Each Event names its ModelApproval as the related object, so that the Events of two
+        // approvals are two, not one series.
+        let related = |name: &str| {
+            listed
+                .items
+                .iter()
+                .find(|a| a.name_any() == name)
+                .map(|a| a.object_ref(&()))
+        };
         for counted in &recorded.approvals {
             if !before
                 .approvals
@@ -270,6 +279,7 @@ async fn approvals(
                     ctx,
                     smd,
                     reason::APPROVAL_ACCEPTED,
+                    related(&counted.approval),
                     format!(
                         "{} approved revision {} ({}) with ModelApproval {}",
                         counted.approver, current.revision, current.name, counted.approval
@@ -284,6 +294,7 @@ async fn approvals(
                     ctx,
                     smd,
                     reason::APPROVAL_REFUSED,
+                    related(&refused.approval),
                     format!(
                         "ModelApproval {} does not count for revision {} ({}): {}",
                         refused.approval, current.revision, current.name, refused.reason
@@ -298,7 +309,13 @@ async fn approvals(
     ))
 }
 
-async fn note(ctx: &Context, smd: &SecureModelDeployment, why: &str, message: String) {
+async fn note(
+    ctx: &Context,
+    smd: &SecureModelDeployment,
+    why: &str,
+    related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    message: String,
+) {
     let type_ = if why == reason::APPROVAL_REFUSED {
         EventType::Warning
     } else {
@@ -311,7 +328,7 @@ async fn note(ctx: &Context, smd: &SecureModelDeployment, why: &str, message: St
         type_,
         why,
         message,
-        None,
+        related,
     )
     .await;
 }
