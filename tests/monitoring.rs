@@ -8,6 +8,9 @@
 
 use std::{collections::BTreeSet, path::Path};
 
+#[path = "support/dashboard.rs"]
+mod dashboard;
+
 use moat::{
     api::conditions::{self, reason},
     gate::{metrics::GateMetrics, policy::Reason},
@@ -220,53 +223,33 @@ fn metric_names(expr: &str) -> BTreeSet<String> {
     names
 }
 
-/// Every PromQL expression of the dashboard: panel targets (rows' panels too) and the selectors
-/// of its `label_values` template variables.
+/// Every PromQL expression of the dashboard (`tests/support/dashboard.rs`), with Grafana's
+/// variables as Prometheus receives them.
 fn dashboard_expressions() -> Vec<String> {
-    fn panels(items: &[serde_json::Value], out: &mut Vec<String>) {
-        for p in items {
-            for t in p["targets"].as_array().into_iter().flatten() {
-                if let Some(expr) = t["expr"].as_str() {
-                    out.push(expr.to_string());
-                }
-            }
-            panels(p["panels"].as_array().map_or(&[], Vec::as_slice), out);
-        }
-    }
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&read("charts/moat/dashboards/moat.json")).expect("dashboard JSON");
-    let mut out = Vec::new();
-    panels(
-        dashboard["panels"].as_array().expect("panels").as_slice(),
-        &mut out,
-    );
-    for v in dashboard["templating"]["list"]
-        .as_array()
+    dashboard::expressions()
         .into_iter()
-        .flatten()
-    {
-        if let Some(query) = v["query"]["query"].as_str() {
-            let selector = query
-                .strip_prefix("label_values(")
-                .and_then(|q| q.rsplit_once(','))
-                .map(|(selector, _)| selector.to_string())
-                .unwrap_or_else(|| panic!("variable query is not label_values(...): {query}"));
-            out.push(selector);
-        }
-    }
-    out
+        .map(|e| {
+            dashboard::substitute(&e.expr, "5m").unwrap_or_else(|err| panic!("{}: {err}", e.place))
+        })
+        .collect()
 }
 
 /// The PromQL of the PrometheusRule template: each `expr:` line, with the template's PromQL
-/// variables (`{{- $drift := "..." }}`, `{{- $breakGlass := "..." }}`) put in and the other Helm
-/// actions left out.
+/// variables (`{{- $drift := "..." | replace "WINDOW" $window }}`, `{{- $breakGlass := ... }}`)
+/// put in (their `WINDOW` as the default window, 10m) and the other Helm actions left out.
 fn rule_expressions() -> Vec<String> {
     let template = read("charts/moat/templates/prometheusrule.yaml");
-    let variables: Vec<(String, &str)> = template
+    let variables: Vec<(String, String)> = template
         .lines()
         .filter_map(|l| {
-            let (name, value) = l.trim().strip_prefix("{{- $")?.split_once(" := \"")?;
-            Some((format!("{{{{ ${name} }}}}"), value.strip_suffix("\" }}")?))
+            let (name, rest) = l.trim().strip_prefix("{{- $")?.split_once(" := \"")?;
+            let (value, pipeline) = rest.split_once('"')?;
+            let value = match pipeline.trim() {
+                "}}" => value.to_string(),
+                "| replace \"WINDOW\" $window }}" => value.replace("WINDOW", "10m"),
+                other => panic!("unexpected pipeline of ${name}: {other}"),
+            };
+            Some((format!("{{{{ ${name} }}}}"), value))
         })
         .collect();
     assert!(
@@ -275,7 +258,7 @@ fn rule_expressions() -> Vec<String> {
     );
     let without_actions = |s: &str| {
         let s = variables.iter().fold(s.to_string(), |s, (name, value)| {
-            s.replace(name.as_str(), value)
+            s.replace(name.as_str(), value.as_str())
         });
         let mut out = String::new();
         let mut rest = s.as_str();
