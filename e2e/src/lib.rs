@@ -9,6 +9,7 @@
 
 pub mod artifacts;
 pub mod faults;
+pub mod prometheus;
 pub mod registry;
 pub mod tls;
 
