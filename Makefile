@@ -84,7 +84,10 @@ test-e2e: deps ## End-to-end tests against a fresh local cluster, then its lifec
 	@# CPUs) is left to compete with the tests; the lifecycle test stops the cluster afterwards anyway.
 	@$(CLUSTER) down >/dev/null
 	@$(CLUSTER) up >/dev/null
-	@$(CLUSTER_ENV); $(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
+	@# The pinned Prometheus of e2e/tests/prometheus.rs (built once, cached like the cluster's parts).
+	@bash e2e/prometheus.sh build
+	@$(CLUSTER_ENV); prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env"; \
+		$(CARGO) test -p moat-e2e -- --test-threads=4 --nocapture
 	@bash e2e/lifecycle-test.sh
 
 # SecureModelDeployments per scenario of the fault-injection suite: `make test-faults` (the short
