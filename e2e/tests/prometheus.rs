@@ -61,6 +61,22 @@ const NO_DATA_HERE: &[(&str, &str)] = &[
     ),
 ];
 
+/// Rate and increase panels of counters whose series Moat creates with the first event (at 1):
+/// `rate()` and `increase()` see no rise in a series that appears already at 1, so these panels
+/// show 0 throughout this scenario although each event happened (once per label set). The alerts
+/// count such a new series with its value (the `unless ... offset` clause of the drift rules);
+/// the dashboard does not yet. A known gap: the fix is for Moat to create these series at 0
+/// (the kinds, outcomes, usages and reasons are known; an owner's when it is first reconciled),
+/// or for the panels to count new series as the alerts do. Every other rate or increase panel
+/// must show a rise.
+const ZEROS_HERE: &[&str] = &[
+    "moat_drift_repairs_total",
+    "moat_drift_repairs_by_owner_total",
+    "moat_certificates_issued_total",
+    "moat_image_resolutions_total",
+    "moat_reconcile_errors_total",
+];
+
 fn no_data_reason(expr: &str) -> Option<&'static str> {
     NO_DATA_HERE
         .iter()
@@ -544,22 +560,40 @@ async fn scenario(
     let mut with_data = Vec::new();
     let mut without = Vec::new();
     let mut missing = Vec::new();
+    let mut zeros = Vec::new();
+    // With MOAT_DASHBOARD_DATA set, every expression's series go to that file (JSON), which
+    // e2e/dashboard-picture.py draws into docs/dashboard.png (`make dashboard-picture`).
+    let mut dump = Vec::new();
     for e in dashboard::expressions() {
         let expr = dashboard::substitute(&e.expr, "5m").map_err(anyhow::Error::msg)?;
         let result = prom
             .query_range(&expr, start, end, INTERVAL.as_secs_f64())
             .await
             .with_context(|| format!("{}: {expr}", e.place))?;
+        dump.push(json!({"place": e.place, "expr": expr, "result": result}));
         let points: usize = result
             .iter()
             .map(|s| s["values"].as_array().map_or(0, Vec::len))
             .sum();
+        let max = result
+            .iter()
+            .flat_map(|s| s["values"].as_array().cloned().unwrap_or_default())
+            .filter_map(|v| v[1].as_str().and_then(|v| v.parse::<f64>().ok()))
+            .fold(0.0_f64, |m, v| m.max(v.abs()));
+        let counts = expr.contains("rate(") || expr.contains("increase(");
         if points > 0 {
             with_data.push(format!(
-                "{:<60} {} series, {points} points",
+                "{:<60} {} series, {points} points, largest value {max:.3}",
                 e.place,
                 result.len()
             ));
+            if counts && max == 0.0 {
+                if ZEROS_HERE.iter().any(|n| expr.contains(n)) {
+                    zeros.push(format!("{:<60} all 0", e.place));
+                } else {
+                    missing.push(format!("{} shows no rise: {expr}", e.place));
+                }
+            }
         } else if let Some(why) = no_data_reason(&expr) {
             without.push(format!("{:<60} no data: {why}", e.place));
         } else {
@@ -576,9 +610,21 @@ async fn scenario(
         without.len(),
         without.join("\n  ")
     );
+    eprintln!(
+        "dashboard: {} rate/increase expressions show 0 throughout although their events \
+         happened (a series that appears at 1 has no rise; see ZEROS_HERE):\n  {}",
+        zeros.len(),
+        zeros.join("\n  ")
+    );
+    if let Ok(path) = std::env::var("MOAT_DASHBOARD_DATA") {
+        let data = json!({"start": start, "end": end, "expressions": dump});
+        std::fs::write(&path, serde_json::to_vec(&data)?)
+            .with_context(|| format!("writing {path}"))?;
+        eprintln!("dashboard: the series of every expression written to {path}");
+    }
     ensure!(
         missing.is_empty(),
-        "dashboard expressions without data after the scenario: {missing:#?}"
+        "dashboard expressions without data (or, for a rate or increase, without a rise) after the scenario: {missing:#?}"
     );
     ensure!(with_data.len() >= 15, "{with_data:#?}");
     Ok(())
