@@ -126,6 +126,14 @@ test-e2e-stress: deps ## The e2e suite while stress-ng keeps every core busy (as
 demo: deps ## Install Moat with its chart on the local control plane, serve examples/quickstart.yaml, show a drift repair.
 	@bash e2e/demo.sh
 
+.PHONY: dashboard-picture
+dashboard-picture: cluster-up ## docs/dashboard.png: the dashboard's main panels, drawn (Debian's python3-matplotlib, installed on first use) from the real Prometheus of e2e/tests/prometheus.rs.
+	@bash e2e/prometheus.sh build
+	@/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || apt-get install -y -qq --no-install-recommends python3-matplotlib
+	@$(CLUSTER_ENV); prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env"; \
+		MOAT_DASHBOARD_DATA=$${TMPDIR:-/tmp}/moat-dashboard-data.json $(CARGO) test -p moat-e2e --test prometheus -- --nocapture
+	@/usr/bin/python3 e2e/dashboard-picture.py $${TMPDIR:-/tmp}/moat-dashboard-data.json docs/dashboard.png
+
 .PHONY: bench
 bench: cluster-up ## Benchmarks: drift repair, convergence of N SMDs, 1000 certificates, moat decrypt vs age, the gate vs direct and nginx; writes docs/benchmarks.md.
 	@$(CLUSTER_ENV); $(CARGO) run --release -p moat-e2e --bin moat-bench -- --output docs/benchmarks.md
