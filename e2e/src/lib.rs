@@ -903,6 +903,7 @@ pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {
             ..Default::default()
         },
         encrypted_storage_classes: Vec::new(),
+        spec_author_policy: false,
     }
 }
 

@@ -349,6 +349,7 @@ mod tests {
             reason: reason::MODEL_DECRYPTION_FAILED.into(),
             message: "wrong key".into(),
             at: now.clone(),
+            generation: None,
         };
         let mut st = crate::api::SecureModelDeploymentStatus::default();
         conditions::set_stalled(&mut st.conditions, reason::ROLLED_BACK, "m", Some(1), &now);
