@@ -9,6 +9,8 @@
 
 pub mod artifacts;
 pub mod faults;
+pub mod flux;
+pub mod git;
 pub mod registry;
 pub mod tls;
 
