@@ -84,6 +84,8 @@ test-e2e: deps ## End-to-end tests against a fresh local cluster, then its lifec
 	@# CPUs) is left to compete with the tests; the lifecycle test stops the cluster afterwards anyway.
 	@$(CLUSTER) down >/dev/null
 	@$(CLUSTER) up >/dev/null
+	@# Flux's controllers for tests/flux.rs (built once into the cache; the test would build them too).
+	@bash e2e/flux.sh build
 	@# The pinned Prometheus of e2e/tests/prometheus.rs (built once, cached like the cluster's parts).
 	@bash e2e/prometheus.sh build
 	@$(CLUSTER_ENV); prometheus_env=$$(e2e/prometheus.sh env) && eval "$$prometheus_env"; \

@@ -23,11 +23,13 @@ set -euo pipefail
 #   image (e2e/model-server-image.sh), and what reads the chart's rules and dashboard in
 #   `make test-rules` (charts/moat/tests/*.py).
 # python3-venv: the virtualenv checkov is installed into from PyPI (`make test-scan`, e2e/scan.sh).
+# git: e2e/tests/flux.rs commits to a repository that `git http-backend` serves (as a CGI program of
+#   busybox-static's httpd) to Flux's source-controller.
 # nginx-light: the baseline of the gate benchmark (the same mTLS termination and proxying; run as
 #   a child process with its own prefix, never its service).
 PACKAGES=(procps openssl ca-certificates gcc libc6-dev lua5.4 curl unzip age time docker-registry skopeo apache2-utils stress-ng
   containerd runc containernetworking-plugins nftables iptables ipset iproute2 util-linux socat busybox-static
-  python3-minimal libpython3-stdlib python3-venv nginx-light)
+  python3-minimal libpython3-stdlib python3-venv nginx-light git)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

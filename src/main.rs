@@ -250,6 +250,11 @@ struct OperatorArgs {
     /// with reason StorageClassNotEncrypted).
     #[arg(long, env = "MOAT_ENCRYPTED_STORAGE_CLASSES", value_delimiter = ',')]
     encrypted_storage_classes: Vec<String>,
+    /// The chart's MutatingAdmissionPolicy records who changed each model's spec (annotation
+    /// moat.dev/spec-author): trust the annotation as a revision's author. Without it authors are
+    /// `unknown`, since anyone who may edit a model could write the annotation.
+    #[arg(long, env = "MOAT_SPEC_AUTHOR_POLICY")]
+    spec_author_policy: bool,
     /// Time limit of one tag resolution in a registry, such as 10s.
     #[arg(long, env = "MOAT_REGISTRY_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     registry_timeout: Duration,
@@ -600,6 +605,7 @@ fn run_operator(args: OperatorArgs) -> Result<()> {
             .map(|c| c.trim().to_string())
             .filter(|c| !c.is_empty())
             .collect(),
+        spec_author_policy: args.spec_author_policy,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -9,6 +9,8 @@
 
 pub mod artifacts;
 pub mod faults;
+pub mod flux;
+pub mod git;
 pub mod prometheus;
 pub mod registry;
 pub mod tls;
@@ -904,6 +906,7 @@ pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {
             ..Default::default()
         },
         encrypted_storage_classes: Vec::new(),
+        spec_author_policy: false,
     }
 }
 

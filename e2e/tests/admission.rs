@@ -73,9 +73,12 @@ async fn install_chart_and_run_moat(
         extra,
     ])?;
     let token = service_account_token(&env.client, ns, &sa).await?;
+    // As the chart's Deployment runs it: told that the author policy is installed with it.
+    let author_policy = extra != "admissionPolicy.enabled=false";
     let op = env
         .operator()
         .config(config_with_token(token).await?)
+        .settings(|s| s.spec_author_policy = author_policy)
         .start()
         .await?;
     Ok((release, sa, op))
@@ -281,6 +284,10 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
                 other => bail!("an approval by bob in carol's name was not refused: {other:?}"),
             }
             as_user(&bob).create(&PostParams::default(), &approval("by-bob", "bob")?).await?;
+            match as_user(&bob).delete("by-alice", &DeleteParams::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 403 && e.message.contains("only its approver withdraws") => {}
+                other => bail!("bob withdrew alice's approval: {other:?}"),
+            }
             as_user(&bob).create(&PostParams::default(), &approval("by-bob-again", "bob")?).await?;
             let revisions = env.api::<moat::api::ModelRevision>();
             let judged = moat_e2e::wait_for_value(moat_e2e::DEADLINE, "the approvals judged", || async {
@@ -311,8 +318,15 @@ async fn only_moat_changes_its_children_and_break_glass_is_recorded_then_repaire
                     && refused_notes.iter().any(|n| n.contains("ModelApproval by-alice does not count")),
                 "approval Events: {accepted:?} {refused_notes:?}"
             );
-            smds.patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": {"required": 0}}})))
-                .await?;
+            // The number cannot be lowered: that change would switch off the control meant to
+            // check it (a CEL transition rule of the CRD).
+            match a_smds
+                .patch("fraud", &PatchParams::default(), &Patch::Merge(json!({"spec": {"approval": {"required": 0}}})))
+                .await
+            {
+                Err(kube::Error::Api(e)) if e.code == 422 && e.message.contains("cannot be lowered") => {}
+                other => bail!("lowering spec.approval.required was not refused: {other:?}"),
+            }
             wait_ready(&smds, "fraud").await?;
             let deploys = env.api::<Deployment>();
             let nps = env.api::<NetworkPolicy>();

@@ -436,7 +436,24 @@ fn the_admission_policy_renders_on_by_default_and_not_when_opted_out() -> Result
             .find(|d| d["metadata"]["name"] == name)
             .with_context(|| format!("no {kind} {name}"))
     };
-    let docs = rendered(&[])?;
+    // The author's mutating policy needs the API (GA in Kubernetes 1.36): without it (an older
+    // cluster, or `helm template` without --api-versions) neither the policy nor the operator's
+    // --spec-author-policy is rendered.
+    let map_api = [
+        "--api-versions",
+        "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy",
+    ];
+    let older = rendered(&[])?;
+    ensure!(
+        of_kind(&older, "MutatingAdmissionPolicy").is_empty()
+            && !serde_yaml::to_string(&older)?.contains("--spec-author-policy"),
+        "the author policy renders without its API"
+    );
+    let docs = rendered(&map_api)?;
+    ensure!(
+        serde_yaml::to_string(&docs)?.contains("--spec-author-policy"),
+        "the operator is not told that the author policy is installed"
+    );
     let policies = of_kind(&docs, "ValidatingAdmissionPolicy");
     let bindings = of_kind(&docs, "ValidatingAdmissionPolicyBinding");
     let mutating = of_kind(&docs, "MutatingAdmissionPolicy");

@@ -23,7 +23,7 @@ use moat::{
 use moat_e2e::{
     NamespaceOptions, TestEnv,
     artifacts::{age_identity, encrypted_model, publish_store, pvc_store, sha256_of},
-    real_node_image, wait_condition, wait_ready, wait_smd, with_namespace,
+    real_node_image, wait_condition, wait_ready, with_namespace,
 };
 use serde_json::{Value, json};
 
@@ -270,13 +270,22 @@ async fn failing_revisions_roll_back_to_the_last_known_good_on_real_pods() {
             // An operator restart during the rollback state: nothing moves.
             drop(op);
             let before = smds.get(MODEL).await?;
-            let _op = start(helper).start().await?;
-            wait_smd(&smds, MODEL, "reconciled again by the new operator", |s| {
-                s.status.as_ref().and_then(|s| s.revisions.as_ref()) == before.status.as_ref().and_then(|s| s.revisions.as_ref())
-                    && moat_e2e::current_condition(s, conditions::STALLED)
-                        .is_some_and(|c| c.reason == conditions::reason::ROLLED_BACK)
-            })
-            .await?;
+            let op = start(helper).start().await?;
+            // A whole reconcile of the model by the new operator (its first, once its caches
+            // filled: the state is settled, so nothing requeues it soon), then the same state.
+            op.wait_reconciles_after(0, 1, "the new operator reconciled the model").await?;
+            let after_restart = smds.get(MODEL).await?;
+            ensure!(
+                after_restart.status.as_ref().and_then(|s| s.revisions.as_ref())
+                    == before.status.as_ref().and_then(|s| s.revisions.as_ref()),
+                "the restart changed the revisions: {:?}",
+                after_restart.status.and_then(|s| s.revisions)
+            );
+            ensure!(
+                moat_e2e::current_condition(&after_restart, conditions::STALLED)
+                    .is_some_and(|c| c.reason == conditions::reason::ROLLED_BACK),
+                "no longer rolled back after the restart"
+            );
             ensure!(history(&env).await? == kept, "the restart changed the history");
             let after = pods(&env).await?;
             ensure!(

@@ -12,8 +12,8 @@ pub const REVISION_MODEL_LABEL: &str = "moat.dev/model";
 /// the pinned image, the model's digest, the template's hash and the template itself, when Moat
 /// first saw it and who changed the spec that led to it. Moat creates one for every new template,
 /// keeps the last `spec.rollout.revisionHistoryLimit` (default 10) and rolls the pods back to the
-/// last known-good one when a new revision fails. Nobody writes it after creation (the spec is
-/// immutable).
+/// last known-good one when a new revision fails. Its spec is immutable; Moat records the
+/// approvals of the revision in its status.
 #[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(

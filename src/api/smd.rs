@@ -48,6 +48,7 @@ pub const DNS_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!has(self.imagePolicy) || self.imagePolicy != 'RequireDigest' || self.server.image.contains('@sha256:')").message("spec.imagePolicy is RequireDigest: spec.server.image must name a digest (repository@sha256:<digest>)"))]
+#[x_kube(validation = Rule::new("!has(oldSelf.approval) || oldSelf.approval.required == 0 || (has(self.approval) && self.approval.required >= oldSelf.approval.required)").message("spec.approval.required cannot be lowered or removed: the change would switch off the two-person control meant to check it; delete and recreate the SecureModelDeployment to lower it (or have a cluster admin do so)"))]
 pub struct SecureModelDeploymentSpec {
     /// Number of model server pods. Defaults to 2; with 2 or more Moat adds a
     /// PodDisruptionBudget so voluntary disruptions keep at least one pod serving.
@@ -127,7 +128,8 @@ pub struct SecureModelDeploymentSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ApprovalSpec {
     /// How many different users, none of them the revision's author, must approve a new
-    /// revision. 0 turns approval off.
+    /// revision. 0 turns approval off. Once above 0 it can be raised but not lowered or removed
+    /// (the API server refuses such a change).
     #[schemars(range(min = 0, max = 5))]
     pub required: i32,
 
@@ -143,9 +145,9 @@ pub struct ApprovalSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutSpec {
-    /// Seconds a new revision may take to become ready (the Deployment's
-    /// `progressDeadlineSeconds`) before Moat rolls back to the last known-good revision.
-    /// Defaults to 600. Give a slow model load room: the startup probe counts separately.
+    /// Seconds a rollout of a new revision may go without progress (the Deployment's
+    /// `progressDeadlineSeconds`: a replica becoming ready is progress) before Moat rolls back to
+    /// the last known-good revision. Defaults to 600. Give a slow model load room.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 86400))]
     pub progress_deadline_seconds: Option<i32>,
@@ -915,6 +917,11 @@ pub struct FailedRevision {
     pub message: String,
     /// When Moat found the failure.
     pub at: Time,
+    /// The SecureModelDeployment's `metadata.generation` the failure was found at: while the
+    /// spec stays at it, the pods stay on the last known-good revision, even when Moat's own
+    /// inputs (a renewed certificate, a new helper image) change the failed template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<i64>,
 }
 
 /// What guards the model's endpoint.

@@ -79,12 +79,34 @@ fn ca_gauges(health: Option<CaHealth>, now: i64) -> (Option<bool>, Option<i64>) 
 }
 
 /// The condition gauges of the SecureModelDeployments in `smds`: each condition whose status is
-/// `True` or `False`, labelled with the model, the condition type and its reason.
+/// `True` or `False`, labelled with the model, the condition type and its reason; and, while a
+/// revision of the model is recorded as failed (`status.revisions.failed`, also after the pods
+/// went back to the last known-good one, when `Stalled` says `RolledBack`), the pseudo-condition
+/// [`REVISION_FAILED`] with the failure's reason, so that a failed decryption alerts whether or
+/// not it was rolled back.
 fn conditions(smds: &[Arc<Guarded<SecureModelDeployment>>]) -> Vec<(ConditionLabels, bool)> {
     smds.iter()
         .flat_map(|smd| {
             let namespace = smd.namespace().unwrap_or_default();
             let name = smd.name_any();
+            let failed = smd
+                .object
+                .as_ref()
+                .ok()
+                .and_then(|o| o.status.as_ref())
+                .and_then(|s| s.revisions.as_ref())
+                .and_then(|r| r.failed.as_ref())
+                .map(|f| {
+                    (
+                        ConditionLabels {
+                            namespace: namespace.clone(),
+                            name: name.clone(),
+                            condition: REVISION_FAILED.into(),
+                            reason: f.reason.clone(),
+                        },
+                        true,
+                    )
+                });
             smd.conditions()
                 .iter()
                 .filter(|c| c.status == "True" || c.status == "False")
@@ -99,9 +121,14 @@ fn conditions(smds: &[Arc<Guarded<SecureModelDeployment>>]) -> Vec<(ConditionLab
                         c.status == "True",
                     )
                 })
+                .chain(failed)
+                .collect::<Vec<_>>()
         })
         .collect()
 }
+
+/// The `condition` label of `moat_model_condition` that carries a failed revision's reason.
+pub const REVISION_FAILED: &str = "RevisionFailed";
 
 /// How often the gauges are recounted from the caches.
 const COUNT_INTERVAL: Duration = Duration::from_secs(5);
@@ -301,6 +328,46 @@ mod tests {
                 ("fraud", "Reconciling", "AsExpected", false),
                 ("fraud", "Stalled", "AsExpected", false),
             ]
+        );
+    }
+
+    /// A failed revision is a gauge of its own, with the failure's reason, also while the model
+    /// is rolled back (Stalled says RolledBack).
+    #[test]
+    fn a_failed_revision_is_a_gauge_with_its_reason() {
+        let now = Time(Timestamp::from_second(1_000).expect("time"));
+        let mut rolled = crate::fixture::smd("fraud")
+            .namespace("ml")
+            .build()
+            .expect("smd");
+        let failed = crate::api::FailedRevision {
+            revision: crate::api::RevisionRef {
+                name: "fraud-b".into(),
+                revision: 2,
+                template_hash: "b".repeat(64),
+            },
+            reason: reason::MODEL_DECRYPTION_FAILED.into(),
+            message: "wrong key".into(),
+            at: now.clone(),
+            generation: None,
+        };
+        let mut st = crate::api::SecureModelDeploymentStatus::default();
+        conditions::set_stalled(&mut st.conditions, reason::ROLLED_BACK, "m", Some(1), &now);
+        st.revisions = Some(crate::api::RevisionsStatus {
+            failed: Some(failed),
+            ..Default::default()
+        });
+        rolled.status = Some(st);
+        let got = conditions(&[Arc::new(Guarded::new(rolled))]);
+        assert!(
+            got.iter().any(|(l, v)| l.condition == REVISION_FAILED
+                && l.reason == reason::MODEL_DECRYPTION_FAILED
+                && *v),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|(l, v)| l.condition == "Stalled" && l.reason == reason::ROLLED_BACK && *v)
         );
     }
 }

@@ -48,6 +48,10 @@ pub struct Settings {
     /// StorageClasses the platform team declared encrypted: the only ones a PVC model source
     /// may use.
     pub encrypted_storage_classes: Vec<String>,
+    /// Whether the chart's MutatingAdmissionPolicy records who changed each model's spec (the
+    /// annotation `moat.dev/spec-author`): only then does Moat believe the annotation (a
+    /// revision's author, and who may not approve it); otherwise authors are `unknown`.
+    pub spec_author_policy: bool,
 }
 
 /// Operator-level image settings.

@@ -30,8 +30,8 @@ pub struct Candidate {
 pub struct Subject<'a> {
     /// The ModelRevision's name.
     pub name: &'a str,
-    /// Its author (`spec.author`).
-    pub author: &'a str,
+    /// Who may not approve it: its author (`spec.author`), and whoever changed the spec last.
+    pub authors: Vec<&'a str>,
     /// Its image.
     pub image: &'a str,
     /// Its weights digest.
@@ -67,7 +67,7 @@ pub fn judge(approvals: &[Candidate], subject: &Subject<'_>, now: i64, valid_for
                 subject.image,
                 subject.model_sha256.unwrap_or("none")
             ))
-        } else if a.approver == subject.author {
+        } else if subject.authors.contains(&a.approver.as_str()) {
             Some(format!(
                 "{} changed the spec that made revision {} and cannot approve it; another user must",
                 a.approver, subject.name
@@ -80,9 +80,11 @@ pub fn judge(approvals: &[Candidate], subject: &Subject<'_>, now: i64, valid_for
                 a.approver, subject.name
             ))
         } else if now - a.created > valid_for {
+            let at = k8s_openapi::jiff::Timestamp::from_second(a.created.saturating_add(valid_for))
+                .map(|t| t.to_string())
+                .unwrap_or_default();
             Some(format!(
-                "it expired {} s after it was given (valid for {valid_for} s); approve again",
-                now - a.created
+                "it expired at {at} (valid for {valid_for} s after it was given); approve again"
             ))
         } else {
             None
@@ -158,7 +160,7 @@ mod tests {
     fn subject() -> Subject<'static> {
         Subject {
             name: "m-2",
-            author: "alice",
+            authors: vec!["alice", "frank"],
             image: "r/i@sha256:aa",
             model_sha256: Some("bb"),
         }
@@ -180,6 +182,7 @@ mod tests {
             other_digest,
             other_revision,
             approval("c-old", "carol", -2 * DAY),
+            approval("f-last", "frank", 50),
         ];
         let j = judge(&all, &subject(), 100, DAY);
         assert_eq!(j.counted, vec![("b-1".to_string(), "bob".to_string(), 20)]);
@@ -199,9 +202,13 @@ mod tests {
             why("x-digest").contains("names image r/i@sha256:aa and weights cc"),
             "{j:?}"
         );
-        assert!(why("c-old").contains("expired"), "{j:?}");
+        assert!(
+            why("c-old").contains("expired at 1969-12-31T00:00:00Z"),
+            "{j:?}"
+        );
+        assert!(why("f-last").contains("frank changed the spec"), "{j:?}");
         assert!(!j.refused.iter().any(|(n, _)| n == "x-rev"));
-        assert_eq!(j.refused.len(), 4);
+        assert_eq!(j.refused.len(), 5);
 
         let two = judge(
             &[approval("b", "bob", 20), approval("c", "carol", 30)],

@@ -168,21 +168,27 @@ pub enum Serve {
 }
 
 /// What the pods run: the last known-good revision while the spec still asks for a revision that
-/// failed, otherwise the current one. A failed revision without a known-good one before it is
+/// failed (the same template, or the same generation of the spec), otherwise the current one. A failed revision without a known-good one before it is
 /// kept (there is nothing to go back to).
-pub fn serve(status: Option<&RevisionsStatus>, current: &RevisionRef) -> Serve {
+pub fn serve(status: Option<&RevisionsStatus>, current: &RevisionRef, generation: i64) -> Serve {
     let Some(st) = status else {
         return Serve::Current;
     };
     match (&st.failed, &st.last_known_good) {
         (Some(failed), Some(good))
-            if failed.revision.template_hash == current.template_hash
+            if still_failed(failed, current, generation)
                 && good.template_hash != current.template_hash =>
         {
             Serve::KnownGood(good.clone())
         }
         _ => Serve::Current,
     }
+}
+
+/// Whether the spec still asks for what failed: the same template, or the same spec generation
+/// (only Moat's own inputs changed the template since).
+fn still_failed(failed: &FailedRevision, current: &RevisionRef, generation: i64) -> bool {
+    failed.revision.template_hash == current.template_hash || failed.generation == Some(generation)
 }
 
 /// What went wrong with the revision the pods run, if anything: a pod failure, or the
@@ -208,16 +214,13 @@ pub fn after_apply(
     serving: Option<&RevisionRef>,
     rollout: &Rollout,
     found: Option<PodFailure>,
-    history: i32,
+    generation: i64,
     now: &Time,
 ) -> RevisionsStatus {
     let mut st = previous.cloned().unwrap_or_default();
     st.current = Some(current.clone());
     st.serving = serving.cloned();
-    st.history = history;
-    st.failed = st
-        .failed
-        .filter(|f| f.revision.template_hash == current.template_hash);
+    st.failed = st.failed.filter(|f| still_failed(f, current, generation));
     if serving.is_some_and(|s| s.template_hash == current.template_hash) {
         if *rollout == Rollout::Complete {
             st.last_known_good = Some(current.clone());
@@ -230,6 +233,7 @@ pub fn after_apply(
                 reason: f.reason.to_string(),
                 message: f.message,
                 at: now.clone(),
+                generation: Some(generation),
             });
         }
     }
@@ -393,6 +397,7 @@ mod tests {
             reason: reason::CRASH_LOOP.into(),
             message: "m".into(),
             at: now(),
+            generation: Some(7),
         };
         let st = RevisionsStatus {
             current: Some(rev(2, B)),
@@ -402,19 +407,30 @@ mod tests {
             history: 2,
             ..RevisionsStatus::default()
         };
-        assert_eq!(serve(Some(&st), &rev(2, B)), Serve::KnownGood(rev(1, A)));
-        assert_eq!(serve(Some(&st), &rev(3, C)), Serve::Current, "a new spec");
+        assert_eq!(serve(Some(&st), &rev(2, B), 7), Serve::KnownGood(rev(1, A)));
         assert_eq!(
-            serve(Some(&st), &rev(1, A)),
+            serve(Some(&st), &rev(3, C), 8),
+            Serve::Current,
+            "a new spec"
+        );
+        assert_eq!(
+            serve(Some(&st), &rev(1, A), 8),
             Serve::Current,
             "a reverted spec"
         );
-        assert_eq!(serve(None, &rev(1, A)), Serve::Current);
+        // Only Moat's own inputs changed the template (a renewed certificate, a new helper
+        // image): the spec still asks for what failed, and the known-good revision stays.
+        assert_eq!(
+            serve(Some(&st), &rev(3, C), 7),
+            Serve::KnownGood(rev(1, A)),
+            "the same generation"
+        );
+        assert_eq!(serve(None, &rev(1, A), 7), Serve::Current);
         let first = RevisionsStatus {
             last_known_good: None,
             ..st.clone()
         };
-        assert_eq!(serve(Some(&first), &rev(2, B)), Serve::Current);
+        assert_eq!(serve(Some(&first), &rev(2, B), 7), Serve::Current);
         assert!(must_roll_back(&st));
         assert!(!must_roll_back(&first));
         let back = RevisionsStatus {
@@ -446,7 +462,7 @@ mod tests {
             Some(&rev(1, A)),
             &Rollout::Complete,
             None,
-            1,
+            7,
             &now(),
         );
         assert_eq!(st.last_known_good, Some(rev(1, A)));
@@ -457,7 +473,7 @@ mod tests {
             Some(&rev(2, B)),
             &rolling,
             None,
-            2,
+            7,
             &now(),
         );
         assert_eq!(st2.last_known_good, Some(rev(1, A)));
@@ -469,7 +485,7 @@ mod tests {
             Some(&rev(2, B)),
             &rolling,
             Some(crash.clone()),
-            2,
+            7,
             &now(),
         );
         let failed = st3.failed.clone().expect("recorded");
@@ -483,12 +499,15 @@ mod tests {
             Some(&rev(1, A)),
             &Rollout::Complete,
             None,
-            2,
+            7,
             &now(),
         );
         assert_eq!(st4.failed, st3.failed);
         assert_eq!(st4.last_known_good, Some(rev(1, A)));
-        assert_eq!(serve(Some(&st4), &rev(2, B)), Serve::KnownGood(rev(1, A)));
+        assert_eq!(
+            serve(Some(&st4), &rev(2, B), 7),
+            Serve::KnownGood(rev(1, A))
+        );
         // A later failure does not overwrite the first record.
         let later = Time(k8s_openapi::jiff::Timestamp::from_second(1_800_000_100).expect("t"));
         let st5 = after_apply(
@@ -497,7 +516,7 @@ mod tests {
             Some(&rev(2, B)),
             &rolling,
             Some(crash),
-            2,
+            7,
             &later,
         );
         assert_eq!(st5.failed.map(|f| f.at), Some(now()));
@@ -508,12 +527,25 @@ mod tests {
             Some(&rev(3, C)),
             &rolling,
             None,
-            3,
+            8,
             &now(),
         );
         assert_eq!(st6.failed, None);
+        let kept = after_apply(
+            Some(&st4),
+            &rev(3, C),
+            Some(&rev(1, A)),
+            &Rollout::Complete,
+            None,
+            7,
+            &now(),
+        );
+        assert_eq!(
+            kept.failed, st4.failed,
+            "a new template at the same generation keeps the failure"
+        );
         // No pods (a first revision awaiting approval): complete, but not known-good.
-        let none = after_apply(None, &rev(1, A), None, &Rollout::Complete, None, 1, &now());
+        let none = after_apply(None, &rev(1, A), None, &Rollout::Complete, None, 7, &now());
         assert_eq!(none.last_known_good, None);
         assert_eq!(none.serving, None);
         assert_eq!(st6.serving, Some(rev(3, C)));

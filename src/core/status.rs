@@ -469,6 +469,7 @@ mod tests {
             reason: reason::CRASH_LOOP.into(),
             message: "pod p: container server restarted 2 times".into(),
             at: now(),
+            generation: None,
         };
         let mut st = SecureModelDeploymentStatus::default();
         let rolled = RevisionsStatus {

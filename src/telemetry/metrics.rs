@@ -325,7 +325,7 @@ impl Default for Metrics {
         let model_conditions = Family::<ConditionLabels, Gauge>::default();
         registry.register(
             "model_condition",
-            "Conditions of each SecureModelDeployment: 1 when True, 0 when False, with the reason",
+            "Conditions of each SecureModelDeployment: 1 when True, 0 when False, with the reason; condition RevisionFailed (1, with the failure's reason) while a revision of the model is recorded as failed, rolled back or not",
             model_conditions.clone(),
         );
         let image_resolutions = Family::<OutcomeLabels, Counter>::default();

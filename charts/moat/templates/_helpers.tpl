@@ -25,3 +25,14 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 {{- end -}}
+
+{{/*
+Whether the author policy (a MutatingAdmissionPolicy, GA in Kubernetes 1.36) is installed: on with
+admissionPolicy.enabled where the cluster serves the API. The operator believes the
+moat.dev/spec-author annotation only then (--spec-author-policy).
+*/}}
+{{- define "moat.authorPolicy" -}}
+{{- if and .Values.admissionPolicy.enabled (.Capabilities.APIVersions.Has "admissionregistration.k8s.io/v1/MutatingAdmissionPolicy") -}}
+true
+{{- end -}}
+{{- end }}

@@ -90,7 +90,12 @@ async fn converge(
     apply::key_owner(ctx, smd, key.as_ref()).await?;
     let facts = dereference::read(ctx, &valid, now).await?;
     let mut built = build::build(&valid, &ctx.settings.facts, &facts)?;
-    let revisions = revisions::prepare(ctx, smd, &mut built, &Time(now)).await?;
+    let live = facts
+        .live
+        .deployments
+        .iter()
+        .find(|d| d.metadata.name == smd.metadata.name);
+    let revisions = revisions::prepare(ctx, smd, &mut built, live, &Time(now)).await?;
     let applied = apply::apply(ctx, smd, &facts, built, revisions, now).await?;
     if let Some(e) = facts.image_failure {
         // The registry failed but the pods keep their earlier digest, and every other child was

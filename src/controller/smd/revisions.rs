@@ -42,6 +42,8 @@ pub(super) struct Revisions {
     pub approved: Option<RevisionRef>,
     /// What the current revision awaits, when it may not go live yet.
     pub awaiting: Option<AwaitingApproval>,
+    /// The last known-good revision's ModelRevision is gone: the status forgets it.
+    pub lost_known_good: bool,
 }
 
 /// Records the revision `built` renders to, and serves the last known-good one instead while
@@ -51,6 +53,7 @@ pub(super) async fn prepare(
     ctx: &Context,
     smd: &SecureModelDeployment,
     built: &mut Built,
+    live: Option<&k8s_openapi::api::apps::v1::Deployment>,
     now: &Time,
 ) -> Result<Revisions, Error> {
     let deployment = &built.children.deployment;
@@ -70,7 +73,9 @@ pub(super) async fn prepare(
         Some(found) => found,
         None => record(ctx, smd, template, &hash, now).await?,
     };
-    let mut serving = match revision::serve(previous, &current) {
+    let generation = smd.metadata.generation.unwrap_or(0);
+    let mut lost_known_good = false;
+    let mut serving = match revision::serve(previous, &current, generation) {
         Serve::Current => Some(current.clone()),
         Serve::KnownGood(good) => match read_template(ctx, smd, &good).await? {
             Some(template) => {
@@ -79,8 +84,12 @@ pub(super) async fn prepare(
                 }
                 Some(good)
             }
-            // Pruned or deleted: nothing to go back to; the failure stays in the status.
-            None => Some(current.clone()),
+            // Gone (only the garbage collector may delete it): nothing to go back to. The
+            // status forgets it, so the failure is reported instead of retried.
+            None => {
+                lost_known_good = true;
+                Some(current.clone())
+            }
         },
     };
     // Two-person approval: a revision that may not go live yet leaves the pods on the revision
@@ -120,7 +129,16 @@ pub(super) async fn prepare(
                         }
                         Some(was)
                     }
-                    None => None,
+                    // Its ModelRevision is gone: the pods keep the template they run now.
+                    None => match live.and_then(|d| d.spec.as_ref()) {
+                        Some(running) => {
+                            if let Some(spec) = built.children.deployment.spec.as_mut() {
+                                spec.template = running.template.clone();
+                            }
+                            Some(was)
+                        }
+                        None => None,
+                    },
                 },
                 None => None,
             };
@@ -153,6 +171,7 @@ pub(super) async fn prepare(
         history,
         approved,
         awaiting,
+        lost_known_good,
     })
 }
 
@@ -174,10 +193,16 @@ async fn approvals(
     let Some(revision) = kept.iter().find(|r| r.name_any() == current.name) else {
         return Ok(Some(Vec::new()));
     };
-    let same_spec = reference
+    // Only Moat's own inputs changed: the same spec generation and the same digests (a tag
+    // resolved again to a new digest, without a spec change, is a change to approve).
+    let own_change = reference
         .and_then(|r| kept.iter().find(|k| k.name_any() == r.name))
-        .is_some_and(|r| r.spec.generation == revision.spec.generation);
-    if same_spec {
+        .is_some_and(|r| {
+            r.spec.generation == revision.spec.generation
+                && r.spec.image == revision.spec.image
+                && r.spec.model_sha256 == revision.spec.model_sha256
+        });
+    if own_change {
         return Ok(None);
     }
     let api: Api<ModelApproval> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -219,9 +244,15 @@ async fn approvals(
             },
         ]))
     })?;
+    // The revision's author, and whoever changed the spec last (a revision found again by its
+    // template keeps its first author).
+    let mut authors = vec![revision.spec.author.as_str()];
+    if let Some(last) = trusted_author(ctx, smd) {
+        authors.push(last);
+    }
     let subject = Subject {
         name: &current.name,
-        author: &revision.spec.author,
+        authors,
         image: &revision.spec.image,
         model_sha256: revision.spec.model_sha256.as_deref(),
     };
@@ -257,7 +288,13 @@ async fn approvals(
     };
     let before = revision.status.clone().unwrap_or_default();
     if before != recorded {
-        let patch = serde_json::json!({"status": recorded});
+        // A merge patch that names the lists that emptied (an approval deleted or expired).
+        let to_json = |v: &ModelRevisionStatus| {
+            serde_json::to_value(v).map_err(|source| Error::Serialize { kind: KIND, source })
+        };
+        let patch = serde_json::json!({
+            "status": crate::core::status::merge_patch(&to_json(&before)?, &to_json(&recorded)?)
+        });
         crate::controller::apply::patch_status(ctx, &revisions, KIND, &current.name, &patch)
             .await?;
         // Each Event names its ModelApproval as the related object, so that the Events of two
@@ -373,7 +410,8 @@ async fn record(
         None => {
             revision::strip_label(&mut template);
             let number = revision::next_number(&kept);
-            let created = create(ctx, smd, &api, template, hash, number, now).await?;
+            let author = author(ctx, smd, &ours);
+            let created = create(ctx, smd, &api, template, hash, number, author, now).await?;
             kept.push(Kept {
                 name: created.name.clone(),
                 revision: created.revision,
@@ -418,6 +456,7 @@ async fn record(
 
 /// Creates the ModelRevision of `hash` (numbered `number`), or takes the one a concurrent
 /// reconcile created.
+#[allow(clippy::too_many_arguments)] // each is one field of the new ModelRevision
 async fn create(
     ctx: &Context,
     smd: &SecureModelDeployment,
@@ -425,6 +464,7 @@ async fn create(
     template: serde_json::Value,
     hash: &str,
     number: i64,
+    author: String,
     now: &Time,
 ) -> Result<RevisionRef, Error> {
     let model = smd.name_any();
@@ -453,7 +493,7 @@ async fn create(
             image: image_of(&template),
             model_sha256: smd.spec.model.as_ref().map(|m| m.sha256.clone()),
             generation: smd.metadata.generation.unwrap_or(0),
-            author: author(smd),
+            author,
             first_seen: now.clone(),
             template,
         },
@@ -481,8 +521,18 @@ async fn create(
             .await;
             Ok(r)
         }
+        // A concurrent reconcile created it; one left by a deleted model of the same name (owned
+        // by another uid, and soon collected) is not taken over.
         Err(kube::Error::Api(e)) if e.code == 409 => match find(api, smd, &name).await? {
-            Some(existing) if existing.spec.template_hash == hash => Ok(reference(&existing)),
+            Some(existing)
+                if existing.spec.template_hash == hash
+                    && existing
+                        .owner_references()
+                        .iter()
+                        .any(|o| Some(&o.uid) == smd.uid().as_ref()) =>
+            {
+                Ok(reference(&existing))
+            }
             _ => Err(Error::Conflict { kind: KIND, name }),
         },
         Err(source) => Err(Error::Apply {
@@ -553,21 +603,35 @@ fn image_of(template: &serde_json::Value) -> String {
         .to_string()
 }
 
-/// Who changed what led to a new revision: `moat` when the spec did not change since the last
-/// revision (only Moat's own inputs did), otherwise the author the admission policy recorded, or
-/// `unknown` without the policy.
-fn author(smd: &SecureModelDeployment) -> String {
-    let st = smd.status.as_ref();
-    let same_spec = st.is_some_and(|s| {
-        s.observed_generation == smd.metadata.generation
-            && s.revisions.as_ref().is_some_and(|r| r.current.is_some())
-    });
+/// Who changed what led to a new revision: `moat` when the spec is at the generation of the
+/// revision the status names as current (only Moat's own inputs changed), otherwise the author
+/// the chart's admission policy recorded, or `unknown` when Moat is not told that the policy is
+/// installed (then anyone could write the annotation).
+fn author(ctx: &Context, smd: &SecureModelDeployment, ours: &[ModelRevision]) -> String {
+    let current = smd
+        .status
+        .as_ref()
+        .and_then(|s| s.revisions.as_ref())
+        .and_then(|r| r.current.as_ref());
+    let same_spec = current
+        .and_then(|c| ours.iter().find(|r| r.name_any() == c.name))
+        .is_some_and(|r| Some(r.spec.generation) == smd.metadata.generation);
     if same_spec {
         return "moat".into();
     }
+    trusted_author(ctx, smd)
+        .map(str::to_string)
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The annotation `moat.dev/spec-author`, when the operator is told that the chart's
+/// MutatingAdmissionPolicy sets it (`--spec-author-policy`).
+fn trusted_author<'a>(ctx: &Context, smd: &'a SecureModelDeployment) -> Option<&'a str> {
+    if !ctx.settings.spec_author_policy {
+        return None;
+    }
     smd.annotations()
         .get(AUTHOR_ANNOTATION)
+        .map(String::as_str)
         .filter(|a| !a.trim().is_empty())
-        .cloned()
-        .unwrap_or_else(|| "unknown".into())
 }

@@ -61,6 +61,7 @@ pub(super) async fn report(
         history,
         approved,
         awaiting,
+        lost_known_good,
     } = revisions;
     // While the pods of the revision the spec asks for are not all ready, a failed container is
     // the likely reason: read it from the pods (not watched, so look again shortly).
@@ -94,9 +95,13 @@ pub(super) async fn report(
         serving.as_ref(),
         &rollout,
         revision::failure(&rollout, found),
-        history,
+        smd.metadata.generation.unwrap_or(0),
         &at,
     );
+    revs.history = history;
+    if lost_known_good {
+        revs.last_known_good = None;
+    }
     revs.approved = approved;
     revs.awaiting = awaiting;
     if revs.awaiting.is_some() {
