@@ -403,13 +403,20 @@ fn every_alert_has_a_runbook_section_and_a_unit_test_that_fires_it() {
 #[test]
 fn the_conditions_and_reasons_the_alerts_match_are_the_ones_moat_sets() {
     let rules = rule_expressions().join("\n");
+    // MoatModelDecryptionFailed matches the Stalled condition and the RevisionFailed series
+    // (src/controller/census.rs), which stays while a failed revision is rolled back.
     for (condition, why) in [
-        (conditions::STALLED, reason::MODEL_DECRYPTION_FAILED),
-        (conditions::READY, reason::QUARANTINED),
-        (conditions::RECONCILING, reason::REGISTRY_UNREACHABLE),
+        (
+            format!("=~\"{}|RevisionFailed\"", conditions::STALLED),
+            reason::MODEL_DECRYPTION_FAILED,
+        ),
+        (format!("=\"{}\"", conditions::READY), reason::QUARANTINED),
+        (
+            format!("=\"{}\"", conditions::RECONCILING),
+            reason::REGISTRY_UNREACHABLE,
+        ),
     ] {
-        let matcher =
-            format!("moat_model_condition{{condition=\"{condition}\", reason=\"{why}\"}}");
+        let matcher = format!("moat_model_condition{{condition{condition}, reason=\"{why}\"}}");
         assert!(rules.contains(&matcher), "no {matcher} in {rules}");
     }
     assert!(reason::STALLED.contains(&reason::MODEL_DECRYPTION_FAILED));
