@@ -910,6 +910,46 @@ pub fn settings(namespaces: &[&str]) -> moat::controller::Settings {
     }
 }
 
+/// Reports, as the kubelet would, that the `decrypt-model` init container of every pod of the
+/// model `model` failed with `message` (its termination message) and is in CrashLoopBackOff: for
+/// kwok nodes, where no container runs. Returns how many pods it reported on.
+pub async fn report_decrypt_failure(env: &TestEnv, model: &str, message: &str) -> Result<usize> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = env.api();
+    let listed = pods
+        .list(&kube::api::ListParams::default().labels(&format!("moat.dev/deployment={model}")))
+        .await?;
+    for pod in &listed.items {
+        let status = serde_json::json!({"status": {
+            "phase": "Pending",
+            "conditions": [
+                {"type": "Initialized", "status": "False", "reason": "ContainersNotInitialized"},
+                {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
+                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
+                {"type": "PodScheduled", "status": "True"}
+            ],
+            "initContainerStatuses": [{
+                "name": "decrypt-model", "ready": false, "restartCount": 2,
+                "image": HELPER_IMAGE, "imageID": "",
+                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": message}}
+            }],
+            "containerStatuses": [{
+                "name": "server", "ready": false, "restartCount": 0,
+                "image": TEST_IMAGE, "imageID": "",
+                "state": {"waiting": {"reason": "PodInitializing"}}
+            }]
+        }});
+        pods.patch_status(
+            &kube::ResourceExt::name_any(pod),
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&status),
+        )
+        .await?;
+    }
+    Ok(listed.items.len())
+}
+
 /// Moat's own image as tests name it: by digest.
 pub const HELPER_IMAGE: &str = "registry.example.com/moat@sha256:2c26b46b68ffc68ff99b453c1d30413413422d706483bfa0f98a5e886266e7ae";
 

@@ -313,107 +313,114 @@ async fn model_sources_and_keys_must_exist_and_pvcs_be_encrypted() {
 
 #[tokio::test]
 async fn a_failed_decryption_stalls_with_the_init_containers_reason() {
-    with_namespace("model-failure", NamespaceOptions::restricted(), |env| async move {
-        let _op = Operator::start(&env.namespace).await?;
-        key_secret(&env, "fraud-key").await?;
-        env.api::<SecureModelDeployment>()
-            .create(&PostParams::default(), &smd("fraud", "fraud-key", url_source(), false)?)
-            .await?;
-        wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
-
-        // What the init container would say: the real `moat decrypt`, given an artifact
-        // encrypted to another key than the one it holds, writes its one-line reason to the
-        // termination message file (the kubelet copies that file into the pod status).
-        let dir = std::env::temp_dir().join(format!("moat-e2e-decrypt-{}", std::process::id()));
-        std::fs::create_dir_all(dir.join("model"))?;
-        std::fs::write(dir.join("model/weights.bin"), b"weights")?;
-        let keygen = |file: &str| -> Result<(String, String)> {
-            let out = std::process::Command::new("age-keygen")
-                .arg("-o")
-                .arg(dir.join(file))
-                .output()?;
-            ensure!(out.status.success(), "age-keygen: {}", String::from_utf8_lossy(&out.stderr));
-            let text = std::fs::read_to_string(dir.join(file))?;
-            let secret = text.lines().find(|l| l.starts_with("AGE-SECRET-KEY-")).context("identity")?;
-            let recipient = String::from_utf8(out.stderr)?
-                .trim()
-                .trim_start_matches("Public key: ")
-                .to_string();
-            Ok((secret.to_string(), recipient))
-        };
-        let (owner_secret, owner_recipient) = keygen("owner")?;
-        let (other_secret, _) = keygen("other")?;
-        let moat = moat_binary()?;
-        let out = std::process::Command::new(&moat)
-            .arg("encrypt")
-            .arg("--recipient")
-            .arg(&owner_recipient)
-            .arg(dir.join("model"))
-            .arg("-o")
-            .arg(dir.join("model.tar.age"))
-            .output()?;
-        ensure!(out.status.success(), "moat encrypt: {}", String::from_utf8_lossy(&out.stderr));
-        let digest = moat_e2e::registry::sha256_digest(&std::fs::read(dir.join("model.tar.age"))?);
-        let termination = dir.join("termination-log");
-        let out = std::process::Command::new(&moat)
-            .arg("decrypt")
-            .arg(format!("--source=file://{}", dir.join("model.tar.age").display()))
-            .arg(format!("--sha256={}", digest.trim_start_matches("sha256:")))
-            .arg(format!("--identity={}", dir.join("other").display()))
-            .arg(format!("--target={}", dir.join("target").display()))
-            .arg("--size-limit=2Gi")
-            .arg(format!("--termination-message-path={}", termination.display()))
-            .output()?;
-        ensure!(!out.status.success(), "moat decrypt accepted the wrong key");
-        let reason = std::fs::read_to_string(&termination)?.trim().to_string();
-        std::fs::remove_dir_all(&dir)?;
-        ensure!(!reason.is_empty() && !reason.contains('\n'), "termination message {reason:?}");
-        println!("moat decrypt with the wrong key: {reason}");
-
-        // The kubelet's report of that failure, on every pod of the model.
-        let pods: Api<Pod> = env.api();
-        for pod in pods.list(&ListParams::default().labels("moat.dev/deployment=fraud")).await? {
-            let status = json!({"status": {
-                "phase": "Pending",
-                "conditions": [
-                    {"type": "Initialized", "status": "False", "reason": "ContainersNotInitialized"},
-                    {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
-                    {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
-                    {"type": "PodScheduled", "status": "True"}
-                ],
-                "initContainerStatuses": [{
-                    "name": "decrypt-model", "ready": false, "restartCount": 2,
-                    "image": HELPER_IMAGE, "imageID": "",
-                    "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                    "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": reason}}
-                }],
-                "containerStatuses": [{
-                    "name": "server", "ready": false, "restartCount": 0,
-                    "image": moat_e2e::TEST_IMAGE, "imageID": "",
-                    "state": {"waiting": {"reason": "PodInitializing"}}
-                }]
-            }});
-            pods.patch_status(&pod.name_any(), &PatchParams::default(), &Patch::Merge(&status))
+    with_namespace(
+        "model-failure",
+        NamespaceOptions::restricted(),
+        |env| async move {
+            let _op = Operator::start(&env.namespace).await?;
+            key_secret(&env, "fraud-key").await?;
+            env.api::<SecureModelDeployment>()
+                .create(
+                    &PostParams::default(),
+                    &smd("fraud", "fraud-key", url_source(), false)?,
+                )
                 .await?;
-        }
-        let message =
-            wait_condition(&env, "fraud", conditions::STALLED, "ModelDecryptionFailed").await?;
-        ensure!(message.contains(&reason), "status message {message:?} lacks {reason:?}");
-        ensure!(message.contains("decrypt-model failed"), "{message}");
-        let ready = condition(&env, "fraud", conditions::READY).await?;
-        ensure!(ready.is_some_and(|(s, _, _)| s == "False"), "still Ready");
-        let smd = env.api::<SecureModelDeployment>().get("fraud").await?;
-        let obj = serde_json::to_value(&smd)?;
-        let (kstatus, _) = moat_e2e::kstatus(&obj).await?;
-        ensure!(kstatus == "Failed", "kstatus says {kstatus}");
-        // No key material in the status.
-        let text = obj.to_string();
-        ensure!(
-            !text.contains(&owner_secret) && !text.contains(&other_secret),
-            "key material in the status"
-        );
-        Ok(())
-    })
+            wait_condition(&env, "fraud", conditions::READY, "RolloutComplete").await?;
+
+            // What the init container would say: the real `moat decrypt`, given an artifact
+            // encrypted to another key than the one it holds, writes its one-line reason to the
+            // termination message file (the kubelet copies that file into the pod status).
+            let dir = std::env::temp_dir().join(format!("moat-e2e-decrypt-{}", std::process::id()));
+            std::fs::create_dir_all(dir.join("model"))?;
+            std::fs::write(dir.join("model/weights.bin"), b"weights")?;
+            let keygen = |file: &str| -> Result<(String, String)> {
+                let out = std::process::Command::new("age-keygen")
+                    .arg("-o")
+                    .arg(dir.join(file))
+                    .output()?;
+                ensure!(
+                    out.status.success(),
+                    "age-keygen: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                let text = std::fs::read_to_string(dir.join(file))?;
+                let secret = text
+                    .lines()
+                    .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+                    .context("identity")?;
+                let recipient = String::from_utf8(out.stderr)?
+                    .trim()
+                    .trim_start_matches("Public key: ")
+                    .to_string();
+                Ok((secret.to_string(), recipient))
+            };
+            let (owner_secret, owner_recipient) = keygen("owner")?;
+            let (other_secret, _) = keygen("other")?;
+            let moat = moat_binary()?;
+            let out = std::process::Command::new(&moat)
+                .arg("encrypt")
+                .arg("--recipient")
+                .arg(&owner_recipient)
+                .arg(dir.join("model"))
+                .arg("-o")
+                .arg(dir.join("model.tar.age"))
+                .output()?;
+            ensure!(
+                out.status.success(),
+                "moat encrypt: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let digest =
+                moat_e2e::registry::sha256_digest(&std::fs::read(dir.join("model.tar.age"))?);
+            let termination = dir.join("termination-log");
+            let out = std::process::Command::new(&moat)
+                .arg("decrypt")
+                .arg(format!(
+                    "--source=file://{}",
+                    dir.join("model.tar.age").display()
+                ))
+                .arg(format!("--sha256={}", digest.trim_start_matches("sha256:")))
+                .arg(format!("--identity={}", dir.join("other").display()))
+                .arg(format!("--target={}", dir.join("target").display()))
+                .arg("--size-limit=2Gi")
+                .arg(format!(
+                    "--termination-message-path={}",
+                    termination.display()
+                ))
+                .output()?;
+            ensure!(!out.status.success(), "moat decrypt accepted the wrong key");
+            let reason = std::fs::read_to_string(&termination)?.trim().to_string();
+            std::fs::remove_dir_all(&dir)?;
+            ensure!(
+                !reason.is_empty() && !reason.contains('\n'),
+                "termination message {reason:?}"
+            );
+            println!("moat decrypt with the wrong key: {reason}");
+
+            // The kubelet's report of that failure, on every pod of the model.
+            moat_e2e::report_decrypt_failure(&env, "fraud", &reason).await?;
+            let message =
+                wait_condition(&env, "fraud", conditions::STALLED, "ModelDecryptionFailed").await?;
+            ensure!(
+                message.contains(&reason),
+                "status message {message:?} lacks {reason:?}"
+            );
+            ensure!(message.contains("decrypt-model failed"), "{message}");
+            let ready = condition(&env, "fraud", conditions::READY).await?;
+            ensure!(ready.is_some_and(|(s, _, _)| s == "False"), "still Ready");
+            let smd = env.api::<SecureModelDeployment>().get("fraud").await?;
+            let obj = serde_json::to_value(&smd)?;
+            let (kstatus, _) = moat_e2e::kstatus(&obj).await?;
+            ensure!(kstatus == "Failed", "kstatus says {kstatus}");
+            // No key material in the status.
+            let text = obj.to_string();
+            ensure!(
+                !text.contains(&owner_secret) && !text.contains(&other_secret),
+                "key material in the status"
+            );
+            Ok(())
+        },
+    )
     .await;
 }
 

@@ -428,36 +428,8 @@ async fn scenario(
     let reason = "decrypting https://artifacts.example.com/fraud/v3.tar.age: no identity matched any of the recipients";
     let pods: Api<Pod> = env.api();
     let selector = format!("moat.dev/deployment={MODEL}");
-    let failing = pods.list(&ListParams::default().labels(&selector)).await?;
-    ensure!(!failing.items.is_empty(), "no pods of {MODEL}");
-    for pod in &failing.items {
-        let status = json!({"status": {
-            "phase": "Pending",
-            "conditions": [
-                {"type": "Initialized", "status": "False", "reason": "ContainersNotInitialized"},
-                {"type": "Ready", "status": "False", "reason": "ContainersNotReady"},
-                {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady"},
-                {"type": "PodScheduled", "status": "True"}
-            ],
-            "initContainerStatuses": [{
-                "name": "decrypt-model", "ready": false, "restartCount": 2,
-                "image": HELPER_IMAGE, "imageID": "",
-                "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-                "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": reason}}
-            }],
-            "containerStatuses": [{
-                "name": "server", "ready": false, "restartCount": 0,
-                "image": moat_e2e::TEST_IMAGE, "imageID": "",
-                "state": {"waiting": {"reason": "PodInitializing"}}
-            }]
-        }});
-        pods.patch_status(
-            &pod.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&status),
-        )
-        .await?;
-    }
+    let reported = moat_e2e::report_decrypt_failure(env, MODEL, reason).await?;
+    ensure!(reported > 0, "no pods of {MODEL}");
     let failed_at = seen_in_moat(
         metrics_addr,
         "Stalled/ModelDecryptionFailed in Moat's metrics",

@@ -46,6 +46,43 @@ pub(super) struct Revisions {
     pub lost_known_good: bool,
 }
 
+/// The model's ModelRevisions, listed at most once per reconcile (and only when needed).
+struct History<'a> {
+    api: Api<ModelRevision>,
+    smd: &'a SecureModelDeployment,
+    items: Option<Vec<ModelRevision>>,
+}
+
+impl<'a> History<'a> {
+    fn new(ctx: &Context, smd: &'a SecureModelDeployment) -> Self {
+        Self {
+            api: Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default()),
+            smd,
+            items: None,
+        }
+    }
+
+    /// The revisions, listed on first use.
+    async fn items(&mut self) -> Result<&mut Vec<ModelRevision>, Error> {
+        if self.items.is_none() {
+            self.items = Some(list_revisions(&self.api, self.smd).await?);
+        }
+        Ok(self.items.get_or_insert_with(Vec::new))
+    }
+
+    /// The revision `name`.
+    async fn find(&mut self, name: &str) -> Result<Option<&ModelRevision>, Error> {
+        Ok(self.items().await?.iter().find(|r| r.name_any() == name))
+    }
+}
+
+/// Puts `template` into the Deployment `built` will apply.
+fn put_template(built: &mut Built, template: PodTemplateSpec) {
+    if let Some(spec) = built.children.deployment.spec.as_mut() {
+        spec.template = template;
+    }
+}
+
 /// Records the revision `built` renders to, and serves the last known-good one instead while
 /// the spec asks for a failed one, or the revision the pods run while the current one awaits
 /// approval.
@@ -69,19 +106,18 @@ pub(super) async fn prepare(
     let known = previous
         .and_then(|p| p.current.clone().map(|c| (c, p.history)))
         .filter(|(c, _)| c.template_hash == hash);
+    let mut kept = History::new(ctx, smd);
     let (current, history) = match known {
         Some(found) => found,
-        None => record(ctx, smd, template, &hash, now).await?,
+        None => record(ctx, &mut kept, template, &hash, now).await?,
     };
     let generation = smd.metadata.generation.unwrap_or(0);
     let mut lost_known_good = false;
     let mut serving = match revision::serve(previous, &current, generation) {
         Serve::Current => Some(current.clone()),
-        Serve::KnownGood(good) => match read_template(ctx, smd, &good).await? {
+        Serve::KnownGood(good) => match read_template(&mut kept, &good).await? {
             Some(template) => {
-                if let Some(spec) = built.children.deployment.spec.as_mut() {
-                    spec.template = template;
-                }
+                put_template(built, template);
                 Some(good)
             }
             // Gone (only the garbage collector may delete it): nothing to go back to. The
@@ -102,7 +138,7 @@ pub(super) async fn prepare(
         && !approval::may_go_live(required, &current, last_known_good, approved.as_ref(), 0)
     {
         let reference = approved.as_ref().or(last_known_good);
-        let approvers = approvals(ctx, smd, &current, reference, now).await?;
+        let approvers = approvals(ctx, &mut kept, &current, reference, now).await?;
         let own_change = approvers.is_none();
         let approvers = approvers.unwrap_or_default();
         if own_change
@@ -122,19 +158,15 @@ pub(super) async fn prepare(
                 .or_else(|| last_known_good.cloned())
                 .filter(|s| s.template_hash != current.template_hash);
             serving = match was {
-                Some(was) => match read_template(ctx, smd, &was).await? {
+                Some(was) => match read_template(&mut kept, &was).await? {
                     Some(template) => {
-                        if let Some(spec) = built.children.deployment.spec.as_mut() {
-                            spec.template = template;
-                        }
+                        put_template(built, template);
                         Some(was)
                     }
                     // Its ModelRevision is gone: the pods keep the template they run now.
                     None => match live.and_then(|d| d.spec.as_ref()) {
                         Some(running) => {
-                            if let Some(spec) = built.children.deployment.spec.as_mut() {
-                                spec.template = running.template.clone();
-                            }
+                            put_template(built, running.template.clone());
                             Some(was)
                         }
                         None => None,
@@ -182,14 +214,15 @@ pub(super) async fn prepare(
 /// approval.
 async fn approvals(
     ctx: &Context,
-    smd: &SecureModelDeployment,
+    history: &mut History<'_>,
     current: &RevisionRef,
     reference: Option<&RevisionRef>,
     now: &Time,
 ) -> Result<Option<Vec<String>>, Error> {
+    let smd = history.smd;
     let namespace = smd.namespace().unwrap_or_default();
-    let revisions: Api<ModelRevision> = Api::namespaced(ctx.client.clone(), &namespace);
-    let kept = list_revisions(&revisions, smd).await?;
+    let revisions = history.api.clone();
+    let kept = history.items().await?;
     let Some(revision) = kept.iter().find(|r| r.name_any() == current.name) else {
         return Ok(Some(Vec::new()));
     };
@@ -374,30 +407,14 @@ async fn note(
 /// the revision and how many are kept.
 async fn record(
     ctx: &Context,
-    smd: &SecureModelDeployment,
+    history: &mut History<'_>,
     mut template: serde_json::Value,
     hash: &str,
     now: &Time,
 ) -> Result<(RevisionRef, i32), Error> {
-    let namespace = smd.namespace().unwrap_or_default();
-    let model = smd.name_any();
-    let api: Api<ModelRevision> = Api::namespaced(ctx.client.clone(), &namespace);
-    let uid = smd.uid();
-    let listed = api
-        .list(&ListParams::default().labels(&format!("{REVISION_MODEL_LABEL}={model}")))
-        .await
-        .map_err(|source| Error::Read { kind: KIND, source })?;
-    // Only this object's revisions (one deleted and created again under the same name starts
-    // afresh; the garbage collector removes the old ones).
-    let ours: Vec<ModelRevision> = listed
-        .items
-        .into_iter()
-        .filter(|r| {
-            r.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
+    let smd = history.smd;
+    let api = history.api.clone();
+    let ours = history.items().await?;
     let mut kept: Vec<Kept> = ours
         .iter()
         .map(|r| Kept {
@@ -410,13 +427,15 @@ async fn record(
         None => {
             revision::strip_label(&mut template);
             let number = revision::next_number(&kept);
-            let author = author(ctx, smd, &ours);
+            let author = author(ctx, smd, ours);
             let created = create(ctx, smd, &api, template, hash, number, author, now).await?;
             kept.push(Kept {
-                name: created.name.clone(),
-                revision: created.revision,
+                name: created.name_any(),
+                revision: created.spec.revision,
             });
-            created
+            let r = reference(&created);
+            ours.push(created);
+            r
         }
     };
     let limit = smd
@@ -450,6 +469,7 @@ async fn record(
             }
         }
     }
+    ours.retain(|r| !pruned.contains(&r.name_any()));
     let history = i32::try_from(kept.len() - pruned.len()).unwrap_or(i32::MAX);
     Ok((current, history))
 }
@@ -466,7 +486,7 @@ async fn create(
     number: i64,
     author: String,
     now: &Time,
-) -> Result<RevisionRef, Error> {
+) -> Result<ModelRevision, Error> {
     let model = smd.name_any();
     let name = revision::name(&model, hash);
     let labels = [
@@ -519,22 +539,20 @@ async fn create(
                 None,
             )
             .await;
-            Ok(r)
+            Ok(created)
         }
         // A concurrent reconcile created it; one left by a deleted model of the same name (owned
         // by another uid, and soon collected) is not taken over.
-        Err(kube::Error::Api(e)) if e.code == 409 => match find(api, smd, &name).await? {
-            Some(existing)
-                if existing.spec.template_hash == hash
-                    && existing
-                        .owner_references()
-                        .iter()
-                        .any(|o| Some(&o.uid) == smd.uid().as_ref()) =>
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            match list_revisions(api, smd)
+                .await?
+                .into_iter()
+                .find(|r| r.name_any() == name)
             {
-                Ok(reference(&existing))
+                Some(existing) if existing.spec.template_hash == hash => Ok(existing),
+                _ => Err(Error::Conflict { kind: KIND, name }),
             }
-            _ => Err(Error::Conflict { kind: KIND, name }),
-        },
+        }
         Err(source) => Err(Error::Apply {
             kind: KIND,
             name,
@@ -546,35 +564,20 @@ async fn create(
 /// The template of the revision `good`, labelled, to put into the Deployment; `None` when the
 /// ModelRevision is gone.
 async fn read_template(
-    ctx: &Context,
-    smd: &SecureModelDeployment,
+    history: &mut History<'_>,
     good: &RevisionRef,
 ) -> Result<Option<PodTemplateSpec>, Error> {
-    let api: Api<ModelRevision> =
-        Api::namespaced(ctx.client.clone(), &smd.namespace().unwrap_or_default());
-    let Some(found) = find(&api, smd, &good.name).await? else {
+    let Some(found) = history.find(&good.name).await? else {
         return Ok(None);
     };
-    let template = revision::with_label(found.spec.template, &found.spec.template_hash);
+    let template = revision::with_label(found.spec.template.clone(), &found.spec.template_hash);
     serde_json::from_value(template)
         .map(Some)
         .map_err(|source| Error::Serialize { kind: KIND, source })
 }
 
-/// The ModelRevision `name` of `smd`, read by listing the model's revisions (the operator lists
-/// them anyway, and needs no other permission).
-async fn find(
-    api: &Api<ModelRevision>,
-    smd: &SecureModelDeployment,
-    name: &str,
-) -> Result<Option<ModelRevision>, Error> {
-    Ok(list_revisions(api, smd)
-        .await?
-        .into_iter()
-        .find(|r| r.name_any() == name))
-}
-
-/// The ModelRevisions of `smd`.
+/// The ModelRevisions of `smd`, and only its own: one left by a deleted model of the same name
+/// (owned by another uid, soon collected) is not. Read by listing (no other permission needed).
 async fn list_revisions(
     api: &Api<ModelRevision>,
     smd: &SecureModelDeployment,
@@ -583,7 +586,16 @@ async fn list_revisions(
         .list(&ListParams::default().labels(&format!("{REVISION_MODEL_LABEL}={}", smd.name_any())))
         .await
         .map_err(|source| Error::Read { kind: KIND, source })?;
-    Ok(listed.items)
+    let uid = smd.uid();
+    Ok(listed
+        .items
+        .into_iter()
+        .filter(|r| {
+            r.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect())
 }
 
 fn reference(r: &ModelRevision) -> RevisionRef {
